@@ -1,0 +1,42 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv when missing and install
+# the pinned set from requirements.txt (torch==2.13.0 first, so no multi-GB CUDA build is pulled).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
+
+.PHONY: install test demo demo-quick bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check -r requirements.txt
+	$(PIP) install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/blip demo --out demo-output --overwrite
+
+demo-quick: install
+	$(VENV)/bin/blip demo --out demo-output-quick --quick --overwrite
+
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	$(PIP) install -q --disable-pip-version-check -r bench/requirements.txt
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check blip_toolkit tests bench
+	$(VENV)/bin/ruff format --check blip_toolkit tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

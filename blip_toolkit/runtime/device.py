@@ -1,0 +1,103 @@
+"""Device and dtype choice, and the CUDA-fault fallback to CPU."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from blip_toolkit.errors import UsageError
+
+logger = logging.getLogger("blip")
+T = TypeVar("T")
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def resolve_device(spec: str = "auto"):
+    """auto -> cuda when available, else cpu. cuda / cuda:N must exist."""
+    import torch
+
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device {spec!r}: not a device (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type not in ("cpu", "mps"):
+        raise UsageError(f"--device {spec!r}: unsupported device type (use auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def resolve_dtype(spec: str, device) -> Any:
+    """auto -> float32 on CPU (bfloat16 is emulated and slow on most CPUs), float16 on CUDA."""
+    import torch
+
+    spec = (spec or "auto").strip().lower()
+    if spec not in DTYPES:
+        raise UsageError(f"--dtype {spec!r}: use one of {', '.join(DTYPES)}")
+    if spec == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, spec)
+
+
+_CUDA_MARKERS = ("cuda", "cublas", "cudnn", "device-side assert", "nccl", "out of memory")
+
+
+def is_cuda_fault(exc: BaseException) -> bool:
+    """Out of memory, device-side asserts (such as BLIP-2's masked_scatter count mismatch) and other
+    CUDA runtime errors. After a device-side assert the CUDA context is unusable, so the only way
+    on is a fresh model on CPU."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if isinstance(exc, oom) or (accelerator_error is not None and isinstance(exc, accelerator_error)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _CUDA_MARKERS)
+
+
+class FallbackRunner:
+    """Holds a loaded model and runs work on it. When a CUDA fault happens, the model is reloaded
+    on CPU (float32), the failed call is retried there, and the rest of the run stays on CPU; one
+    warning says so.
+
+    `load(device, dtype)` builds the model object; `call(model_object)` does one batch of work
+    (it must move its inputs to the model's device itself)."""
+
+    def __init__(self, load: Callable[[Any, Any], Any], device, dtype):
+        self._load = load
+        self.device = device
+        self.dtype = dtype
+        self.fell_back = False
+        self.loaded = load(device, dtype)
+
+    def run(self, call: Callable[[Any], T]) -> T:
+        try:
+            return call(self.loaded)
+        except Exception as exc:
+            if self.fell_back or not is_cuda_fault(exc):
+                raise
+            self._fall_back(exc)
+            return call(self.loaded)
+
+    def _fall_back(self, exc: BaseException) -> None:
+        import torch
+
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logger.warning("CUDA failed (%s); reloading the model on CPU, retrying the batch, and staying on CPU", reason[:200])
+        self.loaded = None
+        if torch.cuda.is_available():
+            try:
+                torch.cuda.empty_cache()
+            except Exception:  # noqa: BLE001 - the context may be broken after a device-side assert
+                pass
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.fell_back = True
+        self.loaded = self._load(self.device, self.dtype)

@@ -1,0 +1,283 @@
+"""From a `--model` source (hub id or local directory) to a family, a model and a processor.
+
+The family is detected from the checkpoint's `config.json` (model_type and architectures), so a
+fine-tuned directory works exactly like the hub checkpoint it came from. Offline, an uncached hub
+id fails in well under 10 seconds with a message that says how to pass a local directory (the hub
+client would otherwise spend ~25 s retrying).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from blip_toolkit.errors import ModelLoadError, TaskNotSupportedError
+
+logger = logging.getLogger("blip")
+
+TASKS = ("caption", "vqa", "retrieval")
+
+DEFAULT_MODELS = {
+    "caption": "Salesforce/blip-image-captioning-base",
+    "vqa": "Salesforce/blip-vqa-base",
+    "retrieval": "Salesforce/blip-itm-base-coco",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kind of checkpoint: what it is called, which transformers class loads it, what it can do."""
+
+    name: str
+    label: str
+    class_name: str
+    tasks: tuple[str, ...]
+    is_blip2: bool = False
+    decoder_only: bool = False  # BLIP-2 with a decoder-only language model (OPT)
+
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.class_name)
+
+
+FAMILIES = {
+    f.name: f
+    for f in (
+        Family("blip-caption", "BLIP captioning", "BlipForConditionalGeneration", ("caption",)),
+        Family("blip-vqa", "BLIP VQA", "BlipForQuestionAnswering", ("vqa",)),
+        Family("blip-itm", "BLIP image-text matching", "BlipForImageTextRetrieval", ("retrieval",)),
+        Family("blip2-opt", "BLIP-2 (OPT)", "Blip2ForConditionalGeneration", ("caption", "vqa", "retrieval"),
+               is_blip2=True, decoder_only=True),
+        Family("blip2-t5", "BLIP-2 (Flan-T5)", "Blip2ForConditionalGeneration", ("caption", "vqa", "retrieval"),
+               is_blip2=True),
+        Family("blip2-itm", "BLIP-2 image-text retrieval", "Blip2ForImageTextRetrieval", ("retrieval",), is_blip2=True),
+        Family("clip", "CLIP", "CLIPModel", ()),
+        Family("siglip", "SigLIP", "SiglipModel", ()),
+    )
+}
+
+
+def detect_family(config: dict[str, Any], source: str = "checkpoint") -> Family:
+    """Pick the family from a config.json dict."""
+    model_type = config.get("model_type", "")
+    architectures = config.get("architectures") or []
+    arch = architectures[0] if architectures else ""
+    if model_type == "blip":
+        by_arch = {
+            "BlipForConditionalGeneration": "blip-caption",
+            "BlipForQuestionAnswering": "blip-vqa",
+            "BlipForImageTextRetrieval": "blip-itm",
+        }
+        if arch in by_arch:
+            return FAMILIES[by_arch[arch]]
+    elif model_type == "blip-2":
+        if arch == "Blip2ForImageTextRetrieval":
+            return FAMILIES["blip2-itm"]
+        if arch in ("Blip2ForConditionalGeneration", "Blip2Model", ""):
+            text_type = (config.get("text_config") or {}).get("model_type", "opt")
+            return FAMILIES["blip2-t5" if text_type in ("t5", "mt5", "umt5") else "blip2-opt"]
+    elif model_type in ("clip", "siglip", "siglip2"):
+        return FAMILIES["siglip" if model_type.startswith("siglip") else "clip"]
+    what = f"model_type={model_type!r}" + (f", architecture {arch}" if arch else "")
+    supported = ", ".join(f.label for f in FAMILIES.values())
+    raise ModelLoadError(f"{source}: unsupported checkpoint ({what})", hint=f"supported: {supported}")
+
+
+def require_task(family: Family, task: str, source: str) -> None:
+    if task not in family.tasks:
+        can = ", ".join(family.tasks) if family.tasks else "none of caption/vqa/retrieval (it is an encoder)"
+        raise TaskNotSupportedError(f"{source} is a {family.label} checkpoint and cannot do {task}; it can do: {can}")
+
+
+# ----------------------------------------------------------------------------- source resolution
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where a checkpoint lives: `path` is what from_pretrained gets; `local_only` forbids network."""
+
+    name: str
+    path: str
+    config: dict[str, Any]
+    local_only: bool
+
+
+def resolve_source(source: str) -> ResolvedSource:
+    """A local directory, else a hub id (cache first, then the network if it is reachable)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(f"{source}: no config.json here; not a checkpoint directory "
+                                 "(point --model at the folder written by save_pretrained)")
+        return ResolvedSource(source, str(path), _read_config(config_file), local_only=True)
+    if path.exists():
+        raise ModelLoadError(f"{source}: is a file; --model takes a checkpoint directory or a hub id")
+    if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{source}: no such directory", hint="--model takes a local checkpoint directory or a hub id such as Salesforce/blip-image-captioning-base")
+
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "config.json")
+    offline = _hub_offline()
+    if isinstance(cached, str):
+        return ResolvedSource(source, source, _read_config(Path(cached)), local_only=offline or not _hub_reachable())
+    hint = (f"download it where there is network (`hf download {source} --local-dir DIR`) "
+            f"and pass --model DIR")
+    if offline:
+        raise ModelLoadError(f"{source}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set", hint=hint)
+    if not _hub_reachable():
+        raise ModelLoadError(f"{source}: cannot reach the Hugging Face Hub and the model is not cached", hint=hint)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+
+    try:
+        config_path = hf_hub_download(source, "config.json", etag_timeout=5)
+    except GatedRepoError as exc:
+        raise ModelLoadError(f"{source}: gated on the Hub; log in with `hf auth login` first") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelLoadError(f"{source}: no such model on the Hugging Face Hub", hint=hint) from exc
+    except EntryNotFoundError as exc:
+        raise ModelLoadError(f"{source}: has no config.json; not a transformers checkpoint") from exc
+    except Exception as exc:  # noqa: BLE001 - network trouble of any kind
+        raise ModelLoadError(f"{source}: cannot download ({type(exc).__name__})", hint=hint) from exc
+    return ResolvedSource(source, source, _read_config(Path(config_path)), local_only=False)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: unreadable config.json ({exc})") from exc
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub endpoint (or the HTTPS proxy), instead of the hub client's retries."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    target = urlparse(proxy if proxy else endpoint)
+    host = target.hostname
+    port = target.port or (443 if target.scheme == "https" else 80)
+    if not host:
+        return False
+
+    def probe() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return True
+        except OSError:
+            return False
+
+    # The connect timeout does not cover the DNS lookup, which can hang for longer: bound both.
+    from concurrent.futures import ThreadPoolExecutor, TimeoutError
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(probe).result(timeout=timeout + 2)
+    except TimeoutError:
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with everything the task code needs."""
+
+    source: str
+    family: Family
+    model: Any
+    processor: Any
+    device: Any
+    dtype: Any
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+
+def inspect_source(source: str) -> tuple[ResolvedSource, Family]:
+    resolved = resolve_source(source)
+    return resolved, detect_family(resolved.config, source)
+
+
+def load_processor(resolved: ResolvedSource, *, trust_remote_code: bool = False):
+    """The checkpoint's processor, on the PIL image backend (torchvision is optional and does not
+    import beside every torch build; PIL gives the same preprocessing everywhere)."""
+    from transformers import AutoProcessor
+
+    from blip_toolkit.log import quiet_transformers
+
+    quiet_transformers()
+    try:
+        return AutoProcessor.from_pretrained(
+            resolved.path, backend="pil", local_files_only=resolved.local_only, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{resolved.name}: cannot load the processor ({_first_line(exc)})") from exc
+
+
+def load_model(source: str, task: str | None, *, device=None, dtype=None, trust_remote_code: bool = False,
+               resolved: ResolvedSource | None = None, family: Family | None = None) -> LoadedModel:
+    """Load `source` for `task` (None: any task) on `device` in `dtype` (default: CPU, float32)."""
+    import torch
+
+    from blip_toolkit.log import quiet_transformers
+
+    if resolved is None or family is None:
+        resolved, family = inspect_source(source)
+    if task is not None:
+        require_task(family, task, source)
+    device = device or torch.device("cpu")
+    dtype = dtype or torch.float32
+    quiet_transformers()
+    processor = load_processor(resolved, trust_remote_code=trust_remote_code)
+    try:
+        model = family.model_class().from_pretrained(
+            resolved.path, dtype=dtype, local_files_only=resolved.local_only, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{source}: cannot load the model ({_first_line(exc)})") from exc
+    model.to(device).eval()
+    return LoadedModel(source, family, model, processor, device, dtype)
+
+
+def open_runner(source: str, task: str | None, *, device: str = "auto", dtype: str = "auto",
+                trust_remote_code: bool = False):
+    """Resolve and load `source` for `task` behind a FallbackRunner (CUDA faults fall back to CPU)."""
+    from blip_toolkit.runtime.device import FallbackRunner, resolve_device, resolve_dtype
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    resolved, family = inspect_source(source)
+    if task is not None:
+        require_task(family, task, source)
+
+    def load(dev, dt):
+        return load_model(source, task, device=dev, dtype=dt, trust_remote_code=trust_remote_code,
+                          resolved=resolved, family=family)
+
+    return FallbackRunner(load, torch_device, torch_dtype)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -1,0 +1,221 @@
+"""Tiny real checkpoints of every family the toolkit supports, built with the real transformers
+classes and random weights, with processors whose tokenizers are built locally. They are written
+with `save_pretrained` and load through the same `from_pretrained` path as a download.
+
+    from blip_toolkit.testing import build_checkpoint, build_all
+    paths = build_all("/tmp/tiny")            # {"blip-caption": Path(...), ...}
+
+The same builders make the demo's small from-scratch models (`ModelSize` sets the widths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from blip_toolkit.testing import tokenizers as toks
+
+KINDS = ("blip-caption", "blip-vqa", "blip-itm", "blip2-opt", "blip2-t5", "blip2-itm", "clip")
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Widths of a from-scratch model. The defaults make a checkpoint of a few hundred kB."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    hidden: int = 32
+    layers: int = 2
+    heads: int = 2
+    intermediate: int = 64
+    text_hidden: int | None = None  # defaults to `hidden`
+    text_layers: int | None = None
+    projection: int = 16
+    num_query_tokens: int = 4
+    max_text_positions: int = 64
+    # BLIP's vision config defaults to initializer_range=1e-10, which leaves a from-scratch vision
+    # tower at ~zero output and unable to learn; use a normal ViT initialisation instead.
+    initializer_range: float = 0.02
+
+    @property
+    def text_width(self) -> int:
+        return self.text_hidden or self.hidden
+
+    @property
+    def text_depth(self) -> int:
+        return self.text_layers or self.layers
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _blip_image_processor(size: ModelSize):
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    return BlipImageProcessorPil(size={"height": size.image_size, "width": size.image_size})
+
+
+def _blip_vision(size: ModelSize) -> dict:
+    return dict(
+        hidden_size=size.hidden, intermediate_size=size.intermediate, num_hidden_layers=size.layers,
+        num_attention_heads=size.heads, image_size=size.image_size, patch_size=size.patch_size,
+        initializer_range=size.initializer_range,
+    )
+
+
+def _bert_text(size: ModelSize, tokenizer, **extra) -> dict:
+    return dict(
+        vocab_size=len(tokenizer), hidden_size=size.text_width, intermediate_size=size.intermediate,
+        num_hidden_layers=size.text_depth, num_attention_heads=size.heads,
+        max_position_embeddings=size.max_text_positions, encoder_hidden_size=size.hidden,
+        pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id,
+        initializer_range=size.initializer_range, **extra,
+    )
+
+
+def build_blip(kind: str, out_dir: str | Path, *, size: ModelSize | None = None, corpus: list[str] | None = None,
+               seed: int = 0) -> Path:
+    """BLIP captioning (`blip-caption`), VQA (`blip-vqa`) or image-text matching (`blip-itm`)."""
+    from transformers import (
+        BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering, BlipProcessor,
+    )
+
+    size = size or ModelSize()
+    tokenizer = toks.wordpiece_tokenizer(corpus, blip_decoder=True)
+    config = BlipConfig(
+        text_config=_bert_text(size, tokenizer, bos_token_id=tokenizer.bos_token_id),
+        vision_config=_blip_vision(size), projection_dim=size.projection, image_text_hidden_size=size.projection,
+        initializer_range=size.initializer_range,
+    )
+    model_class = {
+        "blip-caption": BlipForConditionalGeneration, "blip-vqa": BlipForQuestionAnswering,
+        "blip-itm": BlipForImageTextRetrieval,
+    }[kind]
+    _seed(seed)
+    model = model_class(config)
+    processor = BlipProcessor(image_processor=_blip_image_processor(size), tokenizer=tokenizer)
+    return _save(model, processor, out_dir)
+
+
+def build_blip2(kind: str, out_dir: str | Path, *, size: ModelSize | None = None, corpus: list[str] | None = None,
+                seed: int = 0) -> Path:
+    """BLIP-2 with an OPT (`blip2-opt`) or Flan-T5 (`blip2-t5`) language model, or the BLIP-2
+    image-text retrieval model (`blip2-itm`, a Q-Former with text input)."""
+    from transformers import (
+        Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor, OPTConfig, T5Config,
+    )
+
+    size = size or ModelSize()
+    vision = dict(_blip_vision(size))
+    if kind == "blip2-itm":
+        tokenizer = toks.wordpiece_tokenizer(corpus, blip_decoder=False)
+    elif kind == "blip2-opt":
+        tokenizer = toks.opt_tokenizer(corpus)
+    elif kind == "blip2-t5":
+        tokenizer = toks.t5_tokenizer(corpus)
+    else:
+        raise ValueError(f"unknown BLIP-2 kind {kind!r}")
+    # The processor adds the <image> token; the config must know its id (real checkpoints do the same).
+    processor = Blip2Processor(
+        image_processor=_blip_image_processor(size), tokenizer=tokenizer, num_query_tokens=size.num_query_tokens
+    )
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    qformer = dict(
+        hidden_size=size.text_width, num_hidden_layers=size.text_depth, num_attention_heads=size.heads,
+        intermediate_size=size.intermediate, encoder_hidden_size=size.hidden, cross_attention_frequency=1,
+        max_position_embeddings=size.max_text_positions, initializer_range=size.initializer_range,
+    )
+    if kind == "blip2-itm":
+        qformer.update(vocab_size=len(tokenizer), use_qformer_text_input=True, pad_token_id=tokenizer.pad_token_id)
+        text_config = OPTConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, ffn_dim=8, num_attention_heads=1,
+                                word_embed_proj_dim=8)  # unused by the retrieval model, but the config needs one
+    elif kind == "blip2-opt":
+        text_config = OPTConfig(
+            vocab_size=len(tokenizer), hidden_size=size.text_width, num_hidden_layers=size.text_depth,
+            ffn_dim=size.intermediate, num_attention_heads=size.heads, max_position_embeddings=128,
+            word_embed_proj_dim=size.text_width, bos_token_id=tokenizer.bos_token_id, init_std=size.initializer_range,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    else:
+        text_config = T5Config(
+            vocab_size=len(tokenizer), d_model=size.text_width, d_kv=max(size.text_width // size.heads, 4),
+            d_ff=size.intermediate, num_layers=size.text_depth, num_decoder_layers=size.text_depth,
+            num_heads=size.heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+            initializer_factor=size.initializer_range / 0.02,
+            decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    config = Blip2Config(
+        vision_config=vision, qformer_config=qformer, text_config=text_config.to_dict(),
+        num_query_tokens=size.num_query_tokens, image_token_index=image_token_id,
+        image_text_hidden_size=size.projection, initializer_range=size.initializer_range,
+    )
+    model_class = Blip2ForImageTextRetrieval if kind == "blip2-itm" else Blip2ForConditionalGeneration
+    _seed(seed)
+    model = model_class(config)
+    return _save(model, processor, out_dir)
+
+
+def build_clip(out_dir: str | Path, *, size: ModelSize | None = None, corpus: list[str] | None = None,
+               seed: int = 0) -> Path:
+    """A CLIP model (vision + text towers, projections)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    size = size or ModelSize()
+    tokenizer = toks.clip_tokenizer(corpus)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=size.text_width, intermediate_size=size.intermediate,
+            num_hidden_layers=size.text_depth, num_attention_heads=size.heads, max_position_embeddings=size.max_text_positions,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=size.hidden, intermediate_size=size.intermediate, num_hidden_layers=size.layers,
+            num_attention_heads=size.heads, image_size=size.image_size, patch_size=size.patch_size,
+        ),
+        projection_dim=size.projection,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size.image_size}, crop_size={"height": size.image_size, "width": size.image_size}
+    )
+    _seed(seed)
+    model = CLIPModel(config)
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return _save(model, processor, out_dir)
+
+
+def build_checkpoint(kind: str, out_dir: str | Path, *, size: ModelSize | None = None,
+                     corpus: list[str] | None = None, seed: int = 0) -> Path:
+    """Build one checkpoint of `kind` (one of KINDS) into `out_dir`."""
+    if kind.startswith("blip2-"):
+        return build_blip2(kind, out_dir, size=size, corpus=corpus, seed=seed)
+    if kind.startswith("blip-"):
+        return build_blip(kind, out_dir, size=size, corpus=corpus, seed=seed)
+    if kind == "clip":
+        return build_clip(out_dir, size=size, corpus=corpus, seed=seed)
+    raise ValueError(f"unknown checkpoint kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+# Tests use a wider initialisation than training would: with std 0.02 an untrained tiny model gives
+# nearly the same caption for every image, which would make batched-vs-single and reference
+# comparisons pass trivially. With 0.1 the outputs depend on the image.
+TEST_SIZE = ModelSize(initializer_range=0.1)
+
+
+def build_all(root: str | Path, kinds: tuple[str, ...] = KINDS, *, seed: int = 0,
+              size: ModelSize = TEST_SIZE) -> dict[str, Path]:
+    """Build every kind into `root/<kind>` (each with its own seed offset, so weights differ)."""
+    root = Path(root)
+    return {kind: build_checkpoint(kind, root / kind, size=size, seed=seed + i) for i, kind in enumerate(kinds)}
+
+
+def _save(model, processor, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
