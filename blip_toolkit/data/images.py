@@ -38,6 +38,9 @@ def open_image(source: str | os.PathLike | bytes, *, max_pixels: int = DEFAULT_M
     """Open `source` (a path or encoded bytes) as an 8-bit RGB PIL image, or raise ImageLoadError."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    # Our pixel limit (checked on the header, before decoding) replaces PIL's, which would refuse
+    # anything over 2x its default even when --max-pixels allows more.
+    Image.MAX_IMAGE_PIXELS = None
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     if not isinstance(source, bytes):
         path = Path(source)

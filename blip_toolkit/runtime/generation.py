@@ -130,6 +130,7 @@ def run_jobs(runner, jobs, *, prompt_of, options: GenerationOptions, batch_size:
         if not batch.jobs:
             continue
         prompts = [prompt_of(job) for job in batch.jobs]
-        texts = runner.run(lambda model: generate(model, batch.images, prompts if prompts[0] else None, options))
+        prompts = prompts if prompts[0] else None
+        texts = runner.run(lambda model, images=batch.images, prompts=prompts: generate(model, images, prompts, options))
         for job, text in zip(batch.jobs, texts):
             yield from ordered.add(job.index, record_of(job, text))

@@ -74,7 +74,7 @@ def rank_texts(runner, items: list[InputItem], texts: list[str], options: Retrie
     for batch, failed in prefetched(fixed_batches(jobs, options.batch_size), lambda b: load_images(b, options.max_pixels)):
         results: dict[int, dict] = {job.index: {"image": job.image_path, "error": job.error} for job in failed}
         if batch.jobs:
-            per_image = runner.run(lambda model: score_batch(model, batch.images))
+            per_image = runner.run(lambda model, images=batch.images: score_batch(model, images))
             for job, columns in zip(batch.jobs, per_image):
                 results[job.index] = {"image": job.image_path, "results": _ranked(texts, columns)}
         for index in sorted(results):
