@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 
 from blip_toolkit.cli.options import (
-    BatchSizeOpt, DeviceOpt, DtypeOpt, FormatOpt, ManifestOpt, MaxPixelsOpt, ModelOpt, OutputFormat,
+    BatchSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    ManifestOpt,
+    MaxPixelsOpt,
+    ModelOpt,
+    OutputFormat,
     TrustRemoteCodeOpt,
 )
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS

@@ -80,7 +80,11 @@ def build_blip(kind: str, out_dir: str | Path, *, size: ModelSize | None = None,
                seed: int = 0) -> Path:
     """BLIP captioning (`blip-caption`), VQA (`blip-vqa`) or image-text matching (`blip-itm`)."""
     from transformers import (
-        BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering, BlipProcessor,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipForImageTextRetrieval,
+        BlipForQuestionAnswering,
+        BlipProcessor,
     )
 
     size = size or ModelSize()
@@ -105,7 +109,12 @@ def build_blip2(kind: str, out_dir: str | Path, *, size: ModelSize | None = None
     """BLIP-2 with an OPT (`blip2-opt`) or Flan-T5 (`blip2-t5`) language model, or the BLIP-2
     image-text retrieval model (`blip2-itm`, a Q-Former with text input)."""
     from transformers import (
-        Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor, OPTConfig, T5Config,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2ForImageTextRetrieval,
+        Blip2Processor,
+        OPTConfig,
+        T5Config,
     )
 
     size = size or ModelSize()
