@@ -256,6 +256,10 @@ def load_model(source: str, task: str | None, *, device=None, dtype=None, trust_
         )
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{source}: cannot load the model ({_first_line(exc)})") from exc
+    if not family.is_blip2:
+        from blip_toolkit.runtime.fast_attention import use_fused_vision_attention
+
+        use_fused_vision_attention(model)
     model.to(device).eval()
     return LoadedModel(source, family, model, processor, device, dtype)
 
