@@ -36,7 +36,7 @@ def setup_logging(level: int = 0) -> None:
     _state["verbosity"] = level
     root = logging.getLogger("blip")
     root.handlers.clear()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_Formatter())
     root.addHandler(handler)
     root.setLevel(logging.WARNING if level < 0 else logging.DEBUG if level > 0 else logging.INFO)
@@ -59,6 +59,21 @@ def quiet_transformers() -> None:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
+        pass
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record (tests and tools swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler assigns it in __init__; the property wins
         pass
 
 

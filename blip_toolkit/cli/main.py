@@ -44,9 +44,10 @@ def root(
 
 def _register() -> None:
     # Command modules import only typer at module level; torch and transformers load on use.
-    from blip_toolkit.cli import infer
+    from blip_toolkit.cli import embeddings, infer
 
     infer.register(app)
+    embeddings.register(app)
 
 
 _register()
@@ -56,8 +57,30 @@ def _debug() -> bool:
     return os.environ.get("BLIP_DEBUG", "").strip() not in ("", "0", "false", "no")
 
 
+# Options that take a list of values after one flag (`--k 1 5 10`); click options take exactly one
+# value each, so the values are spread into repeated options (`--k 1 --k 5 --k 10`) before parsing.
+MULTI_VALUE_OPTIONS = ("--k",)
+
+
+def expand_multi_value_options(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        out.append(token)
+        i += 1
+        if token in MULTI_VALUE_OPTIONS and i < len(argv):
+            out.append(argv[i])
+            i += 1
+            while i < len(argv) and argv[i].isdigit():  # further bare numbers belong to the same option
+                out += [token, argv[i]]
+                i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code instead of raising (the console script exits with it)."""
+    argv = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=argv, prog_name="blip")
     except SystemExit as exc:  # click's standalone mode: --help, usage errors (2), typer.Exit
