@@ -44,9 +44,10 @@ def root(
 
 def _register() -> None:
     # Command modules import only typer at module level; torch and transformers load on use.
-    from blip_toolkit.cli import embeddings, infer
+    from blip_toolkit.cli import embeddings, finetune, infer
 
     infer.register(app)
+    finetune.register(app)
     embeddings.register(app)
 
 

@@ -1,0 +1,129 @@
+"""`blip finetune`: wiring only (options -> FinetuneConfig -> run_finetune -> summary)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from enum import Enum
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated
+
+import typer
+
+from blip_toolkit.cli.options import FormatOpt, OutputFormat
+from blip_toolkit.training.finetune import FinetuneConfig
+
+# Defaults for the help text (the flags themselves default to None = "not given", so a config file
+# value is not overridden by a default).
+_D = SimpleNamespace(**{f.name: f.default for f in fields(FinetuneConfig)})
+
+
+class Task(str, Enum):
+    caption = "caption"
+    vqa = "vqa"
+    retrieval = "retrieval"
+
+
+class Precision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def _opt(*names: str, help: str, **kwargs):
+    return typer.Option(*names, help=help, show_default=False, **kwargs)
+
+
+def finetune(
+    manifest: Annotated[Path | None, typer.Argument(help="Training manifest (TSV, see docs/formats.md).", show_default=False, dir_okay=False)] = None,
+    task: Annotated[Task | None, _opt("--task", "-t", help="caption, vqa or retrieval.")] = None,
+    model: Annotated[str | None, _opt("--model", "-m", help="Checkpoint to start from: hub id or local directory.")] = None,
+    output_dir: Annotated[Path | None, _opt("--output-dir", "-o", help="Where the model, checkpoints and metrics go.", file_okay=False)] = None,
+    val_manifest: Annotated[Path | None, _opt("--val-manifest", help="Validation manifest (same format): loss and accuracy / recall@1 each epoch; best model in DIR/best.", dir_okay=False)] = None,
+    epochs: Annotated[int | None, _opt("--epochs", help=f"Passes over the data. \\[default: {_D.epochs}]")] = None,
+    max_steps: Annotated[int | None, _opt("--max-steps", help="Stop after this many optimizer steps (overrides --epochs).")] = None,
+    batch_size: Annotated[int | None, _opt("--batch-size", "-b", help=f"Examples per process per micro-batch. \\[default: {_D.batch_size}]")] = None,
+    learning_rate: Annotated[float | None, _opt("--learning-rate", "--lr", help=f"Peak AdamW learning rate. \\[default: {_D.learning_rate:g}]")] = None,
+    weight_decay: Annotated[float | None, _opt("--weight-decay", help=f"AdamW weight decay (not on biases and norms). \\[default: {_D.weight_decay:g}]")] = None,
+    warmup_steps: Annotated[int | None, _opt("--warmup-steps", help=f"Linear warmup steps, then cosine decay. \\[default: {_D.warmup_steps}]")] = None,
+    max_length: Annotated[int | None, _opt("--max-length", help=f"Maximum text tokens (prompt + caption / answer). \\[default: {_D.max_length}]")] = None,
+    grad_accum: Annotated[int | None, _opt("--grad-accum", help=f"Micro-batches per optimizer step. \\[default: {_D.grad_accum}]")] = None,
+    grad_clip: Annotated[float | None, _opt("--grad-clip", help=f"Clip the gradient norm to this (0 = off). \\[default: {_D.grad_clip:g}]")] = None,
+    mixed_precision: Annotated[Precision | None, _opt("--mixed-precision", help="no, fp16 (GPU only) or bf16. \\[default: no]")] = None,
+    num_workers: Annotated[int | None, _opt("--num-workers", help=f"DataLoader worker processes. \\[default: {_D.num_workers}]")] = None,
+    seed: Annotated[int | None, _opt("--seed", help=f"Random seed (same seed = same weights on CPU). \\[default: {_D.seed}]")] = None,
+    freeze: Annotated[list[str] | None, _opt("--freeze", help="Parts kept frozen (repeat or comma-separate): vision, text, qformer, language-model, projection, or none. \\[default: BLIP-2 freezes vision and language-model; BLIP trains everything]")] = None,
+    prompt: Annotated[str | None, _opt("--prompt", help="Caption: the text each caption continues; caption later with the same --prompt.")] = None,
+    template: Annotated[str | None, _opt("--template", help=f"BLIP-2 VQA prompt; {{}} is the question. \\[default: {_D.template}]")] = None,
+    save_every: Annotated[int | None, _opt("--save-every", help="Checkpoint and validate every N steps. \\[default: each epoch]")] = None,
+    skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip manifest rows whose image is missing or unreadable (counted) instead of stopping.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint in --output-dir.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory written by blip.")] = False,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML, YAML or JSON file of these settings (keys = option names with _); flags override it.", dir_okay=False, show_default=False)] = None,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    """Fine-tune a BLIP or BLIP-2 checkpoint for captioning, VQA or retrieval.
+
+    Manifests are TSV: [bold]image<TAB>caption[/] (caption), [bold]image<TAB>question<TAB>answer[/]
+    (vqa), [bold]image<TAB>text[/] (retrieval). The output directory works as --model for every other
+    command; it also holds best/ (lowest validation loss), metrics.jsonl, blip_run.json and
+    checkpoints/ for --resume. Runs on CPU, one GPU, or several under accelerate launch.
+
+    [bold]Examples[/]
+
+      blip finetune train.tsv --task caption --model Salesforce/blip-image-captioning-base -o runs/cap --val-manifest val.tsv
+      blip finetune qa.tsv --task vqa --model Salesforce/blip2-opt-2.7b -o runs/vqa --mixed-precision bf16
+      blip finetune pairs.tsv --task retrieval --model Salesforce/blip-itm-base-coco -o runs/itm --resume
+      accelerate launch --multi_gpu --num_processes 2 -m blip_toolkit finetune train.tsv --task caption -m MODEL -o runs/cap
+    """
+    from blip_toolkit.cli.output import Emitter
+    from blip_toolkit.config import build_config, load_config_file
+    from blip_toolkit.errors import UsageError
+    from blip_toolkit.training.finetune import run_finetune
+
+    values = load_config_file(config) if config is not None else {}
+    flags = {
+        "manifest": str(manifest) if manifest is not None else None,
+        "task": task.value if task is not None else None,
+        "model": model, "output_dir": str(output_dir) if output_dir is not None else None,
+        "val_manifest": str(val_manifest) if val_manifest is not None else None,
+        "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "learning_rate": learning_rate,
+        "weight_decay": weight_decay, "warmup_steps": warmup_steps, "max_length": max_length,
+        "grad_accum": grad_accum, "grad_clip": grad_clip,
+        "mixed_precision": mixed_precision.value if mixed_precision is not None else None,
+        "num_workers": num_workers, "seed": seed,
+        "freeze": [p for item in freeze for p in item.split(",") if p.strip()] if freeze else None,
+        "prompt": prompt, "template": template, "save_every": save_every,
+        # False = not given: a config file's `true` stays.
+        "skip_missing": skip_missing or None, "resume": resume or None, "overwrite": overwrite or None,
+    }
+    if "task" not in values and task is None:
+        raise UsageError("--task is required (caption, vqa or retrieval)")
+    resolved = build_config(FinetuneConfig, values, flags, source=str(config) if config else "options")
+    result = run_finetune(resolved)
+    if not result.is_main_process:
+        return  # under accelerate launch, one summary (from the main process)
+    summary = result.summary()
+    if fmt == OutputFormat.text:
+        typer.echo(_text_summary(summary), nl=False)
+    else:
+        with Emitter(fmt.value, single=True) as out:
+            out.emit(summary)
+
+
+def _text_summary(s: dict) -> str:
+    lines = [f"output\t{s['output_dir']}", f"steps\t{s['steps']} ({s['epochs']} epoch(s))"]
+    if s["final_train_loss"] is not None:
+        lines.append(f"train_loss\t{s['final_train_loss']:.4f}")
+    if s["best_val_loss"] is not None:
+        lines.append(f"best_val_loss\t{s['best_val_loss']:.4f} (step {s['best_step']}, saved in best/)")
+    for key, value in s["val_metrics"].items():
+        if key != "val_loss":
+            lines.append(f"{key}\t{value:.4f}")
+    if s["skipped_missing"]:
+        lines.append(f"skipped\t{s['skipped_missing']} example(s) with missing images")
+    return "\n".join(lines) + "\n"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("finetune")(finetune)
