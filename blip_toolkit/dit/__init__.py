@@ -1,0 +1,40 @@
+"""CLIP-feature diffusion (BLIP3-o style): a DiT over target-encoder tokens, trained with rectified
+flow and sampled with an ODE solver.
+
+- config.py     DiTConfig, FlowConfig, size presets (no torch import)
+- model.py      DiT: velocity network, a pure nn.Module
+- flow.py       the path x_t, timestep sampling, flow_loss
+- solver.py     Euler / Heun, classifier-free guidance, generate()
+- normalize.py  target token normalisation (none / l2 / standardize) with streaming statistics
+
+Names resolve lazily, so `from blip_toolkit.dit import DiTConfig` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DIT_PRESETS": "config",
+    "DiTConfig": "config",
+    "FlowConfig": "config",
+    "DiT": "model",
+    "flow_loss": "flow",
+    "interpolate": "flow",
+    "sample_t": "flow",
+    "target_velocity": "flow",
+    "generate": "solver",
+    "integrate": "solver",
+    "guided_velocity": "solver",
+    "TokenNormalizer": "normalize",
+    "TokenStatistics": "normalize",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -1,0 +1,128 @@
+"""Rectified flow (Liu et al. 2022; Lipman et al. 2022): the probability path, timestep sampling and
+the training loss. The ODE solvers are in dit/solver.py.
+
+Names used throughout: x_0 noise ~ N(0, I), x_1 data, x_t = (1 - t) x_0 + t x_1, t in [0, 1]
+(t = 0 is pure noise), target velocity d x_t / dt = x_1 - x_0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from blip_toolkit.dit.config import FlowConfig
+from blip_toolkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from blip_toolkit.dit.normalize import TokenNormalizer
+
+
+# ----------------------------------------------------------------------------------------------------
+# The path
+
+
+def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t [B] -> [B, 1, ..., 1] broadcastable against `like` [B, ...]."""
+    return t.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def interpolate(x_0: torch.Tensor, x_1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x_0 + t x_1 for x_0, x_1 [B, ...] and t [B]."""
+    t = _per_sample(t, x_1)
+    return torch.lerp(x_0, x_1, t)  # one fused op: x_0 + t (x_1 - x_0)
+
+
+def target_velocity(x_0: torch.Tensor, x_1: torch.Tensor) -> torch.Tensor:
+    """d x_t / dt along the straight path: x_1 - x_0 (independent of t)."""
+    return x_1 - x_0
+
+
+def predicted_clean(x_t: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """x_1 implied by a velocity prediction: x_t + (1 - t) v. Exact when v = x_1 - x_0."""
+    return x_t + (1 - _per_sample(t, x_t)) * velocity
+
+
+def sample_t(
+    batch_size: int,
+    config: FlowConfig,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Training timesteps [B] in [0, 1): uniform, or sigmoid(N(mean, std)) (logit-normal)."""
+    if config.t_sampling == "uniform":
+        return torch.rand(batch_size, generator=generator, device=device)
+    normal = torch.randn(batch_size, generator=generator, device=device)
+    return torch.sigmoid(config.logit_normal_mean + config.logit_normal_std * normal)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss
+
+
+def info_nce(predicted: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP's loss) between paired embeddings predicted [B, E] and target [B, E]:
+    row i of each is the positive of row i of the other, the rest of the batch the negatives."""
+    predicted = F.normalize(predicted, dim=-1)
+    target = F.normalize(target, dim=-1)
+    logits = predicted @ target.T / temperature  # [B, B]
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def flow_loss(
+    model: Callable[..., torch.Tensor],
+    x_1: torch.Tensor,
+    cond: torch.Tensor,
+    config: FlowConfig,
+    *,
+    cond_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    global_target: torch.Tensor | None = None,
+    normalizer: TokenNormalizer | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rectified-flow training loss for one batch.
+
+    x_1 [B, N, Dt] target tokens (already normalised by `normalizer.encode`, if any); cond [B, M, Dc];
+    cond_mask [B, M] bool or None; `generator` makes noise, t and condition dropout reproducible
+    (it must live on x_1's device). `model(x_t, t, cond, cond_mask, drop=drop)` is a DiT.
+
+    With `config.contrastive_weight > 0`, `project(tokens [B, N, Dt]) -> [B, E]` (the target
+    encoder's pooling and projection head, in the original token space: the predicted clean tokens
+    are decoded with `normalizer` first) and `global_target` [B, E] (the batch's ground-truth global
+    embeddings) add a symmetric InfoNCE term. The negatives are the rest of this batch (this process's
+    batch under data parallelism). Samples whose condition was dropped are left out of it: without a
+    condition the prediction cannot know which image it belongs to.
+
+    Returns (loss, parts) where parts holds detached scalars "loss", "mse" and "contrastive".
+    """
+    batch = x_1.shape[0]
+    x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)  # [B, N, Dt]
+    t = sample_t(batch, config, generator=generator, device=x_1.device)  # [B]
+    x_t = interpolate(x_0, x_1, t)  # [B, N, Dt]
+    drop = None
+    if config.cond_dropout > 0:
+        drop = torch.rand(batch, generator=generator, device=x_1.device) < config.cond_dropout  # [B]
+    v_pred = model(x_t, t, cond, cond_mask, drop=drop)  # [B, N, Dt]
+    mse = F.mse_loss(v_pred, target_velocity(x_0, x_1))
+    loss = mse
+    contrastive = torch.zeros((), device=x_1.device)
+    if config.contrastive_weight > 0:
+        if project is None or global_target is None:
+            raise ConfigError(
+                "flow.contrastive_weight > 0 needs the target encoder's projection head and global embeddings",
+                hint="pass project= and global_target= to flow_loss, or set contrastive_weight = 0",
+            )
+        keep = ~drop if drop is not None else torch.ones(batch, dtype=torch.bool, device=x_1.device)
+        if int(keep.sum()) >= 2:  # InfoNCE needs at least one negative
+            x_1_hat = predicted_clean(x_t[keep], t[keep], v_pred[keep])  # [K, N, Dt]
+            if normalizer is not None:
+                x_1_hat = normalizer.decode(x_1_hat)
+            contrastive = info_nce(project(x_1_hat), global_target[keep], config.contrastive_temperature)
+            loss = loss + config.contrastive_weight * contrastive
+    parts = {"loss": loss.detach(), "mse": mse.detach(), "contrastive": contrastive.detach()}
+    return loss, parts

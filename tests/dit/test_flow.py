@@ -1,0 +1,209 @@
+"""Rectified-flow path, timestep sampling and loss, against closed forms and brute-force references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from blip_toolkit.dit.config import FlowConfig
+from blip_toolkit.dit.flow import flow_loss, info_nce, interpolate, predicted_clean, sample_t, target_velocity
+from blip_toolkit.dit.normalize import TokenNormalizer
+from blip_toolkit.errors import ConfigError
+
+
+def pair(seed: int = 0, shape=(4, 6, 5)):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=torch.float64), torch.randn(
+        shape, generator=gen, dtype=torch.float64
+    )
+
+
+def test_path_endpoints():
+    x_0, x_1 = pair()
+    torch.testing.assert_close(interpolate(x_0, x_1, torch.zeros(4, dtype=torch.float64)), x_0)
+    torch.testing.assert_close(interpolate(x_0, x_1, torch.ones(4, dtype=torch.float64)), x_1)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    expected = torch.stack([(1 - t[i]) * x_0[i] + t[i] * x_1[i] for i in range(4)])
+    torch.testing.assert_close(interpolate(x_0, x_1, t), expected)
+
+
+def test_velocity_is_the_time_derivative_of_the_path():
+    x_0, x_1 = pair(1)
+    h = 1e-6
+    for value in (0.1, 0.5, 0.9):
+        t = torch.full((4,), value, dtype=torch.float64)
+        finite_difference = (interpolate(x_0, x_1, t + h) - interpolate(x_0, x_1, t - h)) / (2 * h)
+        torch.testing.assert_close(finite_difference, target_velocity(x_0, x_1), rtol=1e-6, atol=1e-6)
+
+
+def test_predicted_clean_inverts_the_path():
+    x_0, x_1 = pair(2)
+    t = torch.tensor([0.0, 0.3, 0.7, 0.99], dtype=torch.float64)
+    x_t = interpolate(x_0, x_1, t)
+    torch.testing.assert_close(predicted_clean(x_t, t, target_velocity(x_0, x_1)), x_1)
+
+
+def test_t_sampling_distributions_and_reproducibility():
+    uniform = sample_t(20000, FlowConfig(), generator=torch.Generator().manual_seed(0))
+    assert float(uniform.min()) >= 0 and float(uniform.max()) < 1
+    assert abs(float(uniform.mean()) - 0.5) < 0.01 and abs(float(uniform.var()) - 1 / 12) < 0.005
+    again = sample_t(20000, FlowConfig(), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(uniform, again)
+    cfg = FlowConfig(t_sampling="logit-normal", logit_normal_mean=0.5, logit_normal_std=0.8)
+    t = sample_t(20000, cfg, generator=torch.Generator().manual_seed(1))
+    logits = torch.log(t / (1 - t))
+    assert abs(float(logits.mean()) - 0.5) < 0.03 and abs(float(logits.std()) - 0.8) < 0.03
+
+
+def test_flow_config_validation():
+    with pytest.raises(ConfigError, match="t_sampling"):
+        FlowConfig(t_sampling="cosine")
+    with pytest.raises(ConfigError, match="cond_dropout"):
+        FlowConfig(cond_dropout=1.0)
+    with pytest.raises(ConfigError, match="target_norm"):
+        FlowConfig(target_norm="minmax")
+    assert FlowConfig.from_dict(FlowConfig(cond_dropout=0.2).to_dict()) == FlowConfig(cond_dropout=0.2)
+
+
+class RecordingModel:
+    """A stand-in velocity model: returns `fn(x_t, t)` and records what it was called with."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = []
+
+    def __call__(self, x_t, t, cond, cond_mask=None, drop=None):
+        self.calls.append({"x_t": x_t, "t": t, "cond": cond, "cond_mask": cond_mask, "drop": drop})
+        return self.fn(x_t, t)
+
+
+def test_flow_loss_matches_manual_computation():
+    gen = torch.Generator().manual_seed(0)
+    x_1 = torch.randn(8, 4, 3, generator=gen)
+    cond = torch.randn(8, 5, 2, generator=gen)
+    cfg = FlowConfig(cond_dropout=0.5)
+    model = RecordingModel(lambda x_t, t: 0.5 * x_t)
+    loss, parts = flow_loss(model, x_1, cond, cfg, generator=torch.Generator().manual_seed(3))
+    # replay the generator in the documented order: noise, t, dropout
+    replay = torch.Generator().manual_seed(3)
+    x_0 = torch.randn(x_1.shape, generator=replay)
+    t = torch.rand(8, generator=replay)
+    drop = torch.rand(8, generator=replay) < 0.5
+    x_t = (1 - t[:, None, None]) * x_0 + t[:, None, None] * x_1
+    expected = ((0.5 * x_t - (x_1 - x_0)) ** 2).mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(parts["mse"], expected)
+    assert float(parts["contrastive"]) == 0.0
+    call = model.calls[0]
+    torch.testing.assert_close(call["t"], t)
+    assert torch.equal(call["drop"], drop) and 0 < int(drop.sum()) < 8
+    # same seed, same loss; no dropout -> no drop flags
+    again, _ = flow_loss(model, x_1, cond, cfg, generator=torch.Generator().manual_seed(3))
+    assert float(again) == float(loss)
+    flow_loss(model, x_1, cond, FlowConfig(cond_dropout=0.0))
+    assert model.calls[-1]["drop"] is None
+
+
+def test_dropout_rate_and_logit_normal_t_reach_the_model():
+    x_1 = torch.randn(4000, 1, 1)
+    model = RecordingModel(lambda x_t, t: torch.zeros_like(x_t))
+    cfg = FlowConfig(cond_dropout=0.1, t_sampling="logit-normal")
+    flow_loss(model, x_1, torch.zeros(4000, 1, 1), cfg, generator=torch.Generator().manual_seed(0))
+    call = model.calls[0]
+    assert abs(call["drop"].float().mean().item() - 0.1) < 0.02
+    assert abs(torch.logit(call["t"]).std().item() - 1.0) < 0.05
+
+
+def brute_force_info_nce(a, b, temperature):
+    a = a / a.norm(dim=-1, keepdim=True)
+    b = b / b.norm(dim=-1, keepdim=True)
+    n = a.shape[0]
+    total = 0.0
+    for i in range(n):
+        row = [float(a[i] @ b[j]) / temperature for j in range(n)]
+        col = [float(a[j] @ b[i]) / temperature for j in range(n)]
+        total += -(row[i] - math.log(sum(math.exp(r) for r in row)))
+        total += -(col[i] - math.log(sum(math.exp(c) for c in col)))
+    return total / (2 * n)
+
+
+def test_info_nce_matches_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    a, b = (
+        torch.randn(5, 7, generator=gen, dtype=torch.float64),
+        torch.randn(5, 7, generator=gen, dtype=torch.float64),
+    )
+    assert abs(float(info_nce(a, b, 0.1)) - brute_force_info_nce(a, b, 0.1)) < 1e-9
+
+
+def test_contrastive_term_uses_predicted_clean_tokens_of_kept_samples():
+    gen = torch.Generator().manual_seed(0)
+    batch, n, dt, e = 6, 4, 3, 5
+    x_1 = torch.randn(batch, n, dt, generator=gen, dtype=torch.float64)
+    cond = torch.randn(batch, 2, 2, generator=gen, dtype=torch.float64)
+    global_target = torch.randn(batch, e, generator=gen, dtype=torch.float64)
+    head = torch.nn.Linear(dt, e).double()
+
+    def project(tokens):
+        return head(tokens.mean(dim=1))  # mean-pool + linear, [B, E]
+
+    # A perfect velocity model (it knows x_1): x_1_hat = x_t + (1 - t) v is exactly x_1.
+    def oracle(x_t, t):
+        return (x_1 - x_t) / (1 - t[:, None, None])
+
+    cfg = FlowConfig(cond_dropout=0.3, contrastive_weight=0.5, contrastive_temperature=0.2)
+    model = RecordingModel(oracle)
+    loss, parts = flow_loss(
+        model,
+        x_1,
+        cond,
+        cfg,
+        generator=torch.Generator().manual_seed(5),
+        project=project,
+        global_target=global_target,
+    )
+    keep = ~model.calls[0]["drop"]
+    assert 2 <= int(keep.sum()) < batch
+    with torch.no_grad():
+        expected = brute_force_info_nce(project(x_1[keep]), global_target[keep], 0.2)
+    assert abs(float(parts["contrastive"]) - expected) < 1e-6
+    assert float(parts["mse"]) < 1e-12
+    assert abs(float(loss.detach()) - 0.5 * expected) < 1e-6
+    loss.backward()
+    assert head.weight.grad is not None and float(head.weight.grad.abs().sum()) > 0
+
+
+def test_contrastive_term_decodes_normalised_tokens():
+    gen = torch.Generator().manual_seed(0)
+    x_1 = torch.randn(4, 3, 2, generator=gen, dtype=torch.float64) * 3 + 1
+    normalizer = TokenNormalizer.fit("standardize", [x_1])
+    x_1_norm = normalizer.encode(x_1)
+    global_target = torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    seen = []
+
+    def project(tokens):
+        seen.append(tokens.detach())
+        return tokens.mean(dim=1)
+
+    def oracle(x_t, t):
+        return (x_1_norm - x_t) / (1 - t[:, None, None])
+
+    cfg = FlowConfig(cond_dropout=0.0, contrastive_weight=1.0)
+    flow_loss(
+        RecordingModel(oracle),
+        x_1_norm,
+        x_1,
+        cfg,
+        project=project,
+        global_target=global_target,
+        normalizer=normalizer,
+    )
+    torch.testing.assert_close(seen[0], x_1)
+
+
+def test_contrastive_without_head_is_a_config_error():
+    cfg = FlowConfig(contrastive_weight=0.1)
+    with pytest.raises(ConfigError, match="contrastive"):
+        flow_loss(RecordingModel(lambda x_t, t: x_t), torch.randn(2, 3, 4), torch.randn(2, 1, 1), cfg)
