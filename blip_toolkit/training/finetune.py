@@ -12,7 +12,7 @@ The output directory is usable as `--model` by every other command:
     DIR/best/                                             the best model by validation loss
     DIR/blip_run.json                                     resolved config, status, summary
     DIR/metrics.jsonl                                     one JSON record per step / evaluation
-    DIR/checkpoints/step-N/                               Accelerate state + trainer_state.json + COMPLETE
+    DIR/checkpoints/step-N/                               training state (safetensors + JSON) + COMPLETE
 
 Only the main process writes files and logs. Module level imports stay light (the CLI imports
 FinetuneConfig for its help text); torch, transformers and accelerate load in `run_finetune`.
@@ -414,6 +414,8 @@ class _Trainer:
         start = time.perf_counter()
         config, acc = self.config, self.accelerator
         seed_everything(config.seed)
+        # DeepSpeed / FSDP are refused before anything is written, not at the first checkpoint.
+        CheckpointManager.check_supported(acc)
         self._prepare_output()
         self.metrics = MetricsWriter(self.out / METRICS_FILE, enabled=self.main)
         self.checkpoints = CheckpointManager(self.out / CHECKPOINT_DIR, keep=config.keep_checkpoints)
@@ -546,7 +548,8 @@ class _Trainer:
             logger.info("%s: no complete checkpoint; starting from step 0", self.out)
             self.history = self.metrics.truncate_after(0) if self.main else []
             return
-        state = self.checkpoints.load(acc, latest)
+        state = self.checkpoints.load(acc, latest, model=self.module, optimizer=self.optimizer,
+                                      scheduler=self.scheduler)
         if state.get("train_manifest_sha256") not in (None, self.manifest_sha256):
             raise TrainingError(f"{self.config.manifest} changed since {latest} was written; the saved data "
                                 "position would not match", hint="restore the manifest or start a new run")
@@ -769,7 +772,8 @@ class _Trainer:
                  "best_step": self.best_step, "last_eval": self.last_eval, "last_eval_step": self.last_eval_step,
                  "train_examples": len(self.train_set), "train_manifest_sha256": self.manifest_sha256,
                  "total_steps": self.total_steps}
-        path = self.checkpoints.save(self.accelerator, self.step, state)
+        path = self.checkpoints.save(self.accelerator, self.step, state, model=self.module,
+                                     optimizer=self.optimizer, scheduler=self.scheduler)
         self.last_checkpoint_step = self.step
         self._record({"type": "checkpoint", "step": self.step, "path": str(path)}, console=False)
 

@@ -22,6 +22,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def accelerator():
+    """A single-process CPU Accelerator, reset afterwards (its state is a process-wide singleton)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    acc = Accelerator(cpu=True)
+    yield acc
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(kind, **size) -> path of a small checkpoint built once per session for that key."""

@@ -1,5 +1,6 @@
 """The shared training helpers: schedule, parameter groups, atomic checkpoints (a killed save never
-looks complete), restoring Accelerate state and the iteration counter, metrics, the NaN guard."""
+looks complete), restoring the training state and the iteration counter, metrics, the NaN guard.
+The checkpoint format itself (every piece of state, no pickles) is tested in test_checkpoint_state.py."""
 
 from __future__ import annotations
 
@@ -84,23 +85,13 @@ def test_metrics_writer_truncates_to_the_checkpoint_and_drops_a_cut_line(tmp_pat
     assert not (tmp_path / "other.jsonl").exists()
 
 
-@pytest.fixture
-def accelerator():
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    acc = Accelerator(cpu=True)
-    yield acc
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def _setup(acc):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     optimizer = common.build_optimizer(model, learning_rate=0.1, weight_decay=0.0)
     scheduler = common.warmup_cosine_schedule(optimizer, warmup_steps=1, total_steps=10)
-    return acc.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    return model, optimizer, scheduler, {"model": model, "optimizer": optimizer, "scheduler": scheduler}
 
 
 def _train_step(model, optimizer, scheduler):
@@ -112,31 +103,31 @@ def _train_step(model, optimizer, scheduler):
 
 
 def test_checkpoint_save_load_restores_weights_optimizer_rng_and_iteration(tmp_path, accelerator):
-    model, optimizer, scheduler = _setup(accelerator)
+    model, optimizer, scheduler, objects = _setup(accelerator)
     manager = CheckpointManager(tmp_path / "checkpoints", keep=2)
     _train_step(model, optimizer, scheduler)
     accelerator.project_configuration.iteration = 5
-    path = manager.save(accelerator, 1, {"epoch": 0, "batch_in_epoch": 1})
+    path = manager.save(accelerator, 1, {"epoch": 0, "batch_in_epoch": 1}, **objects)
     assert path.name == "step-1" and (path / COMPLETE_MARKER).is_file()
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     expected_next = torch.rand(3)  # what the RNG gives right after the save
     _train_step(model, optimizer, scheduler)
 
     accelerator.project_configuration.iteration = 0  # what a fresh process has after load_state
-    state = manager.load(accelerator, path)
+    state = manager.load(accelerator, path, **objects)
     assert state["step"] == 1 and state["batch_in_epoch"] == 1
-    assert accelerator.project_configuration.iteration == 6  # restored (save_state counted one more)
+    assert accelerator.project_configuration.iteration == 6  # restored (a save counts one, as save_state did)
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     assert scheduler.scheduler.last_epoch == 1
     assert torch.equal(torch.rand(3), expected_next)
 
 
 def test_checkpoints_are_pruned_and_incomplete_ones_ignored(tmp_path, accelerator):
-    model, optimizer, scheduler = _setup(accelerator)
+    *_, objects = _setup(accelerator)
     root = tmp_path / "checkpoints"
     manager = CheckpointManager(root, keep=2)
     for step in (1, 2, 3):
-        manager.save(accelerator, step, {})
+        manager.save(accelerator, step, {}, **objects)
     assert [s for s, _ in manager.complete()] == [2, 3]
     # Leftovers of a killed save: a temp directory, and a step directory without the marker.
     (root / ".step-4.tmp").mkdir()
@@ -144,22 +135,22 @@ def test_checkpoints_are_pruned_and_incomplete_ones_ignored(tmp_path, accelerato
     (root / "step-5").mkdir()
     assert manager.latest() == root / "step-3"
     with pytest.raises(TrainingError, match="incomplete"):
-        manager.load(accelerator, root / "step-5")
+        manager.load(accelerator, root / "step-5", **objects)
     removed = manager.clean_incomplete()
     assert sorted(p.name for p in removed) == [".step-4.tmp", "step-5"]
     assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
 
 
 def test_a_save_killed_before_the_marker_leaves_no_complete_checkpoint(tmp_path, accelerator, monkeypatch):
-    model, optimizer, scheduler = _setup(accelerator)
+    *_, objects = _setup(accelerator)
     manager = CheckpointManager(tmp_path / "checkpoints")
-    manager.save(accelerator, 1, {})
+    manager.save(accelerator, 1, {}, **objects)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(common, "atomic_write", killed)  # dies just before writing the marker
     with pytest.raises(KeyboardInterrupt):
-        manager.save(accelerator, 2, {})
+        manager.save(accelerator, 2, {}, **objects)
     assert manager.latest() == tmp_path / "checkpoints" / "step-1"
     assert not (tmp_path / "checkpoints" / "step-2").exists()

@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) under `accelerate launch` train exactly what one process trains with the
 same global batch: the same losses step by step, the same validation loss (gathered), the same
-weights. Only the main process writes metrics and prints the summary."""
+weights. Only the main process writes metrics and prints the summary. Checkpoints under DDP: one RNG
+state per process, the rest written once, and a load that fails on one process fails on all."""
 
 from __future__ import annotations
 
@@ -71,6 +72,90 @@ def test_two_processes_match_one_with_the_same_global_batch(checkpoint, tmp_path
     val_two = [r["val_loss"] for r in two if r["type"] == "eval"]
     assert val_two == pytest.approx(val_one, rel=1e-4, abs=1e-5)
 
+    # Each process wrote its own RNG state; everything else once, by the main process. No pickles.
+    checkpoint = tmp_path / "two" / "checkpoints" / "step-4"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "COMPLETE", "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng-0.json",
+        "rng-0.safetensors", "rng-1.json", "rng-1.safetensors", "scheduler.json", "trainer_state.json"]
+
     w1, w2 = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+CHECKPOINT_SCRIPT = '''
+import json, random, sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from blip_toolkit.errors import TrainingError
+from blip_toolkit.training.common import CheckpointManager
+
+
+def draws(generator):
+    return [random.random(), float(np.random.rand()), torch.rand(2).tolist(),
+            torch.rand(2, generator=generator).tolist()]
+
+
+root = Path(sys.argv[1])
+acc = Accelerator(cpu=True)
+rank = acc.process_index
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 3)
+model, optimizer = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1))
+# Different streams per process, as dropout and sampling have after a per-rank seed.
+random.seed(rank)
+np.random.seed(rank)
+torch.manual_seed(100 + rank)
+generator = torch.Generator().manual_seed(rank)
+acc.backward(model(torch.randn(2, 4)).sum())
+optimizer.step()
+manager = CheckpointManager(root)
+objects = dict(model=model, optimizer=optimizer, generators={"timesteps": generator})
+path = manager.save(acc, 1, {"written_by": rank}, **objects)
+files = sorted(p.name for p in path.iterdir())
+unwrapped = acc.unwrap_model(model)
+weights = {k: v.clone() for k, v in unwrapped.state_dict().items()}
+expected = draws(generator)
+with torch.no_grad():
+    for param in model.parameters():
+        param.add_(1.0)
+state = manager.load(acc, path, **objects)
+result = {"ddp": type(model).__name__, "files": files, "expected": expected, "got": draws(generator),
+          "same_weights": all(torch.equal(weights[k], v) for k, v in unwrapped.state_dict().items()),
+          "written_by": state["written_by"]}
+acc.wait_for_everyone()
+if rank == 1:
+    (path / "rng-1.json").unlink()
+acc.wait_for_everyone()
+try:
+    manager.load(acc, path, **objects)
+except TrainingError as exc:
+    result["failure"] = str(exc)
+(root / f"result-{rank}.json").write_text(json.dumps(result))
+'''
+
+
+def test_checkpoints_under_ddp_keep_one_rng_state_per_process(tmp_path):
+    script = tmp_path / "checkpoint_ddp.py"
+    script.write_text(CHECKPOINT_SCRIPT)
+    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              str(script), str(tmp_path / "checkpoints")]
+    done = subprocess.run(launch, capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = [json.loads((tmp_path / "checkpoints" / f"result-{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, result in enumerate(results):
+        assert result["ddp"] == "DistributedDataParallel"
+        assert result["files"] == ["COMPLETE", "model.safetensors", "optimizer.json", "optimizer.safetensors",
+                                   "rng-0.json", "rng-0.safetensors", "rng-1.json", "rng-1.safetensors",
+                                   "trainer_state.json"]
+        assert result["same_weights"] and result["written_by"] == 0  # the main process wrote the shared files
+        assert result["got"] == result["expected"], f"rank {rank}: its own RNG streams continue"
+    assert results[0]["expected"] != results[1]["expected"]  # each process got its own state back
+    # A load that fails on one process fails on all (none is left waiting at the next collective).
+    assert "rng-1.json is missing" in results[1]["failure"]
+    assert "another process failed to load" in results[0]["failure"]

@@ -80,6 +80,34 @@ def test_resumed_run_equals_uninterrupted_run(straight, tmp_path):
     assert run["status"] == "finished" and run["steps"] == 6
 
 
+def test_finetune_checkpoints_hold_only_safetensors_and_json(straight):
+    """No pickles (our security standard): each file is JSON or safetensors, and both parse."""
+    from safetensors import safe_open
+
+    _, out, _ = straight
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-3", "step-6"]
+    for checkpoint in checkpoints:
+        names = sorted(p.name for p in checkpoint.iterdir())
+        assert names == ["COMPLETE", "model.safetensors", "optimizer.json", "optimizer.safetensors",
+                         "rng-0.json", "rng-0.safetensors", "scheduler.json",
+                         "trainer_state.json"], checkpoint.name
+        for file in checkpoint.iterdir():
+            if file.suffix == ".json":
+                json.loads(file.read_text(), parse_constant=_not_json)  # strict JSON: no NaN / Infinity
+            elif file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as handle:
+                    assert handle.keys()
+        record = json.loads((checkpoint / "trainer_state.json").read_text())
+        assert record["step"] == int(checkpoint.name.split("-")[1]) and record["num_processes"] == 1
+        # Accelerate's micro-batch counter restarts with each epoch (step 3: 2 batches into epoch 2).
+        assert record["accelerator_step"] == record["batch_in_epoch"]
+
+
+def _not_json(name):
+    raise AssertionError(f"{name} is not JSON")
+
+
 def test_resume_of_a_finished_run_does_nothing_more(straight):
     source, out, result = straight
     again = run_finetune(config(source, out, resume=True))
