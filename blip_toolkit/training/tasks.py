@@ -127,8 +127,11 @@ def join_prompt(prefix: str, target: str) -> str:
 
 @dataclass
 class Example:
-    """One manifest row. `image_id` numbers distinct images (rows of the same image are positives
-    of each other in retrieval)."""
+    """One manifest row. `image_id` numbers distinct images and `text_id` distinct texts (after
+    normalize_text). In retrieval, two rows are positives of each other when they share the image or
+    the text: with few distinct captions (classes, templates) an identical caption of another image
+    describes this image too, and treating it as a negative would teach ITC and ITM the opposite
+    (LAVIS masks same-id pairs the same way)."""
 
     index: int
     image: str
@@ -136,12 +139,14 @@ class Example:
     image_id: int
     prefix: str  # prompt / formatted question (caption, BLIP-2 VQA), bare question (BLIP VQA), "" (retrieval)
     target: str  # caption / answer / retrieval text
+    text_id: int = 0
 
 
 def make_examples(records: list[dict], task: str, family, *, prompt: str | None, template: str) -> list[Example]:
     from blip_toolkit.runtime.vqa import format_question
 
     ids: dict[str, int] = {}
+    text_ids: dict[str, int] = {}
     out = []
     for i, row in enumerate(records):
         image_id = ids.setdefault(row["image"], len(ids))
@@ -151,7 +156,8 @@ def make_examples(records: list[dict], task: str, family, *, prompt: str | None,
             prefix, target = format_question(family, row["question"], template), row["answer"]
         else:
             prefix, target = "", row["text"]
-        out.append(Example(i, row["image"], int(row["line"]), image_id, prefix, target))
+        text_id = text_ids.setdefault(normalize_text(target), len(text_ids))
+        out.append(Example(i, row["image"], int(row["line"]), image_id, prefix, target, text_id))
     return out
 
 
@@ -235,6 +241,7 @@ class Collator:
             batch = self._blip2_seq2seq(images, examples)
         batch["index"] = torch.tensor([e.index for e in examples])
         batch["image_id"] = torch.tensor([e.image_id for e in examples])
+        batch["text_id"] = torch.tensor([e.text_id for e in examples])
         return batch
 
     # -- helpers
@@ -550,6 +557,12 @@ class CaptionLikeModule(TaskModule):
         return {"example_loss": total, "example_count": count}
 
 
+def retrieval_positives(image_ids, text_ids, other_image_ids, other_text_ids):
+    """[B, B'] bool: row i and column j are a positive pair when they share the image (several
+    captions of one image) or the text (one caption, several images)."""
+    return (image_ids[:, None] == other_image_ids[None, :]) | (text_ids[:, None] == other_text_ids[None, :])
+
+
 class RetrievalModule(TaskModule):
     """ITC + ITM with in-batch hard negatives (BLIP ITM and BLIP-2 ITM checkpoints)."""
 
@@ -557,7 +570,7 @@ class RetrievalModule(TaskModule):
         ops = ITM_OPS[self.family.name]
         model = self.model
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        image_ids = batch["image_id"]
+        image_ids, text_ids = batch["image_id"], batch["text_id"]
         size = input_ids.shape[0]
 
         image_embeds, image_feat = ops.image(model, batch["pixel_values"])
@@ -568,9 +581,10 @@ class RetrievalModule(TaskModule):
         image_all = gather_all(image_feat, grad=True)
         text_all = gather_all(text_feat, grad=True)
         ids_all = gather_all(image_ids, grad=False)
+        text_ids_all = gather_all(text_ids, grad=False)
         sim_i2t = ops.similarity(image_feat, text_all) / self.temperature  # [B, B_all]
         sim_t2i = ops.similarity(image_all, text_feat).t() / self.temperature  # [B, B_all]
-        positives = (image_ids[:, None] == ids_all[None, :]).float()  # same image = positive (several captions)
+        positives = retrieval_positives(image_ids, text_ids, ids_all, text_ids_all).float()
         targets = positives / positives.sum(dim=1, keepdim=True)
         loss_i2t = -(F.log_softmax(sim_i2t.float(), dim=1) * targets).sum(dim=1)
         loss_t2i = -(F.log_softmax(sim_t2i.float(), dim=1) * targets).sum(dim=1)
@@ -581,7 +595,7 @@ class RetrievalModule(TaskModule):
         offset = _rank_offset(size)
         with torch.no_grad():
             local = slice(offset, offset + size) if sim_i2t.shape[1] != size else slice(0, size)
-            same = image_ids[:, None] == image_ids[None, :]
+            same = retrieval_positives(image_ids, text_ids, image_ids, text_ids)
             weights_i2t = (F.softmax(sim_i2t[:, local].float(), dim=1) + 1e-5).masked_fill(same, 0)
             weights_t2i = (F.softmax(sim_t2i[:, local].float(), dim=1) + 1e-5).masked_fill(same, 0)
             has_neg = weights_i2t.sum(dim=1) > 0  # a batch of one image has no negative
@@ -659,14 +673,16 @@ def recall_at_1(model, processor, family, examples: list[Example], images, *, ba
                 rerank: int = 16) -> float:
     """Image-to-text recall@1 among all validation texts: ITC ranks every text, the top `rerank` are
     re-scored with ITM + ITC (LAVIS's protocol; `blip retrieval`'s default itm+itc score). A hit when
-    the best text belongs to the image (any of its rows)."""
+    the best text belongs to the image (any of its rows) or is identical to one of its texts."""
     ops = ITM_OPS[family.name]
     tokenizer = processor.tokenizer
     first_of_image: dict[int, Example] = {}
     for e in examples:
         first_of_image.setdefault(e.image_id, e)
     distinct = list(first_of_image.values())
-    text_owner = torch.tensor([e.image_id for e in examples])
+    texts_of_image: dict[int, set[int]] = {}
+    for e in examples:
+        texts_of_image.setdefault(e.image_id, set()).add(e.text_id)
     with torch.no_grad():
         encoded = tokenizer([e.target for e in examples], padding="longest", truncation=True, return_tensors="pt")
         all_ids, all_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
@@ -686,5 +702,5 @@ def recall_at_1(model, processor, family, examples: list[Example], images, *, ba
                 embeds = image_embeds[row:row + 1].expand(k, *image_embeds.shape[1:])
                 itm = ops.itm(model, embeds, all_ids[candidates], all_mask[candidates]).float()[:, 1]
                 best = candidates[int(torch.argmax(itm + itc[row, candidates]))]
-                hits += int(text_owner[best] == e.image_id)
+                hits += int(examples[int(best)].text_id in texts_of_image[e.image_id])
     return hits / max(len(distinct), 1)
