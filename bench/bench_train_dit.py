@@ -1,0 +1,268 @@
+"""train-dit: memory bounded whatever the number of shards, and the trainer's per-step overhead.
+
+Memory: the same training run (same steps, batch and model) on synthetic embeddings of S shards and of
+10 S shards, each in its own process; the peak resident set (VmHWM from /proc/self/status, read by the
+child at its end: ru_maxrss of the parent would include its children) of the 10x run must stay within
+1.25x of the 1x run. The run streams an epoch of the 10x data and fits the standardize statistics over
+all of it, so every shard is mapped at some point.
+
+Overhead: samples/s of `run_train_dit` (data stream, noise, EMA, clipping, scheduler, Accelerate
+wrappers, loss checks) vs the bare model step (forward + backward + fused AdamW) on the same batches in
+the same process, at the size of the demo's tiny DiT (hidden 128, 4 layers, 16 tokens). Target: the
+trainer within 15% of the bare step.
+
+    python bench/bench_train_dit.py [--quick] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import parse_args, report, target
+
+HERE = Path(__file__).resolve().parent
+
+FULL = {
+    "shards": 4,
+    "shard_size": 256,
+    "mem_dims": {"cond_tokens": 64, "cond_dim": 256, "target_tokens": 64, "target_dim": 128, "embed_dim": 64},
+    "mem_batch": 64,
+    "speed_steps": 400,
+    "speed_repeat": 2,
+}
+QUICK = {
+    "shards": 2,
+    "shard_size": 64,
+    "mem_dims": {"cond_tokens": 16, "cond_dim": 64, "target_tokens": 16, "target_dim": 32, "embed_dim": 16},
+    "mem_batch": 32,
+    "speed_steps": 40,
+    "speed_repeat": 1,
+}
+# The demo's tiny DiT (hidden ~128, 4 layers, 17 tokens); 16 = a 4x4 grid here.
+SPEED_DIMS = {"cond_tokens": 16, "cond_dim": 64, "target_tokens": 16, "target_dim": 64, "embed_dim": 32}
+SPEED_MODEL = {
+    "model.preset": "tiny",
+    "model.hidden_size": 128,
+    "model.num_layers": 4,
+    "model.num_heads": 4,
+    "model.num_kv_heads": 2,
+}
+MEM_MODEL = {"model.preset": "tiny", "model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 2}
+
+
+def extra(parser) -> None:
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared).")
+    parser.add_argument("--child", nargs=3, metavar=("DATA", "OUT", "STEPS"), help=argparse_hidden())
+    parser.add_argument("--batch", type=int, default=64, help=argparse_hidden())
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def write_data(root: Path, shards: int, shard_size: int, dims: dict) -> Path:
+    from tests.dit_train.helpers import write_embeddings
+
+    return write_embeddings(root, samples=shards * shard_size, shard_size=shard_size, dims=dims)
+
+
+def child(data: str, out: str, steps: int, batch: int, threads: int) -> None:
+    """One memory run: train, then report this process's peak resident set."""
+    import torch
+
+    from blip_toolkit.dit.train import load_train_config, run_train_dit
+
+    torch.set_num_threads(threads)
+    config = load_train_config(
+        None,
+        {
+            **MEM_MODEL,
+            "data.dir": data,
+            "out": out,
+            "train.steps": steps,
+            "train.batch_size": batch,
+            "train.save_every": 0,
+            "eval.every": 0,
+            "flow.target_norm": "standardize",
+            "data.max_open_shards": 4,
+            "data.shuffle_buffer": 2048,
+            "train.log_every": 1000,
+        },
+    )
+    result = run_train_dit(config)
+    status = Path("/proc/self/status").read_text()
+    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    print(json.dumps({"vmhwm_mb": hwm / 1024, "samples_per_second": result.train_samples_per_second}))
+
+
+def memory_run(data: Path, out: Path, steps: int, batch: int, threads: int) -> dict:
+    done = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            str(data),
+            str(out),
+            str(steps),
+            "--batch",
+            str(batch),
+            "--threads",
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def speed(data: Path, tmp: Path, steps: int, repeat: int) -> dict:
+    """Best-of-`repeat` samples/s of the trainer and of the bare step, interleaved."""
+    import itertools
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from blip_toolkit.data.shards import EmbeddingShards
+    from blip_toolkit.dit.data import IndexStream, ShardArrays, TrainStream
+    from blip_toolkit.dit.flow import interpolate, target_velocity
+    from blip_toolkit.dit.model import DiT
+    from blip_toolkit.dit.normalize import TokenNormalizer
+    from blip_toolkit.dit.train import load_train_config, run_train_dit
+    from blip_toolkit.training.common import build_optimizer
+
+    batch = 32
+    values = {
+        **SPEED_MODEL,
+        "data.dir": str(data),
+        "train.steps": steps,
+        "train.batch_size": batch,
+        "train.save_every": 0,
+        "eval.every": 0,
+        "train.log_every": 50,
+        "train.warmup_steps": 10,
+    }
+    # The bare step's batches: the trainer's own stream (a cycle of 64 preloaded batches).
+    config = load_train_config(None, {**values, "out": str(tmp / "probe")})
+    shards = EmbeddingShards(data)
+    stream = TrainStream(
+        ShardArrays(shards),
+        IndexStream([np.arange(len(shards))], seed=0, buffer=1000),
+        flow=config.flow,
+        normalizer=TokenNormalizer("none"),
+        global_batch=batch,
+        rank=0,
+        world_size=1,
+        seed=0,
+    )
+    batches = list(itertools.islice(iter(stream), 64))
+    dims = shards.dims
+    model_config = config.model.with_data_dims(
+        target_dim=dims["target_dim"],
+        cond_dim=dims["cond_dim"],
+        num_tokens=dims["target_tokens"],
+        num_cond_tokens=dims["cond_tokens"],
+    )
+
+    def bare() -> float:
+        torch.manual_seed(0)
+        model = DiT(model_config).train()
+        optimizer = build_optimizer(model, learning_rate=1e-4, weight_decay=0.0)
+
+        def step(b):
+            x_t = interpolate(b["x_0"], b["x_1"], b["t"])
+            loss = F.mse_loss(
+                model(x_t, b["t"], b["cond"], None, drop=b["drop"]), target_velocity(b["x_0"], b["x_1"])
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        for b in batches[:5]:  # warm-up, as the trainer's first steps are
+            step(b)
+        start = time.perf_counter()
+        for i in range(steps):
+            step(batches[i % len(batches)])
+        return steps * batch / (time.perf_counter() - start)
+
+    trainer, plain = [], []
+    for r in range(repeat):
+        out = tmp / f"run-{r}"
+        result = run_train_dit(load_train_config(None, {**values, "out": str(out)}))
+        trainer.append(result.train_samples_per_second)
+        plain.append(bare())
+    return {"trainer": max(trainer), "bare": max(plain), "params": result.num_parameters}
+
+
+def main() -> None:
+    args = parse_args("train-dit memory and per-step overhead", extra)
+    if args.child:
+        child(args.child[0], args.child[1], int(args.child[2]), args.batch, args.threads)
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sizes = QUICK if args.quick else FULL
+    rows, targets = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-train-dit-") as tmp:
+        tmp = Path(tmp)
+        # memory: 1x and 10x shards, the same run (an epoch of the 10x data)
+        small = write_data(tmp / "emb-1x", sizes["shards"], sizes["shard_size"], sizes["mem_dims"])
+        large = write_data(tmp / "emb-10x", 10 * sizes["shards"], sizes["shard_size"], sizes["mem_dims"])
+        data_mb = {
+            name: sum(p.stat().st_size for p in path.glob("*.safetensors")) / 1e6
+            for name, path in (("1x", small), ("10x", large))
+        }
+        steps = 10 * sizes["shards"] * sizes["shard_size"] // sizes["mem_batch"]
+        peaks = {}
+        for name, path in (("1x", small), ("10x", large)):
+            run = memory_run(path, tmp / f"mem-{name}", steps, sizes["mem_batch"], args.threads)
+            peaks[name] = run["vmhwm_mb"]
+            rows.append(
+                {
+                    "measure": f"memory {name}: {sizes['shards'] * (10 if name == '10x' else 1)} shards",
+                    "data_MB": round(data_mb[name], 1),
+                    "steps": steps,
+                    "peak_rss_MB": round(run["vmhwm_mb"], 1),
+                    "samples_per_s": round(run["samples_per_second"], 1),
+                }
+            )
+        ratio = peaks["10x"] / peaks["1x"]
+        targets.append(target("peak RSS 10x shards / 1x shards", ratio, "<= 1.25", ratio <= 1.25))
+
+        # overhead: the trainer vs the bare model step
+        data = write_data(tmp / "emb-speed", 4, 256, SPEED_DIMS)
+        measured = speed(data, tmp, sizes["speed_steps"], sizes["speed_repeat"])
+        rows.append(
+            {
+                "measure": f"trainer ({measured['params'] / 1e6:.2f}M params, batch 32)",
+                "samples_per_s": round(measured["trainer"], 1),
+            }
+        )
+        rows.append(
+            {"measure": "bare step (forward + backward + AdamW)", "samples_per_s": round(measured["bare"], 1)}
+        )
+        overhead = measured["trainer"] / measured["bare"]
+        targets.append(
+            target("trainer samples/s / bare step samples/s", overhead, ">= 0.85", overhead >= 0.85)
+        )
+    report(
+        "train_dit",
+        rows,
+        targets=targets,
+        notes={"threads": args.threads, "sizes": sizes, "speed_dims": SPEED_DIMS, "speed_model": SPEED_MODEL},
+    )
+
+
+if __name__ == "__main__":
+    main()

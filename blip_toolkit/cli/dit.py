@@ -1,0 +1,342 @@
+"""`blip train-dit` and `blip sample`: wiring only (options -> config -> run -> summary)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from blip_toolkit.cli.options import FormatOpt, OutputFormat
+from blip_toolkit.dit.train import TrainDiTConfig
+
+# Defaults for the help text (the flags themselves default to None = "not given", so a config file
+# value is not overridden by a default). dit.train imports no torch at module level.
+_D = TrainDiTConfig()
+
+
+class Precision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Solver(str, Enum):
+    euler = "euler"
+    heun = "heun"
+
+
+class Split(str, Enum):
+    all = "all"
+    train = "train"
+    eval = "eval"
+
+
+def _opt(*names: str, help: str, **kwargs):
+    # Flags default to None = "not given", so they do not override a config file's value.
+    return typer.Option(*names, help=help, show_default=False, **kwargs)
+
+
+def train_dit(
+    config: Annotated[
+        Path | None,
+        _opt(
+            "--config",
+            "-c",
+            help="TOML, YAML or JSON config (\\[data], \\[model], \\[flow], \\[train], \\[eval], \\[sample]); see --print-config.",
+            dir_okay=False,
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        _opt(
+            "--data",
+            "-d",
+            help="Embeddings directory (extract-embeddings --out). = data.dir",
+            file_okay=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        _opt("--out", "-o", help="Run directory (checkpoints, metrics, final model). = out", file_okay=False),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        _opt(
+            "--preset",
+            help=f"DiT size: tiny, small, base or large. = model.preset \\[default: {_D.model.preset}]",
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None, _opt("--steps", help=f"Optimizer steps. = train.steps \\[default: {_D.train.steps}]")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        _opt(
+            "--batch-size",
+            "-b",
+            help=f"GLOBAL batch per micro-step, split across processes. = train.batch_size \\[default: {_D.train.batch_size}]",
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        _opt(
+            "--lr",
+            "--learning-rate",
+            help=f"Peak AdamW learning rate (warmup, then cosine). = train.lr \\[default: {_D.train.lr:g}]",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        _opt(
+            "--seed",
+            help=f"Seed of the weights, data order and noise. = train.seed \\[default: {_D.train.seed}]",
+        ),
+    ] = None,
+    eval_every: Annotated[
+        int | None,
+        _opt(
+            "--eval-every",
+            help=f"Held-out metrics every N steps and at the end (0 = never). = eval.every \\[default: {_D.eval.every}]",
+        ),
+    ] = None,
+    save_every: Annotated[
+        int | None,
+        _opt(
+            "--save-every",
+            help=f"Checkpoint every N steps (0 = at the end only). = train.save_every \\[default: {_D.train.save_every}]",
+        ),
+    ] = None,
+    mixed_precision: Annotated[
+        Precision | None,
+        _opt(
+            "--mixed-precision",
+            help=f"no, bf16 or fp16 (GPU only). = train.mixed_precision \\[default: {_D.train.mixed_precision}]",
+        ),
+    ] = None,
+    grad_accum: Annotated[
+        int | None,
+        _opt(
+            "--grad-accum",
+            help=f"Micro-batches per optimizer step. = train.grad_accum \\[default: {_D.train.grad_accum}]",
+        ),
+    ] = None,
+    log_with: Annotated[
+        str | None,
+        _opt(
+            "--log-with",
+            help="Accelerate trackers, comma-separated: tensorboard, wandb, ... (must be installed). = train.log_with",
+        ),
+    ] = None,
+    overfit: Annotated[
+        int | None,
+        _opt(
+            "--overfit",
+            help="Train on the first N images only and evaluate on them (a sanity check). = data.overfit",
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        _opt(
+            "--set",
+            help="Any config field: --set section.key=value (repeatable; JSON values). Flags above win over --set.",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last complete checkpoint.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run directory written by blip.")
+    ] = False,
+    print_config: Annotated[
+        bool,
+        typer.Option(
+            "--print-config", help="Print the resolved config (TOML, or JSON with --format json) and exit."
+        ),
+    ] = False,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    """Train the BLIP3-o style DiT: generate target-encoder tokens from conditioning tokens (rectified flow).
+
+    Reads the shards of [bold]blip extract-embeddings[/]; writes RUN/ with checkpoints/step-N (also the
+    state for --resume), metrics.jsonl, blip_run.json (resolved config) and the final model for
+    [bold]blip sample --checkpoint RUN[/]. Every config field can be set in --config or with --set;
+    unknown keys are an error. Under accelerate launch the losses equal a 1-process run with the same
+    global --batch-size.
+
+    [bold]Examples[/]
+
+      blip train-dit --config configs/dit-blip3o.toml --data emb/ --out runs/dit
+      blip train-dit --data emb/ --out runs/tiny --preset tiny --steps 2000 --set model.num_layers=4
+      blip train-dit --data emb/ --out runs/check --overfit 16 --steps 500 --eval-every 100
+      blip train-dit --config configs/dit-blip3o.toml --data emb/ --out runs/dit --resume
+      blip train-dit --print-config > my-dit.toml
+      ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m blip_toolkit train-dit -c my-dit.toml -d emb/ -o runs/dit
+    """
+    from blip_toolkit.cli.output import Emitter
+    from blip_toolkit.config import parse_overrides
+    from blip_toolkit.dit.train import format_config, load_train_config, run_train_dit
+
+    overrides = parse_overrides(set_)
+    flags = {
+        "data.dir": str(data) if data is not None else None,
+        "out": str(out) if out is not None else None,
+        "model.preset": preset,
+        "train.steps": steps,
+        "train.batch_size": batch_size,
+        "train.lr": lr,
+        "train.seed": seed,
+        "eval.every": eval_every,
+        "train.save_every": save_every,
+        "train.mixed_precision": mixed_precision.value if mixed_precision is not None else None,
+        "train.grad_accum": grad_accum,
+        "train.log_with": log_with,
+        "data.overfit": overfit,
+        # False = not given: a config file's `true` stays.
+        "resume": resume or None,
+        "overwrite": overwrite or None,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    resolved = load_train_config(config, overrides)
+    if print_config:
+        typer.echo(format_config(resolved, "json" if fmt != OutputFormat.text else "toml"), nl=False)
+        return
+    result = run_train_dit(resolved)
+    if not result.is_main_process:
+        return  # under accelerate launch, one summary (from the main process)
+    summary = result.summary()
+    if fmt == OutputFormat.text:
+        typer.echo(_train_text(summary), nl=False)
+    else:
+        with Emitter(fmt.value, single=True) as emitter:
+            emitter.emit(summary)
+
+
+def _train_text(s: dict) -> str:
+    lines = [f"run\t{s['run_dir']}", f"steps\t{s['steps']}"]
+    if s["final_loss"] is not None:
+        lines.append(f"loss\t{s['final_loss']:.4f}")
+    for key, value in s["eval"].items():
+        if isinstance(value, float):
+            lines.append(f"{key}\t{value:.4f}")
+    if s["train_samples_per_second"]:
+        lines.append(f"samples/s\t{s['train_samples_per_second']:.1f}")
+    return "\n".join(lines) + "\n"
+
+
+def sample(
+    checkpoint: Annotated[
+        Path,
+        typer.Option(
+            "--checkpoint",
+            help="A train-dit run directory (its final model, else its latest checkpoint) or RUN/checkpoints/step-N.",
+            file_okay=False,
+            show_default=False,
+        ),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Embeddings directory whose conditioning tokens are sampled from.",
+            file_okay=False,
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Generated-features file (safetensors) for eval-recall --generated.",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ],
+    solver: Annotated[
+        Solver | None,
+        _opt("--solver", help="euler or heun (2 evaluations per step). \\[default: the run's, euler]"),
+    ] = None,
+    steps: Annotated[int | None, _opt("--steps", help="ODE steps. \\[default: the run's, 30]")] = None,
+    cfg_scale: Annotated[
+        float | None,
+        _opt(
+            "--cfg-scale",
+            help="Classifier-free guidance (1 = none); conditional and unconditional in one batch. \\[default: the run's, else 1.0]",
+        ),
+    ] = None,
+    shift: Annotated[
+        float | None,
+        _opt(
+            "--shift",
+            help="Timestep shift of the grid (>1: more steps near the noise). \\[default: the run's, 1.0]",
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Noise seed (per image: results do not depend on the batch).")
+    ] = 0,
+    ema: Annotated[
+        bool, typer.Option("--ema/--no-ema", help="Use the EMA weights (or the trained weights).")
+    ] = True,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Images per solver batch.")
+    ] = 64,
+    split: Annotated[
+        Split,
+        typer.Option(
+            "--split",
+            help="all images, or the run's own train / eval split (needs the embeddings it was trained on).",
+        ),
+    ] = Split.all,
+    limit: Annotated[int | None, _opt("--limit", min=1, help="Only the first N images of the split.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    """Generate target tokens with a trained DiT for the images of an embeddings directory.
+
+    Writes the tokens, their keys and their global embeddings (the target head of the run) to one
+    safetensors file that [bold]blip eval-recall DIR --generated FILE[/] scores. The checkpoint's dims
+    must match the embeddings'.
+
+    [bold]Examples[/]
+
+      blip sample --checkpoint runs/dit --data emb/ --out samples.safetensors
+      blip sample --checkpoint runs/dit --data emb/ --out eval.safetensors --split eval --cfg-scale 3 --steps 30
+      blip sample --checkpoint runs/dit/checkpoints/step-4000 --data val-emb/ -o s.safetensors --no-ema --solver heun
+      blip eval-recall emb/ --generated samples.safetensors
+    """
+    from blip_toolkit.cli.output import Emitter
+    from blip_toolkit.dit.sample import SampleConfig, run_sample
+
+    result = run_sample(
+        SampleConfig(
+            checkpoint=str(checkpoint),
+            data=str(data),
+            out=str(out),
+            steps=steps,
+            cfg_scale=cfg_scale,
+            solver=solver.value if solver is not None else None,
+            shift=shift,
+            seed=seed,
+            ema=ema,
+            batch_size=batch_size,
+            split=split.value,
+            limit=limit,
+            device=device,
+            overwrite=overwrite,
+        )
+    )
+    summary = result.summary()
+    if fmt == OutputFormat.text:
+        typer.echo("\n".join(f"{k}\t{v}" for k, v in summary.items()))
+    else:
+        with Emitter(fmt.value, single=True) as emitter:
+            emitter.emit(summary)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train-dit")(train_dit)
+    app.command("sample")(sample)

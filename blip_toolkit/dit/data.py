@@ -1,0 +1,555 @@
+"""The training data of `train-dit`: the train / held-out split, the global sample order, memory-mapped
+row reads from the embedding shards, the per-batch noise, and the normaliser fit.
+
+Design (see docs/formats.md, "DiT runs"):
+
+- **One global order, independent of the number of processes.** `IndexStream` turns the training
+  indices into an endless sequence of epochs: per epoch the shards are visited in a seeded order,
+  each shard's rows are permuted, and the indices pass through a shuffle buffer (webdataset style,
+  but over integers, so it costs a few hundred nanoseconds per sample and no tensor memory). Every
+  process and DataLoader worker computes the same sequence; global micro-batch k is the indices
+  [k G, (k + 1) G). Process r of W loads only rows [r G/W, (r + 1) G/W) of each global batch, and
+  worker w of K only global batches k = w mod K. So a 2-process run sees exactly the samples a
+  1-process run with the same global batch sees, and resuming is "start at batch k" (nothing before
+  it is read).
+- **Noise is per global batch.** x_0, t and the condition-dropout mask of global batch k come from a
+  generator seeded by (seed, k) and are sliced per process like the data: every process draws the
+  whole global batch's noise (a [G, N, Dt] randn, cheap next to the model) so the slice a process
+  gets does not depend on how many there are.
+- **Memory bounded whatever the number of shards.** Rows are read from zero-copy memory maps of the
+  shard files (`ShardArrays`): only the rows of a batch are copied, and at most `max_open` shards are
+  mapped at once (an LRU; a mapped shard's touched pages count in the resident set until it is
+  unmapped). The shuffle buffer holds integers only.
+
+Nothing here writes files. Tensors come out as float32.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from blip_toolkit.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from blip_toolkit.data.shards import EmbeddingShards
+    from blip_toolkit.dit.config import FlowConfig
+    from blip_toolkit.dit.normalize import TokenNormalizer, TokenStatistics
+
+logger = logging.getLogger("blip")
+
+# Stream ids mixed into the seeds, so the training noise, the evaluation loss noise and the sampling
+# noise never share a generator state whatever the seeds and counters.
+STREAM_TRAIN = 1
+STREAM_EVAL_LOSS = 2
+STREAM_SAMPLE = 3
+STREAM_ORDER = 4
+STREAM_SPLIT = 5
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A 64-bit seed from integers (splitmix64 over the parts): distinct inputs give unrelated
+    generator seeds, unlike `seed + k`, where runs with seeds 0 and 1 would share most batches."""
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (int(part) & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------
+# The split
+
+
+@dataclass
+class DataSplit:
+    """train / eval: sorted global image indices [n] int64. kind: "held-out" (eval_shards or
+    eval_fraction), "train" (no held-out data: eval on the first training samples) or "overfit"
+    (eval = the overfit samples themselves)."""
+
+    train: np.ndarray
+    eval: np.ndarray
+    kind: str
+
+
+def split_indices(
+    shards: EmbeddingShards,
+    *,
+    eval_shards: int = 0,
+    eval_fraction: float = 0.0,
+    split_seed: int = 0,
+    overfit: int = 0,
+) -> DataSplit:
+    """The training and evaluation images of a run (the same function is used by `sample --split`).
+
+    eval_shards = k: the last k shards are held out. eval_fraction = f: each image is held out with
+    probability f (seeded by `split_seed`, at least one image each side). overfit = N: train on the
+    first N training images and evaluate on those same images (a memorisation check)."""
+    n = len(shards)
+    if n == 0:
+        raise InputError(f"{shards.root}: the embeddings hold no images")
+    if eval_shards and eval_fraction:
+        raise ConfigError("data.eval_shards and data.eval_fraction cannot both be set")
+    everything = np.arange(n, dtype=np.int64)
+    kind = "train"
+    held = np.zeros(0, dtype=np.int64)
+    train = everything
+    if eval_shards:
+        if eval_shards >= len(shards.shards):
+            raise ConfigError(
+                f"data.eval_shards = {eval_shards} leaves no training shard ({shards.root} has "
+                f"{len(shards.shards)} shard(s))",
+                hint="use data.eval_fraction to hold out part of every shard",
+            )
+        first = shards.shards[len(shards.shards) - eval_shards].offset
+        train, held, kind = everything[:first], everything[first:], "held-out"
+    elif eval_fraction:
+        rng = np.random.default_rng([split_seed, STREAM_SPLIT])
+        mask = rng.random(n) < eval_fraction
+        if not mask.any():
+            mask[rng.integers(n)] = True
+        if mask.all():
+            raise ConfigError(f"data.eval_fraction = {eval_fraction} holds out all {n} image(s)")
+        train, held, kind = everything[~mask], everything[mask], "held-out"
+    if overfit:
+        if overfit > len(train):
+            raise ConfigError(f"--overfit {overfit}: only {len(train)} training image(s)")
+        train = train[:overfit]
+        return DataSplit(train, train.copy(), "overfit")
+    if kind == "train":
+        held = train
+    return DataSplit(train, held, kind)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The global order
+
+
+class IndexStream:
+    """The endless global sequence of training indices (see the module docstring).
+
+    groups: the training indices of each shard (a list of int64 arrays, in shard order); seed; buffer:
+    shuffle-buffer size in indices (0 or 1 = shard order shuffled and rows permuted, no buffer).
+    Epoch e is a permutation of all training indices; epochs follow each other without a gap, so
+    position p of the stream is index p mod n of epoch p // n."""
+
+    def __init__(self, groups: Sequence[np.ndarray], *, seed: int, buffer: int):
+        self.groups = [np.asarray(g, dtype=np.int64) for g in groups if len(g)]
+        self.size = int(sum(len(g) for g in self.groups))
+        if self.size == 0:
+            raise InputError("no training images")
+        self.seed = seed
+        self.buffer = max(int(buffer), 0)
+
+    def epoch(self, epoch: int) -> Iterator[int]:
+        """The indices of one epoch, in order."""
+        rng = np.random.default_rng([self.seed, STREAM_ORDER, epoch])
+        order = rng.permutation(len(self.groups))
+        rows = (rng.permutation(self.groups[g]) for g in order)
+        if self.buffer <= 1:
+            for chunk in rows:
+                yield from chunk.tolist()
+            return
+        buffer: list[int] = []
+        size = self.buffer
+        for chunk in rows:
+            values = chunk.tolist()
+            fill = min(size - len(buffer), len(values))
+            buffer.extend(values[:fill])
+            if fill == len(values):
+                continue
+            # Draw the slots of the whole chunk at once: one numpy call instead of one per index.
+            slots = rng.integers(0, size, len(values) - fill).tolist()
+            for value, slot in zip(values[fill:], slots):
+                yield buffer[slot]
+                buffer[slot] = value
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def iterate(self, position: int = 0) -> Iterator[int]:
+        """The stream from `position` on (earlier positions are skipped without loading anything)."""
+        epoch, skip = divmod(int(position), self.size)
+        for e in itertools.count(epoch):
+            stream = self.epoch(e)
+            if skip:
+                stream = itertools.islice(stream, skip, None)
+                skip = 0
+            yield from stream
+
+    def batches(self, size: int, *, start: int = 0) -> Iterator[np.ndarray]:
+        """Global batches [size] of indices: batch k is stream positions [k size, (k + 1) size),
+        starting with batch `start`."""
+        stream = self.iterate(start * size)
+        while True:
+            yield np.fromiter(stream, dtype=np.int64, count=size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory-mapped rows
+
+
+@dataclass(frozen=True)
+class _Layout:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset of the tensor in the file
+    end: int
+
+
+def read_layout(path) -> dict[str, _Layout]:
+    """Tensor layouts of a safetensors file from its header (8-byte little-endian length, then a JSON
+    object name -> {dtype, shape, data_offsets}, offsets relative to the end of the header)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100_000_000:
+                raise ValueError(f"header of {length} bytes")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
+    layouts = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            continue  # int64 caption_image: read with safe_open where needed
+        start, end = entry["data_offsets"]
+        layouts[name] = _Layout(dtype, tuple(entry["shape"]), 8 + length + start, 8 + length + end)
+    return layouts
+
+
+class ShardArrays:
+    """Rows of the per-image tensors (cond, target, target_global) of `shards`, by global image index,
+    through zero-copy memory maps. At most `max_open` shards are mapped at once (LRU).
+
+    Checksums follow the reader's `verify` mode (a shard's sha256 is checked on first use). Safe to
+    pickle into DataLoader workers (each opens its own maps)."""
+
+    def __init__(self, shards: EmbeddingShards, *, max_open: int = 4):
+        self.shards = shards
+        self.max_open = max(1, int(max_open))
+        self.offsets = np.array([s.offset for s in shards.shards] + [shards.num_samples], dtype=np.int64)
+        self._maps: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_maps"] = OrderedDict()
+        return state
+
+    def close(self) -> None:
+        self._maps.clear()
+
+    def views(self, j: int) -> dict[str, torch.Tensor]:
+        """Memory-mapped tensors of shard j, in the storage dtype (name -> [n, ...])."""
+        if j in self._maps:
+            self._maps.move_to_end(j)
+            return self._maps[j]
+        if self.shards.verify_mode != "none":
+            self.shards.check_shard(j)
+        info = self.shards.shards[j]
+        layouts = read_layout(info.path)
+        # Copy-on-write private map: pages are read from the file on first touch and never written.
+        raw = torch.from_numpy(np.memmap(info.path, dtype=np.uint8, mode="c"))
+        views = {}
+        for name, layout in layouts.items():
+            count = math.prod(layout.shape)
+            size = torch.empty((), dtype=layout.dtype).element_size()
+            if layout.end - layout.start != count * size:
+                raise InputError(
+                    f"{info.path}: tensor {name} has {layout.end - layout.start} bytes, expected {count * size}"
+                )
+            if layout.start % size:  # unaligned (not written by our writer): fall back to a copy
+                views[name] = raw[layout.start : layout.end].clone().view(layout.dtype).view(layout.shape)
+            else:
+                views[name] = raw[layout.start : layout.end].view(layout.dtype).view(layout.shape)
+        self._maps[j] = views
+        while len(self._maps) > self.max_open:
+            self._maps.popitem(last=False)
+        return views
+
+    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global indices [B] -> (shard number [B], row within the shard [B])."""
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.offsets[-1]):
+            raise IndexError(f"image index out of range for {self.offsets[-1]} images")
+        return shard, indices - self.offsets[shard]
+
+    def gather(self, indices: np.ndarray, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `indices` [B] of tensor `name` as float32 [B, ...] (into `out` when given)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        shard, rows = self.locate(indices)
+        result = out
+        for j in np.unique(shard).tolist():
+            view = self.views(j)
+            if name not in view:
+                raise InputError(f"{self.shards.shards[j].path}: no tensor {name!r}")
+            tensor = view[name]
+            if result is None:
+                result = torch.empty((len(indices), *tensor.shape[1:]), dtype=torch.float32)
+            picked = (shard == j).nonzero()[0]
+            src = tensor.index_select(0, torch.from_numpy(rows[picked]))
+            if len(picked) == len(indices):
+                result.copy_(src)
+            else:
+                result.index_copy_(0, torch.from_numpy(picked), src.to(result.dtype))
+        if result is None:  # no indices
+            shape = self._shape(name)
+            result = torch.empty((0, *shape), dtype=torch.float32)
+        return result
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        dims = self.shards.dims
+        return {
+            "cond": (dims["cond_tokens"], dims["cond_dim"]),
+            "target": (dims["target_tokens"], dims["target_dim"]),
+            "target_global": (dims["embed_dim"],),
+        }[name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Normaliser
+
+
+def token_statistics(
+    arrays: ShardArrays,
+    indices: np.ndarray,
+    *,
+    max_samples: int = 0,
+    part: int = 0,
+    parts: int = 1,
+    chunk: int = 256,
+) -> TokenStatistics:
+    """Streaming statistics of the target tokens of `indices` (sorted; the first `max_samples` when
+    > 0), read in chunks of `chunk` rows: memory = one chunk plus the open maps, whatever the dataset
+    size. `part` / `parts`: only every parts-th image from the part-th (a process's share)."""
+    from blip_toolkit.dit.normalize import TokenStatistics
+
+    indices = np.sort(np.asarray(indices, dtype=np.int64))
+    if max_samples:
+        indices = indices[:max_samples]
+    indices = indices[part::parts]
+    stats = TokenStatistics(arrays.shards.dims["target_dim"])
+    for start in range(0, len(indices), chunk):
+        stats.update(arrays.gather(indices[start : start + chunk], "target"))
+    return stats
+
+
+def pack_statistics(stats: TokenStatistics) -> torch.Tensor:
+    """[count, norm_sum, mean (D), m2 (D)] float64, for a collective."""
+    head = torch.tensor([float(stats.count), stats.norm_sum], dtype=torch.float64)
+    return torch.cat([head, stats.mean, stats.m2])
+
+
+def merge_statistics(packed: torch.Tensor) -> TokenStatistics:
+    """One TokenStatistics from packed rows [P, 2 + 2D] (`pack_statistics` of each part), merged in row
+    order with Chan et al.'s pairwise update (exact up to float64 rounding)."""
+    from blip_toolkit.dit.normalize import TokenStatistics
+
+    dim = (packed.shape[1] - 2) // 2
+    total = TokenStatistics(dim)
+    for row in packed.double().cpu():
+        count = int(row[0])
+        if count == 0:
+            continue
+        mean, m2 = row[2 : 2 + dim], row[2 + dim :]
+        merged = total.count + count
+        delta = mean - total.mean
+        total.mean = total.mean + delta * (count / merged)
+        total.m2 = total.m2 + m2 + delta.square() * (total.count * count / merged)
+        total.count = merged
+        total.norm_sum += float(row[1])
+    return total
+
+
+def normalizer_from_statistics(method: str, stats: TokenStatistics, *, where: str = "") -> TokenNormalizer:
+    """The fitted normaliser; refuses statistics that hold NaN or Inf (a corrupt embedding)."""
+    from blip_toolkit.dit.normalize import TokenNormalizer
+
+    if method == "none":
+        return TokenNormalizer("none")
+    if stats.count == 0:
+        raise InputError(f"{method} normalisation: no training tokens to fit on")
+    finite = bool(torch.isfinite(stats.mean).all() and torch.isfinite(stats.m2).all()) and math.isfinite(
+        stats.norm_sum
+    )
+    if not finite:
+        raise InputError(
+            f"{where or 'the embeddings'}: the target tokens hold NaN or Inf values (normaliser statistics)"
+        )
+    return TokenNormalizer.from_statistics(method, stats)
+
+
+def fit_normalizer(
+    arrays: ShardArrays, indices: np.ndarray, method: str, *, max_samples: int = 0, chunk: int = 256
+) -> TokenNormalizer:
+    """Fit the target normaliser on the target tokens of `indices` (see `token_statistics`) in one
+    streaming pass."""
+    if method == "none":
+        from blip_toolkit.dit.normalize import TokenNormalizer
+
+        return TokenNormalizer("none")
+    stats = token_statistics(arrays, indices, max_samples=max_samples, chunk=chunk)
+    return normalizer_from_statistics(method, stats, where=str(arrays.shards.root))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training stream
+
+
+def global_noise(
+    micro_batch: int, size: int, shape: tuple[int, int], flow: FlowConfig, *, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(t [G], drop [G] bool or None, x_0 [G, N, Dt]) of global micro-batch `micro_batch`: the same on
+    every process (slice them per process)."""
+    from blip_toolkit.dit.flow import sample_t
+
+    generator = torch.Generator().manual_seed(mix_seed(seed, STREAM_TRAIN, micro_batch))
+    t = sample_t(size, flow, generator=generator)  # [G]
+    drop = torch.rand(size, generator=generator) < flow.cond_dropout if flow.cond_dropout > 0 else None
+    x_0 = torch.randn((size, *shape), generator=generator)  # [G, N, Dt]
+    return t, drop, x_0
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """This process's (and DataLoader worker's) micro-batches, from global batch `start` on.
+
+    Yields dicts: cond [b, M, Dc], x_1 [b, N, Dt] (normalised targets), x_0 [b, N, Dt], t [b],
+    drop [b] bool or None, index [b] (global image indices), batch (global micro-batch number), and
+    target_global [b, E] when `with_global`. b = global_batch / world_size."""
+
+    def __init__(
+        self,
+        arrays: ShardArrays,
+        order: IndexStream,
+        *,
+        flow: FlowConfig,
+        normalizer: TokenNormalizer,
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start: int = 0,
+        with_global: bool = False,
+    ):
+        super().__init__()
+        if global_batch % world_size:
+            raise ConfigError(
+                f"train.batch_size {global_batch} (the global batch) is not divisible by the {world_size} processes"
+            )
+        self.arrays, self.order, self.flow, self.normalizer = arrays, order, flow, normalizer
+        self.global_batch, self.rank, self.world_size, self.seed = global_batch, rank, world_size, seed
+        self.start, self.with_global = start, with_global
+        dims = arrays.shards.dims
+        self.shape = (dims["target_tokens"], dims["target_dim"])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        local = self.global_batch // self.world_size
+        lo, hi = self.rank * local, (self.rank + 1) * local
+        for k, indices in enumerate(self.order.batches(self.global_batch, start=self.start)):
+            number = self.start + k
+            if number % workers != worker_id:
+                continue  # another worker's batch: its indices were computed, nothing was read
+            mine = indices[lo:hi]
+            t, drop, x_0 = global_noise(number, self.global_batch, self.shape, self.flow, seed=self.seed)
+            batch = {
+                "cond": self.arrays.gather(mine, "cond"),  # [b, M, Dc]
+                "x_1": self.normalizer.encode(self.arrays.gather(mine, "target")),  # [b, N, Dt]
+                "x_0": x_0[lo:hi],
+                "t": t[lo:hi],
+                "drop": drop[lo:hi] if drop is not None else None,
+                "index": torch.from_numpy(mine),
+                "batch": number,
+            }
+            if self.with_global:
+                batch["target_global"] = self.arrays.gather(mine, "target_global")
+            yield batch
+
+
+def batch_iterator(stream: TrainStream, *, num_workers: int = 0) -> Iterator[dict[str, Any]]:
+    """Iterate `stream` in this process (num_workers = 0: no DataLoader machinery per step) or with
+    DataLoader workers, which return the batches round robin, i.e. in global order."""
+    if num_workers <= 0:
+        return iter(stream)
+
+    def collate(batch):
+        return batch
+
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=collate,
+        persistent_workers=False,
+        prefetch_factor=2,
+    )
+    return iter(loader)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The evaluation set
+
+
+@dataclass
+class EvalSet:
+    """Held-out samples in memory (float32): cond [n, M, Dc], target [n, N, Dt], index [n] (global),
+    text_emb [C, E] and caption_image [C] (position in this set) of their captions, keys [n]."""
+
+    cond: torch.Tensor
+    target: torch.Tensor
+    index: torch.Tensor
+    text_emb: torch.Tensor
+    caption_image: torch.Tensor
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+def load_eval_set(arrays: ShardArrays, indices: np.ndarray, *, max_samples: int) -> EvalSet:
+    """The first `max_samples` of `indices` (sorted) with their captions."""
+    shards = arrays.shards
+    indices = np.sort(np.asarray(indices, dtype=np.int64))[:max_samples]
+    cond = arrays.gather(indices, "cond")
+    target = arrays.gather(indices, "target")
+    shard_of, rows = arrays.locate(indices)
+    position = {int(i): p for p, i in enumerate(indices.tolist())}
+    texts, owners, keys = [], [], [""] * len(indices)
+    for j in np.unique(shard_of).tolist():
+        info = shards.shards[j]
+        part = shards.read_shard(j, ("text_emb", "caption_image"))
+        for row in rows[shard_of == j].tolist():
+            keys[position[info.offset + row]] = part["rows"][row]["key"]
+        caption_image = part["caption_image"] + info.offset  # [c] global
+        wanted = torch.tensor([position.get(int(i), -1) for i in caption_image.tolist()], dtype=torch.int64)
+        keep = wanted >= 0
+        texts.append(part["text_emb"][keep].float())
+        owners.append(wanted[keep])
+    embed = shards.dims["embed_dim"]
+    return EvalSet(
+        cond=cond,
+        target=target,
+        index=torch.from_numpy(indices.copy()),
+        text_emb=torch.cat(texts) if texts else torch.empty(0, embed),
+        caption_image=torch.cat(owners) if owners else torch.empty(0, dtype=torch.int64),
+        keys=keys,
+    )

@@ -1,0 +1,199 @@
+"""The training data stream: split, global order (a permutation per epoch, the same whatever the number
+of processes or workers), resume positions, memory-mapped reads against the reader, bounded maps,
+rank-invariant noise, and the streaming normaliser fit."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from blip_toolkit.data.shards import EmbeddingShards
+from blip_toolkit.dit.config import FlowConfig
+from blip_toolkit.dit.data import (
+    IndexStream,
+    ShardArrays,
+    TrainStream,
+    batch_iterator,
+    fit_normalizer,
+    global_noise,
+    load_eval_set,
+    split_indices,
+)
+from blip_toolkit.dit.normalize import TokenNormalizer
+from blip_toolkit.errors import ConfigError
+
+from .helpers import write_embeddings
+
+
+def groups(n: int, size: int) -> list[np.ndarray]:
+    return [np.arange(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+@pytest.mark.parametrize("buffer", [0, 5, 1000])
+def test_each_epoch_is_a_seeded_permutation(buffer):
+    stream = IndexStream(groups(37, 8), seed=3, buffer=buffer)
+    first = list(itertools.islice(stream.iterate(0), 37 * 3))
+    for e in range(3):
+        assert sorted(first[37 * e : 37 * (e + 1)]) == list(range(37))
+    assert first[:37] != first[37:74]  # epochs differ
+    assert first == list(itertools.islice(IndexStream(groups(37, 8), seed=3, buffer=buffer).iterate(0), 111))
+    other = list(itertools.islice(IndexStream(groups(37, 8), seed=4, buffer=buffer).iterate(0), 37))
+    assert other != first[:37]
+    # any position can be resumed from without replaying what was loaded
+    assert list(itertools.islice(stream.iterate(50), 30)) == first[50:80]
+    batches = stream.batches(10, start=3)
+    assert next(batches).tolist() == first[30:40] and next(batches).tolist() == first[40:50]
+
+
+def test_shuffle_buffer_mixes_shards():
+    stream = IndexStream(groups(400, 100), seed=0, buffer=150)
+    order = list(itertools.islice(stream.iterate(0), 400))
+    shard_of = [i // 100 for i in order[:100]]
+    assert len(set(shard_of)) >= 2  # the first 100 draws come from more than one shard
+
+
+def test_split(emb):
+    shards = EmbeddingShards(emb)
+    held = split_indices(shards, eval_shards=1)
+    assert (
+        held.kind == "held-out"
+        and held.train.tolist() == list(range(16))
+        and held.eval.tolist() == list(range(16, 24))
+    )
+    frac = split_indices(shards, eval_fraction=0.25, split_seed=1)
+    assert sorted(frac.train.tolist() + frac.eval.tolist()) == list(range(24)) and 1 <= len(frac.eval) < 24
+    assert frac.eval.tolist() == split_indices(shards, eval_fraction=0.25, split_seed=1).eval.tolist()
+    none = split_indices(shards)
+    assert none.kind == "train" and none.eval.tolist() == none.train.tolist() == list(range(24))
+    over = split_indices(shards, eval_shards=1, overfit=5)
+    assert over.kind == "overfit" and over.train.tolist() == over.eval.tolist() == list(range(5))
+    with pytest.raises(ConfigError, match="no training shard"):
+        split_indices(shards, eval_shards=3)
+    with pytest.raises(ConfigError, match="only 16"):
+        split_indices(shards, eval_shards=1, overfit=17)
+
+
+def test_mapped_rows_equal_the_reader(emb):
+    shards = EmbeddingShards(emb)
+    arrays = ShardArrays(shards, max_open=1)
+    indices = np.array([23, 0, 9, 8, 17, 3])
+    for name in ("cond", "target", "target_global"):
+        got = arrays.gather(indices, name)
+        expected = torch.stack([shards[int(i)][name] for i in indices]).float()
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
+        assert len(arrays._maps) == 1  # never more maps than max_open
+    assert arrays.gather(np.array([], dtype=np.int64), "cond").shape == (0, 16, 24)
+
+
+def test_a_corrupt_shard_is_named(emb, tmp_path):
+    import shutil
+
+    copy = tmp_path / "emb"
+    shutil.copytree(emb, copy)
+    data = bytearray((copy / "shard-00001.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (copy / "shard-00001.safetensors").write_bytes(bytes(data))
+    arrays = ShardArrays(EmbeddingShards(copy))
+    arrays.gather(np.array([0, 1]), "cond")  # shard 0 is fine
+    with pytest.raises(Exception, match="shard-00001.safetensors: checksum mismatch"):
+        arrays.gather(np.array([9]), "cond")
+
+
+def _stream(emb, rank, world, start=0, buffer=4):
+    shards = EmbeddingShards(emb)
+    order = IndexStream(groups(24, 8), seed=5, buffer=buffer)
+    norm = TokenNormalizer("none")
+    return TrainStream(
+        ShardArrays(shards),
+        order,
+        flow=FlowConfig(cond_dropout=0.3),
+        normalizer=norm,
+        global_batch=6,
+        rank=rank,
+        world_size=world,
+        seed=5,
+        start=start,
+    )
+
+
+def test_two_ranks_together_load_exactly_the_global_batch(emb):
+    one = list(itertools.islice(iter(_stream(emb, 0, 1)), 9))
+    r0 = list(itertools.islice(iter(_stream(emb, 0, 2)), 9))
+    r1 = list(itertools.islice(iter(_stream(emb, 1, 2)), 9))
+    for whole, a, b in zip(one, r0, r1):
+        assert a["batch"] == b["batch"] == whole["batch"]
+        for key in ("cond", "x_1", "x_0", "t", "drop", "index"):
+            assert torch.equal(torch.cat([a[key], b[key]]), whole[key]), key
+    # resuming at batch 4 gives batches 4.. exactly
+    resumed = list(itertools.islice(iter(_stream(emb, 0, 1, start=4)), 3))
+    for a, b in zip(resumed, one[4:7]):
+        assert (
+            a["batch"] == b["batch"] and torch.equal(a["x_0"], b["x_0"]) and torch.equal(a["cond"], b["cond"])
+        )
+    with pytest.raises(ConfigError, match="not divisible"):
+        _stream(emb, 0, 4)
+
+
+def test_dataloader_workers_give_the_same_batches_in_order(emb):
+    plain = list(itertools.islice(batch_iterator(_stream(emb, 0, 1), num_workers=0), 6))
+    workers = list(itertools.islice(batch_iterator(_stream(emb, 0, 1), num_workers=2), 6))
+    assert [b["batch"] for b in workers] == list(range(6))
+    for a, b in zip(plain, workers):
+        assert torch.equal(a["cond"], b["cond"]) and torch.equal(a["x_0"], b["x_0"])
+
+
+def test_noise_is_per_global_batch():
+    flow = FlowConfig(cond_dropout=0.5, t_sampling="logit-normal")
+    t, drop, x_0 = global_noise(7, 8, (4, 3), flow, seed=1)
+    again = global_noise(7, 8, (4, 3), flow, seed=1)
+    assert torch.equal(t, again[0]) and torch.equal(drop, again[1]) and torch.equal(x_0, again[2])
+    assert not torch.equal(x_0, global_noise(8, 8, (4, 3), flow, seed=1)[2])
+    assert not torch.equal(x_0, global_noise(7, 8, (4, 3), flow, seed=2)[2])
+    assert global_noise(7, 8, (4, 3), FlowConfig(cond_dropout=0.0), seed=1)[1] is None
+    assert ((t > 0) & (t < 1)).all()
+
+
+def test_normaliser_fit_streams_and_matches_a_direct_computation(tmp_path):
+    emb = write_embeddings(tmp_path / "emb", samples=40, shard_size=6, dtype=torch.float32)
+    shards = EmbeddingShards(emb)
+    arrays = ShardArrays(shards, max_open=2)
+    train = np.arange(3, 40, 2)
+    fitted = fit_normalizer(arrays, train, "standardize", chunk=5)
+    tokens = torch.stack([shards[int(i)]["target"] for i in train]).reshape(-1, 16).double()
+    torch.testing.assert_close(fitted.mean.double(), tokens.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fitted.std.double(), tokens.std(0), rtol=1e-5, atol=1e-6)
+    assert fitted.count == len(train) * 16 and len(arrays._maps) <= 2
+    assert fit_normalizer(arrays, train, "standardize", max_samples=4).count == 4 * 16
+    assert fit_normalizer(arrays, train, "none").method == "none"
+
+
+def test_eval_set_holds_its_images_and_their_captions(tmp_path):
+    emb = write_embeddings(tmp_path / "emb", samples=12, shard_size=5, captions=2)
+    shards = EmbeddingShards(emb)
+    eval_set = load_eval_set(ShardArrays(shards), np.array([11, 4, 5, 2]), max_samples=3)
+    assert eval_set.index.tolist() == [2, 4, 5] and eval_set.keys == ["img-00002", "img-00004", "img-00005"]
+    assert torch.equal(eval_set.cond[1], shards[4]["cond"].float())
+    assert eval_set.caption_image.tolist() == [0, 0, 1, 1, 2, 2]
+    texts = shards.text_embeddings()
+    expected = torch.cat([texts.text_emb[texts.caption_image == i] for i in (2, 4, 5)])
+    assert torch.equal(eval_set.text_emb, expected)
+
+
+def test_normaliser_fit_split_across_processes_merges_to_the_whole(tmp_path):
+    from blip_toolkit.dit.data import merge_statistics, pack_statistics, token_statistics
+
+    emb = write_embeddings(tmp_path / "emb", samples=30, shard_size=7, dtype=torch.float32)
+    arrays = ShardArrays(EmbeddingShards(emb))
+    train = np.arange(30)
+    whole = token_statistics(arrays, train)
+    parts = torch.stack([pack_statistics(token_statistics(arrays, train, part=p, parts=3)) for p in range(3)])
+    merged = merge_statistics(parts)
+    assert merged.count == whole.count == 30 * 16
+    torch.testing.assert_close(merged.mean, whole.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(merged.variance(), whole.variance(), rtol=1e-10, atol=1e-12)
+    assert merged.mean_norm == pytest.approx(whole.mean_norm, rel=1e-12)
+    single = merge_statistics(pack_statistics(whole)[None])  # one process: exactly its own statistics
+    assert torch.equal(single.mean, whole.mean) and torch.equal(single.m2, whole.m2)

@@ -1,0 +1,197 @@
+"""blip sample: the file it writes is what eval-recall reads, EMA and trained weights differ, noise is
+per image (batch size and split do not change an image's tokens), bad inputs are refused, and the
+Python API (load_dit + solver.generate) gives the command's tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from blip_toolkit.data.shards import EmbeddingShards, read_generated
+from blip_toolkit.dit.train import run_train_dit
+
+from .conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(emb, tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("sample-run") / "run"
+    run_train_dit(
+        tiny_config(
+            emb,
+            out,
+            **{
+                "train.steps": 25,
+                "train.ema_decay": 0.9,
+                "data.eval_shards": 1,
+                "sample.steps": 5,
+                "sample.cfg_scale": 2.0,
+            },
+        )
+    )
+    return out
+
+
+def test_sample_file_is_read_by_eval_recall(cli, run, emb, tmp_path):
+    out = tmp_path / "samples.safetensors"
+    result = cli("sample", "--checkpoint", run, "--data", emb, "--out", out, "--format", "json")
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    # the run's own sampling defaults apply
+    assert (
+        summary["samples"] == 24 and summary["steps"] == 5 and summary["cfg_scale"] == 2.0 and summary["ema"]
+    )
+    generated = read_generated(out)
+    shards = EmbeddingShards(emb)
+    assert (
+        generated.keys == shards.keys()
+        and generated.has_global
+        and generated.index_sha256 == shards.index_sha256
+    )
+    assert generated.tokens().dtype == torch.float16  # the embeddings' storage dtype
+    assert generated.metadata["ema"] == "true" and generated.metadata["step"] == "25"
+    report = cli("eval-recall", emb, "--generated", out, "--format", "json")
+    assert report.code == 0, report.stderr
+    assert json.loads(report.stdout)["features"]["generated"]["num_images"] == 24
+
+    trained = tmp_path / "trained.safetensors"
+    assert cli("sample", "--checkpoint", run, "--data", emb, "--out", trained, "--no-ema").code == 0
+    assert read_generated(trained).metadata["ema"] == "false"
+    assert not torch.equal(read_generated(trained).tokens(), generated.tokens())
+
+    again = cli("sample", "--checkpoint", run, "--data", emb, "--out", out)
+    assert again.code == 1 and "already exists" in again.stderr and "--overwrite" in again.stderr
+    assert cli("sample", "--checkpoint", run, "--data", emb, "--out", out, "--overwrite").code == 0
+
+
+def test_noise_is_per_image(cli, run, emb, tmp_path):
+    """An image's tokens depend on the seed and the image, not on the batch size or the split."""
+    whole, part, other_seed = (tmp_path / f"{n}.safetensors" for n in ("whole", "part", "seed"))
+    assert cli("sample", "--checkpoint", run, "--data", emb, "--out", whole, "--batch-size", "7").code == 0
+    assert (
+        cli(
+            "sample",
+            "--checkpoint",
+            run,
+            "--data",
+            emb,
+            "--out",
+            part,
+            "--split",
+            "eval",
+            "--batch-size",
+            "3",
+        ).code
+        == 0
+    )
+    assert (
+        cli(
+            "sample", "--checkpoint", run, "--data", emb, "--out", other_seed, "--seed", "1", "--limit", "4"
+        ).code
+        == 0
+    )
+    a, b = read_generated(whole), read_generated(part)
+    assert b.keys == a.keys[16:]  # eval split = the held-out last shard
+    torch.testing.assert_close(b.tokens().float(), a.tokens()[16:].float(), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(read_generated(other_seed).tokens().float(), a.tokens()[:4].float())
+
+
+def test_python_api_matches_the_command(run, emb, tmp_path, cli):
+    from blip_toolkit.dit.sample import load_dit, sample_noise
+    from blip_toolkit.dit.solver import generate
+
+    model, normalizer, info = load_dit(run)
+    shards = EmbeddingShards(emb)
+    cond = torch.stack([shards[i]["cond"] for i in range(3)]).float()
+    out = generate(
+        model, cond, steps=5, cfg_scale=2.0, normalizer=normalizer, generator=torch.Generator().manual_seed(0)
+    )
+    assert out.shape == (3, 16, 16) and torch.isfinite(out).all()
+    # with the command's per-image noise, the solver's integrate gives the command's tokens
+    from blip_toolkit.dit.solver import guided_velocity, integrate
+
+    x_0 = sample_noise(torch.arange(3), 0, (16, 16))
+    tokens = normalizer.decode(integrate(guided_velocity(model, cond, cfg_scale=2.0), x_0, steps=5))
+    path = tmp_path / "s.safetensors"
+    assert cli("sample", "--checkpoint", run, "--data", emb, "--out", path, "--limit", "3").code == 0
+    torch.testing.assert_close(read_generated(path).tokens().float(), tokens, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(
+        read_generated(path).global_emb(),
+        info["head"](read_generated(path).tokens().float()),
+        rtol=2e-3,
+        atol=2e-3,
+    )
+
+
+def test_mismatched_dims_and_bad_inputs_are_refused(cli, run, emb, emb_other_dims, tmp_path):
+    result = cli("sample", "--checkpoint", run, "--data", emb_other_dims, "--out", tmp_path / "x.safetensors")
+    assert result.code == 1 and "was trained on" in result.stderr and "target_dim" in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+    other = cli(
+        "sample",
+        "--checkpoint",
+        run,
+        "--data",
+        emb_other_dims,
+        "--out",
+        tmp_path / "y.safetensors",
+        "--split",
+        "eval",
+    )
+    assert other.code != 0
+    missing = cli(
+        "sample", "--checkpoint", tmp_path / "nope", "--data", emb, "--out", tmp_path / "z.safetensors"
+    )
+    assert missing.code == 1 and "no such checkpoint" in missing.stderr
+    not_a_run = cli("sample", "--checkpoint", emb, "--data", emb, "--out", tmp_path / "z.safetensors")
+    assert not_a_run.code == 1 and "not a DiT run" in not_a_run.stderr
+    assert (
+        cli(
+            "sample", "--checkpoint", run, "--data", emb, "--out", tmp_path / "z.safetensors", "--steps", "0"
+        ).code
+        == 2
+    )
+
+
+def test_split_needs_the_training_embeddings(cli, run, tmp_path):
+    from .helpers import write_embeddings
+
+    copy = write_embeddings(tmp_path / "other", samples=8, shard_size=4, seed=3)
+    ok = cli("sample", "--checkpoint", run, "--data", copy, "--out", tmp_path / "a.safetensors")
+    assert ok.code == 0, ok.stderr  # same dims: any embeddings can be sampled from
+    refused = cli(
+        "sample", "--checkpoint", run, "--data", copy, "--out", tmp_path / "b.safetensors", "--split", "eval"
+    )
+    assert refused.code == 2 and "--split eval needs the embeddings the DiT was trained on" in refused.stderr
+
+
+def test_a_run_without_a_final_model_samples_from_its_latest_checkpoint(emb, tmp_path, cli):
+    out = tmp_path / "run"
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        if record["type"] == "checkpoint" and record["step"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_train_dit(tiny_config(emb, out, **{"train.steps": 4, "train.save_every": 2}), callback=stop)
+    result = cli(
+        "sample",
+        "--checkpoint",
+        out,
+        "--data",
+        emb,
+        "--out",
+        tmp_path / "s.safetensors",
+        "--limit",
+        "2",
+        "--format",
+        "json",
+    )
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["step"] == 2 and "latest checkpoint step-2" in result.stderr
