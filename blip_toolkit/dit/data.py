@@ -33,7 +33,7 @@ import math
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -512,7 +512,8 @@ def batch_iterator(stream: TrainStream, *, num_workers: int = 0) -> Iterator[dic
 @dataclass
 class EvalSet:
     """Held-out samples in memory (float32): cond [n, M, Dc], target [n, N, Dt], index [n] (global),
-    text_emb [C, E] and caption_image [C] (position in this set) of their captions, keys [n]."""
+    text_emb [C, E], caption_image [C] (position in this set) and captions [C] (the strings) of their
+    captions, keys [n]."""
 
     cond: torch.Tensor
     target: torch.Tensor
@@ -520,6 +521,7 @@ class EvalSet:
     text_emb: torch.Tensor
     caption_image: torch.Tensor
     keys: list[str]
+    captions: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -533,7 +535,7 @@ def load_eval_set(arrays: ShardArrays, indices: np.ndarray, *, max_samples: int)
     target = arrays.gather(indices, "target")
     shard_of, rows = arrays.locate(indices)
     position = {int(i): p for p, i in enumerate(indices.tolist())}
-    texts, owners, keys = [], [], [""] * len(indices)
+    texts, owners, strings, keys = [], [], [], [""] * len(indices)
     for j in np.unique(shard_of).tolist():
         info = shards.shards[j]
         part = shards.read_shard(j, ("text_emb", "caption_image"))
@@ -542,6 +544,9 @@ def load_eval_set(arrays: ShardArrays, indices: np.ndarray, *, max_samples: int)
         caption_image = part["caption_image"] + info.offset  # [c] global
         wanted = torch.tensor([position.get(int(i), -1) for i in caption_image.tolist()], dtype=torch.int64)
         keep = wanted >= 0
+        # A shard stores its captions image by image, in row order: the same order as text_emb.
+        shard_strings = [caption for row in part["rows"] for caption in row["captions"]]
+        strings.extend(caption for caption, kept in zip(shard_strings, keep.tolist(), strict=True) if kept)
         texts.append(part["text_emb"][keep].float())
         owners.append(wanted[keep])
     embed = shards.dims["embed_dim"]
@@ -552,4 +557,5 @@ def load_eval_set(arrays: ShardArrays, indices: np.ndarray, *, max_samples: int)
         text_emb=torch.cat(texts) if texts else torch.empty(0, embed),
         caption_image=torch.cat(owners) if owners else torch.empty(0, dtype=torch.int64),
         keys=keys,
+        captions=strings,
     )

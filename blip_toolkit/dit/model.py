@@ -145,6 +145,9 @@ class _RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         y, inv_rms, weight = ctx.saved_tensors
         grad_y = grad * weight if weight is not None else grad  # [..., D]
+        # Under autocast the saved y can be bfloat16 while the incoming grad is float32.
+        y = y.to(grad_y.dtype)
+        inv_rms = inv_rms.to(grad_y.dtype)
         # d/dx of y = x * rsqrt(mean(x^2) + eps) applied to grad_y: inv_rms * (grad_y - y * mean(grad_y * y))
         mean_dot = torch.linalg.vecdot(grad_y, y, dim=-1).unsqueeze(-1).div_(y.shape[-1])  # [..., 1]
         grad_x = torch.addcmul(grad_y, y, mean_dot, value=-1).mul_(inv_rms)  # [..., D]

@@ -155,17 +155,6 @@ def generate_tokens(
     return normalizer.decode(x_1) if normalizer is not None else x_1
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {name!r}: {exc}") from exc
-
-
 def run_sample(config: SampleConfig) -> SampleResult:
     """Generate tokens for the images of `config.split` and write them with `write_generated` (keys,
     the embeddings' index_sha256, the head's global embeddings, and the settings as metadata)."""
@@ -180,7 +169,9 @@ def run_sample(config: SampleConfig) -> SampleResult:
 
     start = time.perf_counter()
     check_output_file(config.out, overwrite=config.overwrite)  # before any work
-    device = _device(config.device)
+    from blip_toolkit.runtime.device import resolve_device
+
+    device = resolve_device(config.device)
     shards = EmbeddingShards(config.data)
     model, normalizer, info = load_dit(config.checkpoint, ema=config.ema, device=device)
     record = info["record"]

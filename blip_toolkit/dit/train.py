@@ -360,8 +360,11 @@ def evaluate_dit(
     cosine of the predicted vs the true velocity there (t and x_0 per image from (seed, image index));
     patch_cos: mean token cosine of the sampled tokens (`generate_tokens`, the noise `blip sample
     --seed` uses) vs the ground truth; global_cos: cosine of head(sampled) vs head(ground truth);
-    est_r@1: image-to-text recall@1 of head(sampled) among the captions of the evaluated images
-    (`retrieval_recall`; images without a caption are left out; absent when there are no captions)."""
+    est_r@1: image-to-text recall@1 of head(sampled) among the distinct captions of the evaluated
+    images (identical strings are one text, positive for every image that has it, as `eval-recall
+    --dedupe-captions`: otherwise a caption shared by many images, e.g. a class name, is a tie that
+    recall's pessimistic tie rule always counts as a miss); images without a caption are left out;
+    absent when there are no captions."""
     import torch
 
     from blip_toolkit.dit.data import STREAM_EVAL_LOSS, mix_seed
@@ -419,12 +422,30 @@ def evaluate_dit(
         images = torch.unique(eval_set.caption_image)  # images with at least one caption, sorted
         remap = torch.full((n,), -1, dtype=torch.int64)
         remap[images] = torch.arange(len(images))
-        pairs_text = torch.arange(eval_set.text_emb.shape[0])
-        result = retrieval_recall(
-            generated[images], eval_set.text_emb, remap[eval_set.caption_image], pairs_text, (1,)
-        )
+        text_emb, pair_image, pair_text = _distinct_captions(eval_set)
+        result = retrieval_recall(generated[images], text_emb, remap[pair_image], pair_text, (1,))
         metrics["est_r@1"] = result.i2t[1]
     return metrics
+
+
+def _distinct_captions(eval_set):
+    """(text_emb [T, E], pair_image [P], pair_text [P]) with identical caption strings merged."""
+    import torch
+
+    count = eval_set.text_emb.shape[0]
+    strings = eval_set.captions if len(eval_set.captions) == count else [str(i) for i in range(count)]
+    ids: dict[str, int] = {}
+    first: list[int] = []
+    text_of = []
+    for row, caption in enumerate(strings):
+        if caption not in ids:
+            ids[caption] = len(first)
+            first.append(row)
+        text_of.append(ids[caption])
+    texts = len(first)
+    # identical (image, text) pairs count once
+    key = torch.unique(eval_set.caption_image * texts + torch.tensor(text_of, dtype=torch.int64))
+    return eval_set.text_emb[first], key // texts, key % texts
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -443,13 +464,13 @@ def run_train_dit(
     usable with `resume`). A NaN or Inf loss stops it with a TrainingError naming the step."""
     inputs = _check_inputs(config)
     accelerator = _make_accelerator(config, inputs)
-    from blip_toolkit.training.finetune import _quiet_unless_main, _release
+    from blip_toolkit.training.common import quiet_unless_main, release_accelerator
 
     try:
-        with _quiet_unless_main(accelerator):
+        with quiet_unless_main(accelerator):
             return _Trainer(config, inputs, accelerator, callback).run()
     finally:
-        _release(accelerator)
+        release_accelerator(accelerator)
 
 
 # ----------------------------------------------------------------------------------------------------

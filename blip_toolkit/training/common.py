@@ -112,6 +112,35 @@ def warmup_cosine_schedule(optimizer, *, warmup_steps: int, total_steps: int, mi
 # ----------------------------------------------------------------------------- checkpoints
 
 
+@contextlib.contextmanager
+def quiet_unless_main(accelerator):
+    """Only the main process logs (warnings and errors too would repeat once per process)."""
+    if accelerator.is_main_process:
+        yield
+        return
+    blip_logger = logging.getLogger("blip")
+    old = blip_logger.level
+    blip_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        blip_logger.setLevel(old)
+
+
+def release_accelerator(accelerator) -> None:
+    """Let a later run in the same process build a new Accelerator with other settings (the state
+    is a process-wide singleton). A multi-process run keeps its process group."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    with contextlib.suppress(Exception):
+        accelerator.free_memory()
+    single = accelerator.num_processes == 1
+    AcceleratorState._reset_state(reset_partial_state=single)
+    GradientState._reset_state()
+    if single:
+        PartialState._reset_state()
+
+
 class CheckpointManager:
     """Atomic checkpoint directories `root/step-N/` holding the training state in safetensors and JSON.
 

@@ -186,13 +186,15 @@ def run_finetune(config: FinetuneConfig, *, callback: Callable[[dict[str, Any]],
 
     Deterministic for a seed on CPU: the same config gives the same weights, and an interrupted run
     continued with `resume=True` ends with the weights an uninterrupted run ends with."""
+    from blip_toolkit.training.common import quiet_unless_main, release_accelerator
+
     inputs = _check_inputs(config)
     accelerator = _make_accelerator(config, inputs.family)
     try:
-        with _quiet_unless_main(accelerator):
+        with quiet_unless_main(accelerator):
             return _Trainer(config, inputs, accelerator, callback).run()
     finally:
-        _release(accelerator)
+        release_accelerator(accelerator)
 
 
 # ----------------------------------------------------------------------------- phase 1: inputs
@@ -349,35 +351,6 @@ def _make_accelerator(config: FinetuneConfig, family):
             find_unused_parameters=family.is_blip2 and family.name != "blip2-itm")],
         project_config=ProjectConfiguration(project_dir=str(config.output_dir), automatic_checkpoint_naming=False),
     )
-
-
-@contextlib.contextmanager
-def _quiet_unless_main(accelerator):
-    """Only the main process logs (warnings and errors too would repeat once per process)."""
-    if accelerator.is_main_process:
-        yield
-        return
-    blip_logger = logging.getLogger("blip")
-    old = blip_logger.level
-    blip_logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        blip_logger.setLevel(old)
-
-
-def _release(accelerator) -> None:
-    """Let a later run in the same process build a new Accelerator with other settings (the state
-    is a process-wide singleton). A multi-process run keeps its process group."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    with contextlib.suppress(Exception):
-        accelerator.free_memory()
-    single = accelerator.num_processes == 1
-    AcceleratorState._reset_state(reset_partial_state=single)
-    GradientState._reset_state()
-    if single:
-        PartialState._reset_state()
 
 
 # ----------------------------------------------------------------------------- the trainer

@@ -353,12 +353,6 @@ def test_trackers_receive_the_config_and_the_records(emb, tmp_path, monkeypatch)
     assert train_steps == [1, 2, 3, 4] and eval_steps == [2, 4]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="dit/model.py: _RMSNormFunction.backward gets a float32 grad with a bfloat16 saved y under autocast "
-    "(linalg.vecdot dtype mismatch); fix: y = y.to(grad_y.dtype) in backward. Remove this mark then.",
-)
 def test_bf16_mixed_precision_runs(emb, tmp_path):
     result = run_train_dit(
         tiny_config(
@@ -379,3 +373,28 @@ def test_a_global_batch_that_processes_cannot_split_is_refused_early(emb, tmp_pa
     with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
         run_train_dit(tiny_config(emb, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_est_recall_treats_identical_captions_as_one_text(cli, tmp_path):
+    """Class-name captions (four images share each): EstR@1 = eval-recall --dedupe-captions on the
+    same samples, an independent implementation (4 texts, not 8 caption rows). With real encoders the
+    rows of one string have identical embeddings, so scored per row they would tie, and recall's
+    pessimistic tie rule would count every image a miss."""
+    from blip_toolkit.testing.embeddings import write_embeddings
+
+    emb = write_embeddings(
+        tmp_path / "emb", samples=24, shard_size=8, caption_text=lambda image, c: f"class {image % 4}"
+    )
+    out = tmp_path / "run"
+    changes = {"train.steps": 20, "data.eval_shards": 1, "eval.every": 20, "eval.steps": 4, "eval.batch_size": 8}
+    run = run_train_dit(tiny_config(emb, out, **changes))
+    last = [r for r in run.history if r["type"] == "eval"][-1]
+    samples = tmp_path / "eval.safetensors"
+    args = ["--checkpoint", out, "--data", emb, "--out", samples, "--split", "eval", "--steps", "4"]
+    assert cli("sample", *args, "--seed", "0").code == 0
+    result = cli("eval-recall", emb, "--generated", samples, "--dedupe-captions", "--k", "1", "--format", "json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["features"]["generated"]["num_texts"] == 4
+    assert last["est_r@1"] == pytest.approx(report["features"]["generated"]["i2t"]["R@1"])
+    assert last["est_r@1"] > 0
