@@ -88,9 +88,12 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
+def prepare_output_dir(
+    path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False, resumable: bool = True
+) -> Path:
     """Apply the output policy: a missing or empty directory is used; an existing non-empty one is
-    refused unless `resume` (kept as is) or `overwrite` (cleared, but only if blip made it)."""
+    refused unless `resume` (kept as is) or `overwrite` (cleared, but only if blip made it).
+    `resumable`: whether the refusal may suggest --resume (commands without it must not)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"{path} exists and is not a directory")
@@ -98,7 +101,10 @@ def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resu
     if has_content and not resume:
         if not overwrite:
             raise OutputExistsError(
-                f"{path} already exists and is not empty", hint="pass --resume to continue or --overwrite to replace it"
+                f"{path} already exists and is not empty",
+                hint="pass --resume to continue or --overwrite to replace it"
+                if resumable
+                else "pass --overwrite to replace it",
             )
         if not any((path / marker).exists() for marker in OWNED_MARKERS):
             raise OutputExistsError(

@@ -44,12 +44,13 @@ def root(
 
 def _register() -> None:
     # Command modules import only typer at module level; torch and transformers load on use.
-    from blip_toolkit.cli import dit, embeddings, finetune, infer
+    from blip_toolkit.cli import demo, dit, embeddings, finetune, infer
 
     infer.register(app)
     finetune.register(app)
     embeddings.register(app)
     dit.register(app)
+    demo.register(app)
 
 
 _register()

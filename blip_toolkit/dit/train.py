@@ -464,10 +464,10 @@ def run_train_dit(
     usable with `resume`). A NaN or Inf loss stops it with a TrainingError naming the step."""
     inputs = _check_inputs(config)
     accelerator = _make_accelerator(config, inputs)
-    from blip_toolkit.training.common import quiet_unless_main, release_accelerator
+    from blip_toolkit.training.common import deterministic_on_cpu, quiet_unless_main, release_accelerator
 
     try:
-        with quiet_unless_main(accelerator):
+        with quiet_unless_main(accelerator), deterministic_on_cpu(accelerator):
             return _Trainer(config, inputs, accelerator, callback).run()
     finally:
         release_accelerator(accelerator)

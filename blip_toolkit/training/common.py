@@ -113,6 +113,26 @@ def warmup_cosine_schedule(optimizer, *, warmup_steps: int, total_steps: int, mi
 
 
 @contextlib.contextmanager
+def deterministic_on_cpu(accelerator):
+    """Deterministic kernels while training on CPU, restored afterwards. Since torch 2.1,
+    index_put_(accumulate=True) (the backward of gathering rows by index, e.g. the hard negatives of
+    retrieval training) adds in parallel with atomics on CPU, so two runs on 2+ threads differed in
+    the last bits; the deterministic path costs nothing measurable here. Not on GPUs, where it would
+    need CUBLAS_WORKSPACE_CONFIG and cost speed."""
+    import torch
+
+    if accelerator.device.type != "cpu":
+        yield
+        return
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@contextlib.contextmanager
 def quiet_unless_main(accelerator):
     """Only the main process logs (warnings and errors too would repeat once per process)."""
     if accelerator.is_main_process:

@@ -186,12 +186,12 @@ def run_finetune(config: FinetuneConfig, *, callback: Callable[[dict[str, Any]],
 
     Deterministic for a seed on CPU: the same config gives the same weights, and an interrupted run
     continued with `resume=True` ends with the weights an uninterrupted run ends with."""
-    from blip_toolkit.training.common import quiet_unless_main, release_accelerator
+    from blip_toolkit.training.common import deterministic_on_cpu, quiet_unless_main, release_accelerator
 
     inputs = _check_inputs(config)
     accelerator = _make_accelerator(config, inputs.family)
     try:
-        with quiet_unless_main(accelerator):
+        with quiet_unless_main(accelerator), deterministic_on_cpu(accelerator):
             return _Trainer(config, inputs, accelerator, callback).run()
     finally:
         release_accelerator(accelerator)

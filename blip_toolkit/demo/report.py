@@ -1,0 +1,216 @@
+"""The demo's report: report.md, report.json and PNG figures (training curves, recall bars, a grid of
+test images with what each model said about them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from blip_toolkit import __version__
+from blip_toolkit.fsutil import atomic_path, write_json
+
+TASK_METRIC = {"caption": ("val_accuracy", "val accuracy"), "vqa": ("val_accuracy", "val accuracy"),
+               "retrieval": ("val_recall@1", "val recall@1")}
+
+
+def write_report(out: Path, *, mode: str, seed: int, stages, metrics: dict[str, Any], state: dict) -> dict:
+    """Write the figures now; report.md / report.json are written by `finalize` once the report
+    stage's own time is known."""
+    figures_dir = out / "figures"
+    figures_dir.mkdir(exist_ok=True)
+    figures = {
+        "curves": str(_curves(figures_dir / "training_curves.png", state)),
+        "recall": str(_recall_bars(figures_dir / "recall.png", metrics["recall"])),
+        "samples": str(_sample_grid(figures_dir / "test_samples.png", state)),
+    }
+    md_path, json_path = out / "report.md", out / "report.json"
+
+    def finalize(all_stages, total_seconds: float) -> None:
+        times = {s.name: round(s.seconds, 2) for s in all_stages}
+        document = {
+            "toolkit_version": __version__, "mode": mode, "seed": seed, "total_seconds": round(total_seconds, 2),
+            "stage_seconds": times, "metrics": metrics,
+            "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
+        }
+        write_json(json_path, document)
+        with atomic_path(md_path) as tmp:
+            tmp.write_text(_markdown(document), encoding="utf-8")
+
+    return {"md": str(md_path), "json": str(json_path), "figures": figures, "finalize": finalize}
+
+
+def _markdown(doc: dict) -> str:
+    m = doc["metrics"]
+    recall = m["recall"]
+    splits = m["data"]["splits"]
+    lines = [
+        f"# blip demo report ({doc['mode']} mode)",
+        "",
+        f"blip {doc['toolkit_version']}, seed {doc['seed']}, {doc['total_seconds']:.0f} s in total. Data: UCI handwritten "
+        f"digits, {splits['train']} train / {splits['val']} val / {splits['test']} test images (32x32 px). Every "
+        "number below is measured on the held-out test images.",
+        "",
+        "| stage | result | seconds |",
+        "| --- | --- | ---: |",
+    ]
+    results = {
+        "caption": f"caption accuracy (right digit word) **{m['caption']['accuracy']:.1%}**",
+        "vqa": f"VQA exact-match accuracy **{m['vqa']['accuracy']:.1%}**",
+        "retrieval": f"retrieval top-1 among the 10 captions **{m['retrieval']['top1']:.1%}**",
+        "dit": (f"generated features: image-to-text R@1 **{recall['generated']['i2t']['R@1']:.1%}** "
+                f"({recall['generated_over_baseline_r1']:.0%} of the baseline's)"),
+    }
+    for name, seconds in doc["stage_seconds"].items():
+        lines.append(f"| {name} | {results.get(name, '')} | {seconds:.1f} |")
+    lines += [
+        "",
+        "## Recall of the CLIP-feature diffusion (eval-recall --dedupe-captions)",
+        "",
+        "Image-to-text (i2t) and text-to-image (t2i) recall of three sets of test-image features against the target "
+        "encoder's text embeddings of the ten distinct captions: the target encoder's own image embedding "
+        "(baseline), its ground-truth tokens pooled and projected by the target head (gt-pooled), and the tokens "
+        "the DiT generated from the conditioning encoder's tokens (generated).",
+        "",
+        "| features | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("baseline", "gt-pooled", "generated"):
+        r = recall[name]
+        lines.append(f"| {name} | {r['i2t']['R@1']:.1%} | {r['i2t']['R@5']:.1%} | {r['t2i']['R@1']:.1%} | "
+                     f"{r['t2i']['R@5']:.1%} |")
+    if recall.get("cosine"):
+        lines += ["", "Mean cosine similarity: " + ", ".join(f"{k} {v:.3f}" for k, v in recall["cosine"].items()) + "."]
+    lines += [
+        "",
+        "## Figures",
+        "",
+        f"![training curves]({doc['figures']['curves']})",
+        "",
+        f"![recall]({doc['figures']['recall']})",
+        "",
+        f"![test samples]({doc['figures']['samples']})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    _plt().close(fig)
+    return path
+
+
+def _curves(path: Path, state: dict) -> Path:
+    plt = _plt()
+    history = state.get("history", {})
+    panels = [t for t in ("caption", "vqa", "retrieval") if t in history] + (["dit"] if "dit_history" in state else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        if name == "dit":
+            records = state["dit_history"]
+            metric_key, metric_label, title = "est_r@1", "EstR@1 (held out)", "DiT (flow matching)"
+        else:
+            records = history[name]
+            metric_key, metric_label = TASK_METRIC[name]
+            title = f"fine-tuning: {name}"
+        train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train" and "loss" in r]
+        evals = [r for r in records if r.get("type") == "eval"]
+        if train:
+            steps, losses = zip(*train)
+            ax.plot(steps, losses, color="#9bbbd4", linewidth=0.8, label="train loss")
+            ax.plot(steps, _smooth(losses), color="#1f5f8b", linewidth=1.4, label="train loss (smoothed)")
+        val = [(r["step"], r["val_loss"]) for r in evals if r.get("val_loss") is not None]
+        if val:
+            ax.plot(*zip(*val), color="#d1495b", marker="o", markersize=2.5, linewidth=1.2, label="val loss")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=10)
+        metric = [(r["step"], r[metric_key]) for r in evals if r.get(metric_key) is not None]
+        if metric:
+            twin = ax.twinx()
+            twin.plot(*zip(*metric), color="#2e8b57", marker="s", markersize=2.5, linewidth=1.2, label=metric_label)
+            twin.set_ylim(0, 1.02)
+            twin.set_ylabel(metric_label, color="#2e8b57", fontsize=8)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _smooth(values, weight: float | None = None) -> list[float]:
+    # Few points (the DiT logs every 10 steps) need less smoothing than a per-step curve.
+    weight = weight if weight is not None else (0.9 if len(values) > 100 else 0.6)
+    out, current = [], None
+    for v in values:
+        current = v if current is None else weight * current + (1 - weight) * v
+        out.append(current)
+    return out
+
+
+def _recall_bars(path: Path, recall: dict) -> Path:
+    plt = _plt()
+    names = ["baseline", "gt-pooled", "generated"]
+    colors = {"baseline": "#1f5f8b", "gt-pooled": "#9bbbd4", "generated": "#d1495b"}
+    groups = [("i2t", "R@1"), ("i2t", "R@5"), ("t2i", "R@1"), ("t2i", "R@5")]
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    width = 0.26
+    for i, name in enumerate(names):
+        values = [recall[name][d][k] for d, k in groups]
+        bars = ax.bar([g + (i - 1) * width for g in range(len(groups))], values, width, label=name, color=colors[name])
+        for bar, value in zip(bars, values):
+            ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.0%}", ha="center", fontsize=7)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{d} {k}" for d, k in groups])
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("recall (test images, deduplicated captions)")
+    ax.set_title("Generated CLIP-space features vs the target encoder's own", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _sample_grid(path: Path, state: dict, count: int = 16) -> Path:
+    from PIL import Image
+
+    from blip_toolkit.demo.data import CAPTIONS, DIGIT_WORDS
+
+    plt = _plt()
+    data = state["data"]
+    images, labels = data.split_images("test")[:count], data.split_labels("test")[:count]
+    columns = 4
+    rows = (len(images) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 2.6, rows * 2.35), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (image_path, label) in enumerate(zip(images, labels)):
+        ax = axes.flat[i]
+        ax.imshow(Image.open(image_path), cmap="gray", interpolation="nearest")
+        caption = state.get("captions", [""] * count)[i]
+        answer = state.get("answers", [""] * count)[i]
+        retrieved = state.get("retrieved", [""] * count)[i]
+        lines = [
+            (f"caption: {caption}", DIGIT_WORDS[label] in caption.split()),
+            (f"vqa: {answer}", answer == DIGIT_WORDS[label]),
+            (f"top text: ...{retrieved.split()[-1] if retrieved else ''}", retrieved == CAPTIONS[label]),
+        ]
+        ax.set_title(f"truth: {DIGIT_WORDS[label]}", fontsize=8)
+        for row, (text, ok) in enumerate(lines):
+            ax.text(0.5, -0.12 - 0.13 * row, text, transform=ax.transAxes, ha="center", fontsize=6.5,
+                    color="#2e8b57" if ok else "#d1495b")
+    fig.suptitle("Test images: what each fine-tuned model said (green right, red wrong)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def load_report(out: str | Path) -> dict:
+    return json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))
