@@ -6,6 +6,10 @@ flow and sampled with an ODE solver.
 - flow.py       the path x_t, timestep sampling, flow_loss
 - solver.py     Euler / Heun, classifier-free guidance, generate()
 - normalize.py  target token normalisation (none / l2 / standardize) with streaming statistics
+- data.py       streaming batches from EmbeddingShards (shuffle buffer, rank / worker split), eval set
+- train.py      `blip train-dit`: TrainDiTConfig, run_train_dit, evaluate_dit
+- checkpoint.py run directories: atomic exports, load_dit
+- sample.py     `blip sample`: SampleConfig, run_sample, generate_tokens
 
 Names resolve lazily, so `from blip_toolkit.dit import DiTConfig` does not import torch.
 """
@@ -29,6 +33,14 @@ _EXPORTS = {
     "guided_velocity": "solver",
     "TokenNormalizer": "normalize",
     "TokenStatistics": "normalize",
+    "TrainDiTConfig": "train",
+    "load_train_config": "train",
+    "run_train_dit": "train",
+    "evaluate_dit": "train",
+    "SampleConfig": "sample",
+    "run_sample": "sample",
+    "generate_tokens": "sample",
+    "load_dit": "sample",
 }
 
 __all__ = sorted(_EXPORTS)
