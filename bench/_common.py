@@ -20,9 +20,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+def parse_args(
+    description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="Smaller sizes: checks the script works, numbers are not meaningful.")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="Smaller sizes: checks the script works, numbers are not meaningful.",
+    )
     if extra:
         extra(parser)
     return parser.parse_args()
@@ -65,11 +71,18 @@ def peak_rss_mb() -> float:
 def machine() -> dict:
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(), "platform": platform.platform()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
 
 
-def report(name: str, rows: list[dict], *, targets: list[dict] | None = None, notes: dict | None = None) -> dict:
+def report(
+    name: str, rows: list[dict], *, targets: list[dict] | None = None, notes: dict | None = None
+) -> dict:
     """Print rows (and pass/fail targets) as a table and write bench/results/<name>.json."""
     from rich.console import Console
     from rich.table import Table
@@ -90,8 +103,14 @@ def report(name: str, rows: list[dict], *, targets: list[dict] | None = None, no
         for t in targets:
             table.add_row(t["target"], _fmt(t["measured"]), str(t["required"]), "yes" if t["ok"] else "NO")
         console.print(table)
-    result = {"name": name, "machine": machine(), "rows": rows, "targets": targets or [], "notes": notes or {},
-              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    result = {
+        "name": name,
+        "machine": machine(),
+        "rows": rows,
+        "targets": targets or [],
+        "notes": notes or {},
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result

@@ -93,7 +93,10 @@ def main() -> None:
         captioner = pipeline("image-text-to-text", model=model, processor=processor)
         captioner(images=str(photos[0]), text="", max_new_tokens=max_new_tokens)  # warm-up
         start = time.perf_counter()
-        theirs = [captioner(images=str(p), text="", max_new_tokens=max_new_tokens)[0]["generated_text"] for p in photos]
+        theirs = [
+            captioner(images=str(p), text="", max_new_tokens=max_new_tokens)[0]["generated_text"]
+            for p in photos
+        ]
         pipe_time = time.perf_counter() - start
         same = [r["caption"] for r in ours] == [t.strip() for t in theirs]
 
@@ -108,7 +111,9 @@ def main() -> None:
         batch_images = [open_image(p) for p in photos[:8]]
         loaded = runner.loaded
         start = time.perf_counter()
-        pixel_values = processor(images=[open_image(p) for p in photos[:8]], return_tensors="pt")["pixel_values"]
+        pixel_values = processor(images=[open_image(p) for p in photos[:8]], return_tensors="pt")[
+            "pixel_values"
+        ]
         preprocess = time.perf_counter() - start
         with torch.inference_mode():
             start = time.perf_counter()
@@ -122,18 +127,39 @@ def main() -> None:
     ours_ips, pipe_ips = count / ours_time, count / pipe_time
     achieved = flops_per_image * ours_ips
     rows = [
-        {"run": "blip caption (batch 8)", "images/s": ours_ips, "seconds": ours_time, "GFLOP/image": flops_per_image / 1e9,
-         "achieved GFLOP/s": achieved / 1e9, "of matmul rate": achieved / rate},
-        {"run": "pipeline, one at a time", "images/s": pipe_ips, "seconds": pipe_time, "GFLOP/image": flops_per_image / 1e9,
-         "achieved GFLOP/s": flops_per_image * pipe_ips / 1e9, "of matmul rate": flops_per_image * pipe_ips / rate},
+        {
+            "run": "blip caption (batch 8)",
+            "images/s": ours_ips,
+            "seconds": ours_time,
+            "GFLOP/image": flops_per_image / 1e9,
+            "achieved GFLOP/s": achieved / 1e9,
+            "of matmul rate": achieved / rate,
+        },
+        {
+            "run": "pipeline, one at a time",
+            "images/s": pipe_ips,
+            "seconds": pipe_time,
+            "GFLOP/image": flops_per_image / 1e9,
+            "achieved GFLOP/s": flops_per_image * pipe_ips / 1e9,
+            "of matmul rate": flops_per_image * pipe_ips / rate,
+        },
     ]
-    breakdown = {"preprocess 8 images (s)": preprocess, "vision encoder, batch 8 (s)": vision,
-                 "text decoding, batch 8 (s)": total - vision, "matmul GFLOP/s": rate / 1e9,
-                 "captions identical to the pipeline": same}
-    report("caption", rows, targets=[
-        target("speed-up over the pipeline", ours_ips / pipe_ips, ">= 1.1", ours_ips / pipe_ips >= 1.1),
-        target("captions identical to the pipeline", float(same), "1", same),
-    ], notes=breakdown)
+    breakdown = {
+        "preprocess 8 images (s)": preprocess,
+        "vision encoder, batch 8 (s)": vision,
+        "text decoding, batch 8 (s)": total - vision,
+        "matmul GFLOP/s": rate / 1e9,
+        "captions identical to the pipeline": same,
+    }
+    report(
+        "caption",
+        rows,
+        targets=[
+            target("speed-up over the pipeline", ours_ips / pipe_ips, ">= 1.1", ours_ips / pipe_ips >= 1.1),
+            target("captions identical to the pipeline", float(same), "1", same),
+        ],
+        notes=breakdown,
+    )
     for key, value in breakdown.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
 

@@ -37,15 +37,34 @@ def build(root: Path, quick: bool) -> tuple[Path, Path]:
     from blip_toolkit.testing import tokenizers
 
     hf_logging.disable_progress_bar()
-    lines = [line for line in (SAMPLES / "captions.tsv").read_text().splitlines() if line and not line.startswith("#")]
+    lines = [
+        line
+        for line in (SAMPLES / "captions.tsv").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     tokenizer = tokenizers.wordpiece_tokenizer([line.split("\t")[1] for line in lines], blip_decoder=True)
-    text = dict(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-                sep_token_id=tokenizer.sep_token_id)
+    text = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+    )
     if quick:
-        vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      image_size=96, patch_size=16)
-        text.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                    encoder_hidden_size=128, vocab_size=len(tokenizer))
+        vision = dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=96,
+            patch_size=16,
+        )
+        text.update(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            encoder_hidden_size=128,
+            vocab_size=len(tokenizer),
+        )
         config = BlipConfig(text_config=text, vision_config=vision)
         image_processor = BlipImageProcessorPil(size={"height": 96, "width": 96})
     else:
@@ -71,10 +90,23 @@ def build(root: Path, quick: bool) -> tuple[Path, Path]:
 def run_ours(model_dir: str, manifest: str, steps: int, out: str) -> dict:
     from blip_toolkit.training.finetune import FinetuneConfig, run_finetune
 
-    result = run_finetune(FinetuneConfig(
-        manifest=manifest, task="caption", model=model_dir, output_dir=out, max_steps=steps, batch_size=BATCH,
-        learning_rate=LR, weight_decay=0.05, grad_clip=1.0, save_every=10**9, keep_checkpoints=1,
-        log_every=10**9, cpu=True))
+    result = run_finetune(
+        FinetuneConfig(
+            manifest=manifest,
+            task="caption",
+            model=model_dir,
+            output_dir=out,
+            max_steps=steps,
+            batch_size=BATCH,
+            learning_rate=LR,
+            weight_decay=0.05,
+            grad_clip=1.0,
+            save_every=10**9,
+            keep_checkpoints=1,
+            log_every=10**9,
+            cpu=True,
+        )
+    )
     times = [r["time"] for r in result.history if r["type"] == "train"]
     return {"step_times": times}
 
@@ -110,12 +142,26 @@ def run_trainer(model_dir: str, manifest: str, steps: int, out: str) -> dict:
             times.append(time.time())
 
     args = TrainingArguments(
-        output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR, weight_decay=0.05,
-        lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0, logging_steps=10**9, save_strategy="no",
-        report_to=[], dataloader_num_workers=0, use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
+        output_dir=out,
+        per_device_train_batch_size=BATCH,
+        max_steps=steps,
+        learning_rate=LR,
+        weight_decay=0.05,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        use_cpu=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
         seed=0,
     )
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Clock()]).train()
+    Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Clock()]
+    ).train()
     return {"step_times": times}
 
 
@@ -126,8 +172,9 @@ def child(which: str, model_dir: str, manifest: str, steps: int, out: str) -> No
     result = (run_ours if which == "ours" else run_trainer)(model_dir, manifest, steps, out)
     times = result["step_times"]
     timed = len(times) - 1
-    result.update(samples_per_second=timed * BATCH / (times[-1] - times[0]), peak_rss_mb=peak_rss_mb(),
-                  steps=len(times))
+    result.update(
+        samples_per_second=timed * BATCH / (times[-1] - times[0]), peak_rss_mb=peak_rss_mb(), steps=len(times)
+    )
     print("RESULT " + json.dumps(result))
 
 
@@ -147,24 +194,53 @@ def main() -> None:
         results = {}
         for which in ("ours", "trainer"):
             proc = subprocess.run(
-                [sys.executable, __file__, "--child", which, str(model_dir), str(manifest), str(steps),
-                 str(root / f"out-{which}")], capture_output=True, text=True)
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    which,
+                    str(model_dir),
+                    str(manifest),
+                    str(steps),
+                    str(root / f"out-{which}"),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr)
                 raise SystemExit(f"{which} run failed")
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-            results[which] = json.loads(line[len("RESULT "):])
+            results[which] = json.loads(line[len("RESULT ") :])
     ours, trainer = results["ours"], results["trainer"]
-    rows = [{"run": name, "params_M": params / 1e6, "batch": BATCH, "timed_steps": r["steps"] - 1,
-             "samples_per_s": r["samples_per_second"], "peak_rss_mb": r["peak_rss_mb"]}
-            for name, r in (("blip finetune (run_finetune)", ours), ("transformers Trainer", trainer))]
+    rows = [
+        {
+            "run": name,
+            "params_M": params / 1e6,
+            "batch": BATCH,
+            "timed_steps": r["steps"] - 1,
+            "samples_per_s": r["samples_per_second"],
+            "peak_rss_mb": r["peak_rss_mb"],
+        }
+        for name, r in (("blip finetune (run_finetune)", ours), ("transformers Trainer", trainer))
+    ]
     speed = ours["samples_per_second"] / trainer["samples_per_second"]
     memory = ours["peak_rss_mb"] / trainer["peak_rss_mb"]
-    report("bench_finetune", rows, targets=[
-        # 3% / 2% allow for timing and allocator noise on a shared machine; the numbers are shown raw.
-        target("speed vs Trainer (samples/s ratio)", speed, ">= 1 (0.97 allowed for noise)", speed >= 0.97),
-        target("peak RSS vs Trainer (ratio)", memory, "<= 1 (1.02 allowed for noise)", memory <= 1.02),
-    ], notes={"quick": args.quick, "model": "BlipConfig() default (BLIP base)" if not args.quick else "small"})
+    report(
+        "bench_finetune",
+        rows,
+        targets=[
+            # 3% / 2% allow for timing and allocator noise on a shared machine; the numbers are shown raw.
+            target(
+                "speed vs Trainer (samples/s ratio)", speed, ">= 1 (0.97 allowed for noise)", speed >= 0.97
+            ),
+            target("peak RSS vs Trainer (ratio)", memory, "<= 1 (1.02 allowed for noise)", memory <= 1.02),
+        ],
+        notes={
+            "quick": args.quick,
+            "model": "BlipConfig() default (BLIP base)" if not args.quick else "small",
+        },
+    )
 
 
 if __name__ == "__main__":

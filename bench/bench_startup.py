@@ -32,10 +32,19 @@ def main() -> None:
         {"command": "blip caption --help", "seconds": command_help},
         {"command": "python -c 'import torch, transformers'", "seconds": imports},
     ]
-    report("startup", rows, targets=[
-        target("blip --help (s)", help_time, "< 0.5", help_time < 0.5),
-        target("blip --help / import torch, transformers", help_time / imports, "< 0.25", help_time / imports < 0.25),
-    ])
+    report(
+        "startup",
+        rows,
+        targets=[
+            target("blip --help (s)", help_time, "< 0.5", help_time < 0.5),
+            target(
+                "blip --help / import torch, transformers",
+                help_time / imports,
+                "< 0.25",
+                help_time / imports < 0.25,
+            ),
+        ],
+    )
 
 
 if __name__ == "__main__":

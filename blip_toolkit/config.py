@@ -68,8 +68,13 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return result
 
 
-def build_config(cls: type[C], values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-                 *, source: str = "config") -> C:
+def build_config(
+    cls: type[C],
+    values: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    source: str = "config",
+) -> C:
     """Build `cls` from nested `values` (a file) then dotted `overrides` (flags; None values are
     skipped, meaning "not given"). Unknown keys anywhere are an error that lists them all."""
     merged = _deep_copy(values or {})
@@ -188,7 +193,9 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())):
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())
+        ):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")

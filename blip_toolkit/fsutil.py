@@ -108,7 +108,8 @@ def prepare_output_dir(
             )
         if not any((path / marker).exists() for marker in OWNED_MARKERS):
             raise OutputExistsError(
-                f"{path} is not empty and was not written by blip; refusing to clear it", hint="choose another directory"
+                f"{path} is not empty and was not written by blip; refusing to clear it",
+                hint="choose another directory",
             )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -27,23 +27,45 @@ class Run:
     optim: Optim = field(default_factory=Optim)
 
 
-@pytest.mark.parametrize("suffix,text", [
-    (".toml", 'name = "x"\nsteps = 5\n[optim]\nlearning_rate = 0.5\n'),
-    (".yaml", "name: x\nsteps: 5\noptim:\n  learning_rate: 0.5\n"),
-    (".json", '{"name": "x", "steps": 5, "optim": {"learning_rate": 0.5}}'),
-])
+@pytest.mark.parametrize(
+    "suffix,text",
+    [
+        (".toml", 'name = "x"\nsteps = 5\n[optim]\nlearning_rate = 0.5\n'),
+        (".yaml", "name: x\nsteps: 5\noptim:\n  learning_rate: 0.5\n"),
+        (".json", '{"name": "x", "steps": 5, "optim": {"learning_rate": 0.5}}'),
+    ],
+)
 def test_three_formats_give_the_same_config(tmp_path, suffix, text):
     path = tmp_path / f"c{suffix}"
     path.write_text(text)
     config = build_config(Run, load_config_file(path))
-    assert (config.name, config.steps, config.optim.learning_rate, config.optim.betas) == ("x", 5, 0.5, [0.9, 0.999])
+    assert (config.name, config.steps, config.optim.learning_rate, config.optim.betas) == (
+        "x",
+        5,
+        0.5,
+        [0.9, 0.999],
+    )
 
 
 def test_overrides_win_and_none_means_not_given():
-    config = build_config(Run, {"steps": 5}, {"steps": 7, "optim.learning_rate": "2e-3", "name": None,
-                                              **parse_overrides(["mode=b", "resume=true", "limit=null"])})
-    assert (config.steps, config.optim.learning_rate, config.name, config.mode, config.resume, config.limit) == \
-        (7, 2e-3, "run", "b", True, None)
+    config = build_config(
+        Run,
+        {"steps": 5},
+        {
+            "steps": 7,
+            "optim.learning_rate": "2e-3",
+            "name": None,
+            **parse_overrides(["mode=b", "resume=true", "limit=null"]),
+        },
+    )
+    assert (
+        config.steps,
+        config.optim.learning_rate,
+        config.name,
+        config.mode,
+        config.resume,
+        config.limit,
+    ) == (7, 2e-3, "run", "b", True, None)
     assert config_to_dict(config)["optim"] == {"learning_rate": 2e-3, "betas": [0.9, 0.999]}
 
 
@@ -54,12 +76,15 @@ def test_unknown_keys_are_listed(tmp_path):
     assert "optim.learning_rate" in str(info.value)  # the hint lists the known keys
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"steps": "many"}, "steps must be an integer"),
-    ({"mode": "c"}, "mode must be one of"),
-    ({"resume": "maybe"}, "resume must be true or false"),
-    ({"optim": 3}, "optim must be a section"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"steps": "many"}, "steps must be an integer"),
+        ({"mode": "c"}, "mode must be one of"),
+        ({"resume": "maybe"}, "resume must be true or false"),
+        ({"optim": 3}, "optim must be a section"),
+    ],
+)
 def test_type_errors(values, message):
     with pytest.raises(ConfigError, match=message):
         build_config(Run, values)

@@ -25,11 +25,15 @@ def image_items(inputs: list[str] | None, manifest: Path | None, *, schema: str 
         rows = frame.to_dict("records")
         return [InputItem(row["image"]) for row in rows], rows
     if not inputs:
-        raise UsageError("no images given (pass files, directories, glob patterns, - for stdin, or --manifest)")
+        raise UsageError(
+            "no images given (pass files, directories, glob patterns, - for stdin, or --manifest)"
+        )
     return collect_inputs(inputs), None
 
 
-def emit_all(records: Iterable[dict], fmt: str, text_line: Callable[[dict], str | None], *, what: str = "item") -> None:
+def emit_all(
+    records: Iterable[dict], fmt: str, text_line: Callable[[dict], str | None], *, what: str = "item"
+) -> None:
     """Write every record; report failures on stderr as they happen; exit 3 if some failed, 1 if all did."""
     total = failed = 0
     with Emitter(fmt, lambda r: None if "error" in r else text_line(r)) as out:

@@ -35,31 +35,126 @@ def _opt(*names: str, help: str, **kwargs):
 
 
 def finetune(
-    manifest: Annotated[Path | None, typer.Argument(help="Training manifest (TSV, see docs/formats.md).", show_default=False, dir_okay=False)] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Training manifest (TSV, see docs/formats.md).", show_default=False, dir_okay=False
+        ),
+    ] = None,
     task: Annotated[Task | None, _opt("--task", "-t", help="caption, vqa or retrieval.")] = None,
-    model: Annotated[str | None, _opt("--model", "-m", help="Checkpoint to start from: hub id or local directory.")] = None,
-    output_dir: Annotated[Path | None, _opt("--output-dir", "-o", help="Where the model, checkpoints and metrics go.", file_okay=False)] = None,
-    val_manifest: Annotated[Path | None, _opt("--val-manifest", help="Validation manifest (same format): loss and accuracy / recall@1 each epoch; best model in DIR/best.", dir_okay=False)] = None,
-    epochs: Annotated[int | None, _opt("--epochs", help=f"Passes over the data. \\[default: {_D.epochs}]")] = None,
-    max_steps: Annotated[int | None, _opt("--max-steps", help="Stop after this many optimizer steps (overrides --epochs).")] = None,
-    batch_size: Annotated[int | None, _opt("--batch-size", "-b", help=f"Examples per process per micro-batch. \\[default: {_D.batch_size}]")] = None,
-    learning_rate: Annotated[float | None, _opt("--learning-rate", "--lr", help=f"Peak AdamW learning rate. \\[default: {_D.learning_rate:g}]")] = None,
-    weight_decay: Annotated[float | None, _opt("--weight-decay", help=f"AdamW weight decay (not on biases and norms). \\[default: {_D.weight_decay:g}]")] = None,
-    warmup_steps: Annotated[int | None, _opt("--warmup-steps", help=f"Linear warmup steps, then cosine decay. \\[default: {_D.warmup_steps}]")] = None,
-    max_length: Annotated[int | None, _opt("--max-length", help=f"Maximum text tokens (prompt + caption / answer). \\[default: {_D.max_length}]")] = None,
-    grad_accum: Annotated[int | None, _opt("--grad-accum", help=f"Micro-batches per optimizer step. \\[default: {_D.grad_accum}]")] = None,
-    grad_clip: Annotated[float | None, _opt("--grad-clip", help=f"Clip the gradient norm to this (0 = off). \\[default: {_D.grad_clip:g}]")] = None,
-    mixed_precision: Annotated[Precision | None, _opt("--mixed-precision", help="no, fp16 (GPU only) or bf16. \\[default: no]")] = None,
-    num_workers: Annotated[int | None, _opt("--num-workers", help=f"DataLoader worker processes. \\[default: {_D.num_workers}]")] = None,
-    seed: Annotated[int | None, _opt("--seed", help=f"Random seed (same seed = same weights on CPU). \\[default: {_D.seed}]")] = None,
-    freeze: Annotated[list[str] | None, _opt("--freeze", help="Parts kept frozen (repeat or comma-separate): vision, text, qformer, language-model, projection, or none. \\[default: BLIP-2 freezes vision and language-model; BLIP trains everything]")] = None,
-    prompt: Annotated[str | None, _opt("--prompt", help="Caption: the text each caption continues; caption later with the same --prompt.")] = None,
-    template: Annotated[str | None, _opt("--template", help=f"BLIP-2 VQA prompt; {{}} is the question. \\[default: {_D.template}]")] = None,
-    save_every: Annotated[int | None, _opt("--save-every", help="Checkpoint and validate every N steps. \\[default: each epoch]")] = None,
-    skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip manifest rows whose image is missing or unreadable (counted) instead of stopping.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint in --output-dir.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory written by blip.")] = False,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML, YAML or JSON file of these settings (keys = option names with _); flags override it.", dir_okay=False, show_default=False)] = None,
+    model: Annotated[
+        str | None, _opt("--model", "-m", help="Checkpoint to start from: hub id or local directory.")
+    ] = None,
+    output_dir: Annotated[
+        Path | None,
+        _opt("--output-dir", "-o", help="Where the model, checkpoints and metrics go.", file_okay=False),
+    ] = None,
+    val_manifest: Annotated[
+        Path | None,
+        _opt(
+            "--val-manifest",
+            help="Validation manifest (same format): loss and accuracy / recall@1 each epoch; best model in DIR/best.",
+            dir_okay=False,
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None, _opt("--epochs", help=f"Passes over the data. \\[default: {_D.epochs}]")
+    ] = None,
+    max_steps: Annotated[
+        int | None, _opt("--max-steps", help="Stop after this many optimizer steps (overrides --epochs).")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        _opt(
+            "--batch-size", "-b", help=f"Examples per process per micro-batch. \\[default: {_D.batch_size}]"
+        ),
+    ] = None,
+    learning_rate: Annotated[
+        float | None,
+        _opt("--learning-rate", "--lr", help=f"Peak AdamW learning rate. \\[default: {_D.learning_rate:g}]"),
+    ] = None,
+    weight_decay: Annotated[
+        float | None,
+        _opt(
+            "--weight-decay",
+            help=f"AdamW weight decay (not on biases and norms). \\[default: {_D.weight_decay:g}]",
+        ),
+    ] = None,
+    warmup_steps: Annotated[
+        int | None,
+        _opt(
+            "--warmup-steps", help=f"Linear warmup steps, then cosine decay. \\[default: {_D.warmup_steps}]"
+        ),
+    ] = None,
+    max_length: Annotated[
+        int | None,
+        _opt(
+            "--max-length",
+            help=f"Maximum text tokens (prompt + caption / answer). \\[default: {_D.max_length}]",
+        ),
+    ] = None,
+    grad_accum: Annotated[
+        int | None,
+        _opt("--grad-accum", help=f"Micro-batches per optimizer step. \\[default: {_D.grad_accum}]"),
+    ] = None,
+    grad_clip: Annotated[
+        float | None,
+        _opt("--grad-clip", help=f"Clip the gradient norm to this (0 = off). \\[default: {_D.grad_clip:g}]"),
+    ] = None,
+    mixed_precision: Annotated[
+        Precision | None, _opt("--mixed-precision", help="no, fp16 (GPU only) or bf16. \\[default: no]")
+    ] = None,
+    num_workers: Annotated[
+        int | None, _opt("--num-workers", help=f"DataLoader worker processes. \\[default: {_D.num_workers}]")
+    ] = None,
+    seed: Annotated[
+        int | None,
+        _opt("--seed", help=f"Random seed (same seed = same weights on CPU). \\[default: {_D.seed}]"),
+    ] = None,
+    freeze: Annotated[
+        list[str] | None,
+        _opt(
+            "--freeze",
+            help="Parts kept frozen (repeat or comma-separate): vision, text, qformer, language-model, projection, or none. \\[default: BLIP-2 freezes vision and language-model; BLIP trains everything]",
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        _opt(
+            "--prompt", help="Caption: the text each caption continues; caption later with the same --prompt."
+        ),
+    ] = None,
+    template: Annotated[
+        str | None,
+        _opt("--template", help=f"BLIP-2 VQA prompt; {{}} is the question. \\[default: {_D.template}]"),
+    ] = None,
+    save_every: Annotated[
+        int | None,
+        _opt("--save-every", help="Checkpoint and validate every N steps. \\[default: each epoch]"),
+    ] = None,
+    skip_missing: Annotated[
+        bool,
+        typer.Option(
+            "--skip-missing",
+            help="Skip manifest rows whose image is missing or unreadable (counted) instead of stopping.",
+        ),
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last complete checkpoint in --output-dir.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output directory written by blip.")
+    ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML, YAML or JSON file of these settings (keys = option names with _); flags override it.",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Fine-tune a BLIP or BLIP-2 checkpoint for captioning, VQA or retrieval.
@@ -85,17 +180,29 @@ def finetune(
     flags = {
         "manifest": str(manifest) if manifest is not None else None,
         "task": task.value if task is not None else None,
-        "model": model, "output_dir": str(output_dir) if output_dir is not None else None,
+        "model": model,
+        "output_dir": str(output_dir) if output_dir is not None else None,
         "val_manifest": str(val_manifest) if val_manifest is not None else None,
-        "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "learning_rate": learning_rate,
-        "weight_decay": weight_decay, "warmup_steps": warmup_steps, "max_length": max_length,
-        "grad_accum": grad_accum, "grad_clip": grad_clip,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "weight_decay": weight_decay,
+        "warmup_steps": warmup_steps,
+        "max_length": max_length,
+        "grad_accum": grad_accum,
+        "grad_clip": grad_clip,
         "mixed_precision": mixed_precision.value if mixed_precision is not None else None,
-        "num_workers": num_workers, "seed": seed,
+        "num_workers": num_workers,
+        "seed": seed,
         "freeze": [p for item in freeze for p in item.split(",") if p.strip()] if freeze else None,
-        "prompt": prompt, "template": template, "save_every": save_every,
+        "prompt": prompt,
+        "template": template,
+        "save_every": save_every,
         # False = not given: a config file's `true` stays.
-        "skip_missing": skip_missing or None, "resume": resume or None, "overwrite": overwrite or None,
+        "skip_missing": skip_missing or None,
+        "resume": resume or None,
+        "overwrite": overwrite or None,
     }
     if "task" not in values and task is None:
         raise UsageError("--task is required (caption, vqa or retrieval)")

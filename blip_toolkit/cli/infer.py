@@ -21,28 +21,57 @@ from blip_toolkit.cli.options import (
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS
 
 NumBeamsOpt = Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width (1 = greedy).")]
-MinNewOpt = Annotated[int, typer.Option("--min-new-tokens", min=0, help="Generate at least this many tokens.")]
+MinNewOpt = Annotated[
+    int, typer.Option("--min-new-tokens", min=0, help="Generate at least this many tokens.")
+]
 SampleOpt = Annotated[bool, typer.Option("--sample", help="Sample instead of greedy / beam decoding.")]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --sample).")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature (with --sample).")]
-GenSeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for --sample (same batch size = same output).")]
+TopPOpt = Annotated[
+    float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --sample).")
+]
+TemperatureOpt = Annotated[
+    float, typer.Option("--temperature", min=0.0, help="Sampling temperature (with --sample).")
+]
+GenSeedOpt = Annotated[
+    int | None, typer.Option("--seed", help="Seed for --sample (same batch size = same output).")
+]
 
 
 def _generation(max_new_tokens, min_new_tokens, num_beams, sample, top_p, temperature, seed):
     from blip_toolkit.runtime.generation import GenerationOptions
 
-    return GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-                             sample=sample, top_p=top_p, temperature=temperature, seed=seed)
+    return GenerationOptions(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        num_beams=num_beams,
+        sample=sample,
+        top_p=top_p,
+        temperature=temperature,
+        seed=seed,
+    )
 
 
 def caption(
-    inputs: Annotated[list[str] | None, typer.Argument(help="Images: files, directories (recursive), glob patterns, or - to read paths from stdin.", show_default=False)] = None,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Images: files, directories (recursive), glob patterns, or - to read paths from stdin.",
+            show_default=False,
+        ),
+    ] = None,
     manifest: ManifestOpt = None,
     model: ModelOpt = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", help="Conditional captioning: the caption continues this text (which is not repeated in the output).")] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt",
+            help="Conditional captioning: the caption continues this text (which is not repeated in the output).",
+        ),
+    ] = None,
     batch_size: BatchSizeOpt = 8,
     num_beams: NumBeamsOpt = 1,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Maximum caption length in tokens.")] = 30,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Maximum caption length in tokens.")
+    ] = 30,
     min_new_tokens: MinNewOpt = 0,
     sample: SampleOpt = False,
     top_p: TopPOpt = 0.9,
@@ -69,23 +98,52 @@ def caption(
     from blip_toolkit.runtime.caption import CaptionOptions, caption_images
     from blip_toolkit.runtime.loading import DEFAULT_MODELS, open_runner
 
-    options = CaptionOptions(prompt=prompt, batch_size=batch_size, max_pixels=max_pixels,
-                             generation=_generation(max_new_tokens, min_new_tokens, num_beams, sample, top_p, temperature, seed))
+    options = CaptionOptions(
+        prompt=prompt,
+        batch_size=batch_size,
+        max_pixels=max_pixels,
+        generation=_generation(max_new_tokens, min_new_tokens, num_beams, sample, top_p, temperature, seed),
+    )
     items, _ = image_items(inputs, manifest)
-    runner = open_runner(model or DEFAULT_MODELS["caption"], "caption", device=device, dtype=dtype,
-                         trust_remote_code=trust_remote_code)
-    emit_all(caption_images(runner, items, options), fmt.value, lambda r: f"{r['image']}\t{r['caption']}", what="image")
+    runner = open_runner(
+        model or DEFAULT_MODELS["caption"],
+        "caption",
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    emit_all(
+        caption_images(runner, items, options),
+        fmt.value,
+        lambda r: f"{r['image']}\t{r['caption']}",
+        what="image",
+    )
 
 
 def vqa(
     image: Annotated[str | None, typer.Argument(help="The image.", show_default=False)] = None,
     question: Annotated[str | None, typer.Argument(help="The question.", show_default=False)] = None,
-    manifest: Annotated[Path | None, typer.Option("--manifest", help="TSV of image<TAB>question rows (a third answer column is ignored).", dir_okay=False)] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            "--manifest",
+            help="TSV of image<TAB>question rows (a third answer column is ignored).",
+            dir_okay=False,
+        ),
+    ] = None,
     model: ModelOpt = None,
-    template: Annotated[str, typer.Option("--template", help="BLIP-2 prompt; {} is replaced by the question. BLIP VQA checkpoints take the bare question.")] = "Question: {} Answer:",
+    template: Annotated[
+        str,
+        typer.Option(
+            "--template",
+            help="BLIP-2 prompt; {} is replaced by the question. BLIP VQA checkpoints take the bare question.",
+        ),
+    ] = "Question: {} Answer:",
     batch_size: BatchSizeOpt = 8,
     num_beams: NumBeamsOpt = 1,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Maximum answer length in tokens.")] = 10,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Maximum answer length in tokens.")
+    ] = 10,
     min_new_tokens: MinNewOpt = 0,
     sample: SampleOpt = False,
     top_p: TopPOpt = 0.9,
@@ -113,8 +171,12 @@ def vqa(
     from blip_toolkit.runtime.loading import DEFAULT_MODELS, open_runner
     from blip_toolkit.runtime.vqa import VqaOptions, answer_questions
 
-    options = VqaOptions(template=template, batch_size=batch_size, max_pixels=max_pixels,
-                         generation=_generation(max_new_tokens, min_new_tokens, num_beams, sample, top_p, temperature, seed))
+    options = VqaOptions(
+        template=template,
+        batch_size=batch_size,
+        max_pixels=max_pixels,
+        generation=_generation(max_new_tokens, min_new_tokens, num_beams, sample, top_p, temperature, seed),
+    )
     if manifest is not None:
         if image or question:
             raise UsageError("give IMAGE QUESTION or --manifest, not both")
@@ -127,19 +189,45 @@ def vqa(
             raise UsageError("the question is empty")
         items, _ = image_items([image], None)
         questions = [question] * len(items)
-    runner = open_runner(model or DEFAULT_MODELS["vqa"], "vqa", device=device, dtype=dtype,
-                         trust_remote_code=trust_remote_code)
-    emit_all(answer_questions(runner, items, questions, options), fmt.value,
-             lambda r: f"{r['image']}\t{r['question']}\t{r['answer']}", what="question")
+    runner = open_runner(
+        model or DEFAULT_MODELS["vqa"], "vqa", device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    emit_all(
+        answer_questions(runner, items, questions, options),
+        fmt.value,
+        lambda r: f"{r['image']}\t{r['question']}\t{r['answer']}",
+        what="question",
+    )
 
 
 def retrieval(
-    args: Annotated[list[str] | None, typer.Argument(help="IMAGE TEXT... (the first is the image), or only images with --texts-file.", show_default=False)] = None,
-    texts_file: Annotated[Path | None, typer.Option("--texts-file", help="Candidate texts, one per line; then every argument is an image.", dir_okay=False)] = None,
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="IMAGE TEXT... (the first is the image), or only images with --texts-file.",
+            show_default=False,
+        ),
+    ] = None,
+    texts_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--texts-file",
+            help="Candidate texts, one per line; then every argument is an image.",
+            dir_okay=False,
+        ),
+    ] = None,
     manifest: ManifestOpt = None,
     model: ModelOpt = None,
-    score: Annotated[str | None, typer.Option("--score", help="itm, itc or itm+itc for ITM checkpoints [default: itm+itc]; generative BLIP-2 uses likelihood.")] = None,
-    top: Annotated[int | None, typer.Option("--top", min=1, help="Show only the best N texts per image.")] = None,
+    score: Annotated[
+        str | None,
+        typer.Option(
+            "--score",
+            help="itm, itc or itm+itc for ITM checkpoints [default: itm+itc]; generative BLIP-2 uses likelihood.",
+        ),
+    ] = None,
+    top: Annotated[
+        int | None, typer.Option("--top", min=1, help="Show only the best N texts per image.")
+    ] = None,
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -187,8 +275,13 @@ def retrieval(
     if not texts:
         raise UsageError("no candidate texts given")
     items, _ = image_items(images or None, manifest)
-    runner = open_runner(model or DEFAULT_MODELS["retrieval"], "retrieval", device=device, dtype=dtype,
-                         trust_remote_code=trust_remote_code)
+    runner = open_runner(
+        model or DEFAULT_MODELS["retrieval"],
+        "retrieval",
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
 
     def shown(records):
         for record in records:
@@ -197,8 +290,10 @@ def retrieval(
             yield record
 
     def text_line(record):
-        return "\n".join(f"{record['image']}\t{r['rank']}\t{r['score']:.4f}\t{r['probability']:.4f}\t{r['text']}"
-                         for r in record["results"])
+        return "\n".join(
+            f"{record['image']}\t{r['rank']}\t{r['score']:.4f}\t{r['probability']:.4f}\t{r['text']}"
+            for r in record["results"]
+        )
 
     emit_all(shown(rank_texts(runner, items, texts, options)), fmt.value, text_line, what="image")
 

@@ -30,8 +30,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr; no progress bars."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Only warnings and errors on stderr; no progress bars."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging, including library warnings."),
 ) -> None:
     """BLIP / BLIP-2 captioning, VQA, retrieval and fine-tuning; BLIP3-o style CLIP-feature diffusion.

@@ -18,22 +18,32 @@ class OutputFormat(str, Enum):
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Result format on stdout.")]
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Hub id (org/name) or local checkpoint directory. [default: per task]"),
+    typer.Option(
+        "--model", "-m", help="Hub id (org/name) or local checkpoint directory. [default: per task]"
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16 (auto: float32 on CPU, float16 on CUDA).")
+    str,
+    typer.Option(
+        "--dtype", help="auto, float32, float16 or bfloat16 (auto: float32 on CPU, float16 on CUDA)."
+    ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 ManifestOpt = Annotated[
-    Path | None, typer.Option("--manifest", help="TSV manifest of inputs (see docs/formats.md).", dir_okay=False)
+    Path | None,
+    typer.Option("--manifest", help="TSV manifest of inputs (see docs/formats.md).", dir_okay=False),
 ]
 MaxPixelsOpt = Annotated[
-    int, typer.Option("--max-pixels", min=1, help="Refuse images with more pixels than this (decompression-bomb guard).")
+    int,
+    typer.Option(
+        "--max-pixels", min=1, help="Refuse images with more pixels than this (decompression-bomb guard)."
+    ),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in the same output.")]
 TrustRemoteCodeOpt = Annotated[
-    bool, typer.Option("--trust-remote-code", help="Allow a checkpoint's own Python code to run (off by default).")
+    bool,
+    typer.Option("--trust-remote-code", help="Allow a checkpoint's own Python code to run (off by default)."),
 ]

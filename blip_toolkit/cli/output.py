@@ -32,8 +32,14 @@ class Emitter:
     jsonl: one JSON object per line; json: one JSON array of all records (or the single object
     when `single=True`)."""
 
-    def __init__(self, fmt: str, text_line: Callable[[dict], str | None] | None = None, *,
-                 single: bool = False, stream: TextIO | None = None):
+    def __init__(
+        self,
+        fmt: str,
+        text_line: Callable[[dict], str | None] | None = None,
+        *,
+        single: bool = False,
+        stream: TextIO | None = None,
+    ):
         self.fmt = fmt
         self.text_line = text_line or (lambda r: "\t".join(str(v) for v in r.values()))
         self.single = single

@@ -34,7 +34,9 @@ class InputItem:
     error: str | None = None
 
 
-def open_image(source: str | os.PathLike | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None):
+def open_image(
+    source: str | os.PathLike | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+):
     """Open `source` (a path or encoded bytes) as an 8-bit RGB PIL image, or raise ImageLoadError."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 

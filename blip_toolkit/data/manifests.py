@@ -53,8 +53,15 @@ class Manifest:
         return self.frame.to_dict("records")
 
 
-def read_manifest(path: str | Path, task: str, *, check_images: bool = True, skip_missing: bool = False,
-                  min_rows: int = 1, verify_images: bool = False) -> Manifest:
+def read_manifest(
+    path: str | Path,
+    task: str,
+    *,
+    check_images: bool = True,
+    skip_missing: bool = False,
+    min_rows: int = 1,
+    verify_images: bool = False,
+) -> Manifest:
     """Read and validate a manifest for `task` (a key of SCHEMAS).
 
     `verify_images` (with `check_images`) also reads each existing image's header, so a file that is
@@ -77,7 +84,9 @@ def read_manifest(path: str | Path, task: str, *, check_images: bool = True, ski
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            problems.append(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
+            problems.append(
+                f"{path}:{number}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+            )
             continue
         if number == 1:
             text = text.lstrip("\ufeff")
@@ -87,7 +96,9 @@ def read_manifest(path: str | Path, task: str, *, check_images: bool = True, ski
         if not len(required) <= len(fields) <= max_columns:
             expected = " or ".join(str(n) for n in range(len(required), max_columns + 1))
             layout = "<TAB>".join(required + tuple(f"[{c}]" for c in optional))
-            problems.append(f"{path}:{number}: expected {expected} tab-separated columns ({layout}), found {len(fields)}")
+            problems.append(
+                f"{path}:{number}: expected {expected} tab-separated columns ({layout}), found {len(fields)}"
+            )
             continue
         empty = [name for name, value in zip(required, fields) if not value.strip()]
         if empty:
@@ -100,9 +111,16 @@ def read_manifest(path: str | Path, task: str, *, check_images: bool = True, ski
     columns = list(required + optional)
     if kept_lines:
         frame = pd.read_csv(
-            io.StringIO("\n".join(kept_lines) + "\n"), sep="\t", header=None, names=columns,
-            quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False, na_filter=False,
-            skip_blank_lines=False, engine="c",
+            io.StringIO("\n".join(kept_lines) + "\n"),
+            sep="\t",
+            header=None,
+            names=columns,
+            quoting=csv.QUOTE_NONE,
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            skip_blank_lines=False,
+            engine="c",
         )
     else:
         frame = pd.DataFrame({name: pd.Series(dtype=str) for name in columns})
@@ -138,11 +156,17 @@ def read_manifest(path: str | Path, task: str, *, check_images: bool = True, ski
         message = f"{path}: {len(problems)} problem(s) in the {task} manifest:\n  " + "\n  ".join(shown)
         if more:
             message += f"\n  ... and {more} more"
-        hint = ("missing images can be skipped with --skip-missing"
-                if any("image not found" in p or "image not readable" in p for p in problems) else None)
+        hint = (
+            "missing images can be skipped with --skip-missing"
+            if any("image not found" in p or "image not readable" in p for p in problems)
+            else None
+        )
         raise ManifestError(message, hint=hint)
     if len(frame) < min_rows:
-        raise ManifestError(f"{path}: the {task} manifest has no examples" + (" left after skipping missing images" if skipped else ""))
+        raise ManifestError(
+            f"{path}: the {task} manifest has no examples"
+            + (" left after skipping missing images" if skipped else "")
+        )
     return Manifest(path=path, task=task, frame=frame, skipped_missing=skipped)
 
 

@@ -30,7 +30,9 @@ def load_digits(path: Path = DATA_FILE):
     import numpy as np
 
     if not path.is_file():
-        raise InputError(f"{path}: the bundled digits data is missing (it ships in the repository's data/ folder)")
+        raise InputError(
+            f"{path}: the bundled digits data is missing (it ships in the repository's data/ folder)"
+        )
     with gzip.open(path, "rt", encoding="ascii") as handle:
         table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
     return table[:, :64].reshape(-1, 8, 8).astype(np.uint8), table[:, 64]
@@ -67,15 +69,17 @@ def stratified_split(labels, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> dict[s
         n_train = int(round(len(members) * fractions[0]))
         n_val = int(round(len(members) * fractions[1]))
         splits["train"] += members[:n_train].tolist()
-        splits["val"] += members[n_train:n_train + n_val].tolist()
-        splits["test"] += members[n_train + n_val:].tolist()
+        splits["val"] += members[n_train : n_train + n_val].tolist()
+        splits["test"] += members[n_train + n_val :].tolist()
     for name in splits:
         order = rng.permutation(len(splits[name]))
         splits[name] = [splits[name][i] for i in order]
     return splits
 
 
-def write_dataset(root: str | Path, *, image_size: int = 32, seed: int = 0, limit: int | None = None) -> DemoData:
+def write_dataset(
+    root: str | Path, *, image_size: int = 32, seed: int = 0, limit: int | None = None
+) -> DemoData:
     """Write the digits as `image_size` px greyscale PNGs (bilinear upscaling of the 8x8 grid) and the
     manifests: caption (image, caption), vqa (image, question, answer), retrieval (image, caption).
     `limit` keeps only the first N images of each split (quick runs)."""
@@ -96,7 +100,9 @@ def write_dataset(root: str | Path, *, image_size: int = 32, seed: int = 0, limi
         Image.fromarray(grey, mode="L").resize((image_size, image_size), Image.BILINEAR).save(path)
         paths[i] = path
 
-    data = DemoData(root=root, image_size=image_size, splits=splits, labels=[int(x) for x in labels], images=paths)
+    data = DemoData(
+        root=root, image_size=image_size, splits=splits, labels=[int(x) for x in labels], images=paths
+    )
     for task in ("caption", "vqa", "retrieval"):
         data.manifests[task] = {}
         for split, indices in splits.items():

@@ -10,8 +10,11 @@ from typing import Any
 from blip_toolkit import __version__
 from blip_toolkit.fsutil import atomic_path, write_json
 
-TASK_METRIC = {"caption": ("val_accuracy", "val accuracy"), "vqa": ("val_accuracy", "val accuracy"),
-               "retrieval": ("val_recall@1", "val recall@1")}
+TASK_METRIC = {
+    "caption": ("val_accuracy", "val accuracy"),
+    "vqa": ("val_accuracy", "val accuracy"),
+    "retrieval": ("val_recall@1", "val recall@1"),
+}
 
 
 def write_report(out: Path, *, mode: str, seed: int, stages, metrics: dict[str, Any], state: dict) -> dict:
@@ -29,8 +32,12 @@ def write_report(out: Path, *, mode: str, seed: int, stages, metrics: dict[str, 
     def finalize(all_stages, total_seconds: float) -> None:
         times = {s.name: round(s.seconds, 2) for s in all_stages}
         document = {
-            "toolkit_version": __version__, "mode": mode, "seed": seed, "total_seconds": round(total_seconds, 2),
-            "stage_seconds": times, "metrics": metrics,
+            "toolkit_version": __version__,
+            "mode": mode,
+            "seed": seed,
+            "total_seconds": round(total_seconds, 2),
+            "stage_seconds": times,
+            "metrics": metrics,
             "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
         }
         write_json(json_path, document)
@@ -58,8 +65,10 @@ def _markdown(doc: dict) -> str:
         "caption": f"caption accuracy (right digit word) **{m['caption']['accuracy']:.1%}**",
         "vqa": f"VQA exact-match accuracy **{m['vqa']['accuracy']:.1%}**",
         "retrieval": f"retrieval top-1 among the 10 captions **{m['retrieval']['top1']:.1%}**",
-        "dit": (f"generated features: image-to-text R@1 **{recall['generated']['i2t']['R@1']:.1%}** "
-                f"({recall['generated_over_baseline_r1']:.0%} of the baseline's)"),
+        "dit": (
+            f"generated features: image-to-text R@1 **{recall['generated']['i2t']['R@1']:.1%}** "
+            f"({recall['generated_over_baseline_r1']:.0%} of the baseline's)"
+        ),
     }
     for name, seconds in doc["stage_seconds"].items():
         lines.append(f"| {name} | {results.get(name, '')} | {seconds:.1f} |")
@@ -77,10 +86,15 @@ def _markdown(doc: dict) -> str:
     ]
     for name in ("baseline", "gt-pooled", "generated"):
         r = recall[name]
-        lines.append(f"| {name} | {r['i2t']['R@1']:.1%} | {r['i2t']['R@5']:.1%} | {r['t2i']['R@1']:.1%} | "
-                     f"{r['t2i']['R@5']:.1%} |")
+        lines.append(
+            f"| {name} | {r['i2t']['R@1']:.1%} | {r['i2t']['R@5']:.1%} | {r['t2i']['R@1']:.1%} | "
+            f"{r['t2i']['R@5']:.1%} |"
+        )
     if recall.get("cosine"):
-        lines += ["", "Mean cosine similarity: " + ", ".join(f"{k} {v:.3f}" for k, v in recall["cosine"].items()) + "."]
+        lines += [
+            "",
+            "Mean cosine similarity: " + ", ".join(f"{k} {v:.3f}" for k, v in recall["cosine"].items()) + ".",
+        ]
     lines += [
         "",
         "## Figures",
@@ -114,7 +128,9 @@ def _save(fig, path: Path) -> Path:
 def _curves(path: Path, state: dict) -> Path:
     plt = _plt()
     history = state.get("history", {})
-    panels = [t for t in ("caption", "vqa", "retrieval") if t in history] + (["dit"] if "dit_history" in state else [])
+    panels = [t for t in ("caption", "vqa", "retrieval") if t in history] + (
+        ["dit"] if "dit_history" in state else []
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, name in zip(axes[0], panels):
         if name == "dit":
@@ -139,7 +155,9 @@ def _curves(path: Path, state: dict) -> Path:
         metric = [(r["step"], r[metric_key]) for r in evals if r.get(metric_key) is not None]
         if metric:
             twin = ax.twinx()
-            twin.plot(*zip(*metric), color="#2e8b57", marker="s", markersize=2.5, linewidth=1.2, label=metric_label)
+            twin.plot(
+                *zip(*metric), color="#2e8b57", marker="s", markersize=2.5, linewidth=1.2, label=metric_label
+            )
             twin.set_ylim(0, 1.02)
             twin.set_ylabel(metric_label, color="#2e8b57", fontsize=8)
         ax.legend(fontsize=7, loc="upper right")
@@ -166,7 +184,9 @@ def _recall_bars(path: Path, recall: dict) -> Path:
     width = 0.26
     for i, name in enumerate(names):
         values = [recall[name][d][k] for d, k in groups]
-        bars = ax.bar([g + (i - 1) * width for g in range(len(groups))], values, width, label=name, color=colors[name])
+        bars = ax.bar(
+            [g + (i - 1) * width for g in range(len(groups))], values, width, label=name, color=colors[name]
+        )
         for bar, value in zip(bars, values):
             ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.0%}", ha="center", fontsize=7)
     ax.set_xticks(range(len(groups)))
@@ -205,8 +225,15 @@ def _sample_grid(path: Path, state: dict, count: int = 16) -> Path:
         ]
         ax.set_title(f"truth: {DIGIT_WORDS[label]}", fontsize=8)
         for row, (text, ok) in enumerate(lines):
-            ax.text(0.5, -0.12 - 0.13 * row, text, transform=ax.transAxes, ha="center", fontsize=6.5,
-                    color="#2e8b57" if ok else "#d1495b")
+            ax.text(
+                0.5,
+                -0.12 - 0.13 * row,
+                text,
+                transform=ax.transAxes,
+                ha="center",
+                fontsize=6.5,
+                color="#2e8b57" if ok else "#d1495b",
+            )
     fig.suptitle("Test images: what each fine-tuned model said (green right, red wrong)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

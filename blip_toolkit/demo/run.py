@@ -33,7 +33,7 @@ RUN_FILE = "blip_run.json"
 @dataclass(frozen=True)
 class Plan:
     """How much training each stage gets. Sizes were chosen on this project's 2-core CPU: the full
-    plan reaches >= 90% on every task in about 5 minutes, the quick plan runs in about 1.5."""
+    plan reaches >= 90% on every task in about 4.5 minutes, the quick plan runs in about 1.5."""
 
     caption_epochs: int
     vqa_epochs: int
@@ -51,8 +51,17 @@ PLANS = {
 # Small enough to train in a minute on two CPU cores, wide enough to reach >= 90% on the digits.
 # Initialisation: BLIP's vision default (1e-10) cannot learn from scratch; 0.02 learns but VQA (whose
 # image signal must cross two cross-attention hops) sits on a plateau for many epochs; 0.05 does not.
-MODEL_SIZE = dict(image_size=32, patch_size=8, hidden=128, layers=3, heads=4, intermediate=256, projection=64,
-                  text_layers=2, initializer_range=0.05)
+MODEL_SIZE = dict(
+    image_size=32,
+    patch_size=8,
+    hidden=128,
+    layers=3,
+    heads=4,
+    intermediate=256,
+    projection=64,
+    text_layers=2,
+    initializer_range=0.05,
+)
 FINETUNE = dict(batch_size=32, learning_rate=1e-3, warmup_steps=20, weight_decay=0.01, max_length=12)
 DIT = dict(hidden=128, layers=4, heads=4, kv_heads=2, batch_size=64, learning_rate=2e-3, warmup_steps=50)
 
@@ -91,9 +100,11 @@ class DemoResult:
             "caption": f"test accuracy {m['caption']['accuracy']:.1%}",
             "vqa": f"test accuracy {m['vqa']['accuracy']:.1%}",
             "retrieval": f"test top-1 {m['retrieval']['top1']:.1%}",
-            "dit": (f"generated R@1 {m['recall']['generated']['i2t']['R@1']:.1%} vs baseline "
-                    f"{m['recall']['baseline']['i2t']['R@1']:.1%} "
-                    f"({m['recall']['generated_over_baseline_r1']:.0%} of it)"),
+            "dit": (
+                f"generated R@1 {m['recall']['generated']['i2t']['R@1']:.1%} vs baseline "
+                f"{m['recall']['baseline']['i2t']['R@1']:.1%} "
+                f"({m['recall']['generated_over_baseline_r1']:.0%} of it)"
+            ),
         }
         return [(s.name, results.get(s.name, ""), f"{s.seconds:.1f}") for s in self.stages]
 
@@ -111,12 +122,22 @@ def run_demo(config: DemoConfig, *, progress: Callable[[str], None] | None = Non
     if config.plan is not None:
         mode = "custom"
     out = prepare_output_dir(config.out, overwrite=config.overwrite, resumable=False)
-    write_json(out / RUN_FILE, {"command": "demo", "config": asdict(config), "plan": asdict(plan), "status": "running"})
+    write_json(
+        out / RUN_FILE,
+        {"command": "demo", "config": asdict(config), "plan": asdict(plan), "status": "running"},
+    )
     torch.manual_seed(config.seed)
     stages: list[StageResult] = []
     state: dict[str, Any] = {"out": out, "plan": plan, "seed": config.seed}
-    steps = [("data", _stage_data), ("build", _stage_build), ("caption", _stage_caption), ("vqa", _stage_vqa),
-             ("retrieval", _stage_retrieval), ("embeddings", _stage_embeddings), ("dit", _stage_dit)]
+    steps = [
+        ("data", _stage_data),
+        ("build", _stage_build),
+        ("caption", _stage_caption),
+        ("vqa", _stage_vqa),
+        ("retrieval", _stage_retrieval),
+        ("embeddings", _stage_embeddings),
+        ("dit", _stage_dit),
+    ]
     start = time.perf_counter()
     for number, (name, stage) in enumerate(steps, start=1):
         say(f"[{number}/{len(steps) + 1}] {STAGE_TITLES[name]}")
@@ -135,11 +156,27 @@ def run_demo(config: DemoConfig, *, progress: Callable[[str], None] | None = Non
     report = write_report(out, mode=mode, seed=config.seed, stages=stages, metrics=metrics, state=state)
     stages.append(StageResult("report", time.perf_counter() - began))
     total = time.perf_counter() - start
-    result = DemoResult(out=str(out), mode=mode, stages=stages, metrics=metrics, report_md=report["md"],
-                        report_json=report["json"], figures=report["figures"], total_seconds=total)
+    result = DemoResult(
+        out=str(out),
+        mode=mode,
+        stages=stages,
+        metrics=metrics,
+        report_md=report["md"],
+        report_json=report["json"],
+        figures=report["figures"],
+        total_seconds=total,
+    )
     report["finalize"](stages, total)
-    write_json(out / RUN_FILE, {"command": "demo", "config": asdict(config), "plan": asdict(plan), "status": "done",
-                                "total_seconds": total})
+    write_json(
+        out / RUN_FILE,
+        {
+            "command": "demo",
+            "config": asdict(config),
+            "plan": asdict(plan),
+            "status": "done",
+            "total_seconds": total,
+        },
+    )
     return result
 
 
@@ -173,8 +210,12 @@ def _stage_build(state: dict) -> dict:
     size = ModelSize(**MODEL_SIZE)
     models = state["out"] / "models"
     state["initial"] = {
-        task: build_checkpoint(kind, models / f"{task}-init", size=size, corpus=CORPUS, seed=state["seed"] + i)
-        for i, (task, kind) in enumerate([("caption", "blip-caption"), ("vqa", "blip-vqa"), ("retrieval", "blip-itm")])
+        task: build_checkpoint(
+            kind, models / f"{task}-init", size=size, corpus=CORPUS, seed=state["seed"] + i
+        )
+        for i, (task, kind) in enumerate(
+            [("caption", "blip-caption"), ("vqa", "blip-vqa"), ("retrieval", "blip-itm")]
+        )
     }
     return {"model_size": MODEL_SIZE}
 
@@ -184,9 +225,17 @@ def _finetune(state: dict, task: str, epochs: int) -> Any:
 
     data = state["data"]
     out = state["out"] / "models" / task
-    config = FinetuneConfig(manifest=str(data.manifests[task]["train"]), val_manifest=str(data.manifests[task]["val"]),
-                            task=task, model=str(state["initial"][task]), output_dir=str(out), epochs=epochs,
-                            seed=state["seed"], log_every=10_000, **FINETUNE)
+    config = FinetuneConfig(
+        manifest=str(data.manifests[task]["train"]),
+        val_manifest=str(data.manifests[task]["val"]),
+        task=task,
+        model=str(state["initial"][task]),
+        output_dir=str(out),
+        epochs=epochs,
+        seed=state["seed"],
+        log_every=10_000,
+        **FINETUNE,
+    )
     with _quiet():
         result = run_finetune(config)
     state.setdefault("history", {})[task] = result.history
@@ -218,7 +267,11 @@ def _stage_caption(state: dict) -> dict:
     _finetune(state, "caption", state["plan"].caption_epochs)
     items, labels = _test_items(state)
     runner = open_runner(str(state["trained"]["caption"]), "caption", device="cpu")
-    records = list(caption_images(runner, items, CaptionOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=8))))
+    records = list(
+        caption_images(
+            runner, items, CaptionOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=8))
+        )
+    )
     correct = [DIGIT_WORDS[label] in r.get("caption", "").split() for r, label in zip(records, labels)]
     _write_predictions(state, "caption", records)
     state["captions"] = [r.get("caption", "") for r in records]
@@ -235,8 +288,14 @@ def _stage_vqa(state: dict) -> dict:
     _finetune(state, "vqa", state["plan"].vqa_epochs)
     items, labels = _test_items(state)
     runner = open_runner(str(state["trained"]["vqa"]), "vqa", device="cpu")
-    records = list(answer_questions(runner, items, [QUESTION] * len(items),
-                                    VqaOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=4))))
+    records = list(
+        answer_questions(
+            runner,
+            items,
+            [QUESTION] * len(items),
+            VqaOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=4)),
+        )
+    )
     correct = [r.get("answer") == DIGIT_WORDS[label] for r, label in zip(records, labels)]
     _write_predictions(state, "vqa", records)
     state["answers"] = [r.get("answer", "") for r in records]
@@ -257,7 +316,12 @@ def _stage_retrieval(state: dict) -> dict:
     _write_predictions(state, "retrieval", records)
     state["retrieved"] = [r["results"][0]["text"] for r in records]
     top1 = sum(correct) / len(correct)
-    return {"top1": top1, "test_images": len(correct), "candidates": len(CAPTIONS), "summary": f"test top-1 {top1:.1%}"}
+    return {
+        "top1": top1,
+        "test_images": len(correct),
+        "candidates": len(CAPTIONS),
+        "summary": f"test top-1 {top1:.1%}",
+    }
 
 
 def _stage_embeddings(state: dict) -> dict:
@@ -268,12 +332,21 @@ def _stage_embeddings(state: dict) -> dict:
     for split in ("train", "test"):
         out = state["out"] / "embeddings" / split
         with _quiet():
-            extract_embeddings(ExtractConfig(
-                source=[str(data.manifests["retrieval"][split])], out=str(out),
-                cond_encoder=str(state["trained"]["caption"]), target_encoder=str(state["trained"]["retrieval"]),
-                tokens="cls+patch", head_pool="cls", dtype="float32", device="cpu", batch_size=128,
-                shard_size=512, num_workers=0,
-            ))
+            extract_embeddings(
+                ExtractConfig(
+                    source=[str(data.manifests["retrieval"][split])],
+                    out=str(out),
+                    cond_encoder=str(state["trained"]["caption"]),
+                    target_encoder=str(state["trained"]["retrieval"]),
+                    tokens="cls+patch",
+                    head_pool="cls",
+                    dtype="float32",
+                    device="cpu",
+                    batch_size=128,
+                    shard_size=512,
+                    num_workers=0,
+                )
+            )
         dirs[split] = out
     state["embeddings"] = dirs
     return {"tokens": "cls+patch", "summary": "train and test shards written"}
@@ -286,33 +359,62 @@ def _stage_dit(state: dict) -> dict:
 
     plan, out, emb = state["plan"], state["out"], state["embeddings"]
     run_dir = out / "dit"
-    config = load_train_config(None, {
-        "out": str(run_dir), "data.dir": str(emb["train"]), "data.eval_fraction": 0.1,
-        "data.split_seed": state["seed"],
-        "model.preset": "tiny", "model.hidden_size": DIT["hidden"], "model.num_layers": DIT["layers"],
-        "model.num_heads": DIT["heads"], "model.num_kv_heads": DIT["kv_heads"],
-        "flow.target_norm": "standardize", "flow.cond_dropout": 0.1,
-        "train.steps": plan.dit_steps, "train.batch_size": DIT["batch_size"], "train.lr": DIT["learning_rate"],
-        "train.warmup_steps": DIT["warmup_steps"], "train.weight_decay": 0.01, "train.ema_decay": 0.99,
-        "train.seed": state["seed"], "train.log_every": 10, "train.save_every": 0,
-        "eval.every": max(plan.dit_steps // 4, 1), "eval.steps": plan.sample_steps, "eval.max_samples": 128,
-        "sample.steps": plan.sample_steps,
-    })
+    config = load_train_config(
+        None,
+        {
+            "out": str(run_dir),
+            "data.dir": str(emb["train"]),
+            "data.eval_fraction": 0.1,
+            "data.split_seed": state["seed"],
+            "model.preset": "tiny",
+            "model.hidden_size": DIT["hidden"],
+            "model.num_layers": DIT["layers"],
+            "model.num_heads": DIT["heads"],
+            "model.num_kv_heads": DIT["kv_heads"],
+            "flow.target_norm": "standardize",
+            "flow.cond_dropout": 0.1,
+            "train.steps": plan.dit_steps,
+            "train.batch_size": DIT["batch_size"],
+            "train.lr": DIT["learning_rate"],
+            "train.warmup_steps": DIT["warmup_steps"],
+            "train.weight_decay": 0.01,
+            "train.ema_decay": 0.99,
+            "train.seed": state["seed"],
+            "train.log_every": 10,
+            "train.save_every": 0,
+            "eval.every": max(plan.dit_steps // 4, 1),
+            "eval.steps": plan.sample_steps,
+            "eval.max_samples": 128,
+            "sample.steps": plan.sample_steps,
+        },
+    )
     with _quiet():
         trained = run_train_dit(config)
-        sampled = run_sample(SampleConfig(checkpoint=str(run_dir), data=str(emb["test"]),
-                                          out=str(out / "generated.safetensors"), seed=state["seed"], device="cpu"))
-        report = evaluate_recall(RecallConfig(dir=str(emb["test"]), generated=sampled.path, ks=[1, 5],
-                                              dedupe_captions=True))
+        sampled = run_sample(
+            SampleConfig(
+                checkpoint=str(run_dir),
+                data=str(emb["test"]),
+                out=str(out / "generated.safetensors"),
+                seed=state["seed"],
+                device="cpu",
+            )
+        )
+        report = evaluate_recall(
+            RecallConfig(dir=str(emb["test"]), generated=sampled.path, ks=[1, 5], dedupe_captions=True)
+        )
     state["dit_history"] = trained.history
     recall = dict(report["features"])
     recall["cosine"] = report.get("cosine", {})
     base, generated = recall["baseline"]["i2t"]["R@1"], recall["generated"]["i2t"]["R@1"]
     recall["generated_over_baseline_r1"] = generated / base if base else 0.0
     state["recall"] = recall
-    return {"train_steps": trained.steps, "parameters": trained.num_parameters, "sample_steps": sampled.steps,
-            "summary": f"generated R@1 {generated:.1%} vs baseline {base:.1%} "
-                       f"({recall['generated_over_baseline_r1']:.0%} of it)"}
+    return {
+        "train_steps": trained.steps,
+        "parameters": trained.num_parameters,
+        "sample_steps": sampled.steps,
+        "summary": f"generated R@1 {generated:.1%} vs baseline {base:.1%} "
+        f"({recall['generated_over_baseline_r1']:.0%} of it)",
+    }
 
 
 class _quiet:

@@ -87,23 +87,24 @@ def prefetched(batches: Iterable[list[Job]], prepare: Callable[[list[Job]], Any]
         yield pending.result()
 
 
-def length_buckets(jobs: list[Job], length_of: Callable[[Job], int], batch_size: int,
-                   window: int | None = None) -> Iterator[list[Job]]:
+def length_buckets(
+    jobs: list[Job], length_of: Callable[[Job], int], batch_size: int, window: int | None = None
+) -> Iterator[list[Job]]:
     """Batches of jobs whose `length_of` is equal. Jobs are taken in windows of `window` (default
     8 batches) so results can still be emitted in input order without holding everything."""
     window = window or batch_size * 8
     for start in range(0, len(jobs), window):
         groups: dict[int, list[Job]] = defaultdict(list)
-        for job in jobs[start:start + window]:
+        for job in jobs[start : start + window]:
             groups[length_of(job) if not job.error else -1].append(job)
         for group in groups.values():
             for offset in range(0, len(group), batch_size):
-                yield group[offset:offset + batch_size]
+                yield group[offset : offset + batch_size]
 
 
 def fixed_batches(jobs: list[Job], batch_size: int) -> Iterator[list[Job]]:
     for start in range(0, len(jobs), batch_size):
-        yield jobs[start:start + batch_size]
+        yield jobs[start : start + batch_size]
 
 
 class InOrder:

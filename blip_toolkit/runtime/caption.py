@@ -25,6 +25,11 @@ def caption_images(runner, items: list[InputItem], options: CaptionOptions) -> I
     same `--prompt` used in `blip finetune` gives the fine-tuned continuation."""
     jobs = jobs_from_items(items, [options.prompt] * len(items))
     return run_jobs(
-        runner, jobs, prompt_of=lambda job: job.text, options=options.generation, batch_size=options.batch_size,
-        max_pixels=options.max_pixels, record_of=lambda job, text: {"image": job.image_path, "caption": text},
+        runner,
+        jobs,
+        prompt_of=lambda job: job.text,
+        options=options.generation,
+        batch_size=options.batch_size,
+        max_pixels=options.max_pixels,
+        record_of=lambda job, text: {"image": job.image_path, "caption": text},
     )

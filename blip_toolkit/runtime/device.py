@@ -91,7 +91,10 @@ class FallbackRunner:
         import torch
 
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        logger.warning("CUDA failed (%s); reloading the model on CPU, retrying the batch, and staying on CPU", reason[:200])
+        logger.warning(
+            "CUDA failed (%s); reloading the model on CPU, retrying the batch, and staying on CPU",
+            reason[:200],
+        )
         self.loaded = None
         if torch.cuda.is_available():
             try:

@@ -101,8 +101,17 @@ def prompt_length(loaded, text: str | None) -> int:
     return len(loaded.tokenizer(text)["input_ids"])
 
 
-def run_jobs(runner, jobs, *, prompt_of, options: GenerationOptions, batch_size: int, max_pixels: int,
-             record_of, error_of=None) -> Iterator[dict]:
+def run_jobs(
+    runner,
+    jobs,
+    *,
+    prompt_of,
+    options: GenerationOptions,
+    batch_size: int,
+    max_pixels: int,
+    record_of,
+    error_of=None,
+) -> Iterator[dict]:
     """Generate for every job, in batches of equal prompt length, and yield one record per job in
     input order: `record_of(job, text)` on success, `error_of(job)` (default `{"image", "error"}`)
     on failure."""
@@ -131,6 +140,8 @@ def run_jobs(runner, jobs, *, prompt_of, options: GenerationOptions, batch_size:
             continue
         prompts = [prompt_of(job) for job in batch.jobs]
         prompts = prompts if prompts[0] else None
-        texts = runner.run(lambda model, images=batch.images, prompts=prompts: generate(model, images, prompts, options))
+        texts = runner.run(
+            lambda model, images=batch.images, prompts=prompts: generate(model, images, prompts, options)
+        )
         for job, text in zip(batch.jobs, texts):
             yield from ordered.add(job.index, record_of(job, text))

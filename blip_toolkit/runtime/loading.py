@@ -54,11 +54,28 @@ FAMILIES = {
         Family("blip-caption", "BLIP captioning", "BlipForConditionalGeneration", ("caption",)),
         Family("blip-vqa", "BLIP VQA", "BlipForQuestionAnswering", ("vqa",)),
         Family("blip-itm", "BLIP image-text matching", "BlipForImageTextRetrieval", ("retrieval",)),
-        Family("blip2-opt", "BLIP-2 (OPT)", "Blip2ForConditionalGeneration", ("caption", "vqa", "retrieval"),
-               is_blip2=True, decoder_only=True),
-        Family("blip2-t5", "BLIP-2 (Flan-T5)", "Blip2ForConditionalGeneration", ("caption", "vqa", "retrieval"),
-               is_blip2=True),
-        Family("blip2-itm", "BLIP-2 image-text retrieval", "Blip2ForImageTextRetrieval", ("retrieval",), is_blip2=True),
+        Family(
+            "blip2-opt",
+            "BLIP-2 (OPT)",
+            "Blip2ForConditionalGeneration",
+            ("caption", "vqa", "retrieval"),
+            is_blip2=True,
+            decoder_only=True,
+        ),
+        Family(
+            "blip2-t5",
+            "BLIP-2 (Flan-T5)",
+            "Blip2ForConditionalGeneration",
+            ("caption", "vqa", "retrieval"),
+            is_blip2=True,
+        ),
+        Family(
+            "blip2-itm",
+            "BLIP-2 image-text retrieval",
+            "Blip2ForImageTextRetrieval",
+            ("retrieval",),
+            is_blip2=True,
+        ),
         Family("clip", "CLIP", "CLIPModel", ()),
         Family("siglip", "SigLIP", "SiglipModel", ()),
     )
@@ -94,7 +111,9 @@ def detect_family(config: dict[str, Any], source: str = "checkpoint") -> Family:
 def require_task(family: Family, task: str, source: str) -> None:
     if task not in family.tasks:
         can = ", ".join(family.tasks) if family.tasks else "none of caption/vqa/retrieval (it is an encoder)"
-        raise TaskNotSupportedError(f"{source} is a {family.label} checkpoint and cannot do {task}; it can do: {can}")
+        raise TaskNotSupportedError(
+            f"{source} is a {family.label} checkpoint and cannot do {task}; it can do: {can}"
+        )
 
 
 # ----------------------------------------------------------------------------- source resolution
@@ -118,26 +137,36 @@ def resolve_source(source: str) -> ResolvedSource:
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise ModelLoadError(f"{source}: no config.json here; not a checkpoint directory "
-                                 "(point --model at the folder written by save_pretrained)")
+            raise ModelLoadError(
+                f"{source}: no config.json here; not a checkpoint directory "
+                "(point --model at the folder written by save_pretrained)"
+            )
         return ResolvedSource(source, str(path), _read_config(config_file), local_only=True)
     if path.exists():
         raise ModelLoadError(f"{source}: is a file; --model takes a checkpoint directory or a hub id")
     if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
-        raise ModelLoadError(f"{source}: no such directory", hint="--model takes a local checkpoint directory or a hub id such as Salesforce/blip-image-captioning-base")
+        raise ModelLoadError(
+            f"{source}: no such directory",
+            hint="--model takes a local checkpoint directory or a hub id such as Salesforce/blip-image-captioning-base",
+        )
 
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(source, "config.json")
     offline = _hub_offline()
     if isinstance(cached, str):
-        return ResolvedSource(source, source, _read_config(Path(cached)), local_only=offline or not _hub_reachable())
-    hint = (f"download it where there is network (`hf download {source} --local-dir DIR`) "
-            f"and pass --model DIR")
+        return ResolvedSource(
+            source, source, _read_config(Path(cached)), local_only=offline or not _hub_reachable()
+        )
+    hint = f"download it where there is network (`hf download {source} --local-dir DIR`) and pass --model DIR"
     if offline:
-        raise ModelLoadError(f"{source}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set", hint=hint)
+        raise ModelLoadError(
+            f"{source}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set", hint=hint
+        )
     if not _hub_reachable():
-        raise ModelLoadError(f"{source}: cannot reach the Hugging Face Hub and the model is not cached", hint=hint)
+        raise ModelLoadError(
+            f"{source}: cannot reach the Hugging Face Hub and the model is not cached", hint=hint
+        )
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
 
@@ -162,8 +191,10 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -229,14 +260,25 @@ def load_processor(resolved: ResolvedSource, *, trust_remote_code: bool = False)
     quiet_transformers()
     try:
         return AutoProcessor.from_pretrained(
-            resolved.path, backend="pil", local_files_only=resolved.local_only, trust_remote_code=trust_remote_code
+            resolved.path,
+            backend="pil",
+            local_files_only=resolved.local_only,
+            trust_remote_code=trust_remote_code,
         )
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{resolved.name}: cannot load the processor ({_first_line(exc)})") from exc
 
 
-def load_model(source: str, task: str | None, *, device=None, dtype=None, trust_remote_code: bool = False,
-               resolved: ResolvedSource | None = None, family: Family | None = None) -> LoadedModel:
+def load_model(
+    source: str,
+    task: str | None,
+    *,
+    device=None,
+    dtype=None,
+    trust_remote_code: bool = False,
+    resolved: ResolvedSource | None = None,
+    family: Family | None = None,
+) -> LoadedModel:
     """Load `source` for `task` (None: any task) on `device` in `dtype` (default: CPU, float32)."""
     import torch
 
@@ -252,7 +294,10 @@ def load_model(source: str, task: str | None, *, device=None, dtype=None, trust_
     processor = load_processor(resolved, trust_remote_code=trust_remote_code)
     try:
         model = family.model_class().from_pretrained(
-            resolved.path, dtype=dtype, local_files_only=resolved.local_only, trust_remote_code=trust_remote_code
+            resolved.path,
+            dtype=dtype,
+            local_files_only=resolved.local_only,
+            trust_remote_code=trust_remote_code,
         )
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{source}: cannot load the model ({_first_line(exc)})") from exc
@@ -264,8 +309,14 @@ def load_model(source: str, task: str | None, *, device=None, dtype=None, trust_
     return LoadedModel(source, family, model, processor, device, dtype)
 
 
-def open_runner(source: str, task: str | None, *, device: str = "auto", dtype: str = "auto",
-                trust_remote_code: bool = False):
+def open_runner(
+    source: str,
+    task: str | None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
     """Resolve and load `source` for `task` behind a FallbackRunner (CUDA faults fall back to CPU)."""
     from blip_toolkit.runtime.device import FallbackRunner, resolve_device, resolve_dtype
 
@@ -276,8 +327,15 @@ def open_runner(source: str, task: str | None, *, device: str = "auto", dtype: s
         require_task(family, task, source)
 
     def load(dev, dt):
-        return load_model(source, task, device=dev, dtype=dt, trust_remote_code=trust_remote_code,
-                          resolved=resolved, family=family)
+        return load_model(
+            source,
+            task,
+            device=dev,
+            dtype=dt,
+            trust_remote_code=trust_remote_code,
+            resolved=resolved,
+            family=family,
+        )
 
     return FallbackRunner(load, torch_device, torch_dtype)
 

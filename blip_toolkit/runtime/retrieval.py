@@ -40,12 +40,16 @@ class RetrievalOptions:
 def resolve_score(family, score: str | None) -> str:
     if family.name in ("blip-itm", "blip2-itm"):
         if score == "likelihood":
-            raise UsageError(f"--score likelihood needs a generative BLIP-2 checkpoint; {family.label} "
-                             f"checkpoints score with {', '.join(ITM_SCORES)}")
+            raise UsageError(
+                f"--score likelihood needs a generative BLIP-2 checkpoint; {family.label} "
+                f"checkpoints score with {', '.join(ITM_SCORES)}"
+            )
         return score or "itm+itc"
     if score not in (None, "likelihood"):
-        raise UsageError(f"--score {score}: a {family.label} checkpoint has no ITM/ITC heads; it ranks texts by "
-                         "likelihood (use an ITM checkpoint such as Salesforce/blip-itm-base-coco for itm/itc)")
+        raise UsageError(
+            f"--score {score}: a {family.label} checkpoint has no ITM/ITC heads; it ranks texts by "
+            "likelihood (use an ITM checkpoint such as Salesforce/blip-itm-base-coco for itm/itc)"
+        )
     return "likelihood"
 
 
@@ -69,10 +73,13 @@ def rank_texts(runner, items: list[InputItem], texts: list[str], options: Retrie
         scorer = _SCORERS[model.family.name]
         return scorer(model, images, texts, score_kind, text_cache, pair_batch=options.batch_size * 4)
 
-
     jobs = jobs_from_items(items)
-    for batch, failed in prefetched(fixed_batches(jobs, options.batch_size), lambda b: load_images(b, options.max_pixels)):
-        results: dict[int, dict] = {job.index: {"image": job.image_path, "error": job.error} for job in failed}
+    for batch, failed in prefetched(
+        fixed_batches(jobs, options.batch_size), lambda b: load_images(b, options.max_pixels)
+    ):
+        results: dict[int, dict] = {
+            job.index: {"image": job.image_path, "error": job.error} for job in failed
+        }
         if batch.jobs:
             per_image = runner.run(lambda model, images=batch.images: score_batch(model, images))
             for job, columns in zip(batch.jobs, per_image):
@@ -90,7 +97,12 @@ def _ranked(texts: list[str], columns: dict[str, Any]) -> list[dict]:
     order = sorted(range(len(texts)), key=lambda i: -float(scores[i]))
     out = []
     for rank, i in enumerate(order, start=1):
-        entry = {"rank": rank, "text": texts[i], "score": float(scores[i]), "probability": float(probabilities[i])}
+        entry = {
+            "rank": rank,
+            "text": texts[i],
+            "score": float(scores[i]),
+            "probability": float(probabilities[i]),
+        }
         for key in ("itm", "itc", "itm_probability"):
             if key in columns:
                 entry[key] = float(columns[key][i])
@@ -115,7 +127,7 @@ def _pairs(n_images: int, n_texts: int, chunk: int):
     image_index = torch.arange(n_images).repeat_interleave(n_texts)
     text_index = torch.arange(n_texts).repeat(n_images)
     for start in range(0, len(image_index), chunk):
-        yield image_index[start:start + chunk], text_index[start:start + chunk]
+        yield image_index[start : start + chunk], text_index[start : start + chunk]
 
 
 def _columns(score_kind: str, itc, itm_logits) -> list[dict]:
@@ -128,7 +140,11 @@ def _columns(score_kind: str, itc, itm_logits) -> list[dict]:
         if itm_logits is not None:
             row["itm"] = itm_logits[i, :, 1]
             row["itm_probability"] = torch.softmax(itm_logits[i].float(), dim=-1)[:, 1]
-        row["score"] = {"itc": itc[i], "itm": row.get("itm"), "itm+itc": None if itm_logits is None else row["itm"] + itc[i]}[score_kind]
+        row["score"] = {
+            "itc": itc[i],
+            "itm": row.get("itm"),
+            "itm+itc": None if itm_logits is None else row["itm"] + itc[i],
+        }[score_kind]
         rows.append(row)
     return rows
 
@@ -144,9 +160,15 @@ def _score_blip_itm(loaded, images, texts, score_kind, cache, *, pair_batch: int
         if cache.get("model") is not model:
             cache.clear()
             input_ids, attention_mask = _tokens(loaded, texts)
-            text_hidden = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            cache.update(model=model, input_ids=input_ids, attention_mask=attention_mask,
-                         text_feat=F.normalize(model.text_proj(text_hidden[:, 0, :]), dim=-1))
+            text_hidden = model.text_encoder(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
+            cache.update(
+                model=model,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                text_feat=F.normalize(model.text_proj(text_hidden[:, 0, :]), dim=-1),
+            )
         image_embeds = model.vision_model(pixel_values=_pixels(loaded, images)).last_hidden_state
         image_feat = F.normalize(model.vision_proj(image_embeds[:, 0, :]), dim=-1)
         itc = (image_feat @ cache["text_feat"].t()).float()
@@ -156,9 +178,12 @@ def _score_blip_itm(loaded, images, texts, score_kind, cache, *, pair_batch: int
             for img_idx, txt_idx in _pairs(len(images), len(texts), pair_batch):
                 encoder_states = image_embeds[img_idx]
                 hidden = model.text_encoder(
-                    input_ids=cache["input_ids"][txt_idx], attention_mask=cache["attention_mask"][txt_idx],
+                    input_ids=cache["input_ids"][txt_idx],
+                    attention_mask=cache["attention_mask"][txt_idx],
                     encoder_hidden_states=encoder_states,
-                    encoder_attention_mask=torch.ones(encoder_states.shape[:-1], dtype=torch.long, device=loaded.device),
+                    encoder_attention_mask=torch.ones(
+                        encoder_states.shape[:-1], dtype=torch.long, device=loaded.device
+                    ),
                 ).last_hidden_state
                 itm[img_idx, txt_idx] = model.itm_head(hidden[:, 0, :]).float().cpu()
     return _columns(score_kind, itc.cpu(), itm)
@@ -177,16 +202,23 @@ def _score_blip2_itm(loaded, images, texts, score_kind, cache, *, pair_batch: in
             cache.clear()
             input_ids, attention_mask = _tokens(loaded, texts)
             text_hidden = model.qformer(
-                query_embeds=model.embeddings(input_ids=input_ids), query_length=0, attention_mask=attention_mask
+                query_embeds=model.embeddings(input_ids=input_ids),
+                query_length=0,
+                attention_mask=attention_mask,
             ).last_hidden_state
-            text_feat = F.normalize(model.text_projection(text_hidden[:, 0, :].to(model.text_projection.weight.dtype)), dim=-1)
+            text_feat = F.normalize(
+                model.text_projection(text_hidden[:, 0, :].to(model.text_projection.weight.dtype)), dim=-1
+            )
             cache.update(model=model, input_ids=input_ids, attention_mask=attention_mask, text_feat=text_feat)
         image_embeds = model.vision_model(pixel_values=_pixels(loaded, images)).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=loaded.device)
         query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_out = model.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds,
-                                  encoder_attention_mask=image_mask).last_hidden_state
-        image_feat = F.normalize(model.vision_projection(query_out.to(model.vision_projection.weight.dtype)), dim=-1)
+        query_out = model.qformer(
+            query_embeds=query_tokens, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask
+        ).last_hidden_state
+        image_feat = F.normalize(
+            model.vision_projection(query_out.to(model.vision_projection.weight.dtype)), dim=-1
+        )
         itc = torch.einsum("iqd,td->itq", image_feat, cache["text_feat"]).amax(dim=-1).float()
         itm = None
         if score_kind != "itc":
@@ -194,13 +226,19 @@ def _score_blip2_itm(loaded, images, texts, score_kind, cache, *, pair_batch: in
             for img_idx, txt_idx in _pairs(len(images), len(texts), pair_batch):
                 queries = model.query_tokens.expand(len(img_idx), -1, -1)
                 ids, mask = cache["input_ids"][txt_idx], cache["attention_mask"][txt_idx]
-                mask = torch.cat([torch.ones(len(img_idx), num_queries, dtype=mask.dtype, device=mask.device), mask], dim=1)
+                mask = torch.cat(
+                    [torch.ones(len(img_idx), num_queries, dtype=mask.dtype, device=mask.device), mask], dim=1
+                )
                 hidden = model.qformer(
-                    query_embeds=model.embeddings(input_ids=ids, query_embeds=queries), query_length=num_queries,
-                    attention_mask=mask, encoder_hidden_states=image_embeds[img_idx],
+                    query_embeds=model.embeddings(input_ids=ids, query_embeds=queries),
+                    query_length=num_queries,
+                    attention_mask=mask,
+                    encoder_hidden_states=image_embeds[img_idx],
                     encoder_attention_mask=image_mask[img_idx],
                 ).last_hidden_state
-                logits = model.itm_head(hidden[:, :num_queries, :].to(model.itm_head.weight.dtype)).mean(dim=1)
+                logits = model.itm_head(hidden[:, :num_queries, :].to(model.itm_head.weight.dtype)).mean(
+                    dim=1
+                )
                 itm[img_idx, txt_idx] = logits.float().cpu()
     return _columns(score_kind, itc.cpu(), itm)
 
@@ -218,9 +256,11 @@ def _score_blip2_likelihood(loaded, images, texts, score_kind, cache, *, pair_ba
         for i, image in enumerate(images):
             scores = torch.empty(len(texts))
             for start in range(0, len(texts), pair_batch):
-                chunk = texts[start:start + pair_batch]
+                chunk = texts[start : start + pair_batch]
                 image_features = _expand_features(features, i, len(chunk))
-                scores[start:start + len(chunk)] = _mean_log_likelihood(model, processor, image, chunk, image_features, loaded.device)
+                scores[start : start + len(chunk)] = _mean_log_likelihood(
+                    model, processor, image, chunk, image_features, loaded.device
+                )
             rows.append({"score": scores})
     return rows
 
@@ -228,7 +268,7 @@ def _score_blip2_likelihood(loaded, images, texts, score_kind, cache, *, pair_ba
 def _expand_features(features, index: int, n: int):
     from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
-    pooled = features.pooler_output[index:index + 1].expand(n, -1, -1)
+    pooled = features.pooler_output[index : index + 1].expand(n, -1, -1)
     return BaseModelOutputWithVisionQformerOutputs(pooler_output=pooled, last_hidden_state=None)
 
 
@@ -241,8 +281,12 @@ def _mean_log_likelihood(model, processor, image, texts, image_features, device)
         encoded = processor(images=[image], text=texts, padding=True, return_tensors="pt")
         input_ids = encoded["input_ids"].to(device)
         attention_mask = encoded["attention_mask"].to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=None,
-                       mm_encoder_outputs={"image": image_features}).logits.float()
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=None,
+            mm_encoder_outputs={"image": image_features},
+        ).logits.float()
         targets = input_ids[:, 1:]
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         # Score only the text: not the <image> placeholders, not the bos, not the padding.
@@ -256,9 +300,16 @@ def _mean_log_likelihood(model, processor, image, texts, image_features, device)
         label_ids = labels["input_ids"].to(device)
         mask = labels["attention_mask"].to(device) == 1
         label_ids = label_ids.masked_fill(~mask, -100)
-        logits = model(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device),
-                       pixel_values=None, mm_encoder_outputs={"image": image_features}, labels=label_ids).logits.float()
-        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, label_ids.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        logits = model(
+            input_ids=encoded["input_ids"].to(device),
+            attention_mask=encoded["attention_mask"].to(device),
+            pixel_values=None,
+            mm_encoder_outputs={"image": image_features},
+            labels=label_ids,
+        ).logits.float()
+        log_probs = (
+            torch.log_softmax(logits, dim=-1).gather(-1, label_ids.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        )
     return ((log_probs * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).cpu()
 
 

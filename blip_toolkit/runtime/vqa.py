@@ -29,14 +29,20 @@ def format_question(family, question: str, template: str) -> str:
     return template.format(question) if family.is_blip2 else question
 
 
-def answer_questions(runner, items: list[InputItem], questions: list[str], options: VqaOptions) -> Iterator[dict]:
+def answer_questions(
+    runner, items: list[InputItem], questions: list[str], options: VqaOptions
+) -> Iterator[dict]:
     """Yield `{"image", "question", "answer"}` (or `{"image", "question", "error"}`) per pair, in order."""
     family = runner.loaded.family
     jobs = jobs_from_items(items, questions)
 
     return run_jobs(
-        runner, jobs, prompt_of=lambda job: format_question(family, job.text, options.template),
-        options=options.generation, batch_size=options.batch_size, max_pixels=options.max_pixels,
+        runner,
+        jobs,
+        prompt_of=lambda job: format_question(family, job.text, options.template),
+        options=options.generation,
+        batch_size=options.batch_size,
+        max_pixels=options.max_pixels,
         record_of=lambda job, text: {"image": job.image_path, "question": job.text, "answer": text},
         error_of=lambda job: {"image": job.image_path, "question": job.text, "error": job.error},
     )

@@ -60,24 +60,40 @@ def _blip_image_processor(size: ModelSize):
 
 def _blip_vision(size: ModelSize) -> dict:
     return dict(
-        hidden_size=size.hidden, intermediate_size=size.intermediate, num_hidden_layers=size.layers,
-        num_attention_heads=size.heads, image_size=size.image_size, patch_size=size.patch_size,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        image_size=size.image_size,
+        patch_size=size.patch_size,
         initializer_range=size.initializer_range,
     )
 
 
 def _bert_text(size: ModelSize, tokenizer, **extra) -> dict:
     return dict(
-        vocab_size=len(tokenizer), hidden_size=size.text_width, intermediate_size=size.intermediate,
-        num_hidden_layers=size.text_depth, num_attention_heads=size.heads,
-        max_position_embeddings=size.max_text_positions, encoder_hidden_size=size.hidden,
-        pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id,
-        initializer_range=size.initializer_range, **extra,
+        vocab_size=len(tokenizer),
+        hidden_size=size.text_width,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.text_depth,
+        num_attention_heads=size.heads,
+        max_position_embeddings=size.max_text_positions,
+        encoder_hidden_size=size.hidden,
+        pad_token_id=tokenizer.pad_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        initializer_range=size.initializer_range,
+        **extra,
     )
 
 
-def build_blip(kind: str, out_dir: str | Path, *, size: ModelSize | None = None, corpus: list[str] | None = None,
-               seed: int = 0) -> Path:
+def build_blip(
+    kind: str,
+    out_dir: str | Path,
+    *,
+    size: ModelSize | None = None,
+    corpus: list[str] | None = None,
+    seed: int = 0,
+) -> Path:
     """BLIP captioning (`blip-caption`), VQA (`blip-vqa`) or image-text matching (`blip-itm`)."""
     from transformers import (
         BlipConfig,
@@ -91,11 +107,14 @@ def build_blip(kind: str, out_dir: str | Path, *, size: ModelSize | None = None,
     tokenizer = toks.wordpiece_tokenizer(corpus, blip_decoder=True)
     config = BlipConfig(
         text_config=_bert_text(size, tokenizer, bos_token_id=tokenizer.bos_token_id),
-        vision_config=_blip_vision(size), projection_dim=size.projection, image_text_hidden_size=size.projection,
+        vision_config=_blip_vision(size),
+        projection_dim=size.projection,
+        image_text_hidden_size=size.projection,
         initializer_range=size.initializer_range,
     )
     model_class = {
-        "blip-caption": BlipForConditionalGeneration, "blip-vqa": BlipForQuestionAnswering,
+        "blip-caption": BlipForConditionalGeneration,
+        "blip-vqa": BlipForQuestionAnswering,
         "blip-itm": BlipForImageTextRetrieval,
     }[kind]
     _seed(seed)
@@ -104,8 +123,14 @@ def build_blip(kind: str, out_dir: str | Path, *, size: ModelSize | None = None,
     return _save(model, processor, out_dir)
 
 
-def build_blip2(kind: str, out_dir: str | Path, *, size: ModelSize | None = None, corpus: list[str] | None = None,
-                seed: int = 0) -> Path:
+def build_blip2(
+    kind: str,
+    out_dir: str | Path,
+    *,
+    size: ModelSize | None = None,
+    corpus: list[str] | None = None,
+    seed: int = 0,
+) -> Path:
     """BLIP-2 with an OPT (`blip2-opt`) or Flan-T5 (`blip2-t5`) language model, or the BLIP-2
     image-text retrieval model (`blip2-itm`, a Q-Former with text input)."""
     from transformers import (
@@ -129,38 +154,71 @@ def build_blip2(kind: str, out_dir: str | Path, *, size: ModelSize | None = None
         raise ValueError(f"unknown BLIP-2 kind {kind!r}")
     # The processor adds the <image> token; the config must know its id (real checkpoints do the same).
     processor = Blip2Processor(
-        image_processor=_blip_image_processor(size), tokenizer=tokenizer, num_query_tokens=size.num_query_tokens
+        image_processor=_blip_image_processor(size),
+        tokenizer=tokenizer,
+        num_query_tokens=size.num_query_tokens,
     )
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     qformer = dict(
-        hidden_size=size.text_width, num_hidden_layers=size.text_depth, num_attention_heads=size.heads,
-        intermediate_size=size.intermediate, encoder_hidden_size=size.hidden, cross_attention_frequency=1,
-        max_position_embeddings=size.max_text_positions, initializer_range=size.initializer_range,
+        hidden_size=size.text_width,
+        num_hidden_layers=size.text_depth,
+        num_attention_heads=size.heads,
+        intermediate_size=size.intermediate,
+        encoder_hidden_size=size.hidden,
+        cross_attention_frequency=1,
+        max_position_embeddings=size.max_text_positions,
+        initializer_range=size.initializer_range,
     )
     if kind == "blip2-itm":
-        qformer.update(vocab_size=len(tokenizer), use_qformer_text_input=True, pad_token_id=tokenizer.pad_token_id)
-        text_config = OPTConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, ffn_dim=8, num_attention_heads=1,
-                                word_embed_proj_dim=8)  # unused by the retrieval model, but the config needs one
+        qformer.update(
+            vocab_size=len(tokenizer), use_qformer_text_input=True, pad_token_id=tokenizer.pad_token_id
+        )
+        text_config = OPTConfig(
+            vocab_size=8,
+            hidden_size=8,
+            num_hidden_layers=1,
+            ffn_dim=8,
+            num_attention_heads=1,
+            word_embed_proj_dim=8,
+        )  # unused by the retrieval model, but the config needs one
     elif kind == "blip2-opt":
         text_config = OPTConfig(
-            vocab_size=len(tokenizer), hidden_size=size.text_width, num_hidden_layers=size.text_depth,
-            ffn_dim=size.intermediate, num_attention_heads=size.heads, max_position_embeddings=128,
-            word_embed_proj_dim=size.text_width, bos_token_id=tokenizer.bos_token_id, init_std=size.initializer_range,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=size.text_width,
+            num_hidden_layers=size.text_depth,
+            ffn_dim=size.intermediate,
+            num_attention_heads=size.heads,
+            max_position_embeddings=128,
+            word_embed_proj_dim=size.text_width,
+            bos_token_id=tokenizer.bos_token_id,
+            init_std=size.initializer_range,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     else:
         text_config = T5Config(
-            vocab_size=len(tokenizer), d_model=size.text_width, d_kv=max(size.text_width // size.heads, 4),
-            d_ff=size.intermediate, num_layers=size.text_depth, num_decoder_layers=size.text_depth,
-            num_heads=size.heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+            vocab_size=len(tokenizer),
+            d_model=size.text_width,
+            d_kv=max(size.text_width // size.heads, 4),
+            d_ff=size.intermediate,
+            num_layers=size.text_depth,
+            num_decoder_layers=size.text_depth,
+            num_heads=size.heads,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
             initializer_factor=size.initializer_range / 0.02,
-            decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
     config = Blip2Config(
-        vision_config=vision, qformer_config=qformer, text_config=text_config.to_dict(),
-        num_query_tokens=size.num_query_tokens, image_token_index=image_token_id,
-        image_text_hidden_size=size.projection, initializer_range=size.initializer_range,
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=text_config.to_dict(),
+        num_query_tokens=size.num_query_tokens,
+        image_token_index=image_token_id,
+        image_text_hidden_size=size.projection,
+        initializer_range=size.initializer_range,
     )
     model_class = Blip2ForImageTextRetrieval if kind == "blip2-itm" else Blip2ForConditionalGeneration
     _seed(seed)
@@ -168,8 +226,9 @@ def build_blip2(kind: str, out_dir: str | Path, *, size: ModelSize | None = None
     return _save(model, processor, out_dir)
 
 
-def build_clip(out_dir: str | Path, *, size: ModelSize | None = None, corpus: list[str] | None = None,
-               seed: int = 0) -> Path:
+def build_clip(
+    out_dir: str | Path, *, size: ModelSize | None = None, corpus: list[str] | None = None, seed: int = 0
+) -> Path:
     """A CLIP model (vision + text towers, projections)."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -178,18 +237,29 @@ def build_clip(out_dir: str | Path, *, size: ModelSize | None = None, corpus: li
     tokenizer = toks.clip_tokenizer(corpus)
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=size.text_width, intermediate_size=size.intermediate,
-            num_hidden_layers=size.text_depth, num_attention_heads=size.heads, max_position_embeddings=size.max_text_positions,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=size.text_width,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.text_depth,
+            num_attention_heads=size.heads,
+            max_position_embeddings=size.max_text_positions,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config=dict(
-            hidden_size=size.hidden, intermediate_size=size.intermediate, num_hidden_layers=size.layers,
-            num_attention_heads=size.heads, image_size=size.image_size, patch_size=size.patch_size,
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            image_size=size.image_size,
+            patch_size=size.patch_size,
         ),
         projection_dim=size.projection,
     )
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": size.image_size}, crop_size={"height": size.image_size, "width": size.image_size}
+        size={"shortest_edge": size.image_size},
+        crop_size={"height": size.image_size, "width": size.image_size},
     )
     _seed(seed)
     model = CLIPModel(config)
@@ -197,8 +267,14 @@ def build_clip(out_dir: str | Path, *, size: ModelSize | None = None, corpus: li
     return _save(model, processor, out_dir)
 
 
-def build_checkpoint(kind: str, out_dir: str | Path, *, size: ModelSize | None = None,
-                     corpus: list[str] | None = None, seed: int = 0) -> Path:
+def build_checkpoint(
+    kind: str,
+    out_dir: str | Path,
+    *,
+    size: ModelSize | None = None,
+    corpus: list[str] | None = None,
+    seed: int = 0,
+) -> Path:
     """Build one checkpoint of `kind` (one of KINDS) into `out_dir`."""
     if kind.startswith("blip2-"):
         return build_blip2(kind, out_dir, size=size, corpus=corpus, seed=seed)
@@ -215,11 +291,14 @@ def build_checkpoint(kind: str, out_dir: str | Path, *, size: ModelSize | None =
 TEST_SIZE = ModelSize(initializer_range=0.1)
 
 
-def build_all(root: str | Path, kinds: tuple[str, ...] = KINDS, *, seed: int = 0,
-              size: ModelSize = TEST_SIZE) -> dict[str, Path]:
+def build_all(
+    root: str | Path, kinds: tuple[str, ...] = KINDS, *, seed: int = 0, size: ModelSize = TEST_SIZE
+) -> dict[str, Path]:
     """Build every kind into `root/<kind>` (each with its own seed offset, so weights differ)."""
     root = Path(root)
-    return {kind: build_checkpoint(kind, root / kind, size=size, seed=seed + i) for i, kind in enumerate(kinds)}
+    return {
+        kind: build_checkpoint(kind, root / kind, size=size, seed=seed + i) for i, kind in enumerate(kinds)
+    }
 
 
 def _save(model, processor, out_dir: str | Path) -> Path:

@@ -15,14 +15,39 @@ import string
 
 # Enough text for tokenizers that can spell the captions and questions tests and the demo use.
 DEFAULT_CORPUS = [
-    "a photo of a cat", "a photo of a dog", "two cats laying on a couch", "a man riding a bike down a street",
-    "a child is flying a kite in a park", "a red car parked next to a tree", "a bowl of fruit on a table",
-    "what is in the picture?", "how many dogs are there?", "what color is the car?", "what digit is this?",
-    "question: what is this? answer: a cat", "yes", "no", "red", "blue", "green", "one", "two", "three",
-    "a handwritten digit zero", "a handwritten digit one", "a handwritten digit two",
-    "a handwritten digit three", "a handwritten digit four", "a handwritten digit five",
-    "a handwritten digit six", "a handwritten digit seven", "a handwritten digit eight",
-    "a handwritten digit nine", "a picture of", "an image of", "the quick brown fox jumps over the lazy dog",
+    "a photo of a cat",
+    "a photo of a dog",
+    "two cats laying on a couch",
+    "a man riding a bike down a street",
+    "a child is flying a kite in a park",
+    "a red car parked next to a tree",
+    "a bowl of fruit on a table",
+    "what is in the picture?",
+    "how many dogs are there?",
+    "what color is the car?",
+    "what digit is this?",
+    "question: what is this? answer: a cat",
+    "yes",
+    "no",
+    "red",
+    "blue",
+    "green",
+    "one",
+    "two",
+    "three",
+    "a handwritten digit zero",
+    "a handwritten digit one",
+    "a handwritten digit two",
+    "a handwritten digit three",
+    "a handwritten digit four",
+    "a handwritten digit five",
+    "a handwritten digit six",
+    "a handwritten digit seven",
+    "a handwritten digit eight",
+    "a handwritten digit nine",
+    "a picture of",
+    "an image of",
+    "the quick brown fox jumps over the lazy dog",
 ]
 
 
@@ -57,8 +82,11 @@ def _train_bpe(corpus: list[str], vocab_size: int, special: list[str], *, suffix
     bpe = Tokenizer(models.BPE(end_of_word_suffix=suffix) if suffix else models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False, **({"end_of_word_suffix": suffix} if suffix else {}),
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        **({"end_of_word_suffix": suffix} if suffix else {}),
     )
     bpe.train_from_iterator(corpus, trainer)
     state = json.loads(bpe.to_str())
@@ -72,7 +100,12 @@ def opt_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600):
 
     vocab, merges = _train_bpe(corpus or DEFAULT_CORPUS, vocab_size, ["<s>", "<pad>", "</s>", "<unk>"])
     return GPT2Tokenizer(
-        vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        vocab=vocab,
+        merges=merges,
+        bos_token="</s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
         add_bos_token=True,
     )
 
@@ -87,7 +120,10 @@ def t5_tokenizer(corpus: list[str] | None = None, vocab_size: int = 300):
     # Single letters are seeded so any lower-case text can be spelled.
     text = (corpus or DEFAULT_CORPUS) + list(string.ascii_lowercase + string.digits + string.punctuation)
     trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        show_progress=False,
         initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation),
     )
     unigram.train_from_iterator(text, trainer)
@@ -100,5 +136,7 @@ def clip_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600):
     from transformers import CLIPTokenizer
 
     special = ["<|startoftext|>", "<|endoftext|>"]
-    vocab, merges = _train_bpe([c.lower() for c in (corpus or DEFAULT_CORPUS)], vocab_size, special, suffix="</w>")
+    vocab, merges = _train_bpe(
+        [c.lower() for c in (corpus or DEFAULT_CORPUS)], vocab_size, special, suffix="</w>"
+    )
     return CLIPTokenizer(vocab=vocab, merges=merges)

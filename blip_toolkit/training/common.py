@@ -72,8 +72,14 @@ def parameter_groups(named_parameters: Iterable[tuple[str, Any]], weight_decay: 
     return groups
 
 
-def build_optimizer(model, *, learning_rate: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-8):
+def build_optimizer(
+    model,
+    *,
+    learning_rate: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+):
     """AdamW over the trainable parameters of `model` (see `parameter_groups`).
 
     The fused kernel (CPU and CUDA, one pass over each parameter instead of a dozen elementwise
@@ -124,7 +130,10 @@ def deterministic_on_cpu(accelerator):
     if accelerator.device.type != "cpu":
         yield
         return
-    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    before, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
@@ -203,8 +212,9 @@ class CheckpointManager:
         problem = None if kind == "NO" or kind.startswith("MULTI_") else kind
         config = getattr(accelerator, "parallelism_config", None)
         if problem is None and config is not None:
-            parts = [part for part in ("tp", "cp", "sp", "dp_shard")
-                     if getattr(config, f"{part}_enabled", False)]
+            parts = [
+                part for part in ("tp", "cp", "sp", "dp_shard") if getattr(config, f"{part}_enabled", False)
+            ]
             problem = f"parallelism {'/'.join(parts)}" if parts else None
         if problem:
             raise TrainingError(
@@ -243,8 +253,18 @@ class CheckpointManager:
 
     # -- save / load
 
-    def save(self, accelerator, step: int, state: dict[str, Any], *, model, optimizer, scheduler=None,
-             modules: dict[str, Any] | None = None, generators: dict[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        accelerator,
+        step: int,
+        state: dict[str, Any],
+        *,
+        model,
+        optimizer,
+        scheduler=None,
+        modules: dict[str, Any] | None = None,
+        generators: dict[str, Any] | None = None,
+    ) -> Path:
         """Save the training state as `step-<step>` and return the final path.
 
         `state`: JSON-able values of the caller (data position, best metric, ...), returned by
@@ -288,12 +308,17 @@ class CheckpointManager:
         def finish() -> None:
             if not main:
                 return
-            record = {**state, "step": step, "iteration": accelerator.project_configuration.iteration,
-                      # Accelerate's micro-batch counter: its remainder decides which micro-batch of
-                      # a gradient accumulation cycle comes next (save_state kept it in its RNG file).
-                      "accelerator_step": int(accelerator.step),
-                      "num_processes": accelerator.num_processes,
-                      "modules": sorted(modules), "generators": sorted(generators)}
+            record = {
+                **state,
+                "step": step,
+                "iteration": accelerator.project_configuration.iteration,
+                # Accelerate's micro-batch counter: its remainder decides which micro-batch of
+                # a gradient accumulation cycle comes next (save_state kept it in its RNG file).
+                "accelerator_step": int(accelerator.step),
+                "num_processes": accelerator.num_processes,
+                "modules": sorted(modules),
+                "generators": sorted(generators),
+            }
             write_json(tmp / TRAINER_STATE, record)
             with atomic_write(tmp / COMPLETE_MARKER) as handle:  # written last: the checkpoint is whole
                 handle.write(json.dumps({"step": step}) + "\n")
@@ -305,9 +330,17 @@ class CheckpointManager:
         _on_all_processes(accelerator, finish, f"complete {final}")
         return final
 
-    def load(self, accelerator, path: str | os.PathLike, *, model, optimizer, scheduler=None,
-             modules: dict[str, Any] | None = None,
-             generators: dict[str, Any] | None = None) -> dict[str, Any]:
+    def load(
+        self,
+        accelerator,
+        path: str | os.PathLike,
+        *,
+        model,
+        optimizer,
+        scheduler=None,
+        modules: dict[str, Any] | None = None,
+        generators: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Restore what `save` wrote into the given objects (same arguments) and return the
         `trainer_state.json` record (the caller's `state` plus `step`, ...).
 
@@ -319,7 +352,9 @@ class CheckpointManager:
         _check_names(modules, generators)
         path = Path(path)
         if not (path / COMPLETE_MARKER).is_file():
-            raise TrainingError(f"{path}: incomplete checkpoint (no {COMPLETE_MARKER} marker); not loading it")
+            raise TrainingError(
+                f"{path}: incomplete checkpoint (no {COMPLETE_MARKER} marker); not loading it"
+            )
         unsafe = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pkl", ".pt", ".pth"))
         if unsafe:
             raise TrainingError(
@@ -340,8 +375,10 @@ class CheckpointManager:
         for kind, wanted in (("modules", modules), ("generators", generators)):
             missing = sorted(set(wanted) - set(state.get(kind, [])))
             if missing:
-                raise TrainingError(f"{path} has no saved {kind} {', '.join(missing)} "
-                                    f"(it has: {', '.join(state.get(kind, [])) or 'none'})")
+                raise TrainingError(
+                    f"{path} has no saved {kind} {', '.join(missing)} "
+                    f"(it has: {', '.join(state.get(kind, [])) or 'none'})"
+                )
 
         def restore() -> None:
             _load_module(accelerator.unwrap_model(model), path / MODEL_FILE)
@@ -358,8 +395,11 @@ class CheckpointManager:
                 else:
                     logger.warning("%s has no gradient scaler state; fp16 loss scaling starts afresh", path)
             # Last, so nothing above can draw from the restored streams.
-            _set_rng_state(_read_state(path, f"rng-{accelerator.process_index}"), generators,
-                           path / f"rng-{accelerator.process_index}.json")
+            _set_rng_state(
+                _read_state(path, f"rng-{accelerator.process_index}"),
+                generators,
+                path / f"rng-{accelerator.process_index}.json",
+            )
 
         _on_all_processes(accelerator, restore, f"load {path}")
         # A new process has both counters at 0: without the iteration, automatic naming would start
@@ -390,8 +430,10 @@ def _check_names(modules: dict[str, Any], generators: dict[str, Any]) -> None:
         for name in names:
             valid = isinstance(name, str) and _NAME.match(name) and name not in _RESERVED
             if not valid or name.startswith("rng-"):
-                raise TrainingError(f"checkpoint {kind} name {name!r} is not allowed (letters, digits, _ and "
-                                    f"-; not one of {', '.join(sorted(_RESERVED))} or rng-*)")
+                raise TrainingError(
+                    f"checkpoint {kind} name {name!r} is not allowed (letters, digits, _ and "
+                    f"-; not one of {', '.join(sorted(_RESERVED))} or rng-*)"
+                )
 
 
 def _on_all_processes(accelerator, action: Callable[[], None], what: str) -> None:
@@ -502,11 +544,14 @@ def _encode(value: Any, path: str, tensors: dict[str, Any]) -> Any:
             return {_INT_KEYS: {str(k): _encode(v, child(k), tensors) for k, v in value.items()}}
         for key in value:
             if not isinstance(key, str) or key.startswith("__"):
-                raise TrainingError(f"cannot store the key {key!r} at {path or 'the top'} of a checkpoint "
-                                    "state")
+                raise TrainingError(
+                    f"cannot store the key {key!r} at {path or 'the top'} of a checkpoint state"
+                )
         return {k: _encode(v, child(k), tensors) for k, v in value.items()}
-    raise TrainingError(f"cannot store a {type(value).__name__} at {path or 'the top'} of a checkpoint state "
-                        "(JSON values and tensors only)")
+    raise TrainingError(
+        f"cannot store a {type(value).__name__} at {path or 'the top'} of a checkpoint state "
+        "(JSON values and tensors only)"
+    )
 
 
 def _decode(value: Any, tensors: dict[str, Any], file: Path) -> Any:
@@ -520,8 +565,9 @@ def _decode(value: Any, tensors: dict[str, Any], file: Path) -> Any:
             try:
                 return tensors[value[_TENSOR]]
             except KeyError:
-                raise TrainingError(f"{file}: tensor {value[_TENSOR]!r} is missing from its safetensors "
-                                    "file") from None
+                raise TrainingError(
+                    f"{file}: tensor {value[_TENSOR]!r} is missing from its safetensors file"
+                ) from None
         if _TUPLE in value:
             return tuple(_decode(v, tensors, file) for v in value[_TUPLE])
         if _INT_KEYS in value:
@@ -562,11 +608,19 @@ def _rng_state(generators: dict[str, Any]) -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     algorithm, key, pos, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
-                   "gauss_next": gauss_next},
+        "python": {
+            "version": version,
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
         # The MT19937 key is uint32: int64 holds it exactly and every safetensors reader knows it.
-        "numpy": {"algorithm": algorithm, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "algorithm": algorithm,
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
         "generators": {name: generator.get_state() for name, generator in generators.items()},
     }
@@ -585,8 +639,15 @@ def _set_rng_state(state: dict[str, Any], generators: dict[str, Any], file: Path
         python, numpy_state = state["python"], state["numpy"]
         internal = tuple(int(x) for x in python["state"].tolist())
         random.setstate((python["version"], internal, python["gauss_next"]))
-        np.random.set_state((numpy_state["algorithm"], numpy_state["key"].numpy().astype(np.uint32),
-                             numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        np.random.set_state(
+            (
+                numpy_state["algorithm"],
+                numpy_state["key"].numpy().astype(np.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
+        )
         torch.set_rng_state(state["torch"])
         for name, generator in generators.items():
             generator.set_state(state["generators"][name])
@@ -596,8 +657,13 @@ def _set_rng_state(state: dict[str, Any], generators: dict[str, Any], file: Path
         saved = state.get("cuda") or []
         count = torch.cuda.device_count()
         if len(saved) != count:
-            logger.warning("%s: saved CUDA RNG states for %d device(s), this process sees %d; restoring %d",
-                           file, len(saved), count, min(len(saved), count))
+            logger.warning(
+                "%s: saved CUDA RNG states for %d device(s), this process sees %d; restoring %d",
+                file,
+                len(saved),
+                count,
+                min(len(saved), count),
+            )
         for device, device_state in enumerate(saved[:count]):
             torch.cuda.set_rng_state(device_state, device)
 
@@ -664,7 +730,8 @@ def check_finite(value: float, *, step: int, what: str = "loss", hint: str | Non
     if not math.isfinite(value):
         raise TrainingError(
             f"the {what} became {value} at step {step}; training stopped (the last complete checkpoint is kept)",
-            hint=hint or "lower --learning-rate, keep --grad-clip on, or use --mixed-precision bf16 instead of fp16",
+            hint=hint
+            or "lower --learning-rate, keep --grad-clip on, or use --mixed-precision bf16 instead of fp16",
         )
 
 

@@ -43,8 +43,18 @@ BEST_DIR = "best"
 CHECKPOINT_DIR = "checkpoints"
 DEFAULT_TEMPLATE = "Question: {} Answer:"
 # Changing these between an interrupted run and its --resume would make the checkpoint meaningless.
-RESUME_LOCKED = ("task", "model", "manifest", "batch_size", "grad_accum", "freeze", "prompt", "template",
-                 "max_length", "seed")
+RESUME_LOCKED = (
+    "task",
+    "model",
+    "manifest",
+    "batch_size",
+    "grad_accum",
+    "freeze",
+    "prompt",
+    "template",
+    "max_length",
+    "seed",
+)
 
 
 @dataclass
@@ -101,33 +111,68 @@ class FinetuneConfig:
         if not self.output_dir:
             problems.append("--output-dir is required")
         need(self.epochs >= 1, "--epochs", "must be at least 1", self.epochs)
-        need(self.max_steps is None or self.max_steps >= 1, "--max-steps", "must be at least 1", self.max_steps)
+        need(
+            self.max_steps is None or self.max_steps >= 1, "--max-steps", "must be at least 1", self.max_steps
+        )
         need(self.batch_size >= 1, "--batch-size", "must be at least 1", self.batch_size)
-        need(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", "must be at least 1",
-             self.eval_batch_size)
-        need(math.isfinite(self.learning_rate) and self.learning_rate > 0, "--learning-rate", "must be positive",
-             self.learning_rate)
-        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay", "must be 0 or more",
-             self.weight_decay)
+        need(
+            self.eval_batch_size is None or self.eval_batch_size >= 1,
+            "eval_batch_size",
+            "must be at least 1",
+            self.eval_batch_size,
+        )
+        need(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            "--learning-rate",
+            "must be positive",
+            self.learning_rate,
+        )
+        need(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            "--weight-decay",
+            "must be 0 or more",
+            self.weight_decay,
+        )
         need(self.warmup_steps >= 0, "--warmup-steps", "must be 0 or more", self.warmup_steps)
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be between 0 and 1", self.min_lr_ratio)
         need(self.max_length >= 4, "--max-length", "must be at least 4", self.max_length)
         need(self.grad_accum >= 1, "--grad-accum", "must be at least 1", self.grad_accum)
-        need(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "--grad-clip", "must be 0 (off) or positive",
-             self.grad_clip)
+        need(
+            math.isfinite(self.grad_clip) and self.grad_clip >= 0,
+            "--grad-clip",
+            "must be 0 (off) or positive",
+            self.grad_clip,
+        )
         need(self.num_workers >= 0, "--num-workers", "must be 0 or more", self.num_workers)
-        need(self.save_every is None or self.save_every >= 1, "--save-every", "must be at least 1", self.save_every)
+        need(
+            self.save_every is None or self.save_every >= 1,
+            "--save-every",
+            "must be at least 1",
+            self.save_every,
+        )
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1", self.keep_checkpoints)
         need(self.log_every >= 1, "log_every", "must be at least 1", self.log_every)
-        need(math.isfinite(self.temperature) and self.temperature > 0, "temperature", "must be positive",
-             self.temperature)
+        need(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            "temperature",
+            "must be positive",
+            self.temperature,
+        )
         need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)", self.label_smoothing)
-        need(self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1",
-             self.max_new_tokens)
+        need(
+            self.max_new_tokens is None or self.max_new_tokens >= 1,
+            "max_new_tokens",
+            "must be at least 1",
+            self.max_new_tokens,
+        )
         need(self.rerank >= 1, "rerank", "must be at least 1", self.rerank)
         need(self.max_pixels >= 1, "max_pixels", "must be at least 1", self.max_pixels)
-        need(self.template.count("{}") == 1, "--template", "must contain exactly one {} for the question",
-             self.template)
+        need(
+            self.template.count("{}") == 1,
+            "--template",
+            "must contain exactly one {} for the question",
+            self.template,
+        )
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite cannot be combined")
         if self.prompt is not None and self.task != "caption":
@@ -176,7 +221,9 @@ class FinetuneResult:
 # ----------------------------------------------------------------------------- entry point
 
 
-def run_finetune(config: FinetuneConfig, *, callback: Callable[[dict[str, Any]], None] | None = None) -> FinetuneResult:
+def run_finetune(
+    config: FinetuneConfig, *, callback: Callable[[dict[str, Any]], None] | None = None
+) -> FinetuneResult:
     """Fine-tune `config.model` on `config.manifest` and write the output directory.
 
     `callback(record)` is called on the main process with every metrics record: `{"type": "train",
@@ -226,10 +273,16 @@ def _check_inputs(config: FinetuneConfig) -> _Inputs:
         val = _read_val_manifest(config)
     for manifest in (train, val):
         if manifest is not None and manifest.skipped_missing:
-            logger.warning("%s: skipped %d example(s) whose image is missing or unreadable (first: %s)",
-                           manifest.path, len(manifest.skipped_missing), manifest.skipped_missing[0])
+            logger.warning(
+                "%s: skipped %d example(s) whose image is missing or unreadable (first: %s)",
+                manifest.path,
+                len(manifest.skipped_missing),
+                manifest.skipped_missing[0],
+            )
     if config.mixed_precision == "fp16" and _cpu_only(config):
-        raise UsageError("--mixed-precision fp16 needs a GPU; on CPU use bf16 (slow where it is emulated) or no")
+        raise UsageError(
+            "--mixed-precision fp16 needs a GPU; on CPU use bf16 (slow where it is emulated) or no"
+        )
     resolved, family = inspect_source(config.model)
     check_trainable(family, config.task, config.model)
     frozen = resolve_frozen(family, config.freeze)
@@ -260,23 +313,32 @@ def _check_reserved_tokens(config: FinetuneConfig, family, processor, manifests)
                     continue
                 bad = [t for t in forbidden if t and t in value]
                 if bad:
-                    problems.append(f"{manifest.path}:{row['line']}: {key} contains reserved token {bad[0]!r}")
+                    problems.append(
+                        f"{manifest.path}:{row['line']}: {key} contains reserved token {bad[0]!r}"
+                    )
         if problems:
             more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-            raise InputError(f"{manifest.path}: {len(problems)} problem(s) in the {manifest.task} manifest:\n  "
-                             + "\n  ".join(problems[:MAX_REPORTED]) + more)
+            raise InputError(
+                f"{manifest.path}: {len(problems)} problem(s) in the {manifest.task} manifest:\n  "
+                + "\n  ".join(problems[:MAX_REPORTED])
+                + more
+            )
 
 
 def _read_val_manifest(config: FinetuneConfig):
     from blip_toolkit.data.manifests import SCHEMAS, ManifestError, read_manifest
 
     try:
-        return read_manifest(config.val_manifest, config.task, skip_missing=config.skip_missing, verify_images=True)
+        return read_manifest(
+            config.val_manifest, config.task, skip_missing=config.skip_missing, verify_images=True
+        )
     except ManifestError as exc:
         # A manifest of another task is the likely mistake: say so.
         width = _column_count(Path(config.val_manifest))
         expected = len(SCHEMAS[config.task][0])
-        others = [t for t in ("caption", "vqa", "retrieval") if len(SCHEMAS[t][0]) == width and t != config.task]
+        others = [
+            t for t in ("caption", "vqa", "retrieval") if len(SCHEMAS[t][0]) == width and t != config.task
+        ]
         if width and width != expected and others:
             raise ManifestError(
                 f"--val-manifest {config.val_manifest} has {width} columns: it looks like a {' / '.join(others)} "
@@ -288,8 +350,11 @@ def _read_val_manifest(config: FinetuneConfig):
 def _column_count(path: Path) -> int | None:
     """The column count shared by every data line, or None."""
     with contextlib.suppress(OSError, UnicodeDecodeError):
-        widths = {len(line.split("\t")) for line in path.read_text(encoding="utf-8").splitlines()
-                  if line.strip() and not line.lstrip().startswith("#")}
+        widths = {
+            len(line.split("\t"))
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        }
         if len(widths) == 1:
             return widths.pop()
     return None
@@ -315,15 +380,21 @@ def _check_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
     owned = any((path / marker).exists() for marker in OWNED_MARKERS)
     if resume:
         if not (path / RUN_FILE).is_file():
-            raise OutputExistsError(f"{path} is not a blip finetune output directory (no {RUN_FILE}); cannot resume",
-                                    hint="choose another --output-dir")
+            raise OutputExistsError(
+                f"{path} is not a blip finetune output directory (no {RUN_FILE}); cannot resume",
+                hint="choose another --output-dir",
+            )
         return
     if not overwrite:
-        raise OutputExistsError(f"{path} already exists and is not empty",
-                                hint="pass --resume to continue or --overwrite to replace it")
+        raise OutputExistsError(
+            f"{path} already exists and is not empty",
+            hint="pass --resume to continue or --overwrite to replace it",
+        )
     if not owned:
-        raise OutputExistsError(f"{path} is not empty and was not written by blip; refusing to clear it",
-                                hint="choose another --output-dir")
+        raise OutputExistsError(
+            f"{path} is not empty and was not written by blip; refusing to clear it",
+            hint="choose another --output-dir",
+        )
 
 
 # ----------------------------------------------------------------------------- accelerator
@@ -347,9 +418,14 @@ def _make_accelerator(config: FinetuneConfig, family):
         step_scheduler_with_optimizer=False,
         # BLIP-2's generative models never use the Q-Former's text-only layers; DDP must not wait
         # for their gradients. Elsewhere every trainable parameter is used (and the search costs).
-        kwargs_handlers=[DistributedDataParallelKwargs(
-            find_unused_parameters=family.is_blip2 and family.name != "blip2-itm")],
-        project_config=ProjectConfiguration(project_dir=str(config.output_dir), automatic_checkpoint_naming=False),
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(
+                find_unused_parameters=family.is_blip2 and family.name != "blip2-itm"
+            )
+        ],
+        project_config=ProjectConfiguration(
+            project_dir=str(config.output_dir), automatic_checkpoint_naming=False
+        ),
     )
 
 
@@ -416,9 +492,13 @@ class _Trainer:
         if self.main:
             prepare_output_dir(self.out, overwrite=config.overwrite, resume=config.resume)
             record = {
-                "kind": "blip-finetune", "status": "running", "config": self.resolved_config(),
-                "family": self.family.name, "frozen_parts": self.inputs.frozen,
-                "train_manifest_sha256": self.manifest_sha256, "train_examples": len(self.inputs.train),
+                "kind": "blip-finetune",
+                "status": "running",
+                "config": self.resolved_config(),
+                "family": self.family.name,
+                "frozen_parts": self.inputs.frozen,
+                "train_manifest_sha256": self.manifest_sha256,
+                "train_examples": len(self.inputs.train),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             if previous:
@@ -447,10 +527,22 @@ class _Trainer:
         config, inputs = self.config, self.inputs
         self.processor = inputs.processor
 
-        loaded = load_model(config.model, None, device=torch.device("cpu"), dtype=torch.float32,
-                            resolved=inputs.resolved, family=self.family)
-        self.module = build_module(config.task, loaded.model, self.family, frozen_parts=inputs.frozen,
-                                   label_smoothing=config.label_smoothing, temperature=config.temperature)
+        loaded = load_model(
+            config.model,
+            None,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            resolved=inputs.resolved,
+            family=self.family,
+        )
+        self.module = build_module(
+            config.task,
+            loaded.model,
+            self.family,
+            frozen_parts=inputs.frozen,
+            label_smoothing=config.label_smoothing,
+            temperature=config.temperature,
+        )
         self.module.train()
         params = list(self.module.parameters())
         self.trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -468,26 +560,42 @@ class _Trainer:
         collator = Collator(config.task, self.family, self.processor, max_length=config.max_length)
 
         def examples(manifest):
-            return make_examples(manifest.records(), config.task, self.family, prompt=config.prompt,
-                                 template=config.template)
+            return make_examples(
+                manifest.records(), config.task, self.family, prompt=config.prompt, template=config.template
+            )
 
         self.train_examples = examples(inputs.train)
-        self.train_set = ManifestDataset(self.train_examples, str(inputs.train.path), max_pixels=config.max_pixels)
+        self.train_set = ManifestDataset(
+            self.train_examples, str(inputs.train.path), max_pixels=config.max_pixels
+        )
         self.sampler = EpochSampler(len(self.train_set), config.seed)
         # The loader's own generator (worker seeds), so creating an iterator never draws from the
         # global RNG: a resumed run's dropout / negative sampling continue where the interrupted one was.
         self.loader_generator = torch.Generator()
         self.loader_generator.manual_seed(config.seed)
-        train_loader = DataLoader(self.train_set, batch_size=config.batch_size, sampler=self.sampler,
-                                  collate_fn=collator, num_workers=config.num_workers,
-                                  generator=self.loader_generator, pin_memory=False)
+        train_loader = DataLoader(
+            self.train_set,
+            batch_size=config.batch_size,
+            sampler=self.sampler,
+            collate_fn=collator,
+            num_workers=config.num_workers,
+            generator=self.loader_generator,
+            pin_memory=False,
+        )
         self.train_loader = acc.prepare(train_loader)
         self.val_examples = examples(inputs.val) if inputs.val is not None else []
         self.val_loader = None
         if self.val_examples:
-            self.val_set = ManifestDataset(self.val_examples, str(inputs.val.path), max_pixels=config.max_pixels)
-            val_loader = DataLoader(self.val_set, batch_size=config.eval_batch_size or config.batch_size,
-                                    shuffle=False, collate_fn=collator, num_workers=config.num_workers)
+            self.val_set = ManifestDataset(
+                self.val_examples, str(inputs.val.path), max_pixels=config.max_pixels
+            )
+            val_loader = DataLoader(
+                self.val_set,
+                batch_size=config.eval_batch_size or config.batch_size,
+                shuffle=False,
+                collate_fn=collator,
+                num_workers=config.num_workers,
+            )
             self.val_loader = acc.prepare(val_loader)
         self.batches_per_epoch = len(self.train_loader)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
@@ -502,9 +610,15 @@ class _Trainer:
         from blip_toolkit.training.common import build_optimizer, warmup_cosine_schedule
 
         config, acc = self.config, self.accelerator
-        optimizer = build_optimizer(self.module, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
-        scheduler = warmup_cosine_schedule(optimizer, warmup_steps=config.warmup_steps, total_steps=self.total_steps,
-                                           min_ratio=config.min_lr_ratio)
+        optimizer = build_optimizer(
+            self.module, learning_rate=config.learning_rate, weight_decay=config.weight_decay
+        )
+        scheduler = warmup_cosine_schedule(
+            optimizer,
+            warmup_steps=config.warmup_steps,
+            total_steps=self.total_steps,
+            min_ratio=config.min_lr_ratio,
+        )
         self.module, self.optimizer, self.scheduler = acc.prepare(self.module, optimizer, scheduler)
         self.trainable_params = [p for p in self.module.parameters() if p.requires_grad]
 
@@ -521,14 +635,20 @@ class _Trainer:
             logger.info("%s: no complete checkpoint; starting from step 0", self.out)
             self.history = self.metrics.truncate_after(0) if self.main else []
             return
-        state = self.checkpoints.load(acc, latest, model=self.module, optimizer=self.optimizer,
-                                      scheduler=self.scheduler)
+        state = self.checkpoints.load(
+            acc, latest, model=self.module, optimizer=self.optimizer, scheduler=self.scheduler
+        )
         if state.get("train_manifest_sha256") not in (None, self.manifest_sha256):
-            raise TrainingError(f"{self.config.manifest} changed since {latest} was written; the saved data "
-                                "position would not match", hint="restore the manifest or start a new run")
+            raise TrainingError(
+                f"{self.config.manifest} changed since {latest} was written; the saved data "
+                "position would not match",
+                hint="restore the manifest or start a new run",
+            )
         if state.get("train_examples") != len(self.train_set):
-            raise TrainingError(f"{latest} was written for {state.get('train_examples')} training examples; the "
-                                f"manifest now gives {len(self.train_set)}")
+            raise TrainingError(
+                f"{latest} was written for {state.get('train_examples')} training examples; the "
+                f"manifest now gives {len(self.train_set)}"
+            )
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
@@ -539,24 +659,42 @@ class _Trainer:
         self.last_checkpoint_step = self.step
         self.resumed_from = self.step
         self.history = self.metrics.truncate_after(self.step) if self.main else []
-        logger.info("resumed from %s (step %d, epoch %d, batch %d of %d)", latest, self.step, self.epoch + 1,
-                    self.batch_in_epoch, self.batches_per_epoch)
+        logger.info(
+            "resumed from %s (step %d, epoch %d, batch %d of %d)",
+            latest,
+            self.step,
+            self.epoch + 1,
+            self.batch_in_epoch,
+            self.batches_per_epoch,
+        )
 
     def _log_start(self) -> None:
         config, inputs, acc = self.config, self.inputs, self.accelerator
         skipped = len(inputs.train.skipped_missing)
         logger.info(
             "fine-tuning %s (%s) for %s: %d training example(s)%s%s; %s trainable / %s frozen parameters%s",
-            config.model, self.family.label, config.task, len(self.train_set),
+            config.model,
+            self.family.label,
+            config.task,
+            len(self.train_set),
             f" ({skipped} skipped)" if skipped else "",
             f", {len(self.val_examples)} validation" if self.val_examples else "",
-            _count(self.trainable), _count(self.frozen_count),
+            _count(self.trainable),
+            _count(self.frozen_count),
             f" (frozen: {', '.join(inputs.frozen)})" if inputs.frozen else "",
         )
-        logger.info("%d step(s) of %d example(s) (%d per process x %d process(es) x %d accumulation) on %s, "
-                    "%d epoch(s), mixed precision %s", self.total_steps,
-                    config.batch_size * acc.num_processes * config.grad_accum, config.batch_size,
-                    acc.num_processes, config.grad_accum, acc.device, self.num_epochs, config.mixed_precision)
+        logger.info(
+            "%d step(s) of %d example(s) (%d per process x %d process(es) x %d accumulation) on %s, "
+            "%d epoch(s), mixed precision %s",
+            self.total_steps,
+            config.batch_size * acc.num_processes * config.grad_accum,
+            config.batch_size,
+            acc.num_processes,
+            config.grad_accum,
+            acc.device,
+            self.num_epochs,
+            config.mixed_precision,
+        )
 
     # -- the loop
 
@@ -611,14 +749,23 @@ class _Trainer:
                 elapsed = time.perf_counter() - window_start
                 self.train_time += elapsed
                 self.train_samples += window_samples
-                record = {"type": "train", "step": self.step, "epoch": self.epoch + 1, "loss": step_loss,
-                          "lr": float(scheduler.get_last_lr()[0]),
-                          "samples_per_second": window_samples / elapsed if elapsed > 0 else None}
+                record = {
+                    "type": "train",
+                    "step": self.step,
+                    "epoch": self.epoch + 1,
+                    "loss": step_loss,
+                    "lr": float(scheduler.get_last_lr()[0]),
+                    "samples_per_second": window_samples / elapsed if elapsed > 0 else None,
+                }
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 self.final_train_loss = step_loss
-                self._record(record, console=self.step == 1 or self.step % config.log_every == 0
-                             or self.step == self.total_steps)
+                self._record(
+                    record,
+                    console=self.step == 1
+                    or self.step % config.log_every == 0
+                    or self.step == self.total_steps,
+                )
                 if config.save_every and self.step % config.save_every == 0:
                     self._evaluate()
                     self._checkpoint()
@@ -690,12 +837,18 @@ class _Trainer:
             for batch in self.val_loader:
                 self._global_count(batch)
                 out = module(batch)
-                loss, count = acc.gather_for_metrics((out["example_loss"].float(), out["example_count"].float()))
+                loss, count = acc.gather_for_metrics(
+                    (out["example_loss"].float(), out["example_count"].float())
+                )
                 sums.append(loss.sum().cpu())
                 counts.append(count.sum().cpu())
         val_loss = float(sum(sums) / max(float(sum(counts)), 1.0))
-        record = {"type": "eval", "step": self.step, "epoch": self.epoch if self.batch_in_epoch == 0 else self.epoch + 1,
-                  "val_loss": val_loss}
+        record = {
+            "type": "eval",
+            "step": self.step,
+            "epoch": self.epoch if self.batch_in_epoch == 0 else self.epoch + 1,
+            "val_loss": val_loss,
+        }
         if self.main:
             with torch.random.fork_rng(devices=devices), torch.no_grad(), acc.autocast():
                 record.update(self._task_metric())
@@ -727,11 +880,31 @@ class _Trainer:
         batch_size = config.eval_batch_size or config.batch_size
         device = self.accelerator.device
         if config.task == "retrieval":
-            return {"val_recall@1": recall_at_1(model, self.processor, self.family, self.val_examples, image,
-                                                batch_size=batch_size, device=device, rerank=config.rerank)}
-        return {"val_accuracy": exact_match(model, self.processor, self.family, config.task, self.val_examples,
-                                            image, max_new_tokens=config.max_new_tokens or config.max_length,
-                                            batch_size=batch_size, device=device)}
+            return {
+                "val_recall@1": recall_at_1(
+                    model,
+                    self.processor,
+                    self.family,
+                    self.val_examples,
+                    image,
+                    batch_size=batch_size,
+                    device=device,
+                    rerank=config.rerank,
+                )
+            }
+        return {
+            "val_accuracy": exact_match(
+                model,
+                self.processor,
+                self.family,
+                config.task,
+                self.val_examples,
+                image,
+                max_new_tokens=config.max_new_tokens or config.max_length,
+                batch_size=batch_size,
+                device=device,
+            )
+        }
 
     # -- saving
 
@@ -741,12 +914,25 @@ class _Trainer:
         epoch, batch = self.epoch, self.batch_in_epoch
         if batch >= self.batches_per_epoch:  # saved at the very end of an epoch: resume at the next one
             epoch, batch = epoch + 1, 0
-        state = {"epoch": epoch, "batch_in_epoch": batch, "best_val_loss": self.best_val_loss,
-                 "best_step": self.best_step, "last_eval": self.last_eval, "last_eval_step": self.last_eval_step,
-                 "train_examples": len(self.train_set), "train_manifest_sha256": self.manifest_sha256,
-                 "total_steps": self.total_steps}
-        path = self.checkpoints.save(self.accelerator, self.step, state, model=self.module,
-                                     optimizer=self.optimizer, scheduler=self.scheduler)
+        state = {
+            "epoch": epoch,
+            "batch_in_epoch": batch,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "last_eval": self.last_eval,
+            "last_eval_step": self.last_eval_step,
+            "train_examples": len(self.train_set),
+            "train_manifest_sha256": self.manifest_sha256,
+            "total_steps": self.total_steps,
+        }
+        path = self.checkpoints.save(
+            self.accelerator,
+            self.step,
+            state,
+            model=self.module,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+        )
         self.last_checkpoint_step = self.step
         self._record({"type": "checkpoint", "step": self.step, "path": str(path)}, console=False)
 
@@ -786,23 +972,42 @@ class _Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         run_file = self.out / RUN_FILE
         record = json.loads(run_file.read_text(encoding="utf-8"))
-        record.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), steps=self.step,
-                      best_step=self.best_step, best_val_loss=self.best_val_loss, val_metrics=self.last_eval,
-                      final_train_loss=self.final_train_loss)
+        record.update(
+            status="finished",
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            steps=self.step,
+            best_step=self.best_step,
+            best_val_loss=self.best_val_loss,
+            val_metrics=self.last_eval,
+            final_train_loss=self.final_train_loss,
+        )
         write_json(run_file, record)
 
     def _result(self, elapsed: float) -> FinetuneResult:
         config = self.config
         return FinetuneResult(
-            output_dir=str(self.out), task=config.task, family=self.family.name, model=config.model, steps=self.step,
-            total_steps=self.total_steps, epochs=self.epoch, train_examples=len(self.train_set),
-            val_examples=len(self.val_examples), skipped_missing=len(self.inputs.train.skipped_missing),
-            trainable_parameters=self.trainable, frozen_parameters=self.frozen_count,
-            frozen_parts=list(self.inputs.frozen), resumed_from_step=self.resumed_from,
-            final_train_loss=self.final_train_loss, best_val_loss=self.best_val_loss, best_step=self.best_step,
+            output_dir=str(self.out),
+            task=config.task,
+            family=self.family.name,
+            model=config.model,
+            steps=self.step,
+            total_steps=self.total_steps,
+            epochs=self.epoch,
+            train_examples=len(self.train_set),
+            val_examples=len(self.val_examples),
+            skipped_missing=len(self.inputs.train.skipped_missing),
+            trainable_parameters=self.trainable,
+            frozen_parameters=self.frozen_count,
+            frozen_parts=list(self.inputs.frozen),
+            resumed_from_step=self.resumed_from,
+            final_train_loss=self.final_train_loss,
+            best_val_loss=self.best_val_loss,
+            best_step=self.best_step,
             val_metrics={k: v for k, v in self.last_eval.items() if k.startswith("val_")},
             train_samples_per_second=(self.train_samples / self.train_time) if self.train_time > 0 else None,
-            elapsed_seconds=elapsed, is_main_process=self.main, history=list(self.history),
+            elapsed_seconds=elapsed,
+            is_main_process=self.main,
+            history=list(self.history),
         )
 
 
@@ -810,10 +1015,18 @@ def _check_resume_config(previous: dict[str, Any], current: dict[str, Any], out:
     changed = [k for k in RESUME_LOCKED if k in previous and previous.get(k) != current.get(k)]
     if changed:
         details = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise UsageError(f"--resume: {out} was started with other settings ({details})",
-                         hint="resume with the same settings, or start a new --output-dir")
-    other = [k for k in current if k in previous and previous[k] != current[k]
-             and k not in ("resume", "overwrite") and k not in RESUME_LOCKED]
+        raise UsageError(
+            f"--resume: {out} was started with other settings ({details})",
+            hint="resume with the same settings, or start a new --output-dir",
+        )
+    other = [
+        k
+        for k in current
+        if k in previous
+        and previous[k] != current[k]
+        and k not in ("resume", "overwrite")
+        and k not in RESUME_LOCKED
+    ]
     if other:
         logger.warning("--resume with changed settings: %s", ", ".join(other))
 

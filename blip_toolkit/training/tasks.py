@@ -51,19 +51,34 @@ PARTS: dict[str, dict[str, tuple[str, ...]]] = {
     "blip-caption": {"vision": ("vision_model",), "text": ("text_decoder",)},
     "blip-vqa": {"vision": ("vision_model",), "text": ("text_encoder", "text_decoder")},
     "blip-itm": {"vision": ("vision_model",), "text": ("text_encoder",)},
-    "blip2-opt": {"vision": ("vision_model",), "qformer": ("qformer", "query_tokens"),
-                  "language-model": ("language_model",), "projection": ("language_projection",)},
-    "blip2-t5": {"vision": ("vision_model",), "qformer": ("qformer", "query_tokens"),
-                 "language-model": ("language_model",), "projection": ("language_projection",)},
-    "blip2-itm": {"vision": ("vision_model",), "qformer": ("qformer", "query_tokens"), "text": ("embeddings",)},
+    "blip2-opt": {
+        "vision": ("vision_model",),
+        "qformer": ("qformer", "query_tokens"),
+        "language-model": ("language_model",),
+        "projection": ("language_projection",),
+    },
+    "blip2-t5": {
+        "vision": ("vision_model",),
+        "qformer": ("qformer", "query_tokens"),
+        "language-model": ("language_model",),
+        "projection": ("language_projection",),
+    },
+    "blip2-itm": {
+        "vision": ("vision_model",),
+        "qformer": ("qformer", "query_tokens"),
+        "text": ("embeddings",),
+    },
 }
 
 # BLIP-2 keeps the image encoder and the LLM frozen and trains the Q-Former, its query tokens and
 # the projection into the LLM (BLIP-2 paper, sec. 3; LAVIS freeze_vit=True, the OPT/T5 weights
 # have requires_grad=False). BLIP fine-tunes everything (BLIP paper, sec. 5).
 DEFAULT_FROZEN: dict[str, tuple[str, ...]] = {
-    "blip-caption": (), "blip-vqa": (), "blip-itm": (),
-    "blip2-opt": ("vision", "language-model"), "blip2-t5": ("vision", "language-model"),
+    "blip-caption": (),
+    "blip-vqa": (),
+    "blip-itm": (),
+    "blip2-opt": ("vision", "language-model"),
+    "blip2-t5": ("vision", "language-model"),
     "blip2-itm": ("vision",),
 }
 
@@ -82,11 +97,13 @@ def check_trainable(family, task: str, source: str) -> None:
         raise TaskNotSupportedError(
             f"{source} is a generative {family.label} checkpoint: it ranks texts by likelihood and has no "
             "ITC/ITM heads, so it cannot be fine-tuned for retrieval",
-            hint="fine-tune it with --task caption, or use a retrieval checkpoint (BLIP ITM or BLIP-2 ITM)")
+            hint="fine-tune it with --task caption, or use a retrieval checkpoint (BLIP ITM or BLIP-2 ITM)",
+        )
     can = [t for t, families in TRAINABLE.items() if family.name in families]
     raise TaskNotSupportedError(
         f"{source} is a {family.label} checkpoint and cannot be fine-tuned for {task}"
-        + (f"; it can be fine-tuned for: {', '.join(can)}" if can else ""))
+        + (f"; it can be fine-tuned for: {', '.join(can)}" if can else "")
+    )
 
 
 def resolve_frozen(family, freeze: list[str] | None) -> list[str]:
@@ -99,8 +116,10 @@ def resolve_frozen(family, freeze: list[str] | None) -> list[str]:
         return []
     unknown = [n for n in names if n not in parts]
     if unknown:
-        raise UsageError(f"--freeze {', '.join(unknown)}: not a part of a {family.label} checkpoint",
-                         hint=f"its parts are: {', '.join(parts)} (or none)")
+        raise UsageError(
+            f"--freeze {', '.join(unknown)}: not a part of a {family.label} checkpoint",
+            hint=f"its parts are: {', '.join(parts)} (or none)",
+        )
     return list(dict.fromkeys(names))
 
 
@@ -142,7 +161,9 @@ class Example:
     text_id: int = 0
 
 
-def make_examples(records: list[dict], task: str, family, *, prompt: str | None, template: str) -> list[Example]:
+def make_examples(
+    records: list[dict], task: str, family, *, prompt: str | None, template: str
+) -> list[Example]:
     from blip_toolkit.runtime.vqa import format_question
 
     ids: dict[str, int] = {}
@@ -255,15 +276,24 @@ class Collator:
     def _check_prefix(self, ids: list[int], expected: list[int], prefix: str) -> None:
         if ids[: len(expected)] != expected and not self._warned:
             self._warned = True
-            logger.warning("the prompt %r tokenizes differently when followed by the text; the prompt mask may be "
-                           "off by a token (end the prompt with a complete word)", prefix)
+            logger.warning(
+                "the prompt %r tokenizes differently when followed by the text; the prompt mask may be "
+                "off by a token (end the prompt with a complete word)",
+                prefix,
+            )
 
     # -- BLIP
 
     def _blip_caption(self, images, examples) -> dict[str, Any]:
         texts = [join_prompt(e.prefix, e.target) for e in examples]
-        enc = self.processor(images=images, text=texts, padding="longest", truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        enc = self.processor(
+            images=images,
+            text=texts,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         input_ids = enc["input_ids"].clone()
         attention_mask = enc["attention_mask"]
         # [CLS] -> [DEC]: the decoder's start token (LAVIS; BlipForConditionalGeneration.generate).
@@ -275,20 +305,40 @@ class Collator:
                 prefix_ids = self._prefix_ids(e.prefix)[:-1]
                 self._check_prefix(enc["input_ids"][row].tolist(), prefix_ids, e.prefix)
                 labels[row, : len(prefix_ids)] = IGNORE
-        return {"pixel_values": enc["pixel_values"], "input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": labels}
+        return {
+            "pixel_values": enc["pixel_values"],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+        }
 
     def _blip_vqa(self, images, examples) -> dict[str, Any]:
-        enc = self.processor(images=images, text=[e.prefix for e in examples], padding="longest", truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
-        answers = self.tokenizer([e.target for e in examples], padding="longest", truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+        enc = self.processor(
+            images=images,
+            text=[e.prefix for e in examples],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        answers = self.tokenizer(
+            [e.target for e in examples],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         decoder_input_ids = answers["input_ids"].clone()
         decoder_input_ids[:, 0] = self.tokenizer.bos_token_id  # [DEC] answer [SEP] (LAVIS blip_vqa.py)
         labels = decoder_input_ids.masked_fill(answers["attention_mask"] == 0, IGNORE)
-        return {"pixel_values": enc["pixel_values"], "input_ids": enc["input_ids"],
-                "attention_mask": enc["attention_mask"], "decoder_input_ids": decoder_input_ids,
-                "decoder_attention_mask": answers["attention_mask"], "labels": labels}
+        return {
+            "pixel_values": enc["pixel_values"],
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "decoder_input_ids": decoder_input_ids,
+            "decoder_attention_mask": answers["attention_mask"],
+            "labels": labels,
+        }
 
     # -- BLIP-2
 
@@ -305,8 +355,15 @@ class Collator:
         queries = self._num_queries()
         # Only through the processor: it prepends the <image> placeholders the model fills.
         # Right padding: the labels below assume the text starts right after the image tokens.
-        enc = self.processor(images=images, text=texts, padding="longest", truncation=True,
-                             max_length=self.max_length + queries, padding_side="right", return_tensors="pt")
+        enc = self.processor(
+            images=images,
+            text=texts,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length + queries,
+            padding_side="right",
+            return_tensors="pt",
+        )
         input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
         labels[input_ids == self._image_token_id()] = IGNORE
@@ -315,20 +372,39 @@ class Collator:
             prefix_ids = self._prefix_ids(e.prefix) if e.prefix else self.tokenizer("")["input_ids"]
             self._check_prefix(input_ids[row, queries:].tolist(), prefix_ids, e.prefix)
             labels[row, : queries + len(prefix_ids)] = IGNORE
-        return {"pixel_values": enc["pixel_values"], "input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": labels}
+        return {
+            "pixel_values": enc["pixel_values"],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+        }
 
     def _blip2_seq2seq(self, images, examples) -> dict[str, Any]:
         queries = self._num_queries()
         # Encoder: <image> x Q + prefix + </s> (an empty prefix gives what `blip caption` feeds it).
-        enc = self.processor(images=images, text=[e.prefix for e in examples], padding="longest", truncation=True,
-                             max_length=self.max_length + queries, return_tensors="pt")
+        enc = self.processor(
+            images=images,
+            text=[e.prefix for e in examples],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length + queries,
+            return_tensors="pt",
+        )
         # Decoder targets: the text + </s> (T5's tokenizer appends it).
-        targets = self.tokenizer([e.target for e in examples], padding="longest", truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+        targets = self.tokenizer(
+            [e.target for e in examples],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, IGNORE)
-        return {"pixel_values": enc["pixel_values"], "input_ids": enc["input_ids"],
-                "attention_mask": enc["attention_mask"], "labels": labels}
+        return {
+            "pixel_values": enc["pixel_values"],
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": labels,
+        }
 
     # -- retrieval
 
@@ -336,9 +412,18 @@ class Collator:
         # As runtime/retrieval.py scores: pixels from the processor, text from the (BERT) tokenizer
         # without <image> placeholders (the Q-Former text path takes plain text).
         pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        text = self.tokenizer([e.target for e in examples], padding="longest", truncation=True,
-                              max_length=self.max_length, return_tensors="pt")
-        return {"pixel_values": pixel_values, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+        text = self.tokenizer(
+            [e.target for e in examples],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {
+            "pixel_values": pixel_values,
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+        }
 
 
 # ----------------------------------------------------------------------------- losses
@@ -353,8 +438,13 @@ def token_loss(logits, labels, *, label_smoothing: float = 0.0, shift: bool = Tr
     if shift:
         logits, labels = logits[:, :-1, :], labels[:, 1:]
     batch, length, vocab = logits.shape
-    losses = F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1), ignore_index=IGNORE,
-                             reduction="none", label_smoothing=label_smoothing).view(batch, length)
+    losses = F.cross_entropy(
+        logits.reshape(-1, vocab).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    ).view(batch, length)
     valid = labels != IGNORE
     return (losses * valid).sum(dim=1), valid.sum(dim=1)
 
@@ -435,8 +525,12 @@ class BlipItmOps:
     def itm(model, image_embeds, input_ids, attention_mask):
         """Paired inputs (row i with row i) -> ITM logits [N, 2] (the image-grounded text encoder's [CLS])."""
         hidden = model.text_encoder(
-            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(
+                image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
+            ),
         ).last_hidden_state
         return model.itm_head(hidden[:, 0, :])
 
@@ -451,17 +545,21 @@ class Blip2ItmOps:
         image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
         mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_out = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
-                                  encoder_attention_mask=mask).last_hidden_state
+        query_out = model.qformer(
+            query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=mask
+        ).last_hidden_state
         feat = model.vision_projection(query_out.to(model.vision_projection.weight.dtype))
         return image_embeds, F.normalize(feat, dim=-1)
 
     @staticmethod
     def text(model, input_ids, attention_mask):
         """-> text_feat [B, E] normalised (the Q-Former's text-only [CLS])."""
-        hidden = model.qformer(query_embeds=model.embeddings(input_ids=input_ids), query_length=0,
-                               attention_mask=attention_mask).last_hidden_state
-        return F.normalize(model.text_projection(hidden[:, 0, :].to(model.text_projection.weight.dtype)), dim=-1)
+        hidden = model.qformer(
+            query_embeds=model.embeddings(input_ids=input_ids), query_length=0, attention_mask=attention_mask
+        ).last_hidden_state
+        return F.normalize(
+            model.text_projection(hidden[:, 0, :].to(model.text_projection.weight.dtype)), dim=-1
+        )
 
     @staticmethod
     def similarity(image_feat, text_feat):
@@ -473,12 +571,21 @@ class Blip2ItmOps:
         """Paired inputs -> ITM logits [N, 2]."""
         num_queries = model.query_tokens.shape[1]
         queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        mask = torch.cat([torch.ones(queries.shape[:-1], dtype=attention_mask.dtype, device=attention_mask.device),
-                          attention_mask], dim=1)
+        mask = torch.cat(
+            [
+                torch.ones(queries.shape[:-1], dtype=attention_mask.dtype, device=attention_mask.device),
+                attention_mask,
+            ],
+            dim=1,
+        )
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        hidden = model.qformer(query_embeds=model.embeddings(input_ids=input_ids, query_embeds=queries),
-                               query_length=num_queries, attention_mask=mask, encoder_hidden_states=image_embeds,
-                               encoder_attention_mask=image_mask).last_hidden_state
+        hidden = model.qformer(
+            query_embeds=model.embeddings(input_ids=input_ids, query_embeds=queries),
+            query_length=num_queries,
+            attention_mask=mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+        ).last_hidden_state
         return model.itm_head(hidden[:, :num_queries, :].to(model.itm_head.weight.dtype)).mean(dim=1)
 
 
@@ -494,8 +601,15 @@ class TaskModule(nn.Module):
 
     forward returns {"example_loss": [B] loss sums, "example_count": [B] counts}."""
 
-    def __init__(self, model, family, *, frozen_parts: list[str], label_smoothing: float = 0.0,
-                 temperature: float = 0.07):
+    def __init__(
+        self,
+        model,
+        family,
+        *,
+        frozen_parts: list[str],
+        label_smoothing: float = 0.0,
+        temperature: float = 0.07,
+    ):
         super().__init__()
         self.model = model
         self.family = family
@@ -527,32 +641,47 @@ class CaptionLikeModule(TaskModule):
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         model, name = self.model, self.family.name
         if name == "blip-caption":
-            logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                pixel_values=batch["pixel_values"],
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+            ).logits
             total, count = token_loss(logits, batch["labels"], label_smoothing=self.label_smoothing)
         elif name == "blip-vqa":
             # BlipForQuestionAnswering.forward drops the decoder logits, so its three parts are called here.
             image_embeds = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
             image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-            question = model.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                          encoder_hidden_states=image_embeds,
-                                          encoder_attention_mask=image_mask).last_hidden_state
-            logits = model.text_decoder(input_ids=batch["decoder_input_ids"],
-                                        attention_mask=batch["decoder_attention_mask"],
-                                        encoder_hidden_states=question,
-                                        encoder_attention_mask=batch["attention_mask"]).logits
+            question = model.text_encoder(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_mask,
+            ).last_hidden_state
+            logits = model.text_decoder(
+                input_ids=batch["decoder_input_ids"],
+                attention_mask=batch["decoder_attention_mask"],
+                encoder_hidden_states=question,
+                encoder_attention_mask=batch["attention_mask"],
+            ).logits
             total, count = token_loss(logits, batch["labels"], label_smoothing=self.label_smoothing)
         elif self.family.decoder_only:
             labels = batch["labels"]
-            logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-            logits = logits[:, -labels.size(1):, :]  # the LM output aligned with the labels
+            logits = model(
+                pixel_values=batch["pixel_values"],
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+            ).logits
+            logits = logits[:, -labels.size(1) :, :]  # the LM output aligned with the labels
             total, count = token_loss(logits, labels, label_smoothing=self.label_smoothing)
         else:  # encoder-decoder (T5)
             labels = batch["labels"]
             decoder_input_ids = model.language_model._shift_right(labels)
-            logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"], decoder_input_ids=decoder_input_ids).logits
+            logits = model(
+                pixel_values=batch["pixel_values"],
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                decoder_input_ids=decoder_input_ids,
+            ).logits
             total, count = token_loss(logits, labels, label_smoothing=self.label_smoothing, shift=False)
         return {"example_loss": total, "example_count": count}
 
@@ -609,7 +738,9 @@ class RetrievalModule(TaskModule):
             text_index += [neg_text, rows]
         image_index = torch.cat(image_index)
         text_index = torch.cat(text_index)
-        itm_logits = ops.itm(model, image_embeds[image_index], input_ids[text_index], attention_mask[text_index])
+        itm_logits = ops.itm(
+            model, image_embeds[image_index], input_ids[text_index], attention_mask[text_index]
+        )
         itm_labels = torch.zeros(len(image_index), dtype=torch.long, device=input_ids.device)
         itm_labels[:size] = 1
         itm = F.cross_entropy(itm_logits.float(), itm_labels)
@@ -618,10 +749,13 @@ class RetrievalModule(TaskModule):
         return {"example_loss": itc + itm, "example_count": torch.ones_like(itc, dtype=torch.long)}
 
 
-def build_module(task: str, model, family, *, frozen_parts: list[str], label_smoothing: float,
-                 temperature: float) -> TaskModule:
+def build_module(
+    task: str, model, family, *, frozen_parts: list[str], label_smoothing: float, temperature: float
+) -> TaskModule:
     cls = RetrievalModule if task == "retrieval" else CaptionLikeModule
-    return cls(model, family, frozen_parts=frozen_parts, label_smoothing=label_smoothing, temperature=temperature)
+    return cls(
+        model, family, frozen_parts=frozen_parts, label_smoothing=label_smoothing, temperature=temperature
+    )
 
 
 # ----------------------------------------------------------------------------- validation metrics
@@ -630,13 +764,28 @@ def build_module(task: str, model, family, *, frozen_parts: list[str], label_smo
 def _loaded(model, processor, family, device):
     from blip_toolkit.runtime.loading import LoadedModel
 
-    return LoadedModel(source="<training>", family=family, model=model, processor=processor, device=device,
-                       dtype=next(model.parameters()).dtype)
+    return LoadedModel(
+        source="<training>",
+        family=family,
+        model=model,
+        processor=processor,
+        device=device,
+        dtype=next(model.parameters()).dtype,
+    )
 
 
-def generated_texts(model, processor, family, examples: list[Example], images: Callable[[Example], Any], *,
-                    prompt_of: Callable[[Example], str | None], max_new_tokens: int, batch_size: int,
-                    device) -> list[str]:
+def generated_texts(
+    model,
+    processor,
+    family,
+    examples: list[Example],
+    images: Callable[[Example], Any],
+    *,
+    prompt_of: Callable[[Example], str | None],
+    max_new_tokens: int,
+    batch_size: int,
+    device,
+) -> list[str]:
     """Greedy generation with the same code as `blip caption` / `blip vqa` (runtime/generation.py),
     in batches of equal prompt token length (so no prompt padding changes the output)."""
     from collections import defaultdict
@@ -651,26 +800,48 @@ def generated_texts(model, processor, family, examples: list[Example], images: C
     out: list[str] = [""] * len(examples)
     for indices in groups.values():
         for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
+            chunk = indices[start : start + batch_size]
             prompts = [prompt_of(examples[i]) for i in chunk]
-            texts = generate(loaded, [images(examples[i]) for i in chunk], prompts if prompts[0] else None, options)
+            texts = generate(
+                loaded, [images(examples[i]) for i in chunk], prompts if prompts[0] else None, options
+            )
             for i, text in zip(chunk, texts):
                 out[i] = text
     return out
 
 
-def exact_match(model, processor, family, task: str, examples: list[Example], images, *, max_new_tokens: int,
-                batch_size: int, device) -> float:
+def exact_match(
+    model,
+    processor,
+    family,
+    task: str,
+    examples: list[Example],
+    images,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device,
+) -> float:
     """Fraction of examples whose greedy caption / answer equals the target (after normalize_text).
     BLIP VQA checkpoints take the bare question (already in `prefix`)."""
-    texts = generated_texts(model, processor, family, examples, images, prompt_of=lambda e: e.prefix or None,
-                            max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+    texts = generated_texts(
+        model,
+        processor,
+        family,
+        examples,
+        images,
+        prompt_of=lambda e: e.prefix or None,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=device,
+    )
     hits = sum(normalize_text(t) == normalize_text(e.target) for t, e in zip(texts, examples))
     return hits / max(len(examples), 1)
 
 
-def recall_at_1(model, processor, family, examples: list[Example], images, *, batch_size: int, device,
-                rerank: int = 16) -> float:
+def recall_at_1(
+    model, processor, family, examples: list[Example], images, *, batch_size: int, device, rerank: int = 16
+) -> float:
     """Image-to-text recall@1 among all validation texts: ITC ranks every text, the top `rerank` are
     re-scored with ITM + ITC (LAVIS's protocol; `blip retrieval`'s default itm+itc score). A hit when
     the best text belongs to the image (any of its rows) or is identical to one of its texts."""
@@ -684,22 +855,30 @@ def recall_at_1(model, processor, family, examples: list[Example], images, *, ba
     for e in examples:
         texts_of_image.setdefault(e.image_id, set()).add(e.text_id)
     with torch.no_grad():
-        encoded = tokenizer([e.target for e in examples], padding="longest", truncation=True, return_tensors="pt")
+        encoded = tokenizer(
+            [e.target for e in examples], padding="longest", truncation=True, return_tensors="pt"
+        )
         all_ids, all_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
         chunk = batch_size * 4
-        text_feat = torch.cat([ops.text(model, all_ids[i:i + chunk], all_mask[i:i + chunk])
-                               for i in range(0, len(examples), chunk)])  # [T, E]
+        text_feat = torch.cat(
+            [
+                ops.text(model, all_ids[i : i + chunk], all_mask[i : i + chunk])
+                for i in range(0, len(examples), chunk)
+            ]
+        )  # [T, E]
         hits = 0
         k = min(rerank, len(examples))
         for start in range(0, len(distinct), batch_size):
-            chunk = distinct[start:start + batch_size]
-            pixels = processor(images=[images(e) for e in chunk], return_tensors="pt")["pixel_values"].to(device)
+            chunk = distinct[start : start + batch_size]
+            pixels = processor(images=[images(e) for e in chunk], return_tensors="pt")["pixel_values"].to(
+                device
+            )
             image_embeds, image_feat = ops.image(model, pixels)
             itc = ops.similarity(image_feat, text_feat).float()  # [b, T]
             top = itc.topk(k, dim=1).indices  # [b, k]
             for row, e in enumerate(chunk):
                 candidates = top[row]
-                embeds = image_embeds[row:row + 1].expand(k, *image_embeds.shape[1:])
+                embeds = image_embeds[row : row + 1].expand(k, *image_embeds.shape[1:])
                 itm = ops.itm(model, embeds, all_ids[candidates], all_mask[candidates]).float()[:, 1]
                 best = candidates[int(torch.argmax(itm + itc[row, candidates]))]
                 hits += int(examples[int(best)].text_id in texts_of_image[e.image_id])

@@ -42,19 +42,41 @@ def test_directory_stdin_and_manifest_inputs(cli, tiny_models, sample_images, sa
     model = tiny_models["blip-caption"]
     from_dir = cli("caption", samples, "-m", model, "--max-new-tokens", "3", "-f", "jsonl")
     assert from_dir.code == 0 and len(from_dir.stdout.splitlines()) == len(sample_images)
-    from_stdin = cli("caption", "-", "-m", model, "--max-new-tokens", "3", "-f", "jsonl",
-                     stdin="\n".join(str(p) for p in sample_images) + "\n")
-    from_manifest = cli("caption", "--manifest", samples / "captions.tsv", "-m", model, "--max-new-tokens", "3",
-                        "-f", "jsonl")
-    captions = lambda out: sorted((json.loads(x)["image"].split("/")[-1], json.loads(x)["caption"]) for x in out.splitlines())  # noqa: E731
+    from_stdin = cli(
+        "caption",
+        "-",
+        "-m",
+        model,
+        "--max-new-tokens",
+        "3",
+        "-f",
+        "jsonl",
+        stdin="\n".join(str(p) for p in sample_images) + "\n",
+    )
+    from_manifest = cli(
+        "caption", "--manifest", samples / "captions.tsv", "-m", model, "--max-new-tokens", "3", "-f", "jsonl"
+    )
+    captions = lambda out: sorted(
+        (json.loads(x)["image"].split("/")[-1], json.loads(x)["caption"]) for x in out.splitlines()
+    )  # noqa: E731
     assert captions(from_dir.stdout) == captions(from_stdin.stdout) == captions(from_manifest.stdout)
 
 
 def test_bad_items_exit_3_and_all_bad_exit_1(cli, tiny_models, sample_images, tmp_path):
     (tmp_path / "zero.jpg").write_bytes(b"")
     model = tiny_models["blip-caption"]
-    mixed = cli("caption", sample_images[0], tmp_path / "zero.jpg", tmp_path / "missing.jpg", "-m", model,
-                "--max-new-tokens", "3", "-f", "jsonl")
+    mixed = cli(
+        "caption",
+        sample_images[0],
+        tmp_path / "zero.jpg",
+        tmp_path / "missing.jpg",
+        "-m",
+        model,
+        "--max-new-tokens",
+        "3",
+        "-f",
+        "jsonl",
+    )
     assert mixed.code == 3
     records = [json.loads(line) for line in mixed.stdout.splitlines()]
     assert [sorted(r) for r in records] == [["caption", "image"], ["error", "image"], ["error", "image"]]
@@ -84,7 +106,9 @@ def test_vqa_single_and_manifest(cli, tiny_models, sample_images, samples):
 
 def test_vqa_manifest_errors_name_file_and_line(cli, tiny_models, tmp_path, sample_images):
     bad = tmp_path / "q.tsv"
-    bad.write_bytes(f"{sample_images[0]}\n".encode() + f"{sample_images[0]}\tok?\n".encode() + b"\xff\xfe\tx\n")
+    bad.write_bytes(
+        f"{sample_images[0]}\n".encode() + f"{sample_images[0]}\tok?\n".encode() + b"\xff\xfe\tx\n"
+    )
     result = cli("vqa", "--manifest", bad, "-m", tiny_models["blip-vqa"])
     assert result.code == 1
     assert f"{bad}:1: expected 2 or 3 tab-separated columns" in result.stderr
@@ -99,8 +123,18 @@ def test_image_token_in_text_is_refused(cli, tiny_models, sample_images):
 def test_retrieval_outputs(cli, tiny_models, sample_images, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("a photo of a cat\n\na dog\nred\n")
-    result = cli("retrieval", *sample_images[:2], "--texts-file", texts, "-m", tiny_models["blip-itm"], "-f", "jsonl",
-                 "--top", "2")
+    result = cli(
+        "retrieval",
+        *sample_images[:2],
+        "--texts-file",
+        texts,
+        "-m",
+        tiny_models["blip-itm"],
+        "-f",
+        "jsonl",
+        "--top",
+        "2",
+    )
     assert result.code == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 2 and all(len(r["results"]) == 2 for r in records)
@@ -121,7 +155,10 @@ def test_usage_errors_exit_2(cli, tiny_models, sample_images):
     assert cli("caption", sample_images[0], "--batch-size", "0", "-m", tiny_models["blip-caption"]).code == 2
     assert cli("caption", "-m", tiny_models["blip-caption"]).code == 2
     assert cli("retrieval", sample_images[0], "-m", tiny_models["blip-itm"]).code == 2
-    assert cli("vqa", sample_images[0], "q?", "--template", "no placeholder", "-m", tiny_models["blip-vqa"]).code == 2
+    assert (
+        cli("vqa", sample_images[0], "q?", "--template", "no placeholder", "-m", tiny_models["blip-vqa"]).code
+        == 2
+    )
     assert cli("no-such-command").code == 2
 
 
@@ -134,7 +171,19 @@ def test_blip_debug_shows_the_traceback(cli, tmp_path, sample_images, monkeypatc
 @pytest.mark.parametrize("entry", [["-m", "blip_toolkit"], None])
 def test_python_dash_m_and_console_script(entry, tiny_models, sample_images):
     command = [sys.executable, *entry] if entry else [os.path.join(os.path.dirname(sys.executable), "blip")]
-    result = subprocess.run([*command, "caption", str(sample_images[0]), "-m", str(tiny_models["blip-caption"]),
-                             "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            *command,
+            "caption",
+            str(sample_images[0]),
+            "-m",
+            str(tiny_models["blip-caption"]),
+            "--max-new-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(str(sample_images[0]) + "\t")

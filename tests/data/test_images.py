@@ -37,10 +37,12 @@ def test_truncated_jpeg_and_corrupt_png(tmp_path, sample_images):
         open_image(tmp_path / "truncated.jpg")
 
     png = io.BytesIO()
-    Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 40, 3), dtype=np.uint8)).save(png, format="PNG")
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+        png, format="PNG"
+    )
     raw = bytearray(png.getvalue())
     idat = raw.index(b"IDAT")
-    raw[idat + 10: idat + 30] = b"\x00" * 20  # damage the compressed pixel data (CRC no longer matches)
+    raw[idat + 10 : idat + 30] = b"\x00" * 20  # damage the compressed pixel data (CRC no longer matches)
     (tmp_path / "corrupt.png").write_bytes(bytes(raw))
     with pytest.raises(ImageLoadError, match="corrupt|cannot read"):
         open_image(tmp_path / "corrupt.png")
@@ -129,7 +131,9 @@ def test_collect_inputs_files_directories_globs_stdin(tmp_path, sample_images):
 
     items = collect_inputs([str(folder)])
     assert [i.error for i in items] == [None, None, None]
-    assert sorted(p.split("/")[-1] for p in (i.path for i in items)) == sorted(s.name for s in sample_images[:3])
+    assert sorted(p.split("/")[-1] for p in (i.path for i in items)) == sorted(
+        s.name for s in sample_images[:3]
+    )
 
     items = collect_inputs([str(tmp_path / "empty"), str(tmp_path / "missing.jpg"), str(folder / "*.jpg")])
     assert "directory has no images" in items[0].error

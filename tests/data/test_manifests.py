@@ -26,7 +26,11 @@ def test_comments_blank_lines_quotes_and_relative_paths(tmp_path, images):
     )
     manifest = read_manifest(path, "caption")
     rows = manifest.records()
-    assert [r["caption"] for r in rows] == ['a "quoted" caption, with a comma', "caption # with a hash", "absolute path"]
+    assert [r["caption"] for r in rows] == [
+        'a "quoted" caption, with a comma',
+        "caption # with a hash",
+        "absolute path",
+    ]
     assert [r["line"] for r in rows] == [3, 5, 6]
     assert rows[0]["image"] == str(tmp_path / images[0])
     assert rows[2]["image"] == str(tmp_path / images[2])
@@ -36,17 +40,23 @@ def test_errors_name_file_and_line(tmp_path, images):
     path = tmp_path / "bad.tsv"
     path.write_bytes(
         f"{images[0]}\tfine\n".encode()
-        + f"{images[1]}\n".encode()                      # line 2: one column
-        + f"{images[1]}\ta\tb\n".encode()                # line 3: three columns
-        + f"{images[2]}\t   \n".encode()                 # line 4: empty caption
-        + b"caf\xe9.jpg\tnot utf-8\n"                     # line 5: latin-1 byte
-        + b"missing.jpg\tno such image\n"                # line 6: missing image
+        + f"{images[1]}\n".encode()  # line 2: one column
+        + f"{images[1]}\ta\tb\n".encode()  # line 3: three columns
+        + f"{images[2]}\t   \n".encode()  # line 4: empty caption
+        + b"caf\xe9.jpg\tnot utf-8\n"  # line 5: latin-1 byte
+        + b"missing.jpg\tno such image\n"  # line 6: missing image
     )
     with pytest.raises(ManifestError) as info:
         read_manifest(path, "caption")
     message = str(info.value)
     assert "5 problem(s)" in message
-    for line, what in [(2, "found 1"), (3, "found 3"), (4, "empty caption"), (5, "not valid UTF-8"), (6, "image not found")]:
+    for line, what in [
+        (2, "found 1"),
+        (3, "found 3"),
+        (4, "empty caption"),
+        (5, "not valid UTF-8"),
+        (6, "image not found"),
+    ]:
         assert f"{path}:{line}: " in message and what in message
     assert "--skip-missing" in message
 

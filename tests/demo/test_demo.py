@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-QUICK_FLOORS = {"caption": 0.5, "vqa": 0.5, "retrieval": 0.4, "generated_r1": 0.3, "generated_over_baseline": 0.4}
+QUICK_FLOORS = {
+    "caption": 0.5,
+    "vqa": 0.5,
+    "retrieval": 0.4,
+    "generated_r1": 0.3,
+    "generated_over_baseline": 0.4,
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +88,16 @@ def test_quick_demo_writes_report_and_figures(quick):
     report = json.loads((out / "report.json").read_text())
     markdown = (out / "report.md").read_text()
     assert f"{report['metrics']['caption']['accuracy']:.1%}" in markdown
-    assert set(report["stage_seconds"]) == {"data", "build", "caption", "vqa", "retrieval", "embeddings", "dit", "report"}
+    assert set(report["stage_seconds"]) == {
+        "data",
+        "build",
+        "caption",
+        "vqa",
+        "retrieval",
+        "embeddings",
+        "dit",
+        "report",
+    }
     assert report["total_seconds"] >= sum(report["stage_seconds"].values()) - 1
     for name in ("curves", "recall", "samples"):
         path = out / report["figures"][name]
@@ -90,8 +105,13 @@ def test_quick_demo_writes_report_and_figures(quick):
         with Image.open(path) as image:
             assert image.format == "PNG" and min(image.size) >= 200, (name, image.size)
     # every command's output is there for a person to inspect
-    for path in ("models/caption/model.safetensors", "models/retrieval/config.json", "embeddings/test/index.json",
-                 "dit/config.json", "generated.safetensors"):
+    for path in (
+        "models/caption/model.safetensors",
+        "models/retrieval/config.json",
+        "embeddings/test/index.json",
+        "dit/config.json",
+        "generated.safetensors",
+    ):
         assert (out / path).is_file(), path
 
 

@@ -4,11 +4,11 @@ over --set which wins over the file, --print-config round-trips, and every examp
 from __future__ import annotations
 
 import json
+import tomllib
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from blip_toolkit.dit.train import TrainDiTConfig, format_config, load_train_config
 from blip_toolkit.errors import ConfigError

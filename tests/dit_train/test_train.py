@@ -386,13 +386,21 @@ def test_est_recall_treats_identical_captions_as_one_text(cli, tmp_path):
         tmp_path / "emb", samples=24, shard_size=8, caption_text=lambda image, c: f"class {image % 4}"
     )
     out = tmp_path / "run"
-    changes = {"train.steps": 20, "data.eval_shards": 1, "eval.every": 20, "eval.steps": 4, "eval.batch_size": 8}
+    changes = {
+        "train.steps": 20,
+        "data.eval_shards": 1,
+        "eval.every": 20,
+        "eval.steps": 4,
+        "eval.batch_size": 8,
+    }
     run = run_train_dit(tiny_config(emb, out, **changes))
     last = [r for r in run.history if r["type"] == "eval"][-1]
     samples = tmp_path / "eval.safetensors"
     args = ["--checkpoint", out, "--data", emb, "--out", samples, "--split", "eval", "--steps", "4"]
     assert cli("sample", *args, "--seed", "0").code == 0
-    result = cli("eval-recall", emb, "--generated", samples, "--dedupe-captions", "--k", "1", "--format", "json")
+    result = cli(
+        "eval-recall", emb, "--generated", samples, "--dedupe-captions", "--k", "1", "--format", "json"
+    )
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["features"]["generated"]["num_texts"] == 4

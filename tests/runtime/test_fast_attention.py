@@ -12,9 +12,17 @@ from blip_toolkit.runtime.fast_attention import use_fused_vision_attention
 
 def _models():
     torch.manual_seed(0)
-    config = BlipConfig(vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=64, patch_size=8,
-                                           initializer_range=0.1)).vision_config
+    config = BlipConfig(
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=8,
+            initializer_range=0.1,
+        )
+    ).vision_config
     eager = BlipVisionModel(config)
     fused = copy.deepcopy(eager)
     assert use_fused_vision_attention(fused) == 2
@@ -42,6 +50,16 @@ def test_gradients_match_eager():
 
 def test_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("BLIP_EAGER_ATTENTION", "1")
-    model = BlipVisionModel(BlipConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                          num_attention_heads=2, image_size=32, patch_size=8)).vision_config)
+    model = BlipVisionModel(
+        BlipConfig(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            )
+        ).vision_config
+    )
     assert use_fused_vision_attention(model) == 0

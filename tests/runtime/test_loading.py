@@ -36,7 +36,9 @@ def test_family_is_detected_from_the_checkpoint_config(tiny_models, kind):
 
 
 def test_wrong_task_names_what_the_checkpoint_can_do(tiny_models):
-    with pytest.raises(TaskNotSupportedError, match=r"BLIP VQA checkpoint and cannot do caption; it can do: vqa"):
+    with pytest.raises(
+        TaskNotSupportedError, match=r"BLIP VQA checkpoint and cannot do caption; it can do: vqa"
+    ):
         load_model(str(tiny_models["blip-vqa"]), "caption")
     with pytest.raises(TaskNotSupportedError, match="encoder"):
         open_runner(str(tiny_models["clip"]), "retrieval")
@@ -99,15 +101,20 @@ def test_cuda_fault_classification():
     assert not is_cuda_fault(ValueError("CUDA"))
 
 
-@pytest.mark.parametrize("fault", [
-    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"),
-    RuntimeError("CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA"),
-])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"),
+        RuntimeError("CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA"),
+    ],
+)
 def test_cuda_fault_reloads_on_cpu_and_retries_the_batch(tiny_models, sample_images, caplog, fault):
     source = str(tiny_models["blip-caption"])
     items = [InputItem(str(p)) for p in sample_images[:5]]
     options = CaptionOptions(batch_size=2, generation=GenerationOptions(max_new_tokens=5))
-    clean = [r["caption"] for r in caption_images(open_runner(source, "caption", device="cpu"), items, options)]
+    clean = [
+        r["caption"] for r in caption_images(open_runner(source, "caption", device="cpu"), items, options)
+    ]
 
     loads = []
 

@@ -33,8 +33,12 @@ def test_blip_itm_scores_equal_the_model_forward(tiny_models, sample_images):
     for record, image_path in zip(records, sample_images):
         image = open_image(image_path)
         with torch.no_grad():
-            itc = model(**processor(images=image, text=TEXTS, padding=True, return_tensors="pt"), use_itm_head=False).itm_score[0]
-            itm = torch.stack([model(**processor(images=image, text=t, return_tensors="pt")).itm_score[0] for t in TEXTS])
+            itc = model(
+                **processor(images=image, text=TEXTS, padding=True, return_tensors="pt"), use_itm_head=False
+            ).itm_score[0]
+            itm = torch.stack(
+                [model(**processor(images=image, text=t, return_tensors="pt")).itm_score[0] for t in TEXTS]
+            )
         got = _by_text(record)
         for i, text in enumerate(TEXTS):
             assert got[text]["itc"] == pytest.approx(float(itc[i]), abs=1e-5)
@@ -55,11 +59,18 @@ def test_blip2_itm_scores_equal_the_model_forward(tiny_models, sample_images):
     for record, image_path in zip(records, sample_images):
         image = open_image(image_path)
         with torch.no_grad():
-            itc = model(**processor(images=image, text=TEXTS, padding=True, return_tensors="pt")).logits_per_image[0]
-            itm = torch.stack([
-                model(**processor(images=image, text=t, return_tensors="pt"), use_image_text_matching_head=True).logits_per_image[0]
-                for t in TEXTS
-            ])
+            itc = model(
+                **processor(images=image, text=TEXTS, padding=True, return_tensors="pt")
+            ).logits_per_image[0]
+            itm = torch.stack(
+                [
+                    model(
+                        **processor(images=image, text=t, return_tensors="pt"),
+                        use_image_text_matching_head=True,
+                    ).logits_per_image[0]
+                    for t in TEXTS
+                ]
+            )
         got = _by_text(record)
         for i, text in enumerate(TEXTS):
             assert got[text]["itc"] == pytest.approx(float(itc[i]), abs=1e-5)

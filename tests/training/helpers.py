@@ -15,6 +15,12 @@ def _rows(name: str) -> list[list[str]]:
 
 CAPTIONS = _rows("captions.tsv")
 VQA = _rows("vqa.tsv")
-CORPUS = [r[1] for r in CAPTIONS] + [r[1] for r in VQA] + [r[2] for r in VQA] + [
-    "Question: what is it? Answer: a photo", "a photo of",
-]
+CORPUS = (
+    [r[1] for r in CAPTIONS]
+    + [r[1] for r in VQA]
+    + [r[2] for r in VQA]
+    + [
+        "Question: what is it? Answer: a photo",
+        "a photo of",
+    ]
+)

@@ -29,12 +29,20 @@ def tiny_blip(seed: int):
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     layers = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    text = dict(layers, vocab_size=40, max_position_embeddings=16, encoder_hidden_size=16, pad_token_id=0,
-                bos_token_id=1, sep_token_id=2)
+    text = dict(
+        layers,
+        vocab_size=40,
+        max_position_embeddings=16,
+        encoder_hidden_size=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        sep_token_id=2,
+    )
     vision = dict(layers, image_size=16, patch_size=8)
     torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=8,
-                                                    image_text_hidden_size=8))
+    model = BlipForConditionalGeneration(
+        BlipConfig(text_config=text, vision_config=vision, projection_dim=8, image_text_hidden_size=8)
+    )
     model.vision_model.requires_grad_(False)
     return model
 
@@ -46,8 +54,10 @@ def tied(model) -> bool:
 
 def make_optimizer(model, fused: bool):
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": 0.05},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0, "lr": 2e-3}]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": 0.05},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0, "lr": 2e-3},
+    ]
     options = {"fused": True} if fused else {"amsgrad": True, "foreach": False, "maximize": True}
     return torch.optim.AdamW(groups, lr=1e-3, betas=(0.8, 0.95), eps=1e-7, **options)
 
@@ -63,8 +73,14 @@ def train_step(accelerator, model, optimizer, scheduler) -> None:
 
 def draws(generator) -> list:
     """Something from every RNG the checkpoint holds, including numpy's and python's cached gaussians."""
-    return [random.random(), random.gauss(0, 1), np.random.standard_normal(), float(np.random.rand()),
-            torch.rand(3).tolist(), torch.rand(3, generator=generator).tolist()]
+    return [
+        random.random(),
+        random.gauss(0, 1),
+        np.random.standard_normal(),
+        float(np.random.rand()),
+        torch.rand(3).tolist(),
+        torch.rand(3, generator=generator).tolist(),
+    ]
 
 
 def assert_same(got, expected, where: str = "state") -> None:
@@ -113,8 +129,16 @@ def test_state_comes_back_exactly_in_fresh_objects(tmp_path, accelerator, fused)
     assert expected["optimizer"]["param_groups"][0]["fused"] is (fused or None)
     micro_batches = accelerator.step
     manager = CheckpointManager(tmp_path / "checkpoints")
-    path = manager.save(accelerator, 3, {"epoch": 1, "note": "x"}, model=model, optimizer=optimizer,
-                        scheduler=scheduler, modules={"ema": ema}, generators={"timesteps": sampler})
+    path = manager.save(
+        accelerator,
+        3,
+        {"epoch": 1, "note": "x"},
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        modules={"ema": ema},
+        generators={"timesteps": sampler},
+    )
     # What the uninterrupted run does next.
     train_step(accelerator, model, optimizer, scheduler)
     next_weights = copy.deepcopy(model.state_dict())
@@ -126,9 +150,15 @@ def test_state_comes_back_exactly_in_fresh_objects(tmp_path, accelerator, fused)
     fresh_model, fresh_optimizer, fresh_scheduler = build(accelerator, 1, fused)
     fresh_ema, fresh_sampler = torch.nn.Linear(3, 2), torch.Generator()
     accelerator.step = 0
-    state = manager.load(accelerator, path, model=fresh_model, optimizer=fresh_optimizer,
-                         scheduler=fresh_scheduler, modules={"ema": fresh_ema},
-                         generators={"timesteps": fresh_sampler})
+    state = manager.load(
+        accelerator,
+        path,
+        model=fresh_model,
+        optimizer=fresh_optimizer,
+        scheduler=fresh_scheduler,
+        modules={"ema": fresh_ema},
+        generators={"timesteps": fresh_sampler},
+    )
 
     assert state["step"] == 3 and state["epoch"] == 1 and state["note"] == "x"
     assert accelerator.step == micro_batches
@@ -148,13 +178,30 @@ def test_state_comes_back_exactly_in_fresh_objects(tmp_path, accelerator, fused)
 def test_a_checkpoint_holds_only_safetensors_and_json(tmp_path, accelerator):
     model, optimizer, scheduler = build(accelerator, 0, True)
     train_step(accelerator, model, optimizer, scheduler)
-    path = CheckpointManager(tmp_path).save(accelerator, 1, {}, model=model, optimizer=optimizer,
-                                            scheduler=scheduler, modules={"ema": torch.nn.Linear(2, 2)},
-                                            generators={"timesteps": torch.Generator()})
+    path = CheckpointManager(tmp_path).save(
+        accelerator,
+        1,
+        {},
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        modules={"ema": torch.nn.Linear(2, 2)},
+        generators={"timesteps": torch.Generator()},
+    )
     names = sorted(p.name for p in path.iterdir())
-    assert names == sorted([COMPLETE_MARKER, "model.safetensors", "ema.safetensors", "optimizer.safetensors",
-                            "optimizer.json", "scheduler.json", "rng-0.safetensors", "rng-0.json",
-                            "trainer_state.json"])
+    assert names == sorted(
+        [
+            COMPLETE_MARKER,
+            "model.safetensors",
+            "ema.safetensors",
+            "optimizer.safetensors",
+            "optimizer.json",
+            "scheduler.json",
+            "rng-0.safetensors",
+            "rng-0.json",
+            "trainer_state.json",
+        ]
+    )
     optimizer_json = json.loads((path / "optimizer.json").read_text())
     assert optimizer_json["param_groups"][0]["betas"] == {"__tuple__": [0.8, 0.95]}
     from safetensors import safe_open
@@ -164,8 +211,10 @@ def test_a_checkpoint_holds_only_safetensors_and_json(tmp_path, accelerator):
     with safe_open(str(path / "model.safetensors"), "pt") as handle:
         keys = set(handle.keys())
     # The tied output layer is stored once, under one of its two names.
-    tied_names = {"text_decoder.cls.predictions.decoder.weight",
-                  "text_decoder.bert.embeddings.word_embeddings.weight"}
+    tied_names = {
+        "text_decoder.cls.predictions.decoder.weight",
+        "text_decoder.bert.embeddings.word_embeddings.weight",
+    }
     assert len(keys & tied_names) == 1
 
 
@@ -174,8 +223,9 @@ def test_a_model_that_does_not_fit_is_refused(tmp_path, accelerator):
     optimizer = torch.optim.AdamW(first.parameters())
     path = CheckpointManager(tmp_path).save(accelerator, 1, {}, model=first, optimizer=optimizer)
     with pytest.raises(TrainingError, match="model.safetensors does not fit the model"):
-        CheckpointManager(tmp_path).load(accelerator, path, model=second,
-                                         optimizer=torch.optim.AdamW(second.parameters()))
+        CheckpointManager(tmp_path).load(
+            accelerator, path, model=second, optimizer=torch.optim.AdamW(second.parameters())
+        )
     other_groups = torch.optim.AdamW([{"params": [first.weight]}, {"params": [first.bias]}])
     with pytest.raises(TrainingError, match="optimizer.json does not fit"):
         CheckpointManager(tmp_path).load(accelerator, path, model=first, optimizer=other_groups)
@@ -189,8 +239,9 @@ def test_other_process_count_missing_module_and_bad_names_are_refused(tmp_path, 
     with pytest.raises(TrainingError, match="has no saved modules ema"):
         manager.load(accelerator, path, model=model, optimizer=optimizer, modules={"ema": model})
     with pytest.raises(TrainingError, match="has no saved generators timesteps"):
-        manager.load(accelerator, path, model=model, optimizer=optimizer,
-                     generators={"timesteps": torch.Generator()})
+        manager.load(
+            accelerator, path, model=model, optimizer=optimizer, generators={"timesteps": torch.Generator()}
+        )
     for name in ("model", "optimizer", "rng-0", "../ema", ""):
         with pytest.raises(TrainingError, match="name .* is not allowed"):
             manager.save(accelerator, 2, {}, model=model, optimizer=optimizer, modules={name: model})
@@ -225,8 +276,12 @@ def test_state_without_a_json_form_fails_the_save_and_leaves_no_checkpoint(tmp_p
 
 def test_json_encoding_keeps_tuples_int_keys_and_tensor_dtypes(tmp_path):
     tensors = {"step": torch.tensor(3.0), "half": torch.ones(2, dtype=torch.bfloat16)}
-    value = {"state": {0: tensors, 7: {"n": 1}},
-             "betas": (0.9, (1, None)), "flags": [True, None, "a", np.int64(4)], "empty": {}}
+    value = {
+        "state": {0: tensors, 7: {"n": 1}},
+        "betas": (0.9, (1, None)),
+        "flags": [True, None, "a", np.int64(4)],
+        "empty": {},
+    }
     common._write_state(tmp_path, "x", value)
     back = common._read_state(tmp_path, "x")
     assert_same(back, {**value, "flags": [True, None, "a", 4]})
@@ -249,18 +304,22 @@ def test_sharded_setups_are_refused(kind, tmp_path):
 def test_ddp_is_accepted_but_tensor_parallelism_is_not():
     from accelerate.utils import DistributedType
 
-    CheckpointManager.check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU,
-                                                      parallelism_config=None))
+    CheckpointManager.check_supported(
+        SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, parallelism_config=None)
+    )
     tensor_parallel = SimpleNamespace(tp_enabled=True, cp_enabled=False)
     with pytest.raises(TrainingError, match="parallelism tp"):
-        CheckpointManager.check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU,
-                                                          parallelism_config=tensor_parallel))
+        CheckpointManager.check_supported(
+            SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, parallelism_config=tensor_parallel)
+        )
 
 
 def test_the_package_never_unpickles():
     """Our security standard: no pickle for data or checkpoints, torch.load only with weights_only=True."""
-    forbidden = re.compile(r"^\s*(import|from)\s+(pickle|dill|cloudpickle|joblib)\b|\bpickle\.\w+\("
-                           r"|torch\.save\(|\.save_state\(|\.load_state\(|allow_pickle\s*=\s*True")
+    forbidden = re.compile(
+        r"^\s*(import|from)\s+(pickle|dill|cloudpickle|joblib)\b|\bpickle\.\w+\("
+        r"|torch\.save\(|\.save_state\(|\.load_state\(|allow_pickle\s*=\s*True"
+    )
     problems = []
     for file in sorted(PACKAGE.rglob("*.py")):
         for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):

@@ -64,10 +64,22 @@ def test_nan_guard():
 
 
 def test_metric_line():
-    line = metric_line({"type": "train", "step": 40, "epoch": 2, "loss": 2.31414, "lr": 1e-5,
-                        "samples_per_second": 35.12, "grad_norm": 0.5}, total_steps=200)
+    line = metric_line(
+        {
+            "type": "train",
+            "step": 40,
+            "epoch": 2,
+            "loss": 2.31414,
+            "lr": 1e-5,
+            "samples_per_second": 35.12,
+            "grad_norm": 0.5,
+        },
+        total_steps=200,
+    )
     assert line == "step 40/200 | epoch 2 | loss 2.3141 | lr 1.00e-05 | 35.1 samples/s | grad_norm 0.5000"
-    assert metric_line({"type": "eval", "step": 3, "val_loss": 1.0}).startswith("eval step 3 | val_loss 1.0000")
+    assert metric_line({"type": "eval", "step": 3, "val_loss": 1.0}).startswith(
+        "eval step 3 | val_loss 1.0000"
+    )
     assert metric_line({"step": 1, "grad_norm": 5.07e13}) == "step 1 | grad_norm 5.070e+13"
 
 

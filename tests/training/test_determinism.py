@@ -21,8 +21,18 @@ def test_retrieval_finetuning_is_deterministic_on_two_threads(checkpoint, tmp_pa
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        run_finetune(FinetuneConfig(manifest=str(SAMPLES / "captions.tsv"), task="retrieval", model=str(source),
-                                    output_dir=str(out), max_steps=3, batch_size=8, learning_rate=1e-3, seed=5))
+        run_finetune(
+            FinetuneConfig(
+                manifest=str(SAMPLES / "captions.tsv"),
+                task="retrieval",
+                model=str(source),
+                output_dir=str(out),
+                max_steps=3,
+                batch_size=8,
+                learning_rate=1e-3,
+                seed=5,
+            )
+        )
         runs.append(load_file(str(out / "model.safetensors")))
     assert torch.are_deterministic_algorithms_enabled() == before  # the setting is scoped to the run
     first, second = runs

@@ -32,15 +32,39 @@ def _free_port() -> int:
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     # ACCELERATE_USE_CPU with --multi_gpu starts N gloo processes (`--cpu --num_processes 2` starts one).
-    env.update(ACCELERATE_USE_CPU="1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(
+        ACCELERATE_USE_CPU="1",
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return env
 
 
 def _args(source, out, batch_size):
-    return ["finetune", str(SAMPLES / "captions.tsv"), "--task", "caption", "--model", str(source),
-            "--output-dir", str(out), "--val-manifest", str(SAMPLES / "captions.tsv"), "--batch-size",
-            str(batch_size), "--max-steps", "4", "--lr", "5e-3", "--warmup-steps", "1", "--format", "json"]
+    return [
+        "finetune",
+        str(SAMPLES / "captions.tsv"),
+        "--task",
+        "caption",
+        "--model",
+        str(source),
+        "--output-dir",
+        str(out),
+        "--val-manifest",
+        str(SAMPLES / "captions.tsv"),
+        "--batch-size",
+        str(batch_size),
+        "--max-steps",
+        "4",
+        "--lr",
+        "5e-3",
+        "--warmup-steps",
+        "1",
+        "--format",
+        "json",
+    ]
 
 
 def _history(out):
@@ -49,12 +73,32 @@ def _history(out):
 
 def test_two_processes_match_one_with_the_same_global_batch(checkpoint, tmp_path):
     source = checkpoint("blip-caption")
-    single = subprocess.run([sys.executable, "-m", "blip_toolkit", *_args(source, tmp_path / "one", 4)],
-                            capture_output=True, text=True, env=_env(), timeout=300)
+    single = subprocess.run(
+        [sys.executable, "-m", "blip_toolkit", *_args(source, tmp_path / "one", 4)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr
-    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-              "-m", "blip_toolkit", *_args(source, tmp_path / "two", 2)]
+    launch = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "blip_toolkit",
+        *_args(source, tmp_path / "two", 2),
+    ]
     double = subprocess.run(launch, capture_output=True, text=True, env=_env(), timeout=300)
     assert double.returncode == 0, double.stderr
 
@@ -75,15 +119,27 @@ def test_two_processes_match_one_with_the_same_global_batch(checkpoint, tmp_path
     # Each process wrote its own RNG state; everything else once, by the main process. No pickles.
     checkpoint = tmp_path / "two" / "checkpoints" / "step-4"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "COMPLETE", "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng-0.json",
-        "rng-0.safetensors", "rng-1.json", "rng-1.safetensors", "scheduler.json", "trainer_state.json"]
+        "COMPLETE",
+        "model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "rng-0.json",
+        "rng-0.safetensors",
+        "rng-1.json",
+        "rng-1.safetensors",
+        "scheduler.json",
+        "trainer_state.json",
+    ]
 
-    w1, w2 = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    w1, w2 = (
+        load_file(str(tmp_path / "one" / "model.safetensors")),
+        load_file(str(tmp_path / "two" / "model.safetensors")),
+    )
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-CHECKPOINT_SCRIPT = '''
+CHECKPOINT_SCRIPT = """
 import json, random, sys
 from pathlib import Path
 
@@ -136,23 +192,45 @@ try:
 except TrainingError as exc:
     result["failure"] = str(exc)
 (root / f"result-{rank}.json").write_text(json.dumps(result))
-'''
+"""
 
 
 def test_checkpoints_under_ddp_keep_one_rng_state_per_process(tmp_path):
     script = tmp_path / "checkpoint_ddp.py"
     script.write_text(CHECKPOINT_SCRIPT)
-    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-              str(script), str(tmp_path / "checkpoints")]
+    launch = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(script),
+        str(tmp_path / "checkpoints"),
+    ]
     done = subprocess.run(launch, capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode == 0, done.stderr
     results = [json.loads((tmp_path / "checkpoints" / f"result-{rank}.json").read_text()) for rank in (0, 1)]
     for rank, result in enumerate(results):
         assert result["ddp"] == "DistributedDataParallel"
-        assert result["files"] == ["COMPLETE", "model.safetensors", "optimizer.json", "optimizer.safetensors",
-                                   "rng-0.json", "rng-0.safetensors", "rng-1.json", "rng-1.safetensors",
-                                   "trainer_state.json"]
+        assert result["files"] == [
+            "COMPLETE",
+            "model.safetensors",
+            "optimizer.json",
+            "optimizer.safetensors",
+            "rng-0.json",
+            "rng-0.safetensors",
+            "rng-1.json",
+            "rng-1.safetensors",
+            "trainer_state.json",
+        ]
         assert result["same_weights"] and result["written_by"] == 0  # the main process wrote the shared files
         assert result["got"] == result["expected"], f"rank {rank}: its own RNG streams continue"
     assert results[0]["expected"] != results[1]["expected"]  # each process got its own state back

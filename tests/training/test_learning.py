@@ -21,8 +21,21 @@ from .helpers import CAPTIONS, SAMPLES, VQA
 
 
 def finetune(cli, manifest, task, model, out, *extra):
-    result = cli("finetune", manifest, "--task", task, "--model", model, "--output-dir", out,
-                 "--weight-decay", "0", "--format", "json", *extra)
+    result = cli(
+        "finetune",
+        manifest,
+        "--task",
+        task,
+        "--model",
+        model,
+        "--output-dir",
+        out,
+        "--weight-decay",
+        "0",
+        "--format",
+        "json",
+        *extra,
+    )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     history = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -52,7 +65,9 @@ def assert_frozen(source: Path, tuned: Path, prefixes: tuple[str, ...], changed:
 
 
 def captions_of(cli, model, *extra):
-    result = cli("caption", "--manifest", SAMPLES / "captions.tsv", "--model", model, "--format", "jsonl", *extra)
+    result = cli(
+        "caption", "--manifest", SAMPLES / "captions.tsv", "--model", model, "--format", "jsonl", *extra
+    )
     assert result.code == 0, result.stderr
     return [json.loads(line)["caption"] for line in result.stdout.splitlines()]
 
@@ -78,8 +93,22 @@ def test_blip_caption(cli, checkpoint, tmp_path, prompt):
     source = checkpoint("blip-caption")
     out = tmp_path / "run"
     extra = ["--prompt", prompt] if prompt else []
-    summary, losses = finetune(cli, SAMPLES / "captions.tsv", "caption", source, out, "--epochs", "40",
-                               "--batch-size", "4", "--lr", "1e-2", "--val-manifest", SAMPLES / "captions.tsv", *extra)
+    summary, losses = finetune(
+        cli,
+        SAMPLES / "captions.tsv",
+        "caption",
+        source,
+        out,
+        "--epochs",
+        "40",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--val-manifest",
+        SAMPLES / "captions.tsv",
+        *extra,
+    )
     assert_learned(losses)
     assert summary["val_metrics"]["val_accuracy"] == 1.0
     # The same --prompt at inference: the model continues it with the training caption.
@@ -89,8 +118,19 @@ def test_blip_caption(cli, checkpoint, tmp_path, prompt):
 
 def test_blip_vqa(cli, checkpoint, tmp_path):
     out = tmp_path / "run"
-    _, losses = finetune(cli, SAMPLES / "vqa.tsv", "vqa", checkpoint("blip-vqa", initializer_range=0.1), out,
-                         "--epochs", "60", "--batch-size", "4", "--lr", "3e-3")
+    _, losses = finetune(
+        cli,
+        SAMPLES / "vqa.tsv",
+        "vqa",
+        checkpoint("blip-vqa", initializer_range=0.1),
+        out,
+        "--epochs",
+        "60",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+    )
     assert_learned(losses)
     assert answers_of(cli, out) == [r[2] for r in VQA]
 
@@ -98,8 +138,19 @@ def test_blip_vqa(cli, checkpoint, tmp_path):
 def test_blip_itm_retrieval(cli, checkpoint, tmp_path):
     out = tmp_path / "run"
     source = checkpoint("blip-itm", initializer_range=0.1)
-    _, losses = finetune(cli, SAMPLES / "captions.tsv", "retrieval", source, out, "--epochs", "100",
-                         "--batch-size", "8", "--lr", "3e-3")
+    _, losses = finetune(
+        cli,
+        SAMPLES / "captions.tsv",
+        "retrieval",
+        source,
+        out,
+        "--epochs",
+        "100",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+    )
     assert_learned(losses)
     assert_retrieves_own_text(cli, out, tmp_path)
     assert validation_recall(out) == 1.0  # the validation metric agrees with `blip retrieval`
@@ -113,8 +164,16 @@ def validation_recall(path) -> float:
     loaded = load_model(str(path), "retrieval")
     rows = [{"image": str(SAMPLES / r[0]), "text": r[1], "line": i} for i, r in enumerate(CAPTIONS)]
     examples = make_examples(rows, "retrieval", loaded.family, prompt=None, template="{}")
-    return recall_at_1(loaded.model, loaded.processor, loaded.family, examples, lambda e: open_image(e.image),
-                       batch_size=3, device=loaded.device, rerank=4)
+    return recall_at_1(
+        loaded.model,
+        loaded.processor,
+        loaded.family,
+        examples,
+        lambda e: open_image(e.image),
+        batch_size=3,
+        device=loaded.device,
+        rerank=4,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +184,19 @@ def blip2_opt_caption(checkpoint, tmp_path_factory):
     source = checkpoint("blip2-opt", initializer_range=0.1)
     out = tmp_path_factory.mktemp("blip2-opt") / "run"
     torch.set_num_threads(1)
-    result = run_finetune(FinetuneConfig(
-        manifest=str(SAMPLES / "captions.tsv"), task="caption", model=str(source), output_dir=str(out),
-        epochs=60, batch_size=4, learning_rate=1e-2, weight_decay=0.0, freeze=["vision"]))
+    result = run_finetune(
+        FinetuneConfig(
+            manifest=str(SAMPLES / "captions.tsv"),
+            task="caption",
+            model=str(source),
+            output_dir=str(out),
+            epochs=60,
+            batch_size=4,
+            learning_rate=1e-2,
+            weight_decay=0.0,
+            freeze=["vision"],
+        )
+    )
     return source, out, result
 
 
@@ -135,7 +204,9 @@ def test_blip2_opt_caption(cli, blip2_opt_caption):
     source, out, result = blip2_opt_caption
     assert_learned([r["loss"] for r in result.history if r["type"] == "train"])
     assert result.frozen_parts == ["vision"]
-    assert_frozen(source, out, ("vision_model.",), changed=("qformer.", "language_model.", "language_projection."))
+    assert_frozen(
+        source, out, ("vision_model.",), changed=("qformer.", "language_model.", "language_projection.")
+    )
     # The eos appended in training makes greedy decoding stop after the caption.
     assert captions_of(cli, out) == [r[1] for r in CAPTIONS]
 
@@ -158,12 +229,27 @@ def test_blip2_default_freeze_trains_only_the_qformer(cli, blip2_opt_caption, tm
     transformers.AutoProcessor.from_pretrained(trained, backend="pil").save_pretrained(source)
 
     out = tmp_path / "run"
-    summary, losses = finetune(cli, SAMPLES / "captions.tsv", "caption", source, out, "--epochs", "40",
-                               "--batch-size", "4", "--lr", "1e-2")
+    summary, losses = finetune(
+        cli,
+        SAMPLES / "captions.tsv",
+        "caption",
+        source,
+        out,
+        "--epochs",
+        "40",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+    )
     assert summary["frozen_parts"] == ["vision", "language-model"]
     assert_learned(losses, factor=0.5)
-    assert_frozen(source, out, ("vision_model.", "language_model."),
-                  changed=("qformer.", "query_tokens", "language_projection."))
+    assert_frozen(
+        source,
+        out,
+        ("vision_model.", "language_model."),
+        changed=("qformer.", "query_tokens", "language_projection."),
+    )
 
 
 def test_blip2_t5_vqa(cli, checkpoint, tmp_path):
@@ -177,8 +263,21 @@ def test_blip2_t5_vqa(cli, checkpoint, tmp_path):
     model.save_pretrained(source)
     transformers.AutoProcessor.from_pretrained(checkpoint("blip2-t5"), backend="pil").save_pretrained(source)
     out = tmp_path / "run"
-    _, losses = finetune(cli, SAMPLES / "vqa.tsv", "vqa", source, out, "--epochs", "50", "--batch-size", "4",
-                         "--lr", "3e-3", "--freeze", "vision")
+    _, losses = finetune(
+        cli,
+        SAMPLES / "vqa.tsv",
+        "vqa",
+        source,
+        out,
+        "--epochs",
+        "50",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--freeze",
+        "vision",
+    )
     assert_learned(losses)
     assert_frozen(source, out, ("vision_model.",), changed=("qformer.", "language_model."))
     assert answers_of(cli, out) == [r[2] for r in VQA]
@@ -187,8 +286,21 @@ def test_blip2_t5_vqa(cli, checkpoint, tmp_path):
 def test_blip2_itm_retrieval(cli, checkpoint, tmp_path):
     source = checkpoint("blip2-itm", initializer_range=0.1)
     out = tmp_path / "run"
-    summary, losses = finetune(cli, SAMPLES / "captions.tsv", "retrieval", source, out, "--epochs", "100",
-                               "--batch-size", "8", "--lr", "5e-3", "--warmup-steps", "10")
+    summary, losses = finetune(
+        cli,
+        SAMPLES / "captions.tsv",
+        "retrieval",
+        source,
+        out,
+        "--epochs",
+        "100",
+        "--batch-size",
+        "8",
+        "--lr",
+        "5e-3",
+        "--warmup-steps",
+        "10",
+    )
     assert summary["frozen_parts"] == ["vision"]
     assert_learned(losses, factor=0.4)
     assert_frozen(source, out, ("vision_model.",), changed=("qformer.", "query_tokens", "itm_head."))
@@ -197,8 +309,19 @@ def test_blip2_itm_retrieval(cli, checkpoint, tmp_path):
 
 
 def test_bf16_runs_on_cpu(cli, checkpoint, tmp_path):
-    summary, losses = finetune(cli, SAMPLES / "captions.tsv", "caption", checkpoint("blip-caption"), tmp_path / "run",
-                               "--max-steps", "2", "--batch-size", "4", "--mixed-precision", "bf16")
+    summary, losses = finetune(
+        cli,
+        SAMPLES / "captions.tsv",
+        "caption",
+        checkpoint("blip-caption"),
+        tmp_path / "run",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--mixed-precision",
+        "bf16",
+    )
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
     assert captions_of(cli, tmp_path / "run")  # float32 weights, loadable as usual
 
@@ -209,8 +332,17 @@ def test_dataloader_workers_do_not_change_the_weights(checkpoint, tmp_path):
     runs = []
     for workers in (0, 2):
         out = tmp_path / f"workers{workers}"
-        run_finetune(FinetuneConfig(manifest=str(SAMPLES / "vqa.tsv"), task="vqa", model=str(checkpoint("blip-vqa")),
-                                    output_dir=str(out), max_steps=3, batch_size=3, num_workers=workers,
-                                    learning_rate=1e-3))
+        run_finetune(
+            FinetuneConfig(
+                manifest=str(SAMPLES / "vqa.tsv"),
+                task="vqa",
+                model=str(checkpoint("blip-vqa")),
+                output_dir=str(out),
+                max_steps=3,
+                batch_size=3,
+                num_workers=workers,
+                learning_rate=1e-3,
+            )
+        )
         runs.append(tensors(out))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

@@ -24,9 +24,20 @@ def config(source, out, **changes):
     # BLIP-2 ITM: its Q-Former has dropout and the ITM negatives are sampled, so the global RNG
     # matters; 8 examples in micro-batches of 2 with 2-step accumulation = 2 steps per epoch, so the
     # step-3 checkpoint is in the middle of the second epoch.
-    values = dict(manifest=str(SAMPLES / "captions.tsv"), task="retrieval", model=str(source), output_dir=str(out),
-                  val_manifest=str(SAMPLES / "captions.tsv"), max_steps=6, batch_size=2, grad_accum=2,
-                  learning_rate=5e-3, warmup_steps=2, save_every=3, seed=3)
+    values = dict(
+        manifest=str(SAMPLES / "captions.tsv"),
+        task="retrieval",
+        model=str(source),
+        output_dir=str(out),
+        val_manifest=str(SAMPLES / "captions.tsv"),
+        max_steps=6,
+        batch_size=2,
+        grad_accum=2,
+        learning_rate=5e-3,
+        warmup_steps=2,
+        save_every=3,
+        seed=3,
+    )
     values.update(changes)
     return FinetuneConfig(**values)
 
@@ -72,7 +83,9 @@ def test_resumed_run_equals_uninterrupted_run(straight, tmp_path):
     steps = [r["step"] for r in resumed.history if r["type"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
     straight_losses = [r["loss"] for r in straight_result.history if r["type"] == "train"]
-    assert [r["loss"] for r in resumed.history if r["type"] == "train"] == pytest.approx(straight_losses, abs=1e-6)
+    assert [r["loss"] for r in resumed.history if r["type"] == "train"] == pytest.approx(
+        straight_losses, abs=1e-6
+    )
     assert resumed.best_val_loss == pytest.approx(straight_result.best_val_loss, abs=1e-6)
     # The checkpoint counter continued from the checkpoint (not 0), so pruning kept the newest.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-6"]
@@ -89,9 +102,16 @@ def test_finetune_checkpoints_hold_only_safetensors_and_json(straight):
     assert [c.name for c in checkpoints] == ["step-3", "step-6"]
     for checkpoint in checkpoints:
         names = sorted(p.name for p in checkpoint.iterdir())
-        assert names == ["COMPLETE", "model.safetensors", "optimizer.json", "optimizer.safetensors",
-                         "rng-0.json", "rng-0.safetensors", "scheduler.json",
-                         "trainer_state.json"], checkpoint.name
+        assert names == [
+            "COMPLETE",
+            "model.safetensors",
+            "optimizer.json",
+            "optimizer.safetensors",
+            "rng-0.json",
+            "rng-0.safetensors",
+            "scheduler.json",
+            "trainer_state.json",
+        ], checkpoint.name
         for file in checkpoint.iterdir():
             if file.suffix == ".json":
                 json.loads(file.read_text(), parse_constant=_not_json)  # strict JSON: no NaN / Infinity

@@ -12,8 +12,10 @@ from blip_toolkit.training import tasks
 
 
 def test_examples_number_distinct_texts_after_normalisation():
-    records = [{"image": f"{i}.jpg", "line": i + 1, "text": t} for i, t in
-               enumerate(["A cat.", "a  cat", "a dog", "a cat"])]
+    records = [
+        {"image": f"{i}.jpg", "line": i + 1, "text": t}
+        for i, t in enumerate(["A cat.", "a  cat", "a dog", "a cat"])
+    ]
     examples = tasks.make_examples(records, "retrieval", FAMILIES["blip-itm"], prompt=None, template="{}")
     assert [e.text_id for e in examples] == [0, 0, 1, 0]
     assert [e.image_id for e in examples] == [0, 1, 2, 3]
@@ -30,19 +32,27 @@ def test_positives_are_same_image_or_same_text():
 def test_identical_texts_are_never_sampled_as_itm_negatives(tiny_models, sample_images, monkeypatch, kind):
     path = tiny_models[kind]
     processor = transformers.AutoProcessor.from_pretrained(path, backend="pil")
-    model_class = transformers.BlipForImageTextRetrieval if kind == "blip-itm" else transformers.Blip2ForImageTextRetrieval
+    model_class = (
+        transformers.BlipForImageTextRetrieval
+        if kind == "blip-itm"
+        else transformers.Blip2ForImageTextRetrieval
+    )
     model = model_class.from_pretrained(path)
-    module = tasks.build_module("retrieval", model, FAMILIES[kind], frozen_parts=[], label_smoothing=0.0,
-                                temperature=0.07)
+    module = tasks.build_module(
+        "retrieval", model, FAMILIES[kind], frozen_parts=[], label_smoothing=0.0, temperature=0.07
+    )
     from PIL import Image
 
     texts = ["a photo of a cat"] * 3 + ["a red car parked next to a tree"]
     encoded = processor.tokenizer(texts, padding=True, return_tensors="pt")
     batch = {
-        "pixel_values": processor(images=[Image.open(p).convert("RGB") for p in sample_images[:4]],
-                                  return_tensors="pt")["pixel_values"],
-        "input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
-        "image_id": torch.arange(4), "text_id": torch.tensor([0, 0, 0, 1]),
+        "pixel_values": processor(
+            images=[Image.open(p).convert("RGB") for p in sample_images[:4]], return_tensors="pt"
+        )["pixel_values"],
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "image_id": torch.arange(4),
+        "text_id": torch.tensor([0, 0, 0, 1]),
     }
     seen = []
     ops = tasks.ITM_OPS[kind]
@@ -59,5 +69,7 @@ def test_identical_texts_are_never_sampled_as_itm_negatives(tiny_models, sample_
         ids = seen[-1]
         # rows 0..3 are the positives; rows 4..7 the negative texts of images 0..3
         negatives = ids[4:8]
-        assert all(torch.equal(negatives[i], car) for i in range(3)), "a cat image got 'a photo of a cat' as a negative"
+        assert all(torch.equal(negatives[i], car) for i in range(3)), (
+            "a cat image got 'a photo of a cat' as a negative"
+        )
         assert torch.equal(negatives[3], cat)
