@@ -8,34 +8,15 @@ condition never gets one."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from ..launch import run_blip
 from .conftest import cli_args
 
 pytestmark = pytest.mark.distributed
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # ACCELERATE_USE_CPU with --multi_gpu starts N gloo processes (`--cpu --num_processes 2` starts one).
-    env.update(ACCELERATE_USE_CPU="1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return env
 
 
 def _args(emb, out):
@@ -82,34 +63,9 @@ def test_two_processes_match_one_with_the_same_global_batch(emb, tmp_path):
     # The run below does meet a process whose 2 samples both lost their condition.
     drops = [global_noise(k, 4, (16, 16), FlowConfig(cond_dropout=0.4), seed=0)[1] for k in range(6)]
     assert any(bool(d[:2].all() or d[2:].all()) for d in drops)
-    single = subprocess.run(
-        [sys.executable, "-m", "blip_toolkit", "train-dit", *_args(emb, tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=300,
-    )
+    single = run_blip("train-dit", *_args(emb, tmp_path / "one"))
     assert single.returncode == 0, single.stderr
-    launch = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "blip_toolkit",
-        "train-dit",
-        *_args(emb, tmp_path / "two"),
-    ]
-    double = subprocess.run(launch, capture_output=True, text=True, env=_env(), timeout=300)
+    double = run_blip("train-dit", *_args(emb, tmp_path / "two"), processes=2)
     assert double.returncode == 0, double.stderr
 
     summary = json.loads(double.stdout)  # one summary: only the main process prints
@@ -155,26 +111,7 @@ def test_two_processes_without_condition_dropout(emb, tmp_path):
         "--format",
         "json",
     )[1:]
-    launch = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "blip_toolkit",
-        "train-dit",
-        *args,
-    ]
-    done = subprocess.run(launch, capture_output=True, text=True, env=_env(), timeout=300)
+    done = run_blip("train-dit", *args, processes=2)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["steps"] == 3
     assert "find_unused_parameters" not in done.stderr

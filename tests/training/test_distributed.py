@@ -6,40 +6,15 @@ state per process, the rest written once, and a load that fails on one process f
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from ..launch import run_blip, run_script
 from .helpers import SAMPLES
 
 pytestmark = pytest.mark.distributed
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # ACCELERATE_USE_CPU with --multi_gpu starts N gloo processes (`--cpu --num_processes 2` starts one).
-    env.update(
-        ACCELERATE_USE_CPU="1",
-        GLOO_SOCKET_IFNAME="lo",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    return env
 
 
 def _args(source, out, batch_size):
@@ -73,33 +48,9 @@ def _history(out):
 
 def test_two_processes_match_one_with_the_same_global_batch(checkpoint, tmp_path):
     source = checkpoint("blip-caption")
-    single = subprocess.run(
-        [sys.executable, "-m", "blip_toolkit", *_args(source, tmp_path / "one", 4)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=300,
-    )
+    single = run_blip(*_args(source, tmp_path / "one", 4))
     assert single.returncode == 0, single.stderr
-    launch = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "blip_toolkit",
-        *_args(source, tmp_path / "two", 2),
-    ]
-    double = subprocess.run(launch, capture_output=True, text=True, env=_env(), timeout=300)
+    double = run_blip(*_args(source, tmp_path / "two", 2), processes=2)
     assert double.returncode == 0, double.stderr
 
     summary = json.loads(double.stdout)  # one summary: only the main process prints
@@ -198,24 +149,7 @@ except TrainingError as exc:
 def test_checkpoints_under_ddp_keep_one_rng_state_per_process(tmp_path):
     script = tmp_path / "checkpoint_ddp.py"
     script.write_text(CHECKPOINT_SCRIPT)
-    launch = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(script),
-        str(tmp_path / "checkpoints"),
-    ]
-    done = subprocess.run(launch, capture_output=True, text=True, env=_env(), timeout=300)
+    done = run_script(script, tmp_path / "checkpoints")
     assert done.returncode == 0, done.stderr
     results = [json.loads((tmp_path / "checkpoints" / f"result-{rank}.json").read_text()) for rank in (0, 1)]
     for rank, result in enumerate(results):
