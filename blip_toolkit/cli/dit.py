@@ -8,18 +8,12 @@ from typing import Annotated
 
 import typer
 
-from blip_toolkit.cli.options import FormatOpt, OutputFormat
+from blip_toolkit.cli.options import FormatOpt, MixedPrecision, OutputFormat, unset_option
 from blip_toolkit.dit.train import TrainDiTConfig
 
 # Defaults for the help text (the flags themselves default to None = "not given", so a config file
 # value is not overridden by a default). dit.train imports no torch at module level.
 _D = TrainDiTConfig()
-
-
-class Precision(str, Enum):
-    no = "no"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 class Solver(str, Enum):
@@ -33,15 +27,10 @@ class Split(str, Enum):
     eval = "eval"
 
 
-def _opt(*names: str, help: str, **kwargs):
-    # Flags default to None = "not given", so they do not override a config file's value.
-    return typer.Option(*names, help=help, show_default=False, **kwargs)
-
-
 def train_dit(
     config: Annotated[
         Path | None,
-        _opt(
+        unset_option(
             "--config",
             "-c",
             help="TOML, YAML or JSON config (\\[data], \\[model], \\[flow], \\[train], \\[eval], \\[sample]); see --print-config.",
@@ -50,7 +39,7 @@ def train_dit(
     ] = None,
     data: Annotated[
         Path | None,
-        _opt(
+        unset_option(
             "--data",
             "-d",
             help="Embeddings directory (extract-embeddings --out). = data.dir",
@@ -59,21 +48,24 @@ def train_dit(
     ] = None,
     out: Annotated[
         Path | None,
-        _opt("--out", "-o", help="Run directory (checkpoints, metrics, final model). = out", file_okay=False),
+        unset_option(
+            "--out", "-o", help="Run directory (checkpoints, metrics, final model). = out", file_okay=False
+        ),
     ] = None,
     preset: Annotated[
         str | None,
-        _opt(
+        unset_option(
             "--preset",
             help=f"DiT size: tiny, small, base or large. = model.preset \\[default: {_D.model.preset}]",
         ),
     ] = None,
     steps: Annotated[
-        int | None, _opt("--steps", help=f"Optimizer steps. = train.steps \\[default: {_D.train.steps}]")
+        int | None,
+        unset_option("--steps", help=f"Optimizer steps. = train.steps \\[default: {_D.train.steps}]"),
     ] = None,
     batch_size: Annotated[
         int | None,
-        _opt(
+        unset_option(
             "--batch-size",
             "-b",
             help=f"GLOBAL batch per micro-step, split across processes. = train.batch_size \\[default: {_D.train.batch_size}]",
@@ -81,7 +73,7 @@ def train_dit(
     ] = None,
     lr: Annotated[
         float | None,
-        _opt(
+        unset_option(
             "--lr",
             "--learning-rate",
             help=f"Peak AdamW learning rate (warmup, then cosine). = train.lr \\[default: {_D.train.lr:g}]",
@@ -89,56 +81,56 @@ def train_dit(
     ] = None,
     seed: Annotated[
         int | None,
-        _opt(
+        unset_option(
             "--seed",
             help=f"Seed of the weights, data order and noise. = train.seed \\[default: {_D.train.seed}]",
         ),
     ] = None,
     eval_every: Annotated[
         int | None,
-        _opt(
+        unset_option(
             "--eval-every",
             help=f"Held-out metrics every N steps and at the end (0 = never). = eval.every \\[default: {_D.eval.every}]",
         ),
     ] = None,
     save_every: Annotated[
         int | None,
-        _opt(
+        unset_option(
             "--save-every",
             help=f"Checkpoint every N steps (0 = at the end only). = train.save_every \\[default: {_D.train.save_every}]",
         ),
     ] = None,
     mixed_precision: Annotated[
-        Precision | None,
-        _opt(
+        MixedPrecision | None,
+        unset_option(
             "--mixed-precision",
             help=f"no, bf16 or fp16 (GPU only). = train.mixed_precision \\[default: {_D.train.mixed_precision}]",
         ),
     ] = None,
     grad_accum: Annotated[
         int | None,
-        _opt(
+        unset_option(
             "--grad-accum",
             help=f"Micro-batches per optimizer step. = train.grad_accum \\[default: {_D.train.grad_accum}]",
         ),
     ] = None,
     log_with: Annotated[
         str | None,
-        _opt(
+        unset_option(
             "--log-with",
             help="Accelerate trackers, comma-separated: tensorboard, wandb, ... (must be installed). = train.log_with",
         ),
     ] = None,
     overfit: Annotated[
         int | None,
-        _opt(
+        unset_option(
             "--overfit",
             help="Train on the first N images only and evaluate on them (a sanity check). = data.overfit",
         ),
     ] = None,
     set_: Annotated[
         list[str] | None,
-        _opt(
+        unset_option(
             "--set",
             help="Any config field: --set section.key=value (repeatable; JSON values). Flags above win over --set.",
         ),
@@ -257,19 +249,23 @@ def sample(
     ],
     solver: Annotated[
         Solver | None,
-        _opt("--solver", help="euler or heun (2 evaluations per step). \\[default: the run's, euler]"),
+        unset_option(
+            "--solver", help="euler or heun (2 evaluations per step). \\[default: the run's, euler]"
+        ),
     ] = None,
-    steps: Annotated[int | None, _opt("--steps", help="ODE steps. \\[default: the run's, 30]")] = None,
+    steps: Annotated[
+        int | None, unset_option("--steps", help="ODE steps. \\[default: the run's, 30]")
+    ] = None,
     cfg_scale: Annotated[
         float | None,
-        _opt(
+        unset_option(
             "--cfg-scale",
             help="Classifier-free guidance (1 = none); conditional and unconditional in one batch. \\[default: the run's, else 1.0]",
         ),
     ] = None,
     shift: Annotated[
         float | None,
-        _opt(
+        unset_option(
             "--shift",
             help="Timestep shift of the grid (>1: more steps near the noise). \\[default: the run's, 1.0]",
         ),
@@ -290,7 +286,9 @@ def sample(
             help="all images, or the run's own train / eval split (needs the embeddings it was trained on).",
         ),
     ] = Split.all,
-    limit: Annotated[int | None, _opt("--limit", min=1, help="Only the first N images of the split.")] = None,
+    limit: Annotated[
+        int | None, unset_option("--limit", min=1, help="Only the first N images of the split.")
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
     fmt: FormatOpt = OutputFormat.text,

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from blip_toolkit.cli.options import FormatOpt, OutputFormat
+from blip_toolkit.cli.options import FormatOpt, MixedPrecision, OutputFormat, unset_option
 from blip_toolkit.training.finetune import FinetuneConfig
 
 # Defaults for the help text (the flags themselves default to None = "not given", so a config file
@@ -24,16 +24,6 @@ class Task(str, Enum):
     retrieval = "retrieval"
 
 
-class Precision(str, Enum):
-    no = "no"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-def _opt(*names: str, help: str, **kwargs):
-    return typer.Option(*names, help=help, show_default=False, **kwargs)
-
-
 def finetune(
     manifest: Annotated[
         Path | None,
@@ -41,96 +31,107 @@ def finetune(
             help="Training manifest (TSV, see docs/formats.md).", show_default=False, dir_okay=False
         ),
     ] = None,
-    task: Annotated[Task | None, _opt("--task", "-t", help="caption, vqa or retrieval.")] = None,
+    task: Annotated[Task | None, unset_option("--task", "-t", help="caption, vqa or retrieval.")] = None,
     model: Annotated[
-        str | None, _opt("--model", "-m", help="Checkpoint to start from: hub id or local directory.")
+        str | None, unset_option("--model", "-m", help="Checkpoint to start from: hub id or local directory.")
     ] = None,
     output_dir: Annotated[
         Path | None,
-        _opt("--output-dir", "-o", help="Where the model, checkpoints and metrics go.", file_okay=False),
+        unset_option(
+            "--output-dir", "-o", help="Where the model, checkpoints and metrics go.", file_okay=False
+        ),
     ] = None,
     val_manifest: Annotated[
         Path | None,
-        _opt(
+        unset_option(
             "--val-manifest",
             help="Validation manifest (same format): loss and accuracy / recall@1 each epoch; best model in DIR/best.",
             dir_okay=False,
         ),
     ] = None,
     epochs: Annotated[
-        int | None, _opt("--epochs", help=f"Passes over the data. \\[default: {_D.epochs}]")
+        int | None, unset_option("--epochs", help=f"Passes over the data. \\[default: {_D.epochs}]")
     ] = None,
     max_steps: Annotated[
-        int | None, _opt("--max-steps", help="Stop after this many optimizer steps (overrides --epochs).")
+        int | None,
+        unset_option("--max-steps", help="Stop after this many optimizer steps (overrides --epochs)."),
     ] = None,
     batch_size: Annotated[
         int | None,
-        _opt(
+        unset_option(
             "--batch-size", "-b", help=f"Examples per process per micro-batch. \\[default: {_D.batch_size}]"
         ),
     ] = None,
     learning_rate: Annotated[
         float | None,
-        _opt("--learning-rate", "--lr", help=f"Peak AdamW learning rate. \\[default: {_D.learning_rate:g}]"),
+        unset_option(
+            "--learning-rate", "--lr", help=f"Peak AdamW learning rate. \\[default: {_D.learning_rate:g}]"
+        ),
     ] = None,
     weight_decay: Annotated[
         float | None,
-        _opt(
+        unset_option(
             "--weight-decay",
             help=f"AdamW weight decay (not on biases and norms). \\[default: {_D.weight_decay:g}]",
         ),
     ] = None,
     warmup_steps: Annotated[
         int | None,
-        _opt(
+        unset_option(
             "--warmup-steps", help=f"Linear warmup steps, then cosine decay. \\[default: {_D.warmup_steps}]"
         ),
     ] = None,
     max_length: Annotated[
         int | None,
-        _opt(
+        unset_option(
             "--max-length",
             help=f"Maximum text tokens (prompt + caption / answer). \\[default: {_D.max_length}]",
         ),
     ] = None,
     grad_accum: Annotated[
         int | None,
-        _opt("--grad-accum", help=f"Micro-batches per optimizer step. \\[default: {_D.grad_accum}]"),
+        unset_option("--grad-accum", help=f"Micro-batches per optimizer step. \\[default: {_D.grad_accum}]"),
     ] = None,
     grad_clip: Annotated[
         float | None,
-        _opt("--grad-clip", help=f"Clip the gradient norm to this (0 = off). \\[default: {_D.grad_clip:g}]"),
+        unset_option(
+            "--grad-clip", help=f"Clip the gradient norm to this (0 = off). \\[default: {_D.grad_clip:g}]"
+        ),
     ] = None,
     mixed_precision: Annotated[
-        Precision | None, _opt("--mixed-precision", help="no, fp16 (GPU only) or bf16. \\[default: no]")
+        MixedPrecision | None,
+        unset_option("--mixed-precision", help="no, fp16 (GPU only) or bf16. \\[default: no]"),
     ] = None,
     num_workers: Annotated[
-        int | None, _opt("--num-workers", help=f"DataLoader worker processes. \\[default: {_D.num_workers}]")
+        int | None,
+        unset_option("--num-workers", help=f"DataLoader worker processes. \\[default: {_D.num_workers}]"),
     ] = None,
     seed: Annotated[
         int | None,
-        _opt("--seed", help=f"Random seed (same seed = same weights on CPU). \\[default: {_D.seed}]"),
+        unset_option("--seed", help=f"Random seed (same seed = same weights on CPU). \\[default: {_D.seed}]"),
     ] = None,
     freeze: Annotated[
         list[str] | None,
-        _opt(
+        unset_option(
             "--freeze",
             help="Parts kept frozen (repeat or comma-separate): vision, text, qformer, language-model, projection, or none. \\[default: BLIP-2 freezes vision and language-model; BLIP trains everything]",
         ),
     ] = None,
     prompt: Annotated[
         str | None,
-        _opt(
+        unset_option(
             "--prompt", help="Caption: the text each caption continues; caption later with the same --prompt."
         ),
     ] = None,
     template: Annotated[
         str | None,
-        _opt("--template", help=f"BLIP-2 VQA prompt; {{}} is the question. \\[default: {_D.template}]"),
+        unset_option(
+            "--template", help=f"BLIP-2 VQA prompt; {{}} is the question. \\[default: {_D.template}]"
+        ),
     ] = None,
     save_every: Annotated[
         int | None,
-        _opt("--save-every", help="Checkpoint and validate every N steps. \\[default: each epoch]"),
+        unset_option("--save-every", help="Checkpoint and validate every N steps. \\[default: each epoch]"),
     ] = None,
     skip_missing: Annotated[
         bool,

@@ -15,6 +15,17 @@ class OutputFormat(str, Enum):
     jsonl = "jsonl"
 
 
+class MixedPrecision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def unset_option(*names: str, help: str, **kwargs):
+    """An option whose default None means "not given", so it does not override a config file."""
+    return typer.Option(*names, help=help, show_default=False, **kwargs)
+
+
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Result format on stdout.")]
 ModelOpt = Annotated[
     str | None,

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 from blip_toolkit.dit.config import DiTConfig, FlowConfig
 from blip_toolkit.errors import ConfigError, OutputExistsError, TrainingError, UsageError
+from blip_toolkit.training.common import RunSummary
 
 logger = logging.getLogger("blip")
 
@@ -309,7 +310,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 @dataclass
-class TrainDiTResult:
+class TrainDiTResult(RunSummary):
     """What a run did. `history` holds every metrics.jsonl record (train, eval, checkpoint)."""
 
     run_dir: str
@@ -326,13 +327,6 @@ class TrainDiTResult:
     elapsed_seconds: float
     is_main_process: bool = True
     history: list[dict[str, Any]] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        """The result without the history (what the CLI prints)."""
-        data = asdict(self)
-        data.pop("history")
-        data.pop("is_main_process")
-        return data
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,22 +424,12 @@ def evaluate_dit(
 
 def _distinct_captions(eval_set):
     """(text_emb [T, E], pair_image [P], pair_text [P]) with identical caption strings merged."""
-    import torch
+    from blip_toolkit.eval.recall import merge_identical_captions
 
     count = eval_set.text_emb.shape[0]
     strings = eval_set.captions if len(eval_set.captions) == count else [str(i) for i in range(count)]
-    ids: dict[str, int] = {}
-    first: list[int] = []
-    text_of = []
-    for row, caption in enumerate(strings):
-        if caption not in ids:
-            ids[caption] = len(first)
-            first.append(row)
-        text_of.append(ids[caption])
-    texts = len(first)
-    # identical (image, text) pairs count once
-    key = torch.unique(eval_set.caption_image * texts + torch.tensor(text_of, dtype=torch.int64))
-    return eval_set.text_emb[first], key // texts, key % texts
+    first, pair_image, pair_text = merge_identical_captions(strings, eval_set.caption_image)
+    return eval_set.text_emb[first], pair_image, pair_text
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -511,36 +511,25 @@ for _spec in (
         _loader("Blip2VisionModel", has_cls=True, key_mapping=_PREFIX),
         target_refusal=_BLIP2_REFUSAL,
     ),
-    AdapterSpec(
-        "clip-vision",
-        "CLIP vision tower",
-        lambda c: _model_type(c) == "clip_vision_model",
-        _loader("CLIPVisionModel", has_cls=True, key_mapping=None),
-        target_refusal="a bare vision tower has no text encoder",
-    ),
-    AdapterSpec(
-        "siglip-vision",
-        "SigLIP vision tower",
-        lambda c: _model_type(c) == "siglip_vision_model",
-        _loader("SiglipVisionModel", has_cls=False, key_mapping=None),
-        target_refusal="a bare vision tower has no text encoder",
-    ),
-    AdapterSpec(
-        "blip-vision",
-        "BLIP vision tower",
-        lambda c: _model_type(c) == "blip_vision_model",
-        _loader("BlipVisionModel", has_cls=True, key_mapping=None),
-        target_refusal="a bare vision tower has no text encoder",
-    ),
-    AdapterSpec(
-        "blip2-vision",
-        "BLIP-2 vision tower",
-        lambda c: _model_type(c) == "blip_2_vision_model",
-        _loader("Blip2VisionModel", has_cls=True, key_mapping=None),
-        target_refusal="a bare vision tower has no text encoder",
-    ),
 ):
     register_adapter(_spec)
+
+# Bare vision towers: conditioning only (no text encoder to be a target).
+for _name, _label, _type, _class, _has_cls in (
+    ("clip-vision", "CLIP vision tower", "clip_vision_model", "CLIPVisionModel", True),
+    ("siglip-vision", "SigLIP vision tower", "siglip_vision_model", "SiglipVisionModel", False),
+    ("blip-vision", "BLIP vision tower", "blip_vision_model", "BlipVisionModel", True),
+    ("blip2-vision", "BLIP-2 vision tower", "blip_2_vision_model", "Blip2VisionModel", True),
+):
+    register_adapter(
+        AdapterSpec(
+            _name,
+            _label,
+            lambda c, wanted=_type: _model_type(c) == wanted,
+            _loader(_class, has_cls=_has_cls, key_mapping=None),
+            target_refusal="a bare vision tower has no text encoder",
+        )
+    )
 
 
 def inspect_encoder(source: str) -> tuple[Any, AdapterSpec]:

@@ -114,6 +114,29 @@ class RecallResult:
         }
 
 
+def merge_identical_captions(captions: Sequence[str], caption_image):
+    """Identical caption strings as one text, positive for every image that has it.
+
+    captions: [C] strings, caption_image: [C] image index of each. Returns (first [T] row of each
+    distinct string, in order of first appearance; pair_image [P]; pair_text [P]), with identical
+    (image, text) pairs counted once."""
+    import torch
+
+    ids: dict[str, int] = {}
+    first: list[int] = []
+    text_of = []
+    for row, caption in enumerate(captions):
+        if caption not in ids:
+            ids[caption] = len(first)
+            first.append(row)
+        text_of.append(ids[caption])
+    texts = max(len(first), 1)
+    key = torch.unique(
+        torch.as_tensor(caption_image, dtype=torch.int64) * texts + torch.tensor(text_of, dtype=torch.int64)
+    )
+    return first, key // texts, key % texts
+
+
 def retrieval_recall(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,

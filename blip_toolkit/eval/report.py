@@ -270,17 +270,10 @@ def _texts(texts, keep, caption_pos, dedupe: bool):
     strings = [texts.captions[i] for i in kept.tolist()]
     if not dedupe:
         return emb, images, torch.arange(len(kept)), strings
-    ids: dict[str, int] = {}
-    first: list[int] = []
-    text_of = []
-    for row, caption in enumerate(strings):
-        if caption not in ids:
-            ids[caption] = len(first)
-            first.append(row)
-        text_of.append(ids[caption])
-    pair_text = torch.tensor(text_of, dtype=torch.int64)
-    key = torch.unique(images * len(first) + pair_text)  # identical (image, text) pairs count once
-    return emb[first], key // len(first), key % len(first), [strings[i] for i in first]
+    from blip_toolkit.eval.recall import merge_identical_captions
+
+    first, pair_image, pair_text = merge_identical_captions(strings, images)
+    return emb[first], pair_image, pair_text, [strings[i] for i in first]
 
 
 def _pooled_targets(shards, head, selection, batch_size: int):

@@ -44,6 +44,19 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # ----------------------------------------------------------------------------- seeding
 
 
+class RunSummary:
+    """For a training run's result dataclass with `history` and `is_main_process` fields."""
+
+    def summary(self) -> dict[str, Any]:
+        """The result without the history (what the CLI prints)."""
+        from dataclasses import asdict
+
+        data = asdict(self)
+        data.pop("history")
+        data.pop("is_main_process")
+        return data
+
+
 def seed_everything(seed: int) -> None:
     """Seed python's `random`, numpy and torch (all devices) with the same seed on every process, so
     a run is reproducible and every process starts from the same initial state."""

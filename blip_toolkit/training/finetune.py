@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS
 from blip_toolkit.errors import InputError, OutputExistsError, TrainingError, UsageError
+from blip_toolkit.training.common import RunSummary
 
 logger = logging.getLogger("blip")
 
@@ -184,7 +185,7 @@ class FinetuneConfig:
 
 
 @dataclass
-class FinetuneResult:
+class FinetuneResult(RunSummary):
     """What a run did. `history` holds every metrics.jsonl record (train steps and evaluations)."""
 
     output_dir: str
@@ -209,13 +210,6 @@ class FinetuneResult:
     elapsed_seconds: float
     is_main_process: bool = True
     history: list[dict[str, Any]] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        """The result without the history (what the CLI prints)."""
-        data = asdict(self)
-        data.pop("history")
-        data.pop("is_main_process")
-        return data
 
 
 # ----------------------------------------------------------------------------- entry point
