@@ -143,6 +143,10 @@ try:
 except TrainingError as exc:
     result["failure"] = str(exc)
 (root / f"result-{rank}.json").write_text(json.dumps(result))
+# Leave together, with the process group torn down: a rank exiting while gloo is still up can abort
+# ("terminate called without an active exception").
+acc.wait_for_everyone()
+torch.distributed.destroy_process_group()
 """
 
 
