@@ -39,7 +39,7 @@ def build_model(folder: Path, quick: bool) -> Path:
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    from blip_toolkit.testing.tokenizers import wordpiece_tokenizer
+    from blip_toolkit.scratch.tokenizers import wordpiece_tokenizer
 
     tokenizer = wordpiece_tokenizer()
     text = dict(bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id, pad_token_id=0)

@@ -89,7 +89,7 @@ def reference_seconds(cond_path: Path, target_path: Path, folder: Path, batch_si
     import torch
 
     from blip_toolkit.data.images import open_image
-    from blip_toolkit.encoders.adapters import load_encoder
+    from blip_toolkit.embeddings.adapters import load_encoder
 
     cond = load_encoder(str(cond_path), "cond")
     target = load_encoder(str(target_path), "target")
@@ -118,8 +118,8 @@ def pipeline_seconds(
     cond_path: Path, target_path: Path, folder: Path, out: Path, batch_size: int, num_workers: int
 ) -> tuple[float, float]:
     """(time of extract_embeddings without checkpoint loading, loading time)."""
-    from blip_toolkit.encoders.adapters import load_encoder
-    from blip_toolkit.encoders.extract import ExtractConfig, extract_embeddings
+    from blip_toolkit.embeddings.adapters import load_encoder
+    from blip_toolkit.embeddings.extract import ExtractConfig, extract_embeddings
 
     start = time.perf_counter()
     load_encoder(str(cond_path), "cond")
@@ -149,7 +149,7 @@ def _cpu_seconds() -> float:
 
 def memory_worker(args: argparse.Namespace) -> dict:
     """One extraction over `--images` images in this process; report peak RSS."""
-    from blip_toolkit.encoders.extract import ExtractConfig, extract_embeddings
+    from blip_toolkit.embeddings.extract import ExtractConfig, extract_embeddings
 
     root = Path(args.root)
     folder = make_images(root / f"images-{args.images}", args.images)

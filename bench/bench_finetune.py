@@ -34,7 +34,7 @@ def build(root: Path, quick: bool) -> tuple[Path, Path]:
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
     from transformers.utils import logging as hf_logging
 
-    from blip_toolkit.testing import tokenizers
+    from blip_toolkit.scratch import tokenizers
 
     hf_logging.disable_progress_bar()
     lines = [
@@ -88,7 +88,8 @@ def build(root: Path, quick: bool) -> tuple[Path, Path]:
 
 
 def run_ours(model_dir: str, manifest: str, steps: int, out: str) -> dict:
-    from blip_toolkit.training.finetune import FinetuneConfig, run_finetune
+    from blip_toolkit.training.config import FinetuneConfig
+    from blip_toolkit.training.finetune import run_finetune
 
     result = run_finetune(
         FinetuneConfig(
@@ -122,7 +123,7 @@ def run_trainer(model_dir: str, manifest: str, steps: int, out: str) -> dict:
 
     from blip_toolkit.data.manifests import read_manifest
     from blip_toolkit.runtime.loading import FAMILIES
-    from blip_toolkit.training.tasks import Collator, ManifestDataset, make_examples
+    from blip_toolkit.training.data import Collator, ManifestDataset, make_examples
 
     family = FAMILIES["blip-caption"]
     processor = AutoProcessor.from_pretrained(model_dir, backend="pil")

@@ -77,7 +77,7 @@ def child(data: str, out: str, steps: int, batch: int, threads: int) -> None:
     """One memory run: train, then report this process's peak resident set."""
     import torch
 
-    from blip_toolkit.dit.train import load_train_config, run_train_dit
+    from blip_toolkit.dit.train_config import load_train_config, run_train_dit
 
     torch.set_num_threads(threads)
     config = load_train_config(
@@ -133,13 +133,13 @@ def speed(data: Path, tmp: Path, steps: int, repeat: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from blip_toolkit.data.shards import EmbeddingShards
     from blip_toolkit.dit.data import IndexStream, ShardArrays, TrainStream
     from blip_toolkit.dit.flow import interpolate, target_velocity
     from blip_toolkit.dit.model import DiT
     from blip_toolkit.dit.normalize import TokenNormalizer
-    from blip_toolkit.dit.train import load_train_config, run_train_dit
-    from blip_toolkit.training.common import build_optimizer
+    from blip_toolkit.dit.train_config import load_train_config, run_train_dit
+    from blip_toolkit.embeddings.shards import EmbeddingShards
+    from blip_toolkit.engine.optim import build_optimizer
 
     batch = 32
     values = {

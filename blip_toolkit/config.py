@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+
+import yaml
 
 from blip_toolkit.errors import ConfigError
 
 C = TypeVar("C")
+
+# Choices shared by several configs, declared once (the CLI derives its option choices from these).
+MixedPrecision = Literal["no", "fp16", "bf16"]
+MIXED_PRECISION: tuple[str, ...] = typing.get_args(MixedPrecision)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -32,12 +40,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     try:
         if suffix == ".toml":
-            import tomllib
-
             data = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text) or {}
         elif suffix == ".json":
             data = json.loads(text)
@@ -74,14 +78,18 @@ def build_config(
     overrides: dict[str, Any] | None = None,
     *,
     source: str = "config",
+    aliases: dict[str, str] | None = None,
 ) -> C:
     """Build `cls` from nested `values` (a file) then dotted `overrides` (flags; None values are
-    skipped, meaning "not given"). Unknown keys anywhere are an error that lists them all."""
+    skipped, meaning "not given"). Unknown keys anywhere are an error that lists them all.
+    `aliases`: old dotted key -> its current name (accepted in files and overrides alike)."""
+    aliases = aliases or {}
     merged = _deep_copy(values or {})
+    _rename_aliases(merged, aliases, source)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
-        _set_dotted(merged, dotted, value)
+        _set_dotted(merged, aliases.get(dotted, dotted), value)
     unknown = sorted(_unknown_keys(cls, merged))
     if unknown:
         known = ", ".join(sorted(_known_keys(cls)))
@@ -89,8 +97,55 @@ def build_config(
     return _construct(cls, merged, prefix="", source=source)
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+def _rename_aliases(data: dict[str, Any], aliases: dict[str, str], source: str) -> None:
+    for old, new in aliases.items():
+        *path, leaf = old.split(".")
+        node = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        new_leaf = new.split(".")[-1]
+        if new_leaf in node:
+            raise ConfigError(f"{source}: {old} and {new} are the same setting; give one of them")
+        node[new_leaf] = node.pop(leaf)
+
+
+def dump_config(config: Any, fmt: str = "toml") -> str:
+    """A dataclass config as TOML (None values become comments: unset means the default) or JSON.
+    Either parses back to the same config with `build_config`."""
+    data = dataclasses.asdict(config)
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    lines = ["# blip config; unset keys are commented out"]
+    sections = {k: v for k, v in data.items() if isinstance(v, dict)}
+    lines += [_toml_line(key, value) for key, value in data.items() if key not in sections]
+    for name, values in sections.items():
+        lines += ["", f"[{name}]"]
+        lines += [_toml_line(key, value) for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_line(key: str, value: Any) -> str:
+    return f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} as TOML")
 
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:

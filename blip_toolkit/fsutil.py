@@ -1,4 +1,4 @@
-"""File-system helpers: atomic writes and output-directory policy.
+"""File-system helpers: atomic writes, checksums. (The output policy is engine/outputs.py.)
 
 Every output is written to a temporary name in the same directory and renamed into place, so a
 killed run never leaves a file that looks complete but is not.
@@ -9,17 +9,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from blip_toolkit.errors import OutputExistsError
-
-# A directory holding one of these was made by blip, so --overwrite may clear it.
-OWNED_MARKERS = ("blip_run.json", "index.json", "report.json")
 
 
 @contextlib.contextmanager
@@ -59,6 +55,17 @@ def _atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+def json_safe(value: Any) -> Any:
+    """JSON-safe copy: NaN / Inf become null (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_write(path) as handle:
@@ -88,37 +95,12 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def prepare_output_dir(
-    path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False, resumable: bool = True
-) -> Path:
-    """Apply the output policy: a missing or empty directory is used; an existing non-empty one is
-    refused unless `resume` (kept as is) or `overwrite` (cleared, but only if blip made it).
-    `resumable`: whether the refusal may suggest --resume (commands without it must not)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"{path} exists and is not a directory")
-    has_content = path.is_dir() and any(path.iterdir())
-    if has_content and not resume:
-        if not overwrite:
-            raise OutputExistsError(
-                f"{path} already exists and is not empty",
-                hint="pass --resume to continue or --overwrite to replace it"
-                if resumable
-                else "pass --overwrite to replace it",
-            )
-        if not any((path / marker).exists() for marker in OWNED_MARKERS):
-            raise OutputExistsError(
-                f"{path} is not empty and was not written by blip; refusing to clear it",
-                hint="choose another directory",
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuse to replace an existing output file without --overwrite."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists", hint="pass --overwrite to replace it")
-    return path
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file or a directory entry to disk (a directory rename makes a checkpoint visible: its
+    files must be on disk before that)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -9,6 +9,9 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 T = TypeVar("T")
 
 logger = logging.getLogger("blip")
@@ -24,8 +27,6 @@ def verbosity() -> int:
 def stderr_console():
     """The one Rich console, on stderr."""
     if _state["console"] is None:
-        from rich.console import Console
-
         _state["console"] = Console(stderr=True, highlight=False, soft_wrap=True)
     return _state["console"]
 
@@ -96,7 +97,6 @@ def track(items: Iterable[T], *, total: int | None = None, description: str = ""
     if not progress_enabled():
         yield from items
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr_console(), transient=True) as bar:

@@ -19,6 +19,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test (tiny matrices run slower on two threads, badly so when the machine
+    is shared); the thread count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def accelerator():
+    """A single-process CPU Accelerator, reset afterwards (its state is a process-wide singleton)."""
+    from accelerate import Accelerator
+
+    from blip_toolkit.engine.accelerate import release_accelerator
+
+    acc = Accelerator(cpu=True)
+    yield acc
+    release_accelerator(acc)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """{kind: checkpoint dir} for every family in blip_toolkit.testing.KINDS."""

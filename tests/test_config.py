@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import pytest
 
-from blip_toolkit.config import build_config, config_to_dict, load_config_file, parse_overrides
+from blip_toolkit.config import build_config, load_config_file, parse_overrides
 from blip_toolkit.errors import ConfigError
 
 
@@ -66,7 +66,7 @@ def test_overrides_win_and_none_means_not_given():
         config.resume,
         config.limit,
     ) == (7, 2e-3, "run", "b", True, None)
-    assert config_to_dict(config)["optim"] == {"learning_rate": 2e-3, "betas": [0.9, 0.999]}
+    assert asdict(config)["optim"] == {"learning_rate": 2e-3, "betas": [0.9, 0.999]}
 
 
 def test_unknown_keys_are_listed(tmp_path):

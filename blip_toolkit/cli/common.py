@@ -4,6 +4,7 @@ results with per-item failures reported on stderr and counted into the exit code
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -47,3 +48,27 @@ def emit_all(
         raise BlipError(f"all {total} {what}(s) failed")
     if failed:
         raise PartialFailure(f"{failed} of {total} {what}(s) failed (reported above); the rest finished")
+
+
+def run_training_command(
+    load, flags: dict, set_: list[str] | None, *, print_config: bool, fmt, run, text_summary
+) -> None:
+    """The tail shared by `finetune` and `train-dit`: --set overrides under the flags, the resolved
+    config (`load(overrides)`), --print-config, the run, and the summary (main process only)."""
+    from blip_toolkit.config import dump_config, parse_overrides
+
+    overrides = parse_overrides(set_)
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    config = load(overrides)
+    if print_config:
+        sys.stdout.write(dump_config(config, "json" if fmt.value != "text" else "toml"))
+        return
+    result = run(config)
+    if not result.is_main_process:
+        return  # under accelerate launch, one summary (from the main process)
+    summary = result.summary()
+    if fmt.value == "text":
+        sys.stdout.write(text_summary(summary))
+    else:
+        with Emitter(fmt.value, single=True) as out:
+            out.emit(summary)

@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from blip_toolkit.cli.options import FormatOpt, MixedPrecision, OutputFormat, unset_option
-from blip_toolkit.dit.train import TrainDiTConfig
+from blip_toolkit.cli.options import (
+    FormatOpt,
+    LogWithOpt,
+    MixedPrecision,
+    OutputFormat,
+    PrintConfigOpt,
+    SetOpt,
+    choice_enum,
+    unset_option,
+)
+from blip_toolkit.dit.config import SOLVERS, SPLITS
+from blip_toolkit.dit.train_config import TrainDiTConfig
 
 # Defaults for the help text (the flags themselves default to None = "not given", so a config file
-# value is not overridden by a default). dit.train imports no torch at module level.
+# value is not overridden by a default). The config modules import no torch.
 _D = TrainDiTConfig()
-
-
-class Solver(str, Enum):
-    euler = "euler"
-    heun = "heun"
-
-
-class Split(str, Enum):
-    all = "all"
-    train = "train"
-    eval = "eval"
+Solver = choice_enum("Solver", SOLVERS)
+Split = choice_enum("Split", SPLITS)
 
 
 def train_dit(
@@ -46,10 +46,14 @@ def train_dit(
             file_okay=False,
         ),
     ] = None,
-    out: Annotated[
+    output_dir: Annotated[
         Path | None,
         unset_option(
-            "--out", "-o", help="Run directory (checkpoints, metrics, final model). = out", file_okay=False
+            "--output-dir",
+            "--out",
+            "-o",
+            help="Run directory (checkpoints, metrics, final model). = output_dir",
+            file_okay=False,
         ),
     ] = None,
     preset: Annotated[
@@ -59,9 +63,13 @@ def train_dit(
             help=f"DiT size: tiny, small, base or large. = model.preset \\[default: {_D.model.preset}]",
         ),
     ] = None,
-    steps: Annotated[
+    max_steps: Annotated[
         int | None,
-        unset_option("--steps", help=f"Optimizer steps. = train.steps \\[default: {_D.train.steps}]"),
+        unset_option(
+            "--max-steps",
+            "--steps",
+            help=f"Optimizer steps. = train.max_steps \\[default: {_D.train.max_steps}]",
+        ),
     ] = None,
     batch_size: Annotated[
         int | None,
@@ -71,12 +79,12 @@ def train_dit(
             help=f"GLOBAL batch per micro-step, split across processes. = train.batch_size \\[default: {_D.train.batch_size}]",
         ),
     ] = None,
-    lr: Annotated[
+    learning_rate: Annotated[
         float | None,
         unset_option(
-            "--lr",
             "--learning-rate",
-            help=f"Peak AdamW learning rate (warmup, then cosine). = train.lr \\[default: {_D.train.lr:g}]",
+            "--lr",
+            help=f"Peak AdamW learning rate (warmup, then cosine). = train.learning_rate \\[default: {_D.train.learning_rate:g}]",
         ),
     ] = None,
     seed: Annotated[
@@ -114,13 +122,7 @@ def train_dit(
             help=f"Micro-batches per optimizer step. = train.grad_accum \\[default: {_D.train.grad_accum}]",
         ),
     ] = None,
-    log_with: Annotated[
-        str | None,
-        unset_option(
-            "--log-with",
-            help="Accelerate trackers, comma-separated: tensorboard, wandb, ... (must be installed). = train.log_with",
-        ),
-    ] = None,
+    log_with: LogWithOpt = None,
     overfit: Annotated[
         int | None,
         unset_option(
@@ -128,25 +130,14 @@ def train_dit(
             help="Train on the first N images only and evaluate on them (a sanity check). = data.overfit",
         ),
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        unset_option(
-            "--set",
-            help="Any config field: --set section.key=value (repeatable; JSON values). Flags above win over --set.",
-        ),
-    ] = None,
+    set_: SetOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its last complete checkpoint.")
     ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing run directory written by blip.")
     ] = False,
-    print_config: Annotated[
-        bool,
-        typer.Option(
-            "--print-config", help="Print the resolved config (TOML, or JSON with --format json) and exit."
-        ),
-    ] = False,
+    print_config: PrintConfigOpt = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Train the BLIP3-o style DiT: generate target-encoder tokens from conditioning tokens (rectified flow).
@@ -166,18 +157,17 @@ def train_dit(
       blip train-dit --print-config > my-dit.toml
       ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m blip_toolkit train-dit -c my-dit.toml -d emb/ -o runs/dit
     """
-    from blip_toolkit.cli.output import Emitter
-    from blip_toolkit.config import parse_overrides
-    from blip_toolkit.dit.train import format_config, load_train_config, run_train_dit
+    from blip_toolkit.cli.common import run_training_command
+    from blip_toolkit.dit.train import run_train_dit
+    from blip_toolkit.dit.train_config import load_train_config
 
-    overrides = parse_overrides(set_)
     flags = {
         "data.dir": str(data) if data is not None else None,
-        "out": str(out) if out is not None else None,
+        "output_dir": str(output_dir) if output_dir is not None else None,
         "model.preset": preset,
-        "train.steps": steps,
+        "train.max_steps": max_steps,
         "train.batch_size": batch_size,
-        "train.lr": lr,
+        "train.learning_rate": learning_rate,
         "train.seed": seed,
         "eval.every": eval_every,
         "train.save_every": save_every,
@@ -189,20 +179,15 @@ def train_dit(
         "resume": resume or None,
         "overwrite": overwrite or None,
     }
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    resolved = load_train_config(config, overrides)
-    if print_config:
-        typer.echo(format_config(resolved, "json" if fmt != OutputFormat.text else "toml"), nl=False)
-        return
-    result = run_train_dit(resolved)
-    if not result.is_main_process:
-        return  # under accelerate launch, one summary (from the main process)
-    summary = result.summary()
-    if fmt == OutputFormat.text:
-        typer.echo(_train_text(summary), nl=False)
-    else:
-        with Emitter(fmt.value, single=True) as emitter:
-            emitter.emit(summary)
+    run_training_command(
+        lambda overrides: load_train_config(config, overrides),
+        flags,
+        set_,
+        print_config=print_config,
+        fmt=fmt,
+        run=run_train_dit,
+        text_summary=_train_text,
+    )
 
 
 def _train_text(s: dict) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -17,26 +16,20 @@ from blip_toolkit.cli.options import (
     OverwriteOpt,
     ResumeOpt,
     TrustRemoteCodeOpt,
+    choice_enum,
 )
-from blip_toolkit.data.images import DEFAULT_MAX_PIXELS
-from blip_toolkit.encoders.adapters import DEFAULT_COND, DEFAULT_TARGET
+from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
+from blip_toolkit.embeddings.format import (
+    DEFAULT_COND,
+    DEFAULT_TARGET,
+    HEAD_POOLINGS,
+    STORAGE_DTYPES,
+    TOKEN_LAYOUTS,
+)
 
-
-class Tokens(str, Enum):
-    patch = "patch"
-    cls_patch = "cls+patch"
-
-
-class HeadPool(str, Enum):
-    cls = "cls"
-    mean = "mean"
-    map = "map"
-
-
-class StorageDtype(str, Enum):
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-    float32 = "float32"
+Tokens = choice_enum("Tokens", TOKEN_LAYOUTS)
+HeadPool = choice_enum("HeadPool", HEAD_POOLINGS)
+StorageDtype = choice_enum("StorageDtype", STORAGE_DTYPES)
 
 
 def extract_embeddings(
@@ -162,8 +155,8 @@ def extract_embeddings(
     # number of processes at no measured cost. Read when MKL initialises: before torch is imported.
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     from blip_toolkit.cli.output import Emitter
-    from blip_toolkit.encoders.extract import ExtractConfig
-    from blip_toolkit.encoders.extract import extract_embeddings as run
+    from blip_toolkit.embeddings.extract import ExtractConfig
+    from blip_toolkit.embeddings.extract import extract_embeddings as run
     from blip_toolkit.errors import PartialFailure
 
     config = ExtractConfig(
@@ -282,8 +275,9 @@ def eval_recall(
       blip eval-recall emb/ --dedupe-captions --max-memory 512MB --out recall.json
     """
     from blip_toolkit.cli.output import Emitter
-    from blip_toolkit.eval.report import RecallConfig, evaluate_recall, render_cosines, render_table
-    from blip_toolkit.fsutil import check_output_file, write_json
+    from blip_toolkit.embeddings.recall_report import RecallConfig, evaluate_recall
+    from blip_toolkit.engine.outputs import check_output_file
+    from blip_toolkit.fsutil import write_json
 
     if out is not None:
         check_output_file(out, overwrite=overwrite)
@@ -310,6 +304,38 @@ def eval_recall(
     else:
         with Emitter(fmt.value, single=True) as emitter:
             emitter.emit(report)
+
+
+def render_table(report: dict):
+    """A Rich table of a recall report (recall in %), for the text output."""
+    from rich.table import Table
+
+    ks = report["ks"]
+    title = (
+        f"recall@K: {report['num_images']} images, {report['num_texts']} texts"
+        f"{' (deduplicated)' if report['dedupe_captions'] else ''}, target {report['target_encoder']}"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("features", no_wrap=True)
+    for direction in ("i2t", "t2i"):
+        for k in ks:
+            table.add_column(f"{direction} R@{k}", justify="right", no_wrap=True)
+    for name, result in report["features"].items():
+        cells = [f"{100 * result[d][f'R@{k}']:.2f}" for d in ("i2t", "t2i") for k in ks]
+        table.add_row(name, *cells)  # median / mean ranks: in the JSON output
+    return table
+
+
+COSINE_LABELS = {
+    "generated_tokens_vs_target": "mean cosine, generated vs ground-truth tokens",
+    "generated_global_vs_baseline": "mean cosine, generated global vs baseline",
+    "generated_global_vs_gt_pooled": "mean cosine, generated global vs gt-pooled",
+    "gt_pooled_vs_baseline": "mean cosine, gt-pooled vs baseline",
+}
+
+
+def render_cosines(report: dict) -> list[str]:
+    return [f"{COSINE_LABELS.get(k, k)}: {v:.4f}" for k, v in report["cosine"].items()]
 
 
 def register(app: typer.Typer) -> None:

@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from enum import Enum
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 
-from blip_toolkit.cli.options import FormatOpt, MixedPrecision, OutputFormat, unset_option
-from blip_toolkit.training.finetune import FinetuneConfig
+from blip_toolkit.cli.options import (
+    FormatOpt,
+    LogWithOpt,
+    MixedPrecision,
+    OutputFormat,
+    PrintConfigOpt,
+    SetOpt,
+    choice_enum,
+    unset_option,
+)
+from blip_toolkit.training.config import TASKS, FinetuneConfig
 
 # Defaults for the help text (the flags themselves default to None = "not given", so a config file
 # value is not overridden by a default).
 _D = SimpleNamespace(**{f.name: f.default for f in fields(FinetuneConfig)})
 
 
-class Task(str, Enum):
-    caption = "caption"
-    vqa = "vqa"
-    retrieval = "retrieval"
+Task = choice_enum("Task", TASKS)
 
 
 def finetune(
@@ -38,7 +43,11 @@ def finetune(
     output_dir: Annotated[
         Path | None,
         unset_option(
-            "--output-dir", "-o", help="Where the model, checkpoints and metrics go.", file_okay=False
+            "--output-dir",
+            "--out",
+            "-o",
+            help="Where the model, checkpoints and metrics go.",
+            file_okay=False,
         ),
     ] = None,
     val_manifest: Annotated[
@@ -54,7 +63,9 @@ def finetune(
     ] = None,
     max_steps: Annotated[
         int | None,
-        unset_option("--max-steps", help="Stop after this many optimizer steps (overrides --epochs)."),
+        unset_option(
+            "--max-steps", "--steps", help="Stop after this many optimizer steps (overrides --epochs)."
+        ),
     ] = None,
     batch_size: Annotated[
         int | None,
@@ -146,6 +157,7 @@ def finetune(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output directory written by blip.")
     ] = False,
+    log_with: LogWithOpt = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -156,6 +168,8 @@ def finetune(
             show_default=False,
         ),
     ] = None,
+    set_: SetOpt = None,
+    print_config: PrintConfigOpt = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Fine-tune a BLIP or BLIP-2 checkpoint for captioning, VQA or retrieval.
@@ -172,12 +186,9 @@ def finetune(
       blip finetune pairs.tsv --task retrieval --model Salesforce/blip-itm-base-coco -o runs/itm --resume
       accelerate launch --multi_gpu --num_processes 2 -m blip_toolkit finetune train.tsv --task caption -m MODEL -o runs/cap
     """
-    from blip_toolkit.cli.output import Emitter
-    from blip_toolkit.config import build_config, load_config_file
-    from blip_toolkit.errors import UsageError
-    from blip_toolkit.training.finetune import run_finetune
+    from blip_toolkit.cli.common import run_training_command
+    from blip_toolkit.training.finetune import load_finetune_config, run_finetune
 
-    values = load_config_file(config) if config is not None else {}
     flags = {
         "manifest": str(manifest) if manifest is not None else None,
         "task": task.value if task is not None else None,
@@ -200,23 +211,21 @@ def finetune(
         "prompt": prompt,
         "template": template,
         "save_every": save_every,
+        "log_with": log_with,
         # False = not given: a config file's `true` stays.
         "skip_missing": skip_missing or None,
         "resume": resume or None,
         "overwrite": overwrite or None,
     }
-    if "task" not in values and task is None:
-        raise UsageError("--task is required (caption, vqa or retrieval)")
-    resolved = build_config(FinetuneConfig, values, flags, source=str(config) if config else "options")
-    result = run_finetune(resolved)
-    if not result.is_main_process:
-        return  # under accelerate launch, one summary (from the main process)
-    summary = result.summary()
-    if fmt == OutputFormat.text:
-        typer.echo(_text_summary(summary), nl=False)
-    else:
-        with Emitter(fmt.value, single=True) as out:
-            out.emit(summary)
+    run_training_command(
+        lambda overrides: load_finetune_config(config, overrides),
+        flags,
+        set_,
+        print_config=print_config,
+        fmt=fmt,
+        run=run_finetune,
+        text_summary=_text_summary,
+    )
 
 
 def _text_summary(s: dict) -> str:

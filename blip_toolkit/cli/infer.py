@@ -18,7 +18,7 @@ from blip_toolkit.cli.options import (
     OutputFormat,
     TrustRemoteCodeOpt,
 )
-from blip_toolkit.data.images import DEFAULT_MAX_PIXELS
+from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
 
 NumBeamsOpt = Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width (1 = greedy).")]
 MinNewOpt = Annotated[

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from blip_toolkit.config import MIXED_PRECISION
+
 
 class OutputFormat(str, Enum):
     text = "text"
@@ -15,10 +17,12 @@ class OutputFormat(str, Enum):
     jsonl = "jsonl"
 
 
-class MixedPrecision(str, Enum):
-    no = "no"
-    fp16 = "fp16"
-    bf16 = "bf16"
+def choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A Typer choice type from a library's tuple of choices (declared once, in the library)."""
+    return Enum(name, {value.replace("+", "_").replace("-", "_"): value for value in values}, type=str)
+
+
+MixedPrecision = choice_enum("MixedPrecision", MIXED_PRECISION)
 
 
 def unset_option(*names: str, help: str, **kwargs):
@@ -57,4 +61,24 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupt
 TrustRemoteCodeOpt = Annotated[
     bool,
     typer.Option("--trust-remote-code", help="Allow a checkpoint's own Python code to run (off by default)."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    unset_option(
+        "--set",
+        help="Any config field: --set key=value (repeatable; JSON values). Flags above win over --set.",
+    ),
+]
+PrintConfigOpt = Annotated[
+    bool,
+    typer.Option(
+        "--print-config", help="Print the resolved config (TOML, or JSON with --format json) and exit."
+    ),
+]
+LogWithOpt = Annotated[
+    str | None,
+    unset_option(
+        "--log-with",
+        help="Accelerate trackers, comma-separated: tensorboard, wandb, ... (must be installed).",
+    ),
 ]

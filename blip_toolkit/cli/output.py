@@ -4,25 +4,15 @@ streams (json streams one array)."""
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/Inf become null (strict JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
+from blip_toolkit.fsutil import json_safe
 
 
 def dumps(record: Any) -> str:
-    return json.dumps(_clean(record), ensure_ascii=False)
+    return json.dumps(json_safe(record), ensure_ascii=False)
 
 
 class Emitter:
@@ -51,7 +41,7 @@ class Emitter:
             self.stream.write(dumps(record) + "\n")
         elif self.fmt == "json":
             if self.single:
-                self.stream.write(json.dumps(_clean(record), ensure_ascii=False, indent=2) + "\n")
+                self.stream.write(json.dumps(json_safe(record), ensure_ascii=False, indent=2) + "\n")
             else:
                 self.stream.write(("[\n  " if self._count == 0 else ",\n  ") + dumps(record))
         else:

@@ -15,11 +15,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from blip_toolkit.errors import InputError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# 8192 x 8192. PIL's own guard (89M px) only warns; ours refuses before decoding.
-DEFAULT_MAX_PIXELS = 1 << 26
+from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from blip_toolkit.errors import InputError
 
 
 class ImageLoadError(InputError):
@@ -38,8 +38,6 @@ def open_image(
     source: str | os.PathLike | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
 ):
     """Open `source` (a path or encoded bytes) as an 8-bit RGB PIL image, or raise ImageLoadError."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     # Our pixel limit (checked on the header, before decoding) replaces PIL's, which would refuse
     # anything over 2x its default even when --max-pixels allows more.
     Image.MAX_IMAGE_PIXELS = None
@@ -87,8 +85,6 @@ def open_image(
 def to_rgb(image):
     """Convert any PIL mode to 8-bit RGB. Transparency is composited on white (not dropped to
     whatever colour hides under alpha 0); 16- and 32-bit greyscale is rescaled, not clipped."""
-    from PIL import Image
-
     mode = image.mode
     if mode == "RGB":
         return image
@@ -96,8 +92,6 @@ def to_rgb(image):
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        import numpy as np
-
         array = np.asarray(image, dtype=np.float64)
         if mode.startswith("I;16"):
             top = 65535.0

@@ -14,7 +14,11 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
 from blip_toolkit.errors import InputError
+from blip_toolkit.fsutil import atomic_write
 
 MAX_REPORTED = 20
 
@@ -68,8 +72,6 @@ def read_manifest(
     not an image is reported as file:line up front rather than hours into a training run; with
     `skip_missing` such rows are skipped like missing ones. Decoding problems past the header
     (truncated data) still surface when the image is opened."""
-    import pandas as pd
-
     path = Path(path)
     required, optional = SCHEMAS[task]
     max_columns = len(required) + len(optional)
@@ -172,8 +174,6 @@ def read_manifest(
 
 def _unreadable(path: str) -> str | None:
     """Why `path` is not an image PIL can open (header only, no decoding), or None."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             image.size  # noqa: B018 - parsing the header is the check
@@ -195,8 +195,6 @@ def _line_of(problem: str) -> int:
 
 def write_manifest(path: str | Path, rows: list[tuple[str, ...]]) -> None:
     """Write rows as TSV atomically (tabs and newlines inside fields are replaced by spaces)."""
-    from blip_toolkit.fsutil import atomic_write
-
     with atomic_write(path) as handle:
         for row in rows:
             handle.write("\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in row) + "\n")

@@ -26,7 +26,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import tarfile_samples
+
 from blip_toolkit.data.images import is_image_path
+from blip_toolkit.data.manifests import read_manifest
 from blip_toolkit.errors import InputError, UsageError
 
 logger = logging.getLogger("blip")
@@ -155,8 +159,6 @@ def folder_source(root: str | Path) -> ItemSource:
 def tsv_source(path: str | Path) -> ItemSource:
     """A TSV manifest `image<TAB>caption`; rows of the same image are merged (captions in row order).
     Missing images are not refused here: like unreadable ones they are reported per item."""
-    from blip_toolkit.data.manifests import read_manifest
-
     manifest = read_manifest(path, "embeddings", check_images=False)
     base = Path(path).parent
     captions: dict[str, list[str]] = {}
@@ -177,8 +179,6 @@ def tsv_source(path: str | Path) -> ItemSource:
 
 def wds_source(specs: list[str], *, allow_pipe: bool = False) -> WdsSource:
     """Expand brace patterns and `::` lists; local tars must exist; pipe: needs `allow_pipe`."""
-    from webdataset.shardlists import expand_urls
-
     urls: list[str] = []
     for spec in specs:
         for url in expand_urls(spec):
@@ -245,8 +245,6 @@ class ErrorCollector:
 def iter_tar(url: str, handler: Callable[[BaseException], bool]) -> Iterator[dict]:
     """Raw webdataset samples ({"__key__", "jpg": bytes, ...}) of one tar, through webdataset's own
     url_opener -> tar_file_expander -> group_by_keys with our handler."""
-    from webdataset.tariterators import tarfile_samples
-
     yield from tarfile_samples([{"url": url}], handler=handler)
 
 

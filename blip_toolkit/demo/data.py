@@ -8,6 +8,9 @@ import gzip
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from blip_toolkit.data.manifests import write_manifest
 from blip_toolkit.errors import InputError
 
@@ -27,8 +30,6 @@ CORPUS = [*CAPTIONS, QUESTION, *DIGIT_WORDS]
 
 def load_digits(path: Path = DATA_FILE):
     """Return (images uint8 [n, 8, 8] with values 0..16, labels int64 [n])."""
-    import numpy as np
-
     if not path.is_file():
         raise InputError(
             f"{path}: the bundled digits data is missing (it ships in the repository's data/ folder)"
@@ -59,8 +60,6 @@ class DemoData:
 
 def stratified_split(labels, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> dict[str, list[int]]:
     """Per class, shuffle with `seed` and cut into train / val / test by `fractions`."""
-    import numpy as np
-
     rng = np.random.RandomState(seed)
     splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for label in sorted(set(int(x) for x in labels)):
@@ -83,9 +82,6 @@ def write_dataset(
     """Write the digits as `image_size` px greyscale PNGs (bilinear upscaling of the 8x8 grid) and the
     manifests: caption (image, caption), vqa (image, question, answer), retrieval (image, caption).
     `limit` keeps only the first N images of each split (quick runs)."""
-    import numpy as np
-    from PIL import Image
-
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     pixels, labels = load_digits()

@@ -7,7 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+from PIL import Image
+
 from blip_toolkit import __version__
+from blip_toolkit.demo.data import CAPTIONS, DIGIT_WORDS
 from blip_toolkit.fsutil import atomic_path, write_json
 
 TASK_METRIC = {
@@ -110,10 +115,7 @@ def _markdown(doc: dict) -> str:
 
 
 def _plt():
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     return plt
 
@@ -200,10 +202,6 @@ def _recall_bars(path: Path, recall: dict) -> Path:
 
 
 def _sample_grid(path: Path, state: dict, count: int = 16) -> Path:
-    from PIL import Image
-
-    from blip_toolkit.demo.data import CAPTIONS, DIGIT_WORDS
-
     plt = _plt()
     data = state["data"]
     images, labels = data.split_images("test")[:count], data.split_labels("test")[:count]

@@ -25,6 +25,27 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
+from blip_toolkit.data.images import InputItem
+from blip_toolkit.demo.data import CAPTIONS, CORPUS, DIGIT_WORDS, QUESTION, write_dataset
+from blip_toolkit.demo.report import write_report
+from blip_toolkit.dit.sample import SampleConfig, run_sample
+from blip_toolkit.dit.train import run_train_dit
+from blip_toolkit.dit.train_config import load_train_config
+from blip_toolkit.embeddings.extract import ExtractConfig, extract_embeddings
+from blip_toolkit.embeddings.recall_report import RecallConfig, evaluate_recall
+from blip_toolkit.engine.outputs import prepare_output_dir
+from blip_toolkit.fsutil import write_json
+from blip_toolkit.log import verbosity
+from blip_toolkit.runtime.caption import CaptionOptions, caption_images
+from blip_toolkit.runtime.generation import GenerationOptions
+from blip_toolkit.runtime.loading import open_runner
+from blip_toolkit.runtime.retrieval import RetrievalOptions, rank_texts
+from blip_toolkit.runtime.vqa import VqaOptions, answer_questions
+from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
+from blip_toolkit.training.finetune import FinetuneConfig, run_finetune
+
 logger = logging.getLogger("blip")
 
 RUN_FILE = "blip_run.json"
@@ -112,10 +133,6 @@ class DemoResult:
 def run_demo(config: DemoConfig, *, progress: Callable[[str], None] | None = None) -> DemoResult:
     """Run every stage into `config.out` and write the report. Deterministic for a given seed (and
     the same torch thread count)."""
-    import torch
-
-    from blip_toolkit.fsutil import prepare_output_dir, write_json
-
     say = progress or (lambda text: logger.info(text))
     mode = "quick" if config.quick else "full"
     plan = config.plan or PLANS[mode]
@@ -148,7 +165,6 @@ def run_demo(config: DemoConfig, *, progress: Callable[[str], None] | None = Non
             say(f"      {metrics['summary']}")
 
     say(f"[{len(steps) + 1}/{len(steps) + 1}] writing the report")
-    from blip_toolkit.demo.report import write_report
 
     began = time.perf_counter()
     metrics = {s.name: {k: v for k, v in s.metrics.items() if k != "summary"} for s in stages}
@@ -195,8 +211,6 @@ STAGE_TITLES = {
 
 
 def _stage_data(state: dict) -> dict:
-    from blip_toolkit.demo.data import write_dataset
-
     data = write_dataset(state["out"] / "data", seed=state["seed"], limit=state["plan"].limit)
     state["data"] = data
     sizes = {name: len(idx) for name, idx in data.splits.items()}
@@ -204,9 +218,6 @@ def _stage_data(state: dict) -> dict:
 
 
 def _stage_build(state: dict) -> dict:
-    from blip_toolkit.demo.data import CORPUS
-    from blip_toolkit.testing import ModelSize, build_checkpoint
-
     size = ModelSize(**MODEL_SIZE)
     models = state["out"] / "models"
     state["initial"] = {
@@ -221,8 +232,6 @@ def _stage_build(state: dict) -> dict:
 
 
 def _finetune(state: dict, task: str, epochs: int) -> Any:
-    from blip_toolkit.training.finetune import FinetuneConfig, run_finetune
-
     data = state["data"]
     out = state["out"] / "models" / task
     config = FinetuneConfig(
@@ -244,8 +253,6 @@ def _finetune(state: dict, task: str, epochs: int) -> Any:
 
 
 def _test_items(state: dict):
-    from blip_toolkit.data.images import InputItem
-
     data = state["data"]
     return [InputItem(str(p)) for p in data.split_images("test")], data.split_labels("test")
 
@@ -259,11 +266,6 @@ def _write_predictions(state: dict, task: str, records: list[dict]) -> None:
 
 
 def _stage_caption(state: dict) -> dict:
-    from blip_toolkit.demo.data import DIGIT_WORDS
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_images
-    from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.runtime.loading import open_runner
-
     _finetune(state, "caption", state["plan"].caption_epochs)
     items, labels = _test_items(state)
     runner = open_runner(str(state["trained"]["caption"]), "caption", device="cpu")
@@ -280,11 +282,6 @@ def _stage_caption(state: dict) -> dict:
 
 
 def _stage_vqa(state: dict) -> dict:
-    from blip_toolkit.demo.data import DIGIT_WORDS, QUESTION
-    from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.runtime.loading import open_runner
-    from blip_toolkit.runtime.vqa import VqaOptions, answer_questions
-
     _finetune(state, "vqa", state["plan"].vqa_epochs)
     items, labels = _test_items(state)
     runner = open_runner(str(state["trained"]["vqa"]), "vqa", device="cpu")
@@ -304,10 +301,6 @@ def _stage_vqa(state: dict) -> dict:
 
 
 def _stage_retrieval(state: dict) -> dict:
-    from blip_toolkit.demo.data import CAPTIONS
-    from blip_toolkit.runtime.loading import open_runner
-    from blip_toolkit.runtime.retrieval import RetrievalOptions, rank_texts
-
     _finetune(state, "retrieval", state["plan"].retrieval_epochs)
     items, labels = _test_items(state)
     runner = open_runner(str(state["trained"]["retrieval"]), "retrieval", device="cpu")
@@ -325,8 +318,6 @@ def _stage_retrieval(state: dict) -> dict:
 
 
 def _stage_embeddings(state: dict) -> dict:
-    from blip_toolkit.encoders.extract import ExtractConfig, extract_embeddings
-
     data = state["data"]
     dirs = {}
     for split in ("train", "test"):
@@ -353,16 +344,12 @@ def _stage_embeddings(state: dict) -> dict:
 
 
 def _stage_dit(state: dict) -> dict:
-    from blip_toolkit.dit.sample import SampleConfig, run_sample
-    from blip_toolkit.dit.train import load_train_config, run_train_dit
-    from blip_toolkit.eval.report import RecallConfig, evaluate_recall
-
     plan, out, emb = state["plan"], state["out"], state["embeddings"]
     run_dir = out / "dit"
     config = load_train_config(
         None,
         {
-            "out": str(run_dir),
+            "output_dir": str(run_dir),
             "data.dir": str(emb["train"]),
             "data.eval_fraction": 0.1,
             "data.split_seed": state["seed"],
@@ -373,9 +360,9 @@ def _stage_dit(state: dict) -> dict:
             "model.num_kv_heads": DIT["kv_heads"],
             "flow.target_norm": "standardize",
             "flow.cond_dropout": 0.1,
-            "train.steps": plan.dit_steps,
+            "train.max_steps": plan.dit_steps,
             "train.batch_size": DIT["batch_size"],
-            "train.lr": DIT["learning_rate"],
+            "train.learning_rate": DIT["learning_rate"],
             "train.warmup_steps": DIT["warmup_steps"],
             "train.weight_decay": 0.01,
             "train.ema_decay": 0.99,
@@ -421,8 +408,6 @@ class _quiet:
     """Keep the library's per-step log lines out of the demo's console (warnings still show)."""
 
     def __enter__(self):
-        from blip_toolkit.log import verbosity
-
         self._level = logger.level
         if verbosity() <= 0:
             logger.setLevel(logging.WARNING)

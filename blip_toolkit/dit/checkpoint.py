@@ -27,9 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
+from blip_toolkit.dit.config import DiTConfig
+from blip_toolkit.dit.model import DiT
+from blip_toolkit.dit.normalize import TENSOR_PREFIX, TokenNormalizer
+from blip_toolkit.embeddings.head import TargetHead
+from blip_toolkit.engine.checkpoint import CheckpointManager
 from blip_toolkit.errors import InputError
+from blip_toolkit.fsutil import atomic_path, write_json
 
 logger = logging.getLogger("blip")
 
@@ -60,18 +68,12 @@ class TensorBundle(nn.Module):
 
 def normalizer_bundle(normalizer) -> TensorBundle:
     """The normaliser's tensors (`TokenNormalizer.export()`, prefix stripped) as a module."""
-    from blip_toolkit.dit.normalize import TENSOR_PREFIX
-
     tensors, _ = normalizer.export()
     return TensorBundle({name.removeprefix(TENSOR_PREFIX): value for name, value in tensors.items()})
 
 
 def save_module(module: nn.Module, path: Path) -> None:
     """A module's state_dict as safetensors, atomically."""
-    from safetensors.torch import save_model
-
-    from blip_toolkit.fsutil import atomic_path
-
     with atomic_path(path) as tmp:
         save_model(module, str(tmp), metadata={"format": "pt"}, force_contiguous=True)
 
@@ -87,8 +89,6 @@ def write_export(
 ) -> None:
     """Write a DiT directory (see the module docstring); config.json is written last, so a directory
     with a config.json is complete."""
-    from blip_toolkit.fsutil import write_json
-
     directory.mkdir(parents=True, exist_ok=True)
     save_module(model, directory / MODEL_FILE)
     if ema is not None:
@@ -102,8 +102,6 @@ def resolve_dit_dir(path: str | Path) -> Path:
     """The DiT directory to load for `path`: a directory with config.json (a finished run or a step
     checkpoint), a step checkpoint with only trainer_state.json, or a run directory without a final
     export (still training, or killed): its latest complete checkpoint."""
-    from blip_toolkit.training.common import CheckpointManager
-
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such checkpoint or run directory")
@@ -147,9 +145,6 @@ def read_record(directory: Path) -> dict[str, Any]:
 
 
 def _load_weights(module: nn.Module, file: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
     if not file.is_file():
         raise InputError(f"{file}: missing from the DiT checkpoint")
     try:
@@ -168,11 +163,6 @@ def load_dit(path: str | Path, ema: bool = True, *, device: str | torch.device =
     `solver.generate(..., normalizer=)`), and info: {"path", "record" (the config.json record),
     "ema" (whether EMA weights were loaded), "step", "head" (the TargetHead: tokens [B, N, Dt] ->
     global [B, E]), "dims" (the training data's dims), "sample" (the run's sampling defaults)}."""
-    from blip_toolkit.dit.config import DiTConfig
-    from blip_toolkit.dit.model import DiT
-    from blip_toolkit.dit.normalize import TENSOR_PREFIX, TokenNormalizer
-    from blip_toolkit.encoders.head import TargetHead
-
     directory = resolve_dit_dir(path)
     record = read_record(directory)
     try:
@@ -192,8 +182,6 @@ def load_dit(path: str | Path, ema: bool = True, *, device: str | torch.device =
     bundle_file = directory / NORMALIZER_FILE
     tensors: dict[str, torch.Tensor] = {}
     if bundle_file.is_file():
-        from safetensors.torch import load_file
-
         tensors = {TENSOR_PREFIX + k: v for k, v in load_file(str(bundle_file)).items()}
     normalizer = TokenNormalizer.from_export(tensors, normalizer_meta)
     head = TargetHead(**head_config)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from blip_toolkit.config import build_config
 from blip_toolkit.errors import ConfigError
 
 # Size presets. head_dim is 64 everywhere (the width SDPA kernels are tuned for). The number of
@@ -27,6 +29,11 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
 
 T_SAMPLINGS = ("uniform", "logit-normal")
 TARGET_NORMS = ("none", "l2", "standardize")
+SolverName = Literal["euler", "heun"]
+# The images `blip sample` generates for: all, or the run's own train / held-out split.
+SplitName = Literal["all", "train", "eval"]
+SPLITS: tuple[str, ...] = typing.get_args(SplitName)
+SOLVERS: tuple[str, ...] = typing.get_args(SolverName)
 
 
 def swiglu_hidden_dim(hidden_size: int, multiple_of: int = 256) -> int:
@@ -172,8 +179,6 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "dit config") -> DiTConfig:
         """Rebuild from `to_dict()` output (a checkpoint's config.json); unknown keys are an error."""
-        from blip_toolkit.config import build_config
-
         return build_config(cls, values, source=source)
 
 
@@ -224,6 +229,4 @@ class FlowConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "flow config") -> FlowConfig:
-        from blip_toolkit.config import build_config
-
         return build_config(cls, values, source=source)

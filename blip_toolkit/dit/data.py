@@ -17,7 +17,7 @@ Design (see docs/formats.md, "DiT runs"):
   whole global batch's noise (a [G, N, Dt] randn, cheap next to the model) so the slice a process
   gets does not depend on how many there are.
 - **Memory bounded whatever the number of shards.** Rows are read from zero-copy memory maps of the
-  shard files (`ShardArrays`): only the rows of a batch are copied, and at most `max_open` shards are
+  shard files (`EmbeddingShards.rows`): only the rows of a batch are copied, and at most `max_open` shards are
   mapped at once (an LRU; a mapped shard's touched pages count in the resident set until it is
   unmapped). The shuffle buffer holds integers only.
 
@@ -27,24 +27,21 @@ Nothing here writes files. Tensors come out as float32.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
-import struct
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from blip_toolkit.dit.config import FlowConfig
+from blip_toolkit.dit.flow import sample_t
+from blip_toolkit.dit.normalize import TokenNormalizer, TokenStatistics
+from blip_toolkit.embeddings.shards import EmbeddingShards
+from blip_toolkit.engine.seeding import mix_seed
 from blip_toolkit.errors import ConfigError, InputError
-
-if TYPE_CHECKING:
-    from blip_toolkit.data.shards import EmbeddingShards
-    from blip_toolkit.dit.config import FlowConfig
-    from blip_toolkit.dit.normalize import TokenNormalizer, TokenStatistics
 
 logger = logging.getLogger("blip")
 
@@ -55,24 +52,6 @@ STREAM_EVAL_LOSS = 2
 STREAM_SAMPLE = 3
 STREAM_ORDER = 4
 STREAM_SPLIT = 5
-
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*parts: int) -> int:
-    """A 64-bit seed from integers (splitmix64 over the parts): distinct inputs give unrelated
-    generator seeds, unlike `seed + k`, where runs with seeds 0 and 1 would share most batches."""
-    state = 0x9E3779B97F4A7C15
-    for part in parts:
-        state = (state ^ (int(part) & _MASK64)) & _MASK64
-        state = (state + 0x9E3779B97F4A7C15) & _MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state = z ^ (z >> 31)
-    return state
-
 
 # ----------------------------------------------------------------------------------------------------
 # The split
@@ -202,134 +181,11 @@ class IndexStream:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Memory-mapped rows
-
-
-@dataclass(frozen=True)
-class _Layout:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int  # byte offset of the tensor in the file
-    end: int
-
-
-def read_layout(path) -> dict[str, _Layout]:
-    """Tensor layouts of a safetensors file from its header (8-byte little-endian length, then a JSON
-    object name -> {dtype, shape, data_offsets}, offsets relative to the end of the header)."""
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100_000_000:
-                raise ValueError(f"header of {length} bytes")
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error) as exc:
-        raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
-    layouts = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            continue  # int64 caption_image: read with safe_open where needed
-        start, end = entry["data_offsets"]
-        layouts[name] = _Layout(dtype, tuple(entry["shape"]), 8 + length + start, 8 + length + end)
-    return layouts
-
-
-class ShardArrays:
-    """Rows of the per-image tensors (cond, target, target_global) of `shards`, by global image index,
-    through zero-copy memory maps. At most `max_open` shards are mapped at once (LRU).
-
-    Checksums follow the reader's `verify` mode (a shard's sha256 is checked on first use). Safe to
-    pickle into DataLoader workers (each opens its own maps)."""
-
-    def __init__(self, shards: EmbeddingShards, *, max_open: int = 4):
-        self.shards = shards
-        self.max_open = max(1, int(max_open))
-        self.offsets = np.array([s.offset for s in shards.shards] + [shards.num_samples], dtype=np.int64)
-        self._maps: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_maps"] = OrderedDict()
-        return state
-
-    def close(self) -> None:
-        self._maps.clear()
-
-    def views(self, j: int) -> dict[str, torch.Tensor]:
-        """Memory-mapped tensors of shard j, in the storage dtype (name -> [n, ...])."""
-        if j in self._maps:
-            self._maps.move_to_end(j)
-            return self._maps[j]
-        if self.shards.verify_mode != "none":
-            self.shards.check_shard(j)
-        info = self.shards.shards[j]
-        layouts = read_layout(info.path)
-        # Copy-on-write private map: pages are read from the file on first touch and never written.
-        raw = torch.from_numpy(np.memmap(info.path, dtype=np.uint8, mode="c"))
-        views = {}
-        for name, layout in layouts.items():
-            count = math.prod(layout.shape)
-            size = torch.empty((), dtype=layout.dtype).element_size()
-            if layout.end - layout.start != count * size:
-                raise InputError(
-                    f"{info.path}: tensor {name} has {layout.end - layout.start} bytes, expected {count * size}"
-                )
-            if layout.start % size:  # unaligned (not written by our writer): fall back to a copy
-                views[name] = raw[layout.start : layout.end].clone().view(layout.dtype).view(layout.shape)
-            else:
-                views[name] = raw[layout.start : layout.end].view(layout.dtype).view(layout.shape)
-        self._maps[j] = views
-        while len(self._maps) > self.max_open:
-            self._maps.popitem(last=False)
-        return views
-
-    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global indices [B] -> (shard number [B], row within the shard [B])."""
-        shard = np.searchsorted(self.offsets, indices, side="right") - 1
-        if len(indices) and (indices.min() < 0 or indices.max() >= self.offsets[-1]):
-            raise IndexError(f"image index out of range for {self.offsets[-1]} images")
-        return shard, indices - self.offsets[shard]
-
-    def gather(self, indices: np.ndarray, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows `indices` [B] of tensor `name` as float32 [B, ...] (into `out` when given)."""
-        indices = np.asarray(indices, dtype=np.int64)
-        shard, rows = self.locate(indices)
-        result = out
-        for j in np.unique(shard).tolist():
-            view = self.views(j)
-            if name not in view:
-                raise InputError(f"{self.shards.shards[j].path}: no tensor {name!r}")
-            tensor = view[name]
-            if result is None:
-                result = torch.empty((len(indices), *tensor.shape[1:]), dtype=torch.float32)
-            picked = (shard == j).nonzero()[0]
-            src = tensor.index_select(0, torch.from_numpy(rows[picked]))
-            if len(picked) == len(indices):
-                result.copy_(src)
-            else:
-                result.index_copy_(0, torch.from_numpy(picked), src.to(result.dtype))
-        if result is None:  # no indices
-            shape = self._shape(name)
-            result = torch.empty((0, *shape), dtype=torch.float32)
-        return result
-
-    def _shape(self, name: str) -> tuple[int, ...]:
-        dims = self.shards.dims
-        return {
-            "cond": (dims["cond_tokens"], dims["cond_dim"]),
-            "target": (dims["target_tokens"], dims["target_dim"]),
-            "target_global": (dims["embed_dim"],),
-        }[name]
-
-
-# ----------------------------------------------------------------------------------------------------
 # Normaliser
 
 
 def token_statistics(
-    arrays: ShardArrays,
+    shards: EmbeddingShards,
     indices: np.ndarray,
     *,
     max_samples: int = 0,
@@ -340,15 +196,13 @@ def token_statistics(
     """Streaming statistics of the target tokens of `indices` (sorted; the first `max_samples` when
     > 0), read in chunks of `chunk` rows: memory = one chunk plus the open maps, whatever the dataset
     size. `part` / `parts`: only every parts-th image from the part-th (a process's share)."""
-    from blip_toolkit.dit.normalize import TokenStatistics
-
     indices = np.sort(np.asarray(indices, dtype=np.int64))
     if max_samples:
         indices = indices[:max_samples]
     indices = indices[part::parts]
-    stats = TokenStatistics(arrays.shards.dims["target_dim"])
+    stats = TokenStatistics(shards.dims["target_dim"])
     for start in range(0, len(indices), chunk):
-        stats.update(arrays.gather(indices[start : start + chunk], "target"))
+        stats.update(shards.rows(indices[start : start + chunk], "target"))
     return stats
 
 
@@ -361,8 +215,6 @@ def pack_statistics(stats: TokenStatistics) -> torch.Tensor:
 def merge_statistics(packed: torch.Tensor) -> TokenStatistics:
     """One TokenStatistics from packed rows [P, 2 + 2D] (`pack_statistics` of each part), merged in row
     order with Chan et al.'s pairwise update (exact up to float64 rounding)."""
-    from blip_toolkit.dit.normalize import TokenStatistics
-
     dim = (packed.shape[1] - 2) // 2
     total = TokenStatistics(dim)
     for row in packed.double().cpu():
@@ -381,8 +233,6 @@ def merge_statistics(packed: torch.Tensor) -> TokenStatistics:
 
 def normalizer_from_statistics(method: str, stats: TokenStatistics, *, where: str = "") -> TokenNormalizer:
     """The fitted normaliser; refuses statistics that hold NaN or Inf (a corrupt embedding)."""
-    from blip_toolkit.dit.normalize import TokenNormalizer
-
     if method == "none":
         return TokenNormalizer("none")
     if stats.count == 0:
@@ -398,16 +248,14 @@ def normalizer_from_statistics(method: str, stats: TokenStatistics, *, where: st
 
 
 def fit_normalizer(
-    arrays: ShardArrays, indices: np.ndarray, method: str, *, max_samples: int = 0, chunk: int = 256
+    shards: EmbeddingShards, indices: np.ndarray, method: str, *, max_samples: int = 0, chunk: int = 256
 ) -> TokenNormalizer:
     """Fit the target normaliser on the target tokens of `indices` (see `token_statistics`) in one
     streaming pass."""
     if method == "none":
-        from blip_toolkit.dit.normalize import TokenNormalizer
-
         return TokenNormalizer("none")
-    stats = token_statistics(arrays, indices, max_samples=max_samples, chunk=chunk)
-    return normalizer_from_statistics(method, stats, where=str(arrays.shards.root))
+    stats = token_statistics(shards, indices, max_samples=max_samples, chunk=chunk)
+    return normalizer_from_statistics(method, stats, where=str(shards.root))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,13 +267,23 @@ def global_noise(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(t [G], drop [G] bool or None, x_0 [G, N, Dt]) of global micro-batch `micro_batch`: the same on
     every process (slice them per process)."""
-    from blip_toolkit.dit.flow import sample_t
-
     generator = torch.Generator().manual_seed(mix_seed(seed, STREAM_TRAIN, micro_batch))
     t = sample_t(size, flow, generator=generator)  # [G]
     drop = torch.rand(size, generator=generator) < flow.cond_dropout if flow.cond_dropout > 0 else None
     x_0 = torch.randn((size, *shape), generator=generator)  # [G, N, Dt]
     return t, drop, x_0
+
+
+def sample_noise(indices, seed: int, shape: tuple[int, ...], *, dtype=None, device=None) -> torch.Tensor:
+    """x_0 [B, *shape] ~ N(0, I) for sampling, row b drawn from a generator seeded by (seed,
+    indices[b]): an image's tokens do not depend on the batch size or on the other images sampled
+    (`blip sample --seed` and the train-dit evaluation with eval.seed draw the same noise)."""
+    out = torch.empty((len(indices), *shape))
+    generator = torch.Generator()
+    for row, index in enumerate(indices.tolist() if hasattr(indices, "tolist") else indices):
+        generator.manual_seed(mix_seed(seed, STREAM_SAMPLE, int(index)))
+        torch.randn(shape, generator=generator, out=out[row])
+    return out.to(device=device or "cpu", dtype=dtype or torch.float32)
 
 
 class TrainStream(torch.utils.data.IterableDataset):
@@ -437,7 +295,7 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        arrays: ShardArrays,
+        shards: EmbeddingShards,
         order: IndexStream,
         *,
         flow: FlowConfig,
@@ -454,10 +312,10 @@ class TrainStream(torch.utils.data.IterableDataset):
             raise ConfigError(
                 f"train.batch_size {global_batch} (the global batch) is not divisible by the {world_size} processes"
             )
-        self.arrays, self.order, self.flow, self.normalizer = arrays, order, flow, normalizer
+        self.shards, self.order, self.flow, self.normalizer = shards, order, flow, normalizer
         self.global_batch, self.rank, self.world_size, self.seed = global_batch, rank, world_size, seed
         self.start, self.with_global = start, with_global
-        dims = arrays.shards.dims
+        dims = shards.dims
         self.shape = (dims["target_tokens"], dims["target_dim"])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -472,8 +330,8 @@ class TrainStream(torch.utils.data.IterableDataset):
             mine = indices[lo:hi]
             t, drop, x_0 = global_noise(number, self.global_batch, self.shape, self.flow, seed=self.seed)
             batch = {
-                "cond": self.arrays.gather(mine, "cond"),  # [b, M, Dc]
-                "x_1": self.normalizer.encode(self.arrays.gather(mine, "target")),  # [b, N, Dt]
+                "cond": self.shards.rows(mine, "cond"),  # [b, M, Dc]
+                "x_1": self.normalizer.encode(self.shards.rows(mine, "target")),  # [b, N, Dt]
                 "x_0": x_0[lo:hi],
                 "t": t[lo:hi],
                 "drop": drop[lo:hi] if drop is not None else None,
@@ -481,7 +339,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 "batch": number,
             }
             if self.with_global:
-                batch["target_global"] = self.arrays.gather(mine, "target_global")
+                batch["target_global"] = self.shards.rows(mine, "target_global")
             yield batch
 
 
@@ -527,13 +385,12 @@ class EvalSet:
         return int(self.index.shape[0])
 
 
-def load_eval_set(arrays: ShardArrays, indices: np.ndarray, *, max_samples: int) -> EvalSet:
+def load_eval_set(shards: EmbeddingShards, indices: np.ndarray, *, max_samples: int) -> EvalSet:
     """The first `max_samples` of `indices` (sorted) with their captions."""
-    shards = arrays.shards
     indices = np.sort(np.asarray(indices, dtype=np.int64))[:max_samples]
-    cond = arrays.gather(indices, "cond")
-    target = arrays.gather(indices, "target")
-    shard_of, rows = arrays.locate(indices)
+    cond = shards.rows(indices, "cond")
+    target = shards.rows(indices, "target")
+    shard_of, rows = shards.locate(indices)
     position = {int(i): p for p, i in enumerate(indices.tolist())}
     texts, owners, strings, keys = [], [], [], [""] * len(indices)
     for j in np.unique(shard_of).tolist():

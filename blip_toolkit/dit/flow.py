@@ -8,17 +8,14 @@ Names used throughout: x_0 noise ~ N(0, I), x_1 data, x_t = (1 - t) x_0 + t x_1,
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from blip_toolkit.dit.config import FlowConfig
+from blip_toolkit.dit.normalize import TokenNormalizer
 from blip_toolkit.errors import ConfigError
-
-if TYPE_CHECKING:
-    from blip_toolkit.dit.normalize import TokenNormalizer
-
 
 # ----------------------------------------------------------------------------------------------------
 # The path
@@ -38,6 +35,22 @@ def interpolate(x_0: torch.Tensor, x_1: torch.Tensor, t: torch.Tensor) -> torch.
 def target_velocity(x_0: torch.Tensor, x_1: torch.Tensor) -> torch.Tensor:
     """d x_t / dt along the straight path: x_1 - x_0 (independent of t)."""
     return x_1 - x_0
+
+
+@dataclass
+class PathSample:
+    """A point of the straight path: x_0 noise, x_1 data, t [B], x_t, and the target velocity dx_t."""
+
+    x_0: torch.Tensor
+    x_1: torch.Tensor
+    t: torch.Tensor
+    x_t: torch.Tensor
+    dx_t: torch.Tensor
+
+
+def sample_path(x_0: torch.Tensor, x_1: torch.Tensor, t: torch.Tensor) -> PathSample:
+    """x_t and the target velocity at times t [B] between noise x_0 and data x_1 [B, ...]."""
+    return PathSample(x_0, x_1, t, interpolate(x_0, x_1, t), target_velocity(x_0, x_1))
 
 
 def predicted_clean(x_t: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
@@ -79,17 +92,21 @@ def flow_loss(
     cond: torch.Tensor,
     config: FlowConfig,
     *,
+    x_0: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    drop: torch.Tensor | None = None,
     cond_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     global_target: torch.Tensor | None = None,
     normalizer: TokenNormalizer | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Rectified-flow training loss for one batch.
+    """Rectified-flow training loss for one batch (the one `train-dit` optimises).
 
     x_1 [B, N, Dt] target tokens (already normalised by `normalizer.encode`, if any); cond [B, M, Dc];
-    cond_mask [B, M] bool or None; `generator` makes noise, t and condition dropout reproducible
-    (it must live on x_1's device). `model(x_t, t, cond, cond_mask, drop=drop)` is a DiT.
+    cond_mask [B, M] bool or None. The noise x_0 [B, N, Dt], the times t [B] and the condition-dropout
+    mask drop [B] (bool) are drawn from `generator` (on x_1's device) unless given (the trainer draws
+    them per global batch, dit/data.py). `model(x_t, t, cond, cond_mask, drop=drop)` is a DiT.
 
     With `config.contrastive_weight > 0`, `project(tokens [B, N, Dt]) -> [B, E]` (the target
     encoder's pooling and projection head, in the original token space: the predicted clean tokens
@@ -101,14 +118,15 @@ def flow_loss(
     Returns (loss, parts) where parts holds detached scalars "loss", "mse" and "contrastive".
     """
     batch = x_1.shape[0]
-    x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)  # [B, N, Dt]
-    t = sample_t(batch, config, generator=generator, device=x_1.device)  # [B]
-    x_t = interpolate(x_0, x_1, t)  # [B, N, Dt]
-    drop = None
-    if config.cond_dropout > 0:
+    if x_0 is None:
+        x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device, dtype=x_1.dtype)  # [B, N, Dt]
+    if t is None:
+        t = sample_t(batch, config, generator=generator, device=x_1.device)  # [B]
+    if drop is None and config.cond_dropout > 0:
         drop = torch.rand(batch, generator=generator, device=x_1.device) < config.cond_dropout  # [B]
-    v_pred = model(x_t, t, cond, cond_mask, drop=drop)  # [B, N, Dt]
-    mse = F.mse_loss(v_pred, target_velocity(x_0, x_1))
+    path = sample_path(x_0, x_1, t)
+    v_pred = model(path.x_t, t, cond, cond_mask, drop=drop).float()  # [B, N, Dt]
+    mse = F.mse_loss(v_pred, path.dx_t)
     loss = mse
     contrastive = torch.zeros((), device=x_1.device)
     if config.contrastive_weight > 0:
@@ -119,7 +137,7 @@ def flow_loss(
             )
         keep = ~drop if drop is not None else torch.ones(batch, dtype=torch.bool, device=x_1.device)
         if int(keep.sum()) >= 2:  # InfoNCE needs at least one negative
-            x_1_hat = predicted_clean(x_t[keep], t[keep], v_pred[keep])  # [K, N, Dt]
+            x_1_hat = predicted_clean(path.x_t[keep], t[keep], v_pred[keep])  # [K, N, Dt]
             if normalizer is not None:
                 x_1_hat = normalizer.decode(x_1_hat)
             contrastive = info_nce(project(x_1_hat), global_target[keep], config.contrastive_temperature)

@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
+from blip_toolkit.dit.config import TARGET_NORMS
 from blip_toolkit.errors import ConfigError, InputError
 
-METHODS = ("none", "l2", "standardize")
+METHODS = TARGET_NORMS
 TENSOR_PREFIX = "normalizer."
 
 

@@ -1,17 +1,17 @@
 """`blip sample`: generate target tokens with a trained DiT for the conditioning tokens of embedding
 shards, and write them (with their global embeddings) for `eval-recall`.
 
-    from blip_toolkit.dit.sample import SampleConfig, load_dit, run_sample
+    from blip_toolkit.dit.sample import SampleConfig, run_sample
     result = run_sample(SampleConfig(checkpoint="runs/dit", data="emb/", out="samples.safetensors"))
 
+    from blip_toolkit.dit.checkpoint import load_dit
+    from blip_toolkit.dit.solver import generate
     model, normalizer, info = load_dit("runs/dit")           # EMA weights
-    tokens = generate(model, cond, steps=30, cfg_scale=3.0, normalizer=normalizer)   # dit.solver
+    tokens = generate(model, cond, steps=30, cfg_scale=3.0, normalizer=normalizer)
 
 Noise is drawn per sample from (seed, global image index), so a sample's tokens do not depend on the
 batch size or on which other images are sampled with it (`--split eval` gives the same tokens for an
 image as `--split all`), and the evaluation of `train-dit` (same seed) reproduces them.
-
-Module level imports stay light (the CLI imports SampleConfig).
 """
 
 from __future__ import annotations
@@ -20,18 +20,26 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import torch
+
+from blip_toolkit.dit.checkpoint import check_dims, load_dit
+from blip_toolkit.dit.config import SOLVERS, SPLITS
+from blip_toolkit.dit.data import sample_noise, split_indices
+from blip_toolkit.dit.solver import generate
+from blip_toolkit.embeddings.format import STORAGE_DTYPES
+from blip_toolkit.embeddings.generated import write_generated
+from blip_toolkit.embeddings.shards import TORCH_DTYPES, EmbeddingShards
+from blip_toolkit.engine.outputs import check_output_file
 from blip_toolkit.errors import InputError, UsageError
-
-if TYPE_CHECKING:
-    import torch
+from blip_toolkit.log import track
+from blip_toolkit.runtime.device import resolve_device
 
 logger = logging.getLogger("blip")
 
-SPLITS = ("all", "train", "eval")
-SOLVERS = ("euler", "heun")
-DTYPES = ("float16", "bfloat16", "float32")
+DTYPES = STORAGE_DTYPES
 
 
 @dataclass
@@ -106,76 +114,73 @@ class SampleResult:
         return asdict(self)
 
 
-def load_dit(path: str | Path, ema: bool = True, *, device: str | torch.device = "cpu"):
-    """(model, normalizer, info) of a trained DiT: see `blip_toolkit.dit.checkpoint.load_dit`."""
-    from blip_toolkit.dit.checkpoint import load_dit as _load_dit
-
-    return _load_dit(path, ema, device=device)
-
-
-def sample_noise(indices, seed: int, shape: tuple[int, ...], *, dtype=None, device=None) -> torch.Tensor:
-    """x_0 [B, *shape] ~ N(0, I), row b drawn from a generator seeded by (seed, indices[b])."""
-    import torch
-
-    from blip_toolkit.dit.data import STREAM_SAMPLE, mix_seed
-
-    out = torch.empty((len(indices), *shape))
-    generator = torch.Generator()
-    for row, index in enumerate(indices.tolist() if hasattr(indices, "tolist") else indices):
-        generator.manual_seed(mix_seed(seed, STREAM_SAMPLE, int(index)))
-        torch.randn(shape, generator=generator, out=out[row])
-    return out.to(device=device or "cpu", dtype=dtype or torch.float32)
-
-
-def generate_tokens(
-    model,
-    cond: torch.Tensor,
-    indices,
-    *,
-    seed: int,
-    steps: int,
-    cfg_scale: float,
-    solver: str = "euler",
-    shift: float = 1.0,
-    normalizer=None,
-) -> torch.Tensor:
-    """Sample target tokens [B, N, Dt] for cond [B, M, Dc] of the images `indices` [B] (global image
-    indices: they choose the noise, see `sample_noise`). The same ODE as `solver.generate` (the
-    solver's `integrate` with `guided_velocity`), decoded with `normalizer`."""
-    import torch
-
-    from blip_toolkit.dit.solver import guided_velocity, integrate
-
-    config = model.config
-    dtype = next(model.parameters()).dtype
-    x_0 = sample_noise(indices, seed, (config.num_tokens, config.target_dim), dtype=dtype, device=cond.device)
-    with torch.no_grad():
-        velocity = guided_velocity(model, cond.to(dtype), cfg_scale=cfg_scale)
-        x_1 = integrate(velocity, x_0, steps=steps, solver=solver, shift=shift)  # [B, N, Dt]
-    return normalizer.decode(x_1) if normalizer is not None else x_1
-
-
 def run_sample(config: SampleConfig) -> SampleResult:
     """Generate tokens for the images of `config.split` and write them with `write_generated` (keys,
     the embeddings' index_sha256, the head's global embeddings, and the settings as metadata)."""
-    import numpy as np
-    import torch
-
-    from blip_toolkit.data.shards import STORAGE_DTYPES, EmbeddingShards, write_generated
-    from blip_toolkit.dit.checkpoint import check_dims
-    from blip_toolkit.dit.data import ShardArrays, split_indices
-    from blip_toolkit.fsutil import check_output_file
-    from blip_toolkit.log import track
-
-    start = time.perf_counter()
+    started = time.perf_counter()
     check_output_file(config.out, overwrite=config.overwrite)  # before any work
-    from blip_toolkit.runtime.device import resolve_device
-
     device = resolve_device(config.device)
     shards = EmbeddingShards(config.data)
     model, normalizer, info = load_dit(config.checkpoint, ema=config.ema, device=device)
     record = info["record"]
     check_dims(record, shards.dims, checkpoint=config.checkpoint, data=config.data)
+    _warn_other_encoders(record, shards)
+    settings = _settings(config, info["sample"])
+    indices = _indices(config, shards, record)
+    logger.info(
+        "sampling %d image(s) of %s with %s (step %s, %s weights): %d %s step(s), cfg %.2f, seed %d",
+        len(indices),
+        config.data,
+        info["path"],
+        info["step"],
+        "EMA" if info["ema"] else "trained",
+        settings["steps"],
+        settings["solver"],
+        settings["cfg_scale"],
+        config.seed,
+    )
+    store = TORCH_DTYPES[config.dtype or shards.index["dtype"]]
+    tokens, global_emb = _generate_all(
+        model, normalizer, info["head"], shards, indices, settings, config, store, device
+    )
+    metadata = {
+        "checkpoint": str(Path(info["path"]).resolve()),
+        "step": str(info["step"]),
+        "ema": str(info["ema"]).lower(),
+        "steps": str(settings["steps"]),
+        "cfg_scale": repr(settings["cfg_scale"]),
+        "solver": settings["solver"],
+        "shift": repr(settings["shift"]),
+        "seed": str(config.seed),
+        "split": config.split,
+    }
+    keys_all = shards.keys()
+    path = write_generated(
+        config.out,
+        tokens,
+        [keys_all[i] for i in indices.tolist()],
+        index_sha256=shards.index_sha256,
+        global_emb=global_emb,
+        metadata=metadata,
+        overwrite=config.overwrite,
+    )
+    seconds = time.perf_counter() - started
+    return SampleResult(
+        path=str(path),
+        checkpoint=info["path"],
+        data=str(config.data),
+        samples=len(indices),
+        step=info["step"],
+        ema=info["ema"],
+        seed=config.seed,
+        split=config.split,
+        seconds=seconds,
+        samples_per_second=len(indices) / seconds if seconds > 0 else 0.0,
+        **settings,
+    )
+
+
+def _warn_other_encoders(record: dict[str, Any], shards: EmbeddingShards) -> None:
     trained_on = record.get("data", {})
     for side in ("cond", "target"):
         was = trained_on.get("encoders", {}).get(side, {})
@@ -188,12 +193,22 @@ def run_sample(config: SampleConfig) -> SampleResult:
                 ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in changed),
             )
 
-    defaults = info["sample"]
-    steps = config.steps if config.steps is not None else int(defaults.get("steps", 30))
-    cfg_scale = config.cfg_scale if config.cfg_scale is not None else float(defaults.get("cfg_scale", 1.0))
-    solver = config.solver or defaults.get("solver", "euler")
-    shift = config.shift if config.shift is not None else float(defaults.get("shift", 1.0))
 
+def _settings(config: SampleConfig, defaults: dict[str, Any]) -> dict[str, Any]:
+    """steps, cfg_scale, solver, shift: the command's, else the run's own sampling defaults."""
+    return {
+        "steps": config.steps if config.steps is not None else int(defaults.get("steps", 30)),
+        "cfg_scale": config.cfg_scale
+        if config.cfg_scale is not None
+        else float(defaults.get("cfg_scale", 1.0)),
+        "solver": config.solver or defaults.get("solver", "euler"),
+        "shift": config.shift if config.shift is not None else float(defaults.get("shift", 1.0)),
+    }
+
+
+def _indices(config: SampleConfig, shards: EmbeddingShards, record: dict[str, Any]) -> np.ndarray:
+    """Global image indices of `config.split` (the first `limit`)."""
+    trained_on = record.get("data", {})
     if config.split == "all":
         indices = np.arange(len(shards), dtype=np.int64)
     else:
@@ -211,82 +226,37 @@ def run_sample(config: SampleConfig) -> SampleResult:
         indices = indices[: config.limit]
     if len(indices) == 0:
         raise InputError(f"{config.data}: no images in --split {config.split}")
+    return indices
 
-    keys_all = shards.keys()
-    keys = [keys_all[i] for i in indices.tolist()]
+
+def _generate_all(model, normalizer, head, shards, indices, settings, config: SampleConfig, store, device):
+    """(tokens [n, N, Dt] in `store`, global [n, E] float32) of the images `indices`."""
     dims = shards.dims
-    store = STORAGE_DTYPES[config.dtype or shards.index["dtype"]]
-    tokens = torch.empty((len(indices), dims["target_tokens"], dims["target_dim"]), dtype=store)
-    head = info["head"]
+    shape = (dims["target_tokens"], dims["target_dim"])
+    tokens = torch.empty((len(indices), *shape), dtype=store)
     global_emb = torch.empty((len(indices), head.embed_dim), dtype=torch.float32)
-    arrays = ShardArrays(shards)
-    logger.info(
-        "sampling %d image(s) of %s with %s (step %s, %s weights): %d %s step(s), cfg %.2f, seed %d",
-        len(indices),
-        config.data,
-        info["path"],
-        info["step"],
-        "EMA" if info["ema"] else "trained",
-        steps,
-        solver,
-        cfg_scale,
-        config.seed,
-    )
+    dtype = next(model.parameters()).dtype
     batches = range(0, len(indices), config.batch_size)
     for lo in track(batches, total=len(batches), description="sampling"):
         chunk = indices[lo : lo + config.batch_size]
-        cond = arrays.gather(chunk, "cond").to(device)
-        out = generate_tokens(
+        cond = shards.rows(chunk, "cond").to(device)  # [b, M, Dc]
+        x_0 = sample_noise(chunk, config.seed, shape, dtype=dtype, device=device)
+        out = generate(
             model,
             cond,
-            chunk,
-            seed=config.seed,
-            steps=steps,
-            cfg_scale=cfg_scale,
-            solver=solver,
-            shift=shift,
+            x_0=x_0,
+            steps=settings["steps"],
+            cfg_scale=settings["cfg_scale"],
+            solver=settings["solver"],
+            shift=settings["shift"],
             normalizer=normalizer,
         )  # [b, N, Dt]
         with torch.no_grad():
             global_emb[lo : lo + len(chunk)] = head(out.float()).float().cpu()
         tokens[lo : lo + len(chunk)] = out.cpu().to(store)
-    arrays.close()
+    shards.close()
     if not bool(torch.isfinite(global_emb).all()):
-        raise InputError(f"{info['path']}: the generated tokens hold NaN or Inf values (a diverged model?)")
-    metadata = {
-        "checkpoint": str(Path(info["path"]).resolve()),
-        "step": str(info["step"]),
-        "ema": str(info["ema"]).lower(),
-        "steps": str(steps),
-        "cfg_scale": repr(cfg_scale),
-        "solver": solver,
-        "shift": repr(shift),
-        "seed": str(config.seed),
-        "split": config.split,
-    }
-    path = write_generated(
-        config.out,
-        tokens,
-        keys,
-        index_sha256=shards.index_sha256,
-        global_emb=global_emb,
-        metadata=metadata,
-        overwrite=config.overwrite,
-    )
-    seconds = time.perf_counter() - start
-    return SampleResult(
-        path=str(path),
-        checkpoint=info["path"],
-        data=str(config.data),
-        samples=len(indices),
-        step=info["step"],
-        ema=info["ema"],
-        steps=steps,
-        cfg_scale=cfg_scale,
-        solver=solver,
-        shift=shift,
-        seed=config.seed,
-        split=config.split,
-        seconds=seconds,
-        samples_per_second=len(indices) / seconds if seconds > 0 else 0.0,
-    )
+        raise InputError(
+            f"{config.checkpoint}: the generated tokens hold NaN or Inf values (a diverged model?)"
+        )
+    return tokens, global_emb

@@ -7,18 +7,15 @@ The solvers integrate any velocity callable `velocity(x [B, ...], t [B]) -> dx/d
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
+from blip_toolkit.dit.config import SOLVERS
+from blip_toolkit.dit.model import DiT
+from blip_toolkit.dit.normalize import TokenNormalizer
 from blip_toolkit.errors import UsageError
 
-if TYPE_CHECKING:
-    from blip_toolkit.dit.model import DiT
-    from blip_toolkit.dit.normalize import TokenNormalizer
-
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SOLVERS = ("euler", "heun")
 
 
 def time_grid(
@@ -93,24 +90,32 @@ def generate(
     steps: int = 30,
     cfg_scale: float = 1.0,
     solver: str = "euler",
+    x_0: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     cond_mask: torch.Tensor | None = None,
     normalizer: TokenNormalizer | None = None,
     shift: float = 1.0,
 ) -> torch.Tensor:
-    """Sample target tokens [B, N, Dt] for conditioning tokens cond [B, M, Dc].
+    """Sample target tokens [B, N, Dt] for conditioning tokens cond [B, M, Dc]: the one sampler of
+    `blip sample`, the train-dit evaluation and the Python API.
 
-    Noise x_0 ~ N(0, I) comes from `generator` (on cond's device) when given, so a seed reproduces the
-    samples. The ODE is solved with `solver` over `steps` steps (see `integrate`) with
-    classifier-free guidance `cfg_scale` (BLIP3-o uses 30 Euler steps at 3.0). With `normalizer`, the
-    result is decoded back to the target encoder's token space.
+    Noise: `x_0` [B, N, Dt] when given (`blip sample` draws it per image, see dit/sample.py
+    `sample_noise`), else N(0, I) from `generator` (on cond's device). The ODE is solved with `solver`
+    over `steps` steps (see `integrate`) with classifier-free guidance `cfg_scale` (BLIP3-o uses 30
+    Euler steps at 3.0). With `normalizer`, the result is decoded back to the target encoder's token
+    space.
     """
     if cfg_scale < 0:
         raise UsageError(f"cfg_scale must be >= 0, got {cfg_scale}")
     config = model.config
     dtype = next(model.parameters()).dtype
     shape = (cond.shape[0], config.num_tokens, config.target_dim)
-    x_0 = torch.randn(shape, generator=generator, device=cond.device, dtype=dtype)  # [B, N, Dt]
+    if x_0 is None:
+        x_0 = torch.randn(shape, generator=generator, device=cond.device, dtype=dtype)  # [B, N, Dt]
+    elif tuple(x_0.shape) != shape:
+        raise ValueError(f"x_0 must be {list(shape)}, got {list(x_0.shape)}")
     velocity = guided_velocity(model, cond.to(dtype), cfg_scale=cfg_scale, cond_mask=cond_mask)
-    x_1 = integrate(velocity, x_0, steps=steps, solver=solver, shift=shift)  # [B, N, Dt]
+    x_1 = integrate(
+        velocity, x_0.to(cond.device, dtype), steps=steps, solver=solver, shift=shift
+    )  # [B, N, Dt]
     return normalizer.decode(x_1) if normalizer is not None else x_1

@@ -60,6 +60,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from blip_toolkit.errors import InputError, UsageError
 
 if TYPE_CHECKING:
@@ -120,8 +122,6 @@ def merge_identical_captions(captions: Sequence[str], caption_image):
     captions: [C] strings, caption_image: [C] image index of each. Returns (first [T] row of each
     distinct string, in order of first appearance; pair_image [P]; pair_text [P]), with identical
     (image, text) pairs counted once."""
-    import torch
-
     ids: dict[str, int] = {}
     first: list[int] = []
     text_of = []
@@ -163,8 +163,6 @@ def retrieval_recall(
     Raises InputError for empty or malformed inputs, NaN/Inf embeddings, out-of-range pair indices,
     and images or texts without a positive; UsageError for bad `ks` or budget.
     """
-    import torch
-
     ks = _check_ks(ks)
     max_memory_bytes = _positive_int(max_memory_bytes, "max_memory_bytes")
     if not (tie_tolerance >= 0 and math.isfinite(tie_tolerance)):
@@ -266,8 +264,6 @@ def mean_cosine(
     flatten them). Computed in float32 in chunks of rows within `max_memory_bytes`, summed in float64.
     A zero row has cosine 0 (torch.nn.functional.cosine_similarity clamps the norms' product at `eps`).
     """
-    import torch
-
     for name, x in (("a", a), ("b", b)):
         if not isinstance(x, torch.Tensor):
             raise InputError(f"mean_cosine: {name} must be a tensor, got {type(x).__name__}")
@@ -325,8 +321,6 @@ def _positive_int(value, what: str) -> int:
 
 
 def _check_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor) -> tuple[int, int, int]:
-    import torch
-
     for name, x in (("image", image_emb), ("text", text_emb)):
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{name} embeddings must be a tensor, got {type(x).__name__}")
@@ -347,8 +341,6 @@ def _check_pairs(
     pair_image: torch.Tensor, pair_text: torch.Tensor, num_images: int, num_texts: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated, deduplicated pairs as int64 on `device`: ([P'], [P']), sorted by (image, text)."""
-    import torch
-
     for name, x in (("pair_image", pair_image), ("pair_text", pair_text)):
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -454,8 +446,6 @@ def _prepare(rows: torch.Tensor, inv_norm: torch.Tensor | None, out: torch.Tenso
 
 def _row_norms(emb: torch.Tensor, what: str, chunk_rows: int, device: torch.device) -> torch.Tensor:
     """[N] float64 L2 norms of the rows of `emb` [N, D]; InputError when a row holds NaN or Inf."""
-    import torch
-
     norms = torch.empty(emb.shape[0], dtype=torch.float64, device=device)
     buf = torch.empty(min(chunk_rows, emb.shape[0]), emb.shape[1], device=device)
     for start in range(0, emb.shape[0], chunk_rows):
@@ -485,8 +475,6 @@ def _best_positive_scores(
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best positive score of each image [I] and each text [T] (float32), from the pairs only."""
-    import torch
-
     chunk = min(chunk, pair_i.numel())
     dim = image_emb.shape[1]
     gathered_img = torch.empty(chunk, dim, dtype=image_emb.dtype, device=image_emb.device)
@@ -526,8 +514,6 @@ def _count_at_least(
     Returns (count_a [NA], count_b [NB], pair_score [P]): count_a[i] = #{j : s(i, j) >= a_thr[i]},
     count_b[j] = #{i : s(i, j) >= b_thr[j]} (positives included), and the tile score of each pair.
     """
-    import torch
-
     num_a, num_b, dim = a_emb.shape[0], b_emb.shape[0], a_emb.shape[1]
     a_bounds, b_bounds = plan.a_bounds, plan.b_bounds
     blocks_b = len(b_bounds) - 1
@@ -581,8 +567,6 @@ def _warn_if_tolerance_too_small(
 ) -> None:
     """The thresholds come from the pair pass; if the tile pass rounded a best positive differently by
     more than the tolerance, a tie with an identical negative could have been missed."""
-    import torch
-
     best_tile = torch.full_like(best, -math.inf).scatter_reduce_(0, owner, pair_score, reduce="amax")
     off = int(((best_tile - best).abs() > tol).sum())
     if off:

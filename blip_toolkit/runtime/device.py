@@ -6,6 +6,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
+
 from blip_toolkit.errors import UsageError
 
 logger = logging.getLogger("blip")
@@ -16,8 +18,6 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 def resolve_device(spec: str = "auto"):
     """auto -> cuda when available, else cpu. cuda / cuda:N must exist."""
-    import torch
-
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,8 +37,6 @@ def resolve_device(spec: str = "auto"):
 
 def resolve_dtype(spec: str, device) -> Any:
     """auto -> float32 on CPU (bfloat16 is emulated and slow on most CPUs), float16 on CUDA."""
-    import torch
-
     spec = (spec or "auto").strip().lower()
     if spec not in DTYPES:
         raise UsageError(f"--dtype {spec!r}: use one of {', '.join(DTYPES)}")
@@ -54,8 +52,6 @@ def is_cuda_fault(exc: BaseException) -> bool:
     """Out of memory, device-side asserts (such as BLIP-2's masked_scatter count mismatch) and other
     CUDA runtime errors. After a device-side assert the CUDA context is unusable, so the only way
     on is a fresh model on CPU."""
-    import torch
-
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if isinstance(exc, oom) or (accelerator_error is not None and isinstance(exc, accelerator_error)):
@@ -88,8 +84,6 @@ class FallbackRunner:
             return call(self.loaded)
 
     def _fall_back(self, exc: BaseException) -> None:
-        import torch
-
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         logger.warning(
             "CUDA failed (%s); reloading the model on CPU, retrying the batch, and staying on CPU",

@@ -17,10 +17,11 @@ from __future__ import annotations
 import os
 import types
 
+import torch.nn.functional as F
+from transformers.models.blip.modeling_blip import BlipAttention
+
 
 def _sdpa_forward(self, hidden_states, **kwargs):
-    import torch.nn.functional as F
-
     batch, length, width = hidden_states.shape
     qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     # [3, B, heads, L, head_dim]: the same layout the eager forward uses
@@ -34,7 +35,6 @@ def use_fused_vision_attention(model) -> int:
     """Swap the forward of every BlipAttention in `model` for the fused one; returns how many."""
     if os.environ.get("BLIP_EAGER_ATTENTION", "").strip() not in ("", "0"):
         return 0
-    from transformers.models.blip.modeling_blip import BlipAttention
 
     count = 0
     for module in model.modules():

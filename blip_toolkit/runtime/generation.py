@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from blip_toolkit.errors import InputError, UsageError
+from blip_toolkit.runtime.batching import InOrder, check_text, length_buckets, load_images, prefetched
 
 
 @dataclass
@@ -64,8 +67,6 @@ def generate(loaded, images: list, prompts: list[str] | None, options: Generatio
 
     `prompts` must all have the same token length (see batching.length_buckets) or be None; for
     BLIP VQA checkpoints the prompt is the question."""
-    import torch
-
     family = loaded.family
     processor = loaded.processor
     kwargs = options.generate_kwargs()
@@ -115,10 +116,7 @@ def run_jobs(
     """Generate for every job, in batches of equal prompt length, and yield one record per job in
     input order: `record_of(job, text)` on success, `error_of(job)` (default `{"image", "error"}`)
     on failure."""
-    import torch
-
     error_of = error_of or (lambda job: {"image": job.image_path, "error": job.error})
-    from blip_toolkit.runtime.batching import InOrder, check_text, length_buckets, load_images, prefetched
 
     if options.seed is not None:
         torch.manual_seed(options.seed)

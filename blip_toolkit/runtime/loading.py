@@ -13,12 +13,22 @@ import logging
 import os
 import re
 import socket
+from concurrent.futures import ThreadPoolExecutor, TimeoutError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import torch
+import transformers
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+from transformers import AutoProcessor
+
 from blip_toolkit.errors import ModelLoadError, TaskNotSupportedError
+from blip_toolkit.log import quiet_transformers
+from blip_toolkit.runtime.device import FallbackRunner, resolve_device, resolve_dtype
+from blip_toolkit.runtime.fast_attention import use_fused_vision_attention
 
 logger = logging.getLogger("blip")
 
@@ -43,8 +53,6 @@ class Family:
     decoder_only: bool = False  # BLIP-2 with a decoder-only language model (OPT)
 
     def model_class(self):
-        import transformers
-
         return getattr(transformers, self.class_name)
 
 
@@ -150,8 +158,6 @@ def resolve_source(source: str) -> ResolvedSource:
             hint="--model takes a local checkpoint directory or a hub id such as Salesforce/blip-image-captioning-base",
         )
 
-    from huggingface_hub import try_to_load_from_cache
-
     cached = try_to_load_from_cache(source, "config.json")
     offline = _hub_offline()
     if isinstance(cached, str):
@@ -167,8 +173,6 @@ def resolve_source(source: str) -> ResolvedSource:
         raise ModelLoadError(
             f"{source}: cannot reach the Hugging Face Hub and the model is not cached", hint=hint
         )
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
 
     try:
         config_path = hf_hub_download(source, "config.json", etag_timeout=5)
@@ -215,7 +219,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
             return False
 
     # The connect timeout does not cover the DNS lookup, which can hang for longer: bound both.
-    from concurrent.futures import ThreadPoolExecutor, TimeoutError
 
     pool = ThreadPoolExecutor(max_workers=1)
     try:
@@ -253,10 +256,6 @@ def inspect_source(source: str) -> tuple[ResolvedSource, Family]:
 def load_processor(resolved: ResolvedSource, *, trust_remote_code: bool = False):
     """The checkpoint's processor, on the PIL image backend (torchvision is optional and does not
     import beside every torch build; PIL gives the same preprocessing everywhere)."""
-    from transformers import AutoProcessor
-
-    from blip_toolkit.log import quiet_transformers
-
     quiet_transformers()
     try:
         return AutoProcessor.from_pretrained(
@@ -280,10 +279,6 @@ def load_model(
     family: Family | None = None,
 ) -> LoadedModel:
     """Load `source` for `task` (None: any task) on `device` in `dtype` (default: CPU, float32)."""
-    import torch
-
-    from blip_toolkit.log import quiet_transformers
-
     if resolved is None or family is None:
         resolved, family = inspect_source(source)
     if task is not None:
@@ -302,8 +297,6 @@ def load_model(
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{source}: cannot load the model ({_first_line(exc)})") from exc
     if not family.is_blip2:
-        from blip_toolkit.runtime.fast_attention import use_fused_vision_attention
-
         use_fused_vision_attention(model)
     model.to(device).eval()
     return LoadedModel(source, family, model, processor, device, dtype)
@@ -318,8 +311,6 @@ def open_runner(
     trust_remote_code: bool = False,
 ):
     """Resolve and load `source` for `task` behind a FallbackRunner (CUDA faults fall back to CPU)."""
-    from blip_toolkit.runtime.device import FallbackRunner, resolve_device, resolve_dtype
-
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     resolved, family = inspect_source(source)

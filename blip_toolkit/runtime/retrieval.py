@@ -18,10 +18,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
+
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, InputItem
 from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.runtime.batching import check_text, fixed_batches, jobs_from_items, load_images, prefetched
 from blip_toolkit.runtime.generation import forbidden_tokens
+from blip_toolkit.runtime.itm import ITM_OPS
 
 ITM_SCORES = ("itm+itc", "itm", "itc")
 
@@ -89,8 +93,6 @@ def rank_texts(runner, items: list[InputItem], texts: list[str], options: Retrie
 
 
 def _ranked(texts: list[str], columns: dict[str, Any]) -> list[dict]:
-    import torch
-
     scores = columns["score"]
     probabilities = torch.softmax(scores.double(), dim=0)
     # Stable sort: equal scores keep the order the texts were given in.
@@ -122,8 +124,6 @@ def _tokens(loaded, texts):
 
 def _pairs(n_images: int, n_texts: int, chunk: int):
     """(image index, text index) tensors over all pairs, in chunks."""
-    import torch
-
     image_index = torch.arange(n_images).repeat_interleave(n_texts)
     text_index = torch.arange(n_texts).repeat(n_images)
     for start in range(0, len(image_index), chunk):
@@ -132,8 +132,6 @@ def _pairs(n_images: int, n_texts: int, chunk: int):
 
 def _columns(score_kind: str, itc, itm_logits) -> list[dict]:
     """Per image: score plus the parts it was made of. itc [I, T]; itm_logits [I, T, 2] or None."""
-    import torch
-
     rows = []
     for i in range(itc.shape[0]):
         row = {"itc": itc[i]}
@@ -149,95 +147,32 @@ def _columns(score_kind: str, itc, itm_logits) -> list[dict]:
     return rows
 
 
-def _score_blip_itm(loaded, images, texts, score_kind, cache, *, pair_batch: int) -> list[dict]:
-    """BlipForImageTextRetrieval: ITC from the projected [CLS] embeddings, ITM from the text
-    encoder cross-attending to the image (as its forward does with use_itm_head=True)."""
-    import torch
-    import torch.nn.functional as F
-
+def _score_itm(loaded, images, texts, score_kind, cache, *, pair_batch: int) -> list[dict]:
+    """ITM checkpoints (BLIP and BLIP-2) through the one scorer (runtime/itm.py): text features once
+    per model, image features per batch, the ITM head per (image, text) pair in chunks."""
+    ops = ITM_OPS[loaded.family.name]
     model = loaded.model
     with torch.inference_mode():
         if cache.get("model") is not model:
             cache.clear()
             input_ids, attention_mask = _tokens(loaded, texts)
-            text_hidden = model.text_encoder(
-                input_ids=input_ids, attention_mask=attention_mask
-            ).last_hidden_state
             cache.update(
                 model=model,
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                text_feat=F.normalize(model.text_proj(text_hidden[:, 0, :]), dim=-1),
+                text_feat=ops.text(model, input_ids, attention_mask),
             )
-        image_embeds = model.vision_model(pixel_values=_pixels(loaded, images)).last_hidden_state
-        image_feat = F.normalize(model.vision_proj(image_embeds[:, 0, :]), dim=-1)
-        itc = (image_feat @ cache["text_feat"].t()).float()
+        image_embeds, image_feat = ops.image(model, _pixels(loaded, images))
+        itc = ops.similarity(image_feat, cache["text_feat"]).float()
         itm = None
         if score_kind != "itc":
             itm = torch.empty(len(images), len(texts), 2)
             for img_idx, txt_idx in _pairs(len(images), len(texts), pair_batch):
-                encoder_states = image_embeds[img_idx]
-                hidden = model.text_encoder(
-                    input_ids=cache["input_ids"][txt_idx],
-                    attention_mask=cache["attention_mask"][txt_idx],
-                    encoder_hidden_states=encoder_states,
-                    encoder_attention_mask=torch.ones(
-                        encoder_states.shape[:-1], dtype=torch.long, device=loaded.device
-                    ),
-                ).last_hidden_state
-                itm[img_idx, txt_idx] = model.itm_head(hidden[:, 0, :]).float().cpu()
-    return _columns(score_kind, itc.cpu(), itm)
-
-
-def _score_blip2_itm(loaded, images, texts, score_kind, cache, *, pair_batch: int) -> list[dict]:
-    """Blip2ForImageTextRetrieval: ITC is the max over query embeddings of the cosine with the text
-    [CLS]; ITM runs the Q-Former on queries + text and averages the head over the query outputs."""
-    import torch
-    import torch.nn.functional as F
-
-    model = loaded.model
-    num_queries = model.config.num_query_tokens
-    with torch.inference_mode():
-        if cache.get("model") is not model:
-            cache.clear()
-            input_ids, attention_mask = _tokens(loaded, texts)
-            text_hidden = model.qformer(
-                query_embeds=model.embeddings(input_ids=input_ids),
-                query_length=0,
-                attention_mask=attention_mask,
-            ).last_hidden_state
-            text_feat = F.normalize(
-                model.text_projection(text_hidden[:, 0, :].to(model.text_projection.weight.dtype)), dim=-1
-            )
-            cache.update(model=model, input_ids=input_ids, attention_mask=attention_mask, text_feat=text_feat)
-        image_embeds = model.vision_model(pixel_values=_pixels(loaded, images)).last_hidden_state
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=loaded.device)
-        query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_out = model.qformer(
-            query_embeds=query_tokens, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask
-        ).last_hidden_state
-        image_feat = F.normalize(
-            model.vision_projection(query_out.to(model.vision_projection.weight.dtype)), dim=-1
-        )
-        itc = torch.einsum("iqd,td->itq", image_feat, cache["text_feat"]).amax(dim=-1).float()
-        itm = None
-        if score_kind != "itc":
-            itm = torch.empty(len(images), len(texts), 2)
-            for img_idx, txt_idx in _pairs(len(images), len(texts), pair_batch):
-                queries = model.query_tokens.expand(len(img_idx), -1, -1)
-                ids, mask = cache["input_ids"][txt_idx], cache["attention_mask"][txt_idx]
-                mask = torch.cat(
-                    [torch.ones(len(img_idx), num_queries, dtype=mask.dtype, device=mask.device), mask], dim=1
-                )
-                hidden = model.qformer(
-                    query_embeds=model.embeddings(input_ids=ids, query_embeds=queries),
-                    query_length=num_queries,
-                    attention_mask=mask,
-                    encoder_hidden_states=image_embeds[img_idx],
-                    encoder_attention_mask=image_mask[img_idx],
-                ).last_hidden_state
-                logits = model.itm_head(hidden[:, :num_queries, :].to(model.itm_head.weight.dtype)).mean(
-                    dim=1
+                logits = ops.itm(
+                    model,
+                    image_embeds[img_idx],
+                    cache["input_ids"][txt_idx],
+                    cache["attention_mask"][txt_idx],
                 )
                 itm[img_idx, txt_idx] = logits.float().cpu()
     return _columns(score_kind, itc.cpu(), itm)
@@ -246,8 +181,6 @@ def _score_blip2_itm(loaded, images, texts, score_kind, cache, *, pair_batch: in
 def _score_blip2_likelihood(loaded, images, texts, score_kind, cache, *, pair_batch: int) -> list[dict]:
     """Generative BLIP-2: mean log-likelihood per text token, given the image. The image features
     (Q-Former output projected into the LM) are computed once per image and reused for every text."""
-    import torch
-
     model = loaded.model
     processor = loaded.processor
     rows = []
@@ -266,16 +199,12 @@ def _score_blip2_likelihood(loaded, images, texts, score_kind, cache, *, pair_ba
 
 
 def _expand_features(features, index: int, n: int):
-    from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
-
     pooled = features.pooler_output[index : index + 1].expand(n, -1, -1)
     return BaseModelOutputWithVisionQformerOutputs(pooler_output=pooled, last_hidden_state=None)
 
 
 def _mean_log_likelihood(model, processor, image, texts, image_features, device):
     """Mean log p(text token | image, previous tokens) over each text's own tokens."""
-    import torch
-
     if model.config.use_decoder_only_language_model:
         # <image> x Q, bos, text: the processor builds it; the image is not re-processed per text.
         encoded = processor(images=[image], text=texts, padding=True, return_tensors="pt")
@@ -314,8 +243,8 @@ def _mean_log_likelihood(model, processor, image, texts, image_features, device)
 
 
 _SCORERS = {
-    "blip-itm": _score_blip_itm,
-    "blip2-itm": _score_blip2_itm,
+    "blip-itm": _score_itm,
+    "blip2-itm": _score_itm,
     "blip2-opt": _score_blip2_likelihood,
     "blip2-t5": _score_blip2_likelihood,
 }

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from blip_toolkit.data.shards import HEAD_FILE, INDEX_FILE, build_index, write_shard
-from blip_toolkit.encoders.head import TargetHead
+from blip_toolkit.embeddings.format import HEAD_FILE, INDEX_FILE
+from blip_toolkit.embeddings.head import TargetHead
+from blip_toolkit.embeddings.shards import build_index, write_shard
 from blip_toolkit.fsutil import sha256_file
 
 # Tiny dims: 16 conditioning tokens of 24, 16 target tokens (a 4x4 grid) of 16, embeddings of 12.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -46,5 +47,8 @@ def test_two_processes_equal_one(enc, photo_tsv, wds_dir, tmp_path, kind):
     assert single.returncode == 0, single.stderr[-3000:]
     files_one, files_two = _files(one), _files(two)
     assert files_one.keys() == files_two.keys()
+    # The run record holds start / finish times; what defines the data in it must be equal.
+    run_one, run_two = (json.loads(files.pop("blip_run.json")) for files in (files_one, files_two))
+    assert run_one["config"] == run_two["config"] and run_one["status"] == run_two["status"] == "finished"
     for name in files_one:  # byte-identical: shards, metadata, head, index.json, errors.jsonl
         assert files_one[name] == files_two[name], name

@@ -1,14 +1,18 @@
-"""EmbeddingShards: map-style vs streaming, splits, integrity; the generated-features file."""
+"""EmbeddingShards against safetensors' own reader: map-style, rows (the memory-mapped fast path),
+whole shards, integrity; the generated-features file."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from blip_toolkit.data.shards import EmbeddingShards, read_generated, write_generated
+from blip_toolkit.embeddings.generated import read_generated, write_generated
+from blip_toolkit.embeddings.shards import EmbeddingShards
 from blip_toolkit.errors import InputError, OutputExistsError
 
 
@@ -21,58 +25,54 @@ def _same(a: dict, b: dict) -> None:
             assert value == b[name], name
 
 
-def test_map_style_and_streaming_agree(reference_run):
+def _reference(root) -> dict[str, torch.Tensor]:
+    """Every shard's tensors read with safetensors' own loader, concatenated in dataset order."""
+    index = json.loads((root / "index.json").read_text())
+    parts = [load_file(str(root / entry["file"])) for entry in index["shards"]]
+    return {name: torch.cat([p[name] for p in parts]) for name in ("cond", "target", "target_global")}
+
+
+def test_map_style_and_whole_shards_equal_safetensors_own_reader(reference_run):
     shards = EmbeddingShards(reference_run)
     assert len(shards) == 8 and repr(shards).startswith("EmbeddingShards(")
-    streamed = list(shards.iter_samples())
-    assert [s["index"] for s in streamed] == list(range(8))
-    for i, sample in enumerate(streamed):
-        _same(sample, shards[i])
-        assert sample["cond"].shape == (17, 32) and sample["target_global"].shape == (16,)
+    reference = _reference(reference_run)
+    for i in range(len(shards)):
+        sample = shards[i]
+        assert (
+            sample["index"] == i
+            and sample["cond"].shape == (17, 32)
+            and sample["target_global"].shape == (16,)
+        )
+        for name in ("cond", "target", "target_global"):
+            assert torch.equal(sample[name], reference[name][i]), name
         assert sample["text_emb"].shape == (len(sample["captions"]), 16)
     assert shards[-1]["index"] == 7
     with pytest.raises(IndexError):
         shards[8]
     whole = list(shards.iter_shards())
     assert [len(s["rows"]) for s in whole] == [3, 3, 2]
-    assert whole[1]["offset"] == 3 and whole[1]["cond"].shape == (3, 17, 32)
+    assert whole[1]["offset"] == 3 and torch.equal(whole[1]["cond"], reference["cond"][3:6])
 
 
-def test_shuffled_streaming_is_a_seeded_permutation(reference_run):
-    shards = EmbeddingShards(reference_run, fields=("index", "key"))
-    order = [s["index"] for s in shards.iter_samples(shuffle_buffer=4, seed=1)]
-    assert sorted(order) == list(range(8)) and order != list(range(8))
-    assert order == [s["index"] for s in shards.iter_samples(shuffle_buffer=4, seed=1)]
-    assert order != [s["index"] for s in shards.iter_samples(shuffle_buffer=4, seed=1, epoch=1)]
+def test_rows_read_any_order_from_bounded_memory_maps(reference_run):
+    shards = EmbeddingShards(reference_run, max_open=1)
+    reference = _reference(reference_run)
+    indices = np.array([7, 0, 4, 3, 6, 1])
+    for name in ("cond", "target", "target_global"):
+        got = shards.rows(indices, name)
+        assert got.dtype == torch.float32 and torch.equal(got, reference[name][indices].float())
+        assert len(shards._maps) == 1  # never more maps than max_open
+    assert shards.rows(np.array([], dtype=np.int64), "cond").shape == (0, 17, 32)
 
 
-def test_split_by_rank_and_worker_partitions_the_data(reference_run):
-    seen = []
-    for rank in range(2):
-        shards = EmbeddingShards(reference_run, fields=("index",), rank=rank, world_size=2)
-        seen.append([s["index"] for s in shards.iter_samples()])
-    assert sorted(seen[0] + seen[1]) == list(range(8)) and not set(seen[0]) & set(seen[1])
-    assert seen[0] == [0, 1, 2, 6, 7]  # shards 0 and 2 to rank 0, shard 1 to rank 1
-
-    # DataLoader workers: each worker reads its own shards; together every sample exactly once
-    shards = EmbeddingShards(reference_run, fields=("index", "cond"))
+def test_map_style_through_dataloader_workers(reference_run):
+    # workers get a pickled reader (its memory maps are reopened in each worker)
     loader = torch.utils.data.DataLoader(
-        shards.as_iterable(shuffle_buffer=2, seed=3), batch_size=None, num_workers=2
+        EmbeddingShards(reference_run, fields=("cond", "target", "key", "index")), batch_size=4, num_workers=2
     )
-    indices = [int(s["index"]) for s in loader]
-    assert sorted(indices) == list(range(8))
-    # map-style through a DataLoader with the default collate (fixed-shape fields only)
-    batch = next(
-        iter(
-            torch.utils.data.DataLoader(
-                EmbeddingShards(reference_run, fields=("cond", "target", "key")), batch_size=4
-            )
-        )
-    )
-    assert batch["cond"].shape == (4, 17, 32) and len(batch["key"]) == 4
-    full = EmbeddingShards(reference_run)
-    collated = EmbeddingShards.collate([full[0], full[1]])
-    assert collated["target"].shape == (2, 17, 32) and isinstance(collated["text_emb"], list)
+    batches = list(loader)
+    assert [int(i) for b in batches for i in b["index"]] == list(range(8))
+    assert batches[0]["cond"].shape == (4, 17, 32) and len(batches[0]["key"]) == 4
 
 
 def test_reading_one_shard_does_not_touch_the_others(reference_run, tmp_path):
@@ -106,7 +106,7 @@ def test_missing_shard_and_bad_index_are_clear(reference_run, tmp_path):
         EmbeddingShards(tmp_path)
 
 
-def test_text_embeddings_and_gather(reference_run):
+def test_text_embeddings_and_column(reference_run):
     shards = EmbeddingShards(reference_run)
     texts = shards.text_embeddings()
     assert texts.text_emb.shape == (shards.num_captions, 16) and texts.text_emb.dtype == torch.float32
@@ -116,7 +116,7 @@ def test_text_embeddings_and_gather(reference_run):
         assert [c for c, owner in zip(texts.captions, texts.caption_image.tolist()) if owner == i] == shards[
             i
         ]["captions"]
-    globals_ = shards.gather("target_global")
+    globals_ = shards.column("target_global")
     assert globals_.shape == (8, 16) and torch.equal(globals_[5], shards[5]["target_global"].float())
 
 

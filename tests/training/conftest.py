@@ -13,25 +13,8 @@ from .helpers import CORPUS, SAMPLES
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def accelerator():
-    """A single-process CPU Accelerator, reset afterwards (its state is a process-wide singleton)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    acc = Accelerator(cpu=True)
-    yield acc
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="session")

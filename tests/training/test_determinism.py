@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from blip_toolkit.training.finetune import FinetuneConfig, run_finetune
+from blip_toolkit.training.config import FinetuneConfig
+from blip_toolkit.training.finetune import run_finetune
 
 from .helpers import SAMPLES
 

@@ -99,7 +99,7 @@ import torch
 from accelerate import Accelerator
 
 from blip_toolkit.errors import TrainingError
-from blip_toolkit.training.common import CheckpointManager
+from blip_toolkit.engine.checkpoint import CheckpointManager
 
 
 def draws(generator):

@@ -159,7 +159,8 @@ def test_blip_itm_retrieval(cli, checkpoint, tmp_path):
 def validation_recall(path) -> float:
     from blip_toolkit.data.images import open_image
     from blip_toolkit.runtime.loading import load_model
-    from blip_toolkit.training.tasks import make_examples, recall_at_1
+    from blip_toolkit.training.data import make_examples
+    from blip_toolkit.training.validation import recall_at_1
 
     loaded = load_model(str(path), "retrieval")
     rows = [{"image": str(SAMPLES / r[0]), "text": r[1], "line": i} for i, r in enumerate(CAPTIONS)]
@@ -179,7 +180,8 @@ def validation_recall(path) -> float:
 @pytest.fixture(scope="module")
 def blip2_opt_caption(checkpoint, tmp_path_factory):
     """BLIP-2 OPT trained on the captions with only the vision encoder frozen (the tiny OPT is random)."""
-    from blip_toolkit.training.finetune import FinetuneConfig, run_finetune
+    from blip_toolkit.training.config import FinetuneConfig
+    from blip_toolkit.training.finetune import run_finetune
 
     source = checkpoint("blip2-opt", initializer_range=0.1)
     out = tmp_path_factory.mktemp("blip2-opt") / "run"
@@ -327,7 +329,8 @@ def test_bf16_runs_on_cpu(cli, checkpoint, tmp_path):
 
 
 def test_dataloader_workers_do_not_change_the_weights(checkpoint, tmp_path):
-    from blip_toolkit.training.finetune import FinetuneConfig, run_finetune
+    from blip_toolkit.training.config import FinetuneConfig
+    from blip_toolkit.training.finetune import run_finetune
 
     runs = []
     for workers in (0, 2):

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from blip_toolkit.errors import UsageError
-from blip_toolkit.training.finetune import FinetuneConfig, run_finetune
+from blip_toolkit.training.config import FinetuneConfig
+from blip_toolkit.training.finetune import run_finetune
 
 from .helpers import SAMPLES
 

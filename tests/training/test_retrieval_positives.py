@@ -7,8 +7,10 @@ import pytest
 import torch
 import transformers
 
+from blip_toolkit.runtime.itm import ITM_OPS
 from blip_toolkit.runtime.loading import FAMILIES
-from blip_toolkit.training import tasks
+from blip_toolkit.training.data import make_examples
+from blip_toolkit.training.modules import build_module, retrieval_positives
 
 
 def test_examples_number_distinct_texts_after_normalisation():
@@ -16,7 +18,7 @@ def test_examples_number_distinct_texts_after_normalisation():
         {"image": f"{i}.jpg", "line": i + 1, "text": t}
         for i, t in enumerate(["A cat.", "a  cat", "a dog", "a cat"])
     ]
-    examples = tasks.make_examples(records, "retrieval", FAMILIES["blip-itm"], prompt=None, template="{}")
+    examples = make_examples(records, "retrieval", FAMILIES["blip-itm"], prompt=None, template="{}")
     assert [e.text_id for e in examples] == [0, 0, 1, 0]
     assert [e.image_id for e in examples] == [0, 1, 2, 3]
 
@@ -25,7 +27,7 @@ def test_positives_are_same_image_or_same_text():
     image_ids = torch.tensor([0, 1, 2, 2])
     text_ids = torch.tensor([0, 0, 1, 2])
     expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
-    assert torch.equal(tasks.retrieval_positives(image_ids, text_ids, image_ids, text_ids), expected)
+    assert torch.equal(retrieval_positives(image_ids, text_ids, image_ids, text_ids), expected)
 
 
 @pytest.mark.parametrize("kind", ["blip-itm", "blip2-itm"])
@@ -38,7 +40,7 @@ def test_identical_texts_are_never_sampled_as_itm_negatives(tiny_models, sample_
         else transformers.Blip2ForImageTextRetrieval
     )
     model = model_class.from_pretrained(path)
-    module = tasks.build_module(
+    module = build_module(
         "retrieval", model, FAMILIES[kind], frozen_parts=[], label_smoothing=0.0, temperature=0.07
     )
     from PIL import Image
@@ -55,7 +57,7 @@ def test_identical_texts_are_never_sampled_as_itm_negatives(tiny_models, sample_
         "text_id": torch.tensor([0, 0, 0, 1]),
     }
     seen = []
-    ops = tasks.ITM_OPS[kind]
+    ops = ITM_OPS[kind]
     real_itm = ops.itm
 
     def recording_itm(model, image_embeds, input_ids, attention_mask):

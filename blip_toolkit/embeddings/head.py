@@ -31,18 +31,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 from torch.nn import functional as F
+from transformers.activations import ACT2FN
 
+from blip_toolkit.embeddings.format import HEAD_POOLINGS
 from blip_toolkit.errors import InputError
+from blip_toolkit.fsutil import atomic_write
 
 HEAD_FORMAT = "blip-target-head"
 HEAD_VERSION = 1
-POOLINGS = ("cls", "mean", "map")
+POOLINGS = HEAD_POOLINGS
 
 
 def _activation(name: str):
-    """The MAP head's MLP activation, without importing transformers for the common ones."""
+    """The MAP head's MLP activation (the common ones written out; others from transformers)."""
     if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
         return lambda x: F.gelu(x, approximate="tanh")
     if name == "gelu":
@@ -51,8 +56,6 @@ def _activation(name: str):
         return lambda x: x * torch.sigmoid(1.702 * x)
     if name == "relu":
         return F.relu
-    from transformers.activations import ACT2FN  # rare activations: use transformers' own definition
-
     return ACT2FN[name]
 
 
@@ -180,10 +183,6 @@ class TargetHead(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write the head to a safetensors file (atomically), config in its metadata."""
-        from safetensors.torch import save
-
-        from blip_toolkit.fsutil import atomic_write
-
         tensors = {
             name: value.detach().float().contiguous().cpu() for name, value in self.state_dict().items()
         }
@@ -200,8 +199,6 @@ class TargetHead(nn.Module):
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> TargetHead:
         """Read a head written by `save` (or by extract-embeddings)."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: target head not found")

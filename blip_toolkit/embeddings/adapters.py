@@ -7,7 +7,7 @@ only what its role needs: a conditioning encoder loads the vision tower alone (f
 checkpoint that is ~1B of 3.8B parameters: the OPT language model is never built), a target loads the
 vision and text towers and the projections.
 
-    from blip_toolkit.encoders.adapters import load_encoder
+    from blip_toolkit.embeddings.adapters import load_encoder
     cond = load_encoder("Salesforce/blip2-opt-2.7b", role="cond")
     target = load_encoder("openai/clip-vit-large-patch14", role="target")
     tokens = cond.tokens(pixel_values)                   # [B, 1 + g*g, D] (or [B, g*g, D] without CLS)
@@ -29,14 +29,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import transformers
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from blip_toolkit.embeddings.head import head_from_modules
 from blip_toolkit.errors import ModelLoadError, UsageError
+from blip_toolkit.log import quiet_transformers
+from blip_toolkit.runtime.itm import BlipItmOps
+from blip_toolkit.runtime.loading import resolve_source
 
 logger = logging.getLogger("blip")
 
 ROLES = ("cond", "target")
-# BLIP3-o style defaults: EVA ViT-g/14 (BLIP-2's vision tower, 1408-d) conditions, CLIP ViT-L/14 is the target.
-DEFAULT_COND = "Salesforce/blip2-opt-2.7b"
-DEFAULT_TARGET = "openai/clip-vit-large-patch14"
 TARGET_FAMILIES_TEXT = (
     "CLIP (e.g. openai/clip-vit-large-patch14), SigLIP (google/siglip-*), BLIP ITM (Salesforce/blip-itm-*)"
 )
@@ -135,8 +140,6 @@ class EncoderAdapter:
         }
 
     def _vision_outputs(self, pixel_values):
-        import torch
-
         with torch.no_grad():
             return self.vision(pixel_values=pixel_values.to(self.device, self.dtype), return_dict=True)
 
@@ -174,8 +177,6 @@ class TargetAdapter(EncoderAdapter):
 
     def encode_image(self, pixel_values):
         """pixel_values [B, 3, H, W] -> (tokens [B, T, D], global [B, E]), float32 on CPU, one forward."""
-        import torch
-
         outputs = self._vision_outputs(pixel_values)
         tokens = outputs.last_hidden_state  # [B, T, D]
         self._check_tokens(tokens)
@@ -185,8 +186,6 @@ class TargetAdapter(EncoderAdapter):
 
     def encode_text(self, texts: list[str], *, batch_size: int = 64):
         """texts (C strings) -> text embeddings [C, E] float32 on CPU, unnormalised."""
-        import torch
-
         out = torch.empty(len(texts), self.embed_dim, dtype=torch.float32)
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
@@ -204,8 +203,6 @@ class TargetAdapter(EncoderAdapter):
 
     def head(self, pooling: str, *, has_cls: bool, info: dict[str, Any] | None = None):
         """A TargetHead mapping stored tokens (layout: CLS first iff `has_cls`) to this encoder's space."""
-        from blip_toolkit.encoders.head import head_from_modules
-
         if pooling == "cls" and not has_cls:
             raise UsageError("--head-pool cls needs --tokens cls+patch (the CLS token must be stored)")
         norm, proj, map_head, act = self._head_modules()
@@ -279,18 +276,15 @@ class SiglipTarget(TargetAdapter):
 
 class BlipItmTarget(TargetAdapter):
     """BLIP ITM: global = vision_proj(last_hidden_state[:, 0]) (BLIP's last_hidden_state is already
-    post-layernormed); text = text_proj(text_encoder(ids).last_hidden_state[:, 0]), both unnormalised
-    (BlipForImageTextRetrieval with use_itm_head=False normalises exactly these)."""
+    post-layernormed); text = text_proj(text_encoder(ids).last_hidden_state[:, 0]), both unnormalised:
+    the ITC features of the one scorer (runtime/itm.py) before their normalisation."""
 
     def _global(self, tokens, outputs):
-        return self.model.vision_proj(tokens[:, 0])
+        return BlipItmOps.project_image(self.model, tokens)
 
     def _text(self, input_ids, attention_mask):
         mask = attention_mask.to(self.device) if attention_mask is not None else None
-        hidden = self.model.text_encoder(
-            input_ids=input_ids, attention_mask=mask, return_dict=True
-        ).last_hidden_state
-        return self.model.text_proj(hidden[:, 0])
+        return BlipItmOps.text_embeds(self.model, input_ids, mask)
 
     def _head_modules(self):
         return None, self.model.vision_proj, None, ""
@@ -306,8 +300,6 @@ def _vision_only(
     `vision_config` out of a full config; `key_mapping` strips the full model's `vision_model.` prefix
     where the tower class has none (BLIP, BLIP-2). Missing weights are an error: transformers would
     otherwise initialise them randomly with only a log line."""
-    import transformers
-
     model_class = getattr(transformers, class_name)
     kwargs = {"key_mapping": key_mapping} if key_mapping else {}
     try:
@@ -326,8 +318,6 @@ def _vision_only(
 
 
 def _full_model(class_name: str, resolved, *, device, dtype, trust_remote_code: bool):
-    import transformers
-
     model_class = getattr(transformers, class_name)
     try:
         model, info = model_class.from_pretrained(
@@ -355,8 +345,6 @@ def _check_loading(source: str, class_name: str, info: dict) -> None:
 
 def _image_processor(resolved, trust_remote_code: bool):
     """The checkpoint's image processor on the PIL backend (see runtime.loading.load_processor)."""
-    from transformers import AutoImageProcessor
-
     try:
         return AutoImageProcessor.from_pretrained(
             resolved.path,
@@ -371,8 +359,6 @@ def _image_processor(resolved, trust_remote_code: bool):
 
 
 def _tokenizer(resolved, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(
             resolved.path, local_files_only=resolved.local_only, trust_remote_code=trust_remote_code
@@ -534,8 +520,6 @@ for _name, _label, _type, _class, _has_cls in (
 
 def inspect_encoder(source: str) -> tuple[Any, AdapterSpec]:
     """Resolve `source` (hub id or local directory) and find its family, without loading weights."""
-    from blip_toolkit.runtime.loading import resolve_source
-
     resolved = resolve_source(source)
     return resolved, find_adapter(resolved.config, source)
 
@@ -556,10 +540,6 @@ def load_encoder(
 ) -> EncoderAdapter:
     """Load `source` as a conditioning (`role="cond"`) or target (`role="target"`) encoder on `device`
     in `dtype` (default CPU float32). Targets are `TargetAdapter`s."""
-    import torch
-
-    from blip_toolkit.log import quiet_transformers
-
     resolved, spec = inspect_encoder(source)
     check_role(spec, role, source)
     quiet_transformers()

@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import string
 
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import BertTokenizer, CLIPTokenizer, GPT2Tokenizer, T5Tokenizer
+
 # Enough text for tokenizers that can spell the captions and questions tests and the demo use.
 DEFAULT_CORPUS = [
     "a photo of a cat",
@@ -62,8 +65,6 @@ def _words(corpus: list[str]) -> list[str]:
 def wordpiece_tokenizer(corpus: list[str] | None = None, *, blip_decoder: bool = True):
     """A BERT WordPiece tokenizer whose vocabulary holds every word of `corpus` plus single
     characters (so any lower-case ASCII text tokenizes without [UNK])."""
-    from transformers import BertTokenizer
-
     vocab_list = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab_list += list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab_list += ["##" + c for c in string.ascii_lowercase + string.digits]
@@ -77,8 +78,6 @@ def wordpiece_tokenizer(corpus: list[str] | None = None, *, blip_decoder: bool =
 
 
 def _train_bpe(corpus: list[str], vocab_size: int, special: list[str], *, suffix: str | None = None):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     bpe = Tokenizer(models.BPE(end_of_word_suffix=suffix) if suffix else models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -96,8 +95,6 @@ def _train_bpe(corpus: list[str], vocab_size: int, special: list[str], *, suffix
 
 def opt_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600):
     """GPT-2 style byte-level BPE with OPT's special tokens (bos = eos = </s>, prepended)."""
-    from transformers import GPT2Tokenizer
-
     vocab, merges = _train_bpe(corpus or DEFAULT_CORPUS, vocab_size, ["<s>", "<pad>", "</s>", "<unk>"])
     return GPT2Tokenizer(
         vocab=vocab,
@@ -112,9 +109,6 @@ def opt_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600):
 
 def t5_tokenizer(corpus: list[str] | None = None, vocab_size: int = 300):
     """A Unigram tokenizer with T5's conventions (<pad>=0, </s>=1, <unk>=2; </s> appended)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import T5Tokenizer
-
     unigram = Tokenizer(models.Unigram())
     unigram.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     # Single letters are seeded so any lower-case text can be spelled.
@@ -133,8 +127,6 @@ def t5_tokenizer(corpus: list[str] | None = None, vocab_size: int = 300):
 
 def clip_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600):
     """CLIP-style byte-level BPE (`</w>` suffix), <|startoftext|> ... <|endoftext|>."""
-    from transformers import CLIPTokenizer
-
     special = ["<|startoftext|>", "<|endoftext|>"]
     vocab, merges = _train_bpe(
         [c.lower() for c in (corpus or DEFAULT_CORPUS)], vocab_size, special, suffix="</w>"

@@ -1,6 +1,5 @@
 """The training data stream: split, global order (a permutation per epoch, the same whatever the number
-of processes or workers), resume positions, memory-mapped reads against the reader, bounded maps,
-rank-invariant noise, and the streaming normaliser fit."""
+of processes or workers), resume positions, rank-invariant noise, and the streaming normaliser fit."""
 
 from __future__ import annotations
 
@@ -10,11 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from blip_toolkit.data.shards import EmbeddingShards
 from blip_toolkit.dit.config import FlowConfig
 from blip_toolkit.dit.data import (
     IndexStream,
-    ShardArrays,
     TrainStream,
     batch_iterator,
     fit_normalizer,
@@ -23,6 +20,7 @@ from blip_toolkit.dit.data import (
     split_indices,
 )
 from blip_toolkit.dit.normalize import TokenNormalizer
+from blip_toolkit.embeddings.shards import EmbeddingShards
 from blip_toolkit.errors import ConfigError
 
 from .helpers import write_embeddings
@@ -76,38 +74,12 @@ def test_split(emb):
         split_indices(shards, eval_shards=1, overfit=17)
 
 
-def test_mapped_rows_equal_the_reader(emb):
-    shards = EmbeddingShards(emb)
-    arrays = ShardArrays(shards, max_open=1)
-    indices = np.array([23, 0, 9, 8, 17, 3])
-    for name in ("cond", "target", "target_global"):
-        got = arrays.gather(indices, name)
-        expected = torch.stack([shards[int(i)][name] for i in indices]).float()
-        assert got.dtype == torch.float32 and torch.equal(got, expected)
-        assert len(arrays._maps) == 1  # never more maps than max_open
-    assert arrays.gather(np.array([], dtype=np.int64), "cond").shape == (0, 16, 24)
-
-
-def test_a_corrupt_shard_is_named(emb, tmp_path):
-    import shutil
-
-    copy = tmp_path / "emb"
-    shutil.copytree(emb, copy)
-    data = bytearray((copy / "shard-00001.safetensors").read_bytes())
-    data[-5] ^= 0xFF
-    (copy / "shard-00001.safetensors").write_bytes(bytes(data))
-    arrays = ShardArrays(EmbeddingShards(copy))
-    arrays.gather(np.array([0, 1]), "cond")  # shard 0 is fine
-    with pytest.raises(Exception, match="shard-00001.safetensors: checksum mismatch"):
-        arrays.gather(np.array([9]), "cond")
-
-
 def _stream(emb, rank, world, start=0, buffer=4):
     shards = EmbeddingShards(emb)
     order = IndexStream(groups(24, 8), seed=5, buffer=buffer)
     norm = TokenNormalizer("none")
     return TrainStream(
-        ShardArrays(shards),
+        shards,
         order,
         flow=FlowConfig(cond_dropout=0.3),
         normalizer=norm,
@@ -158,22 +130,21 @@ def test_noise_is_per_global_batch():
 
 def test_normaliser_fit_streams_and_matches_a_direct_computation(tmp_path):
     emb = write_embeddings(tmp_path / "emb", samples=40, shard_size=6, dtype=torch.float32)
-    shards = EmbeddingShards(emb)
-    arrays = ShardArrays(shards, max_open=2)
+    shards = EmbeddingShards(emb, max_open=2)
     train = np.arange(3, 40, 2)
-    fitted = fit_normalizer(arrays, train, "standardize", chunk=5)
+    fitted = fit_normalizer(shards, train, "standardize", chunk=5)
     tokens = torch.stack([shards[int(i)]["target"] for i in train]).reshape(-1, 16).double()
     torch.testing.assert_close(fitted.mean.double(), tokens.mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fitted.std.double(), tokens.std(0), rtol=1e-5, atol=1e-6)
-    assert fitted.count == len(train) * 16 and len(arrays._maps) <= 2
-    assert fit_normalizer(arrays, train, "standardize", max_samples=4).count == 4 * 16
-    assert fit_normalizer(arrays, train, "none").method == "none"
+    assert fitted.count == len(train) * 16 and len(shards._maps) <= 2
+    assert fit_normalizer(shards, train, "standardize", max_samples=4).count == 4 * 16
+    assert fit_normalizer(shards, train, "none").method == "none"
 
 
 def test_eval_set_holds_its_images_and_their_captions(tmp_path):
     emb = write_embeddings(tmp_path / "emb", samples=12, shard_size=5, captions=2)
     shards = EmbeddingShards(emb)
-    eval_set = load_eval_set(ShardArrays(shards), np.array([11, 4, 5, 2]), max_samples=3)
+    eval_set = load_eval_set(shards, np.array([11, 4, 5, 2]), max_samples=3)
     assert eval_set.index.tolist() == [2, 4, 5] and eval_set.keys == ["img-00002", "img-00004", "img-00005"]
     assert torch.equal(eval_set.cond[1], shards[4]["cond"].float())
     assert eval_set.caption_image.tolist() == [0, 0, 1, 1, 2, 2]
@@ -186,10 +157,10 @@ def test_normaliser_fit_split_across_processes_merges_to_the_whole(tmp_path):
     from blip_toolkit.dit.data import merge_statistics, pack_statistics, token_statistics
 
     emb = write_embeddings(tmp_path / "emb", samples=30, shard_size=7, dtype=torch.float32)
-    arrays = ShardArrays(EmbeddingShards(emb))
+    shards = EmbeddingShards(emb)
     train = np.arange(30)
-    whole = token_statistics(arrays, train)
-    parts = torch.stack([pack_statistics(token_statistics(arrays, train, part=p, parts=3)) for p in range(3)])
+    whole = token_statistics(shards, train)
+    parts = torch.stack([pack_statistics(token_statistics(shards, train, part=p, parts=3)) for p in range(3)])
     merged = merge_statistics(parts)
     assert merged.count == whole.count == 30 * 16
     torch.testing.assert_close(merged.mean, whole.mean, rtol=1e-12, atol=1e-12)

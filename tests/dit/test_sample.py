@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
-from blip_toolkit.data.shards import EmbeddingShards, read_generated
 from blip_toolkit.dit.train import run_train_dit
+from blip_toolkit.embeddings.generated import read_generated
+from blip_toolkit.embeddings.shards import EmbeddingShards
 
 from .conftest import tiny_config
 
@@ -100,7 +101,8 @@ def test_noise_is_per_image(cli, run, emb, tmp_path):
 
 
 def test_python_api_matches_the_command(run, emb, tmp_path, cli):
-    from blip_toolkit.dit.sample import load_dit, sample_noise
+    from blip_toolkit.dit.checkpoint import load_dit
+    from blip_toolkit.dit.data import sample_noise
     from blip_toolkit.dit.solver import generate
 
     model, normalizer, info = load_dit(run)

@@ -1,11 +1,11 @@
-"""Tiny real checkpoints of every family the toolkit supports, built with the real transformers
-classes and random weights, with processors whose tokenizers are built locally. They are written
-with `save_pretrained` and load through the same `from_pretrained` path as a download.
+"""Checkpoints of every family the toolkit supports, built with the real transformers classes and
+random weights, with processors whose tokenizers are built locally. They are written with
+`save_pretrained` and load through the same `from_pretrained` path as a download.
 
-    from blip_toolkit.testing import build_checkpoint, build_all
-    paths = build_all("/tmp/tiny")            # {"blip-caption": Path(...), ...}
+    from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
+    build_checkpoint("blip-caption", "models/cap-init", size=ModelSize(hidden=128), corpus=[...])
 
-The same builders make the demo's small from-scratch models (`ModelSize` sets the widths).
+`ModelSize` sets the widths: the demo's small models and the tests' tiny ones come from here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from blip_toolkit.testing import tokenizers as toks
+import torch
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
+    Blip2Processor,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    BlipForQuestionAnswering,
+    BlipProcessor,
+    CLIPConfig,
+    CLIPModel,
+    CLIPProcessor,
+    OPTConfig,
+    T5Config,
+)
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from blip_toolkit.scratch import tokenizers as toks
 
 KINDS = ("blip-caption", "blip-vqa", "blip-itm", "blip2-opt", "blip2-t5", "blip2-itm", "clip")
 
@@ -47,14 +67,10 @@ class ModelSize:
 
 
 def _seed(seed: int) -> None:
-    import torch
-
     torch.manual_seed(seed)
 
 
 def _blip_image_processor(size: ModelSize):
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-
     return BlipImageProcessorPil(size={"height": size.image_size, "width": size.image_size})
 
 
@@ -95,14 +111,6 @@ def build_blip(
     seed: int = 0,
 ) -> Path:
     """BLIP captioning (`blip-caption`), VQA (`blip-vqa`) or image-text matching (`blip-itm`)."""
-    from transformers import (
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipForImageTextRetrieval,
-        BlipForQuestionAnswering,
-        BlipProcessor,
-    )
-
     size = size or ModelSize()
     tokenizer = toks.wordpiece_tokenizer(corpus, blip_decoder=True)
     config = BlipConfig(
@@ -133,15 +141,6 @@ def build_blip2(
 ) -> Path:
     """BLIP-2 with an OPT (`blip2-opt`) or Flan-T5 (`blip2-t5`) language model, or the BLIP-2
     image-text retrieval model (`blip2-itm`, a Q-Former with text input)."""
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2ForImageTextRetrieval,
-        Blip2Processor,
-        OPTConfig,
-        T5Config,
-    )
-
     size = size or ModelSize()
     vision = dict(_blip_vision(size))
     if kind == "blip2-itm":
@@ -230,9 +229,6 @@ def build_clip(
     out_dir: str | Path, *, size: ModelSize | None = None, corpus: list[str] | None = None, seed: int = 0
 ) -> Path:
     """A CLIP model (vision + text towers, projections)."""
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
     size = size or ModelSize()
     tokenizer = toks.clip_tokenizer(corpus)
     config = CLIPConfig(
@@ -283,22 +279,6 @@ def build_checkpoint(
     if kind == "clip":
         return build_clip(out_dir, size=size, corpus=corpus, seed=seed)
     raise ValueError(f"unknown checkpoint kind {kind!r}; known: {', '.join(KINDS)}")
-
-
-# Tests use a wider initialisation than training would: with std 0.02 an untrained tiny model gives
-# nearly the same caption for every image, which would make batched-vs-single and reference
-# comparisons pass trivially. With 0.1 the outputs depend on the image.
-TEST_SIZE = ModelSize(initializer_range=0.1)
-
-
-def build_all(
-    root: str | Path, kinds: tuple[str, ...] = KINDS, *, seed: int = 0, size: ModelSize = TEST_SIZE
-) -> dict[str, Path]:
-    """Build every kind into `root/<kind>` (each with its own seed offset, so weights differ)."""
-    root = Path(root)
-    return {
-        kind: build_checkpoint(kind, root / kind, size=size, seed=seed + i) for i, kind in enumerate(kinds)
-    }
 
 
 def _save(model, processor, out_dir: str | Path) -> Path:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from blip_toolkit.dit.train import TrainDiTConfig, format_config, load_train_config
+from blip_toolkit.config import dump_config as format_config
+from blip_toolkit.dit.train_config import TrainDiTConfig, load_train_config
 from blip_toolkit.errors import ConfigError
 
 from .conftest import cli_args
@@ -64,7 +65,7 @@ def test_toml_yaml_and_json_give_the_same_config(tmp_path):
     assert configs[0] == configs[1] == configs[2]
     config = configs[0]
     assert config.model.num_layers == 3 and config.model.resolved_num_layers == 3
-    assert config.train.steps == 123 and config.train.lr == pytest.approx(3e-4)
+    assert config.train.max_steps == 123 and config.train.learning_rate == pytest.approx(3e-4)
     assert config.flow.t_sampling == "logit-normal" and config.eval.cfg_scale == 2.5
     assert config.train.batch_size == TrainDiTConfig().train.batch_size  # untouched keys keep their defaults
 
@@ -77,19 +78,19 @@ def test_unknown_keys_are_listed(tmp_path):
     message = str(info.value)
     for key in ("typo", "train.step", "model.hidden", "nope"):
         assert key in message
-    assert "train.steps" in message  # the hint lists the known keys
+    assert "train.max_steps" in message  # the hint lists the known keys
     with pytest.raises(ConfigError, match="train.nonsense"):
         load_train_config(None, {"train.nonsense": 1})
 
 
 def test_invalid_values_name_the_key(tmp_path):
     for overrides, text in [
-        ({"train.steps": 0}, "train.steps"),
+        ({"train.steps": 0}, "train.max_steps"),
         ({"flow.cond_dropout": 1.5}, "cond_dropout"),
         ({"model.preset": "huge"}, "preset"),
         ({"train.mixed_precision": "fp8"}, "mixed_precision"),
         ({"data.eval_shards": 1, "data.eval_fraction": 0.1}, "not both"),
-        ({"train.lr": "fast"}, "train.lr"),
+        ({"train.lr": "fast"}, "train.learning_rate"),
     ]:
         with pytest.raises(ConfigError, match=text):
             load_train_config(None, overrides)
@@ -118,8 +119,8 @@ def test_flags_override_set_which_overrides_the_file(cli, tmp_path):
     )
     assert result.code == 0, result.stderr
     printed = json.loads(result.stdout)
-    assert printed["train"]["steps"] == 50  # --set over the file
-    assert printed["train"]["lr"] == 0.02  # the flag over --set
+    assert printed["train"]["max_steps"] == 50  # --set over the file
+    assert printed["train"]["learning_rate"] == 0.02  # the flag over --set
     assert printed["model"]["preset"] == "small" and printed["model"]["num_layers"] == 3  # the file stays
     assert printed["flow"]["cond_dropout"] == 0.2
     bad = cli("train-dit", "--config", path, "--set", "train.stepz=3", "--print-config")
@@ -130,7 +131,7 @@ def test_print_config_round_trips_in_toml_and_json(cli, tmp_path):
     toml_out = cli("train-dit", "--print-config")
     assert toml_out.code == 0 and toml_out.stderr == ""
     parsed = tomllib.loads(toml_out.stdout)  # valid TOML
-    assert parsed["train"]["steps"] == TrainDiTConfig().train.steps
+    assert parsed["train"]["max_steps"] == TrainDiTConfig().train.max_steps
     (tmp_path / "defaults.toml").write_text(toml_out.stdout)
     assert load_train_config(tmp_path / "defaults.toml") == TrainDiTConfig()
     json_out = cli("train-dit", "--print-config", "--format", "json")
@@ -150,6 +151,16 @@ def test_print_config_round_trips_in_toml_and_json(cli, tmp_path):
     (tmp_path / "c.toml").write_text(format_config(config))
     assert load_train_config(tmp_path / "c.toml") == config
     assert asdict(config) == json.loads(format_config(config, "json"))
+
+
+def test_old_spellings_are_the_same_settings_as_blip_finetune_names(tmp_path):
+    old = load_train_config(None, {"out": "r", "train.lr": 0.5, "train.steps": 7})
+    new = load_train_config(None, {"output_dir": "r", "train.learning_rate": 0.5, "train.max_steps": 7})
+    assert old == new and new.output_dir == "r"
+    both = tmp_path / "both.toml"
+    both.write_text("[train]\nlr = 0.1\nlearning_rate = 0.2\n")
+    with pytest.raises(ConfigError, match="train.lr and train.learning_rate are the same setting"):
+        load_train_config(both)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("dit-*")), ids=lambda p: p.name)
@@ -207,7 +218,7 @@ def test_blip3o_config_trains_with_its_settings(cli, emb, tmp_path):
 
 def test_required_options_and_help(cli, tmp_path):
     result = cli("train-dit", "--data", tmp_path)
-    assert result.code == 2 and "--out is required" in result.stderr
+    assert result.code == 2 and "--output-dir is required" in result.stderr
     for command in ("train-dit", "sample"):
         help_text = cli(command, "--help")
         assert (

@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 
-from blip_toolkit.data.shards import EmbeddingShards, write_generated, write_shard
+from blip_toolkit.embeddings.generated import write_generated
+from blip_toolkit.embeddings.recall_report import RecallConfig, evaluate_recall, parse_bytes
+from blip_toolkit.embeddings.shards import EmbeddingShards, write_shard
 from blip_toolkit.eval.recall import mean_cosine, retrieval_recall
-from blip_toolkit.eval.report import RecallConfig, evaluate_recall, parse_bytes
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -36,7 +37,7 @@ def test_numbers_equal_retrieval_recall(cli, reference_run):
     report = json.loads(result.stdout)
     shards = EmbeddingShards(reference_run)
     texts, tokens = _by_hand(shards)
-    baseline = shards.gather("target_global")
+    baseline = shards.column("target_global")
     expected = retrieval_recall(
         baseline, texts.text_emb, texts.caption_image, torch.arange(len(texts.captions)), (1, 2, 5)
     ).to_dict()
@@ -70,7 +71,7 @@ def test_dedupe_captions(reference_run):
     text_emb = torch.stack([texts.text_emb[texts.captions.index(c)] for c in unique])
     pair_text = torch.tensor([unique.index(c) for c in texts.captions])
     expected = retrieval_recall(
-        shards.gather("target_global"), text_emb, texts.caption_image, pair_text
+        shards.column("target_global"), text_emb, texts.caption_image, pair_text
     ).to_dict()
     assert report["num_texts"] == len(unique)
     _same(report["features"]["baseline"], expected)
@@ -97,7 +98,7 @@ def test_generated_features_and_cosines(cli, reference_run, tmp_path):
     cosine = report["cosine"]
     assert cosine["generated_tokens_vs_target"] == pytest.approx(mean_cosine(generated, tokens), abs=1e-6)
     assert cosine["generated_global_vs_baseline"] == pytest.approx(
-        mean_cosine(gen_global, shards.gather("target_global")), abs=1e-6
+        mean_cosine(gen_global, shards.column("target_global")), abs=1e-6
     )
     assert cosine["generated_global_vs_gt_pooled"] == pytest.approx(
         mean_cosine(gen_global, head(tokens)), abs=1e-6
@@ -126,10 +127,10 @@ def test_generated_subset_scores_every_feature_on_the_subset(reference_run, tmp_
     position = {image: n for n, image in enumerate(chosen)}
     pair_image = torch.tensor([position[int(i)] for i in texts.caption_image[keep]])
     pairs = (pair_image, torch.arange(int(keep.sum())))
-    baseline = shards.gather("target_global")[chosen]
+    baseline = shards.column("target_global")[chosen]
     assert report["num_images"] == 4
     _same(report["features"]["baseline"], retrieval_recall(baseline, texts.text_emb[keep], *pairs).to_dict())
-    from blip_toolkit.data.shards import read_generated
+    from blip_toolkit.embeddings.generated import read_generated
 
     own_global = read_generated(path).global_emb().float()  # the file's own globals are used when present
     _same(

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blip_toolkit.data.shards import EmbeddingShards, read_generated
 from blip_toolkit.dit.train import run_train_dit
+from blip_toolkit.embeddings.generated import read_generated
+from blip_toolkit.embeddings.shards import EmbeddingShards
 from blip_toolkit.errors import OutputExistsError, UsageError
 from blip_toolkit.eval.recall import mean_cosine, retrieval_recall
 
@@ -91,7 +92,7 @@ def test_resumed_run_equals_uninterrupted_run(straight, emb, tmp_path):
     assert json.loads((out / "blip_run.json").read_text())["status"] == "finished"
 
     # a resume with a setting that changes what is trained is refused; a free one is allowed
-    with pytest.raises(UsageError, match="train.lr"):
+    with pytest.raises(UsageError, match="train.learning_rate"):
         run_train_dit(tiny_config(emb, out, resume=True, **{**RESUME, "train.lr": 1e-2}))
     again = run_train_dit(tiny_config(emb, out, resume=True, **{**RESUME, "eval.every": 0}))
     assert again.steps == 6 and again.resumed_from_step == 6
@@ -340,13 +341,13 @@ def test_trackers_receive_the_config_and_the_records(emb, tmp_path, monkeypatch)
             self.logged.append((step, values))
 
     recorder = Recorder()
-    monkeypatch.setattr(train_module, "_check_trackers", lambda names: [recorder] if names else [])
+    monkeypatch.setattr(train_module, "check_trackers", lambda names: [recorder] if names else [])
     run_train_dit(
         tiny_config(
             emb, tmp_path / "run", **{"train.log_with": ["recorder"], "train.steps": 4, "eval.every": 2}
         )
     )
-    assert recorder.config["train.steps"] == 4 and recorder.config["model.num_tokens"] == 16
+    assert recorder.config["train.max_steps"] == 4 and recorder.config["model.num_tokens"] == 16
     assert recorder.config["train.log_with"] == "recorder"
     train_steps = [step for step, values in recorder.logged if "train/loss" in values]
     eval_steps = [step for step, values in recorder.logged if "eval/val_loss" in values]

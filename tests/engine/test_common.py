@@ -10,17 +10,12 @@ import math
 import pytest
 import torch
 
+from blip_toolkit.engine import checkpoint as engine_checkpoint
+from blip_toolkit.engine import optim
+from blip_toolkit.engine.checkpoint import COMPLETE_MARKER, CheckpointManager
+from blip_toolkit.engine.metrics import MetricsWriter, check_finite, metric_line
+from blip_toolkit.engine.optim import parameter_groups, warmup_cosine_factor
 from blip_toolkit.errors import TrainingError
-from blip_toolkit.training import common
-from blip_toolkit.training.common import (
-    COMPLETE_MARKER,
-    CheckpointManager,
-    MetricsWriter,
-    check_finite,
-    metric_line,
-    parameter_groups,
-    warmup_cosine_factor,
-)
 
 
 def test_warmup_then_cosine():
@@ -37,8 +32,8 @@ def test_warmup_then_cosine():
 
 def test_scheduler_follows_the_factor():
     model = torch.nn.Linear(2, 2)
-    optimizer = common.build_optimizer(model, learning_rate=1.0, weight_decay=0.1)
-    scheduler = common.warmup_cosine_schedule(optimizer, warmup_steps=2, total_steps=6)
+    optimizer = optim.build_optimizer(model, learning_rate=1.0, weight_decay=0.1)
+    scheduler = optim.warmup_cosine_schedule(optimizer, warmup_steps=2, total_steps=6)
     rates = []
     for _ in range(6):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -100,8 +95,8 @@ def test_metrics_writer_truncates_to_the_checkpoint_and_drops_a_cut_line(tmp_pat
 def _setup(acc):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
-    optimizer = common.build_optimizer(model, learning_rate=0.1, weight_decay=0.0)
-    scheduler = common.warmup_cosine_schedule(optimizer, warmup_steps=1, total_steps=10)
+    optimizer = optim.build_optimizer(model, learning_rate=0.1, weight_decay=0.0)
+    scheduler = optim.warmup_cosine_schedule(optimizer, warmup_steps=1, total_steps=10)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     return model, optimizer, scheduler, {"model": model, "optimizer": optimizer, "scheduler": scheduler}
 
@@ -161,7 +156,7 @@ def test_a_save_killed_before_the_marker_leaves_no_complete_checkpoint(tmp_path,
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common, "atomic_write", killed)  # dies just before writing the marker
+    monkeypatch.setattr(engine_checkpoint, "atomic_write", killed)  # dies just before writing the marker
     with pytest.raises(KeyboardInterrupt):
         manager.save(accelerator, 2, {}, **objects)
     assert manager.latest() == tmp_path / "checkpoints" / "step-1"

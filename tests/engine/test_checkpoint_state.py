@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+from blip_toolkit.engine import checkpoint as engine_checkpoint
+from blip_toolkit.engine import state
+from blip_toolkit.engine.checkpoint import COMPLETE_MARKER, CheckpointManager
+from blip_toolkit.engine.optim import warmup_cosine_schedule
 from blip_toolkit.errors import TrainingError
-from blip_toolkit.training import common
-from blip_toolkit.training.common import COMPLETE_MARKER, CheckpointManager, warmup_cosine_schedule
 
-PACKAGE = Path(common.__file__).resolve().parents[1]
+PACKAGE = Path(engine_checkpoint.__file__).resolve().parents[1]
 
 
 def tiny_blip(seed: int):
@@ -282,11 +284,11 @@ def test_json_encoding_keeps_tuples_int_keys_and_tensor_dtypes(tmp_path):
         "flags": [True, None, "a", np.int64(4)],
         "empty": {},
     }
-    common._write_state(tmp_path, "x", value)
-    back = common._read_state(tmp_path, "x")
+    state.write_state(tmp_path, "x", value)
+    back = state.read_state(tmp_path, "x")
     assert_same(back, {**value, "flags": [True, None, "a", 4]})
     with pytest.raises(TrainingError, match="cannot store the key"):
-        common._write_state(tmp_path, "y", {"__tensor__": 1})
+        state.write_state(tmp_path, "y", {"__tensor__": 1})
 
 
 @pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA"])

@@ -30,7 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from blip_toolkit.embeddings.generated import GeneratedFeatures, read_generated
+from blip_toolkit.embeddings.shards import EmbeddingShards
 from blip_toolkit.errors import InputError, UsageError
+from blip_toolkit.eval.recall import mean_cosine, merge_identical_captions, retrieval_recall
 
 logger = logging.getLogger("blip")
 
@@ -95,11 +100,6 @@ class RecallConfig:
 
 def evaluate_recall(config: RecallConfig) -> dict[str, Any]:
     """Score the requested features; returns the report dict (every number; JSON-ready)."""
-    import torch
-
-    from blip_toolkit.data.shards import EmbeddingShards
-    from blip_toolkit.eval.recall import mean_cosine, retrieval_recall
-
     budget = parse_bytes(config.max_memory)
     features = (
         list(config.features)
@@ -112,23 +112,74 @@ def evaluate_recall(config: RecallConfig) -> dict[str, Any]:
         raise InputError(f"{root}: the embeddings hold no images")
     head = shards.head() if ("gt-pooled" in features or config.generated) else None
     keys = shards.keys()
-
     generated = _open_generated(config.generated, shards, keys) if config.generated else None
     # The evaluated images: every image, or the generated file's subset (in its order).
     selection = generated.indices if generated is not None else torch.arange(shards.num_samples)
+    texts = _evaluated_texts(shards, keys, selection, config.dedupe_captions)
+    image_features, cosine = _image_features(
+        shards, keys, head, selection, generated, features, config, budget
+    )
+    results = {}
+    for name in features:
+        emb = image_features[name][texts.scored]
+        logger.info("recall of %s: %d images x %d texts", name, emb.shape[0], texts.emb.shape[0])
+        result = retrieval_recall(
+            emb,
+            texts.emb,
+            texts.pair_image,
+            texts.pair_text,
+            config.ks,
+            normalize=True,
+            max_memory_bytes=budget,
+            device=config.device,
+        )
+        results[name] = result.to_dict()
+    return {
+        "dir": str(root),
+        "index_sha256": shards.index_sha256,
+        "generated": str(config.generated) if config.generated else None,
+        "target_encoder": shards.encoders["target"].get("source"),
+        "head_pooling": head.pooling if head is not None else shards.index.get("head", {}).get("pooling"),
+        "ks": sorted(set(config.ks)),
+        "dedupe_captions": config.dedupe_captions,
+        "num_images": int(len(texts.scored)),
+        "num_texts": int(texts.emb.shape[0]),
+        "num_captions": texts.num_captions,
+        "num_pairs": next(iter(results.values()))["num_pairs"] if results else 0,
+        "images_without_captions": texts.without,
+        "features": results,
+        "cosine": cosine,
+    }
 
+
+@dataclass
+class _Texts:
+    """The texts recall is scored against: emb [T, E], positive pairs (pair_image [P] indexing the
+    scored images, pair_text [P]), `scored` (positions in the selection of the images with a caption)."""
+
+    emb: torch.Tensor
+    pair_image: torch.Tensor
+    pair_text: torch.Tensor
+    scored: torch.Tensor
+    num_captions: int
+    without: int
+
+
+def _evaluated_texts(
+    shards: EmbeddingShards, keys: list[str], selection: torch.Tensor, dedupe: bool
+) -> _Texts:
+    root = shards.root
     texts = shards.text_embeddings()
     if texts.text_emb.shape[0] == 0:
         raise InputError(f"{root}: the embeddings hold no captions; recall needs captions")
     _check_finite(texts.text_emb, f"{root}: text embeddings", [keys[i] for i in texts.caption_image.tolist()])
     position = torch.full((shards.num_samples,), -1, dtype=torch.int64)
     position[selection] = torch.arange(len(selection))
-    # [C] evaluated position of each caption's image, -1 = image not evaluated
-    caption_pos = position[texts.caption_image]
+    caption_pos = position[texts.caption_image]  # [C] evaluated position of each caption's image, -1: not
     keep = caption_pos >= 0
     if not bool(keep.any()):
         raise InputError(f"{root}: no captions for the evaluated images; recall needs captions")
-    text_emb, pair_image, pair_text, captions = _texts(texts, keep, caption_pos, config.dedupe_captions)
+    text_emb, pair_image, pair_text, _ = _texts(texts, keep, caption_pos, dedupe)
     has_caption = torch.zeros(len(selection), dtype=torch.bool)
     has_caption[pair_image] = True
     without = int((~has_caption).sum())
@@ -137,21 +188,24 @@ def evaluate_recall(config: RecallConfig) -> dict[str, Any]:
             "%d of %d image(s) have no caption and are left out of recall", without, len(selection)
         )
     # Re-index the images that have captions: retrieval_recall wants a positive for every image.
-    scored = has_caption.nonzero().flatten()  # evaluated positions kept
+    scored = has_caption.nonzero().flatten()
     remap = torch.full((len(selection),), -1, dtype=torch.int64)
     remap[scored] = torch.arange(len(scored))
-    pair_image = remap[pair_image]
+    return _Texts(text_emb, remap[pair_image], pair_text, scored, int(keep.sum()), without)
 
+
+def _image_features(shards, keys, head, selection, generated, features, config: RecallConfig, budget: int):
+    """({feature name: [n, E] float32 for the selection}, the cosine report)."""
+    root = shards.root
+    selected_keys = [keys[i] for i in selection.tolist()]
     image_features: dict[str, torch.Tensor] = {}
     if "baseline" in features or generated is not None:
-        baseline = shards.gather("target_global")[selection]
-        _check_finite(baseline, f"{root}: baseline (target_global)", [keys[i] for i in selection.tolist()])
+        baseline = shards.column("target_global")[selection]
+        _check_finite(baseline, f"{root}: baseline (target_global)", selected_keys)
         image_features["baseline"] = baseline
     if "gt-pooled" in features or generated is not None:
         gt = _pooled_targets(shards, head, selection, config.batch_size)
-        _check_finite(
-            gt, f"{root}: gt-pooled (head of the target tokens)", [keys[i] for i in selection.tolist()]
-        )
+        _check_finite(gt, f"{root}: gt-pooled (head of the target tokens)", selected_keys)
         image_features["gt-pooled"] = gt
     cosine: dict[str, float] = {}
     if generated is not None:
@@ -168,38 +222,7 @@ def evaluate_recall(config: RecallConfig) -> dict[str, Any]:
         cosine["gt_pooled_vs_baseline"] = mean_cosine(
             image_features["gt-pooled"], image_features["baseline"], max_memory_bytes=budget
         )
-
-    results = {}
-    for name in features:
-        emb = image_features[name][scored]
-        logger.info("recall of %s: %d images x %d texts", name, emb.shape[0], text_emb.shape[0])
-        result = retrieval_recall(
-            emb,
-            text_emb,
-            pair_image,
-            pair_text,
-            config.ks,
-            normalize=True,
-            max_memory_bytes=budget,
-            device=config.device,
-        )
-        results[name] = result.to_dict()
-    return {
-        "dir": str(root),
-        "index_sha256": shards.index_sha256,
-        "generated": str(config.generated) if config.generated else None,
-        "target_encoder": shards.encoders["target"].get("source"),
-        "head_pooling": head.pooling if head is not None else shards.index.get("head", {}).get("pooling"),
-        "ks": sorted(set(config.ks)),
-        "dedupe_captions": config.dedupe_captions,
-        "num_images": int(len(scored)),
-        "num_texts": int(text_emb.shape[0]),
-        "num_captions": int(keep.sum()),
-        "num_pairs": next(iter(results.values()))["num_pairs"] if results else 0,
-        "images_without_captions": without,
-        "features": results,
-        "cosine": cosine,
-    }
+    return image_features, cosine
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -208,15 +231,11 @@ def evaluate_recall(config: RecallConfig) -> dict[str, Any]:
 @dataclass
 class _Generated:
     path: Path
-    file: Any  # GeneratedFeatures
-    indices: Any  # [n] int64: global image index of each generated row
+    file: GeneratedFeatures
+    indices: torch.Tensor  # [n] int64: global image index of each generated row
 
 
 def _open_generated(path: str, shards, keys: list[str]) -> _Generated:
-    import torch
-
-    from blip_toolkit.data.shards import read_generated
-
     gen = read_generated(path)
     dims = shards.dims
     expected = (dims["target_tokens"], dims["target_dim"])
@@ -250,8 +269,6 @@ def _open_generated(path: str, shards, keys: list[str]) -> _Generated:
 
 
 def _check_finite(x, what: str, keys: list[str]) -> None:
-    import torch
-
     if x.numel() == 0:
         return
     bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
@@ -262,24 +279,18 @@ def _check_finite(x, what: str, keys: list[str]) -> None:
 
 def _texts(texts, keep, caption_pos, dedupe: bool):
     """(text_emb [T, E], pair_image [P], pair_text [P], caption strings [T]) for the kept captions."""
-    import torch
-
     kept = keep.nonzero().flatten()
     emb = texts.text_emb[kept]
     images = caption_pos[kept]
     strings = [texts.captions[i] for i in kept.tolist()]
     if not dedupe:
         return emb, images, torch.arange(len(kept)), strings
-    from blip_toolkit.eval.recall import merge_identical_captions
-
     first, pair_image, pair_text = merge_identical_captions(strings, images)
     return emb[first], pair_image, pair_text, [strings[i] for i in first]
 
 
 def _pooled_targets(shards, head, selection, batch_size: int):
     """head(target tokens) [n, E] float32 for the selected images, one shard at a time."""
-    import torch
-
     out = torch.empty(len(selection), shards.dims["embed_dim"], dtype=torch.float32)
     for info, rows, where in _by_shard(shards, selection):
         tokens = shards.read_shard(info.index, ("target",))["target"]  # [s, N, Dt]
@@ -289,8 +300,6 @@ def _pooled_targets(shards, head, selection, batch_size: int):
 
 def _by_shard(shards, selection):
     """(shard info, local rows, positions in `selection`) for each shard holding selected images."""
-    import torch
-
     order = torch.argsort(selection)
     sorted_idx = selection[order]
     for info in shards.shards:
@@ -303,10 +312,6 @@ def _by_shard(shards, selection):
 def _generated_features(gen: _Generated, shards, head, batch_size: int, budget: int):
     """(generated globals [n, E] float32, mean cosine of generated vs ground-truth tokens).
     Reads the generated tokens and the target tokens one shard's worth at a time."""
-    import torch
-
-    from blip_toolkit.eval.recall import mean_cosine
-
     n = gen.file.num
     global_emb = torch.empty(n, shards.dims["embed_dim"], dtype=torch.float32)
     total, count = 0.0, 0
@@ -323,33 +328,3 @@ def _generated_features(gen: _Generated, shards, head, batch_size: int, budget: 
         global_emb = gen.file.global_emb().float()
     _check_finite(global_emb, f"{gen.path}: generated global embeddings", gen.file.keys)
     return global_emb, total / max(count, 1)
-
-
-def render_table(report: dict[str, Any]):
-    """A Rich table of the report (recall in %), for the text output."""
-    from rich.table import Table
-
-    ks = report["ks"]
-    title = (
-        f"recall@K: {report['num_images']} images, {report['num_texts']} texts"
-        f"{' (deduplicated)' if report['dedupe_captions'] else ''}, target {report['target_encoder']}"
-    )
-    table = Table(title=title, title_justify="left")
-    table.add_column("features", no_wrap=True)
-    for direction in ("i2t", "t2i"):
-        for k in ks:
-            table.add_column(f"{direction} R@{k}", justify="right", no_wrap=True)
-    for name, result in report["features"].items():
-        cells = [f"{100 * result[d][f'R@{k}']:.2f}" for d in ("i2t", "t2i") for k in ks]
-        table.add_row(name, *cells)  # median / mean ranks: in the JSON output
-    return table
-
-
-def render_cosines(report: dict[str, Any]) -> list[str]:
-    labels = {
-        "generated_tokens_vs_target": "mean cosine, generated vs ground-truth tokens",
-        "generated_global_vs_baseline": "mean cosine, generated global vs baseline",
-        "generated_global_vs_gt_pooled": "mean cosine, generated global vs gt-pooled",
-        "gt_pooled_vs_baseline": "mean cosine, gt-pooled vs baseline",
-    }
-    return [f"{labels[k]}: {v:.4f}" for k, v in report["cosine"].items()]

@@ -11,13 +11,8 @@ from .helpers import TINY, write_embeddings
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +31,7 @@ def emb_other_dims(tmp_path_factory) -> Path:
 
 def tiny_config(emb: Path, out: Path, **changes):
     """A TrainDiTConfig for the tiny DiT on `emb` (changes: dotted keys)."""
-    from blip_toolkit.dit.train import load_train_config
+    from blip_toolkit.dit.train_config import load_train_config
 
     values = {
         **TINY,

@@ -1,0 +1,221 @@
+"""The config of `blip train-dit`: sections [data], [model] (DiTConfig), [flow] (FlowConfig), [train]
+(the training engine's settings, named as in `blip finetune`), [eval], [sample]. No torch import (the
+CLI reads it for its help text)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blip_toolkit.config import MixedPrecision, build_config, load_config_file
+from blip_toolkit.dit.config import DiTConfig, FlowConfig, SolverName
+from blip_toolkit.embeddings.format import VerifyMode
+from blip_toolkit.errors import ConfigError
+
+RUN_KIND = "blip-train-dit"
+# The old spellings, still accepted in config files and --set.
+ALIASES = {"out": "output_dir", "train.lr": "train.learning_rate", "train.steps": "train.max_steps"}
+# Settings that may change between an interrupted run and its --resume (everything else is locked:
+# the data, the split, the model, the objective, the optimizer and the batch define what was trained).
+RESUME_FREE = (
+    "output_dir",
+    "resume",
+    "overwrite",
+    "data.dir",
+    "data.num_workers",
+    "data.max_open_shards",
+    "data.verify",
+    "train.max_steps",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.log_with",
+    "train.mixed_precision",
+    "train.cpu",
+    "eval.",
+    "sample.",
+)
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    """[data]: where the embeddings are and how they are split and streamed.
+
+    dir: the extract-embeddings output directory (--data). eval_shards: hold out the last N shards;
+    eval_fraction: or hold out this fraction of the images (seeded by split_seed); neither: evaluate on
+    the first training images. overfit: train on the first N training images only and evaluate on them
+    (--overfit). shuffle_buffer: indices in the shuffle buffer (integers only: cheap). num_workers:
+    DataLoader processes reading batches (0 = in the training process). max_open_shards: shards
+    memory-mapped at once. stats_samples: images used to fit the target normaliser (0 = every
+    training image). verify: shard checksums checked lazily (on first read), on open, or not at all."""
+
+    dir: str = ""
+    eval_shards: int = 0
+    eval_fraction: float = 0.0
+    split_seed: int = 0
+    overfit: int = 0
+    shuffle_buffer: int = 10_000
+    num_workers: int = 0
+    max_open_shards: int = 4
+    stats_samples: int = 0
+    verify: VerifyMode = "lazy"
+
+    def __post_init__(self) -> None:
+        _need(self.eval_shards >= 0, f"data.eval_shards must be >= 0, got {self.eval_shards}")
+        _need(
+            0.0 <= self.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}"
+        )
+        _need(
+            not (self.eval_shards and self.eval_fraction),
+            "set data.eval_shards or data.eval_fraction, not both",
+        )
+        _need(self.overfit >= 0, f"data.overfit must be >= 0, got {self.overfit}")
+        _need(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        _need(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _need(self.max_open_shards >= 1, f"data.max_open_shards must be >= 1, got {self.max_open_shards}")
+        _need(self.stats_samples >= 0, f"data.stats_samples must be >= 0, got {self.stats_samples}")
+
+
+@dataclass
+class TrainConfig:
+    """[train]: optimisation.
+
+    max_steps: optimizer steps. batch_size: the GLOBAL micro-batch (split evenly across processes; the
+    optimizer sees batch_size x grad_accum samples per step). learning_rate: peak AdamW learning rate, reached
+    after warmup_steps (linear), then a cosine down to lr x min_lr_ratio at `steps`. grad_clip: max
+    gradient norm (0 = off). ema_decay: decay of the float32 EMA of the weights, updated every optimizer
+    step; the effective decay is min(ema_decay, (1 + step) / (10 + step)), so early on the EMA follows
+    the weights instead of averaging in the random initialisation (0 = no EMA). log_every: a train record
+    (mean loss of the window) every N steps. save_every: checkpoint every N steps (0 = only at the end).
+    log_with: Accelerate trackers (tensorboard, wandb, ...; must be installed). cpu: train on CPU even
+    with a GPU."""
+
+    max_steps: int = 10_000
+    batch_size: int = 64
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    mixed_precision: MixedPrecision = "no"
+    log_every: int = 50
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    log_with: list[str] = field(default_factory=list)
+    cpu: bool = False
+
+    def __post_init__(self) -> None:
+        _need(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _need(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _need(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _need(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            f"train.learning_rate must be positive, got {self.learning_rate}",
+        )
+        _need(
+            0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"
+        )
+        _need(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _need(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _need(
+            0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0,
+            "train.beta1 and train.beta2 must be in [0, 1)",
+        )
+        _need(
+            math.isfinite(self.grad_clip) and self.grad_clip >= 0,
+            f"train.grad_clip must be >= 0, got {self.grad_clip}",
+        )
+        _need(0.0 <= self.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _need(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _need(self.save_every >= 0, f"train.save_every must be >= 0, got {self.save_every}")
+        _need(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        self.log_with = [name.strip() for item in self.log_with for name in item.split(",") if name.strip()]
+
+
+@dataclass
+class EvalConfig:
+    """[eval]: held-out metrics every `every` steps and at the end (0 = never).
+
+    On at most max_samples held-out images: val_loss (flow MSE at random t), vel_cos (cosine of the
+    predicted and true velocity), patch_cos / global_cos (tokens sampled with `steps` `solver` steps at
+    cfg_scale vs the ground-truth tokens, and their pooled projections through the target head),
+    est_r@1 (image-to-text recall@1 of the sampled globals among the held-out captions). ema: evaluate
+    the EMA weights (what `blip sample` uses by default). seed: the noise (same as `sample --seed`)."""
+
+    every: int = 500
+    max_samples: int = 256
+    batch_size: int = 64
+    steps: int = 10
+    solver: SolverName = "euler"
+    cfg_scale: float | None = None  # None: sample.cfg_scale
+    ema: bool = True
+    seed: int = 0
+    recall: bool = True
+
+    def __post_init__(self) -> None:
+        _need(self.every >= 0, f"eval.every must be >= 0, got {self.every}")
+        _need(self.max_samples >= 1, f"eval.max_samples must be >= 1, got {self.max_samples}")
+        _need(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        _need(self.steps >= 1, f"eval.steps must be >= 1, got {self.steps}")
+        _need(
+            self.cfg_scale is None or self.cfg_scale >= 0,
+            f"eval.cfg_scale must be >= 0, got {self.cfg_scale}",
+        )
+
+
+@dataclass
+class SampleDefaults:
+    """[sample]: the sampling settings stored with the model (`blip sample` uses them unless told
+    otherwise): ODE steps, classifier-free guidance scale, solver (euler | heun), timestep shift."""
+
+    steps: int = 30
+    cfg_scale: float = 1.0
+    solver: SolverName = "euler"
+    shift: float = 1.0
+
+    def __post_init__(self) -> None:
+        _need(self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
+        _need(self.cfg_scale >= 0, f"sample.cfg_scale must be >= 0, got {self.cfg_scale}")
+        _need(self.shift > 0, f"sample.shift must be positive, got {self.shift}")
+
+
+@dataclass
+class TrainDiTConfig:
+    """Everything a train-dit run needs. Sections: [data], [model] (DiTConfig), [flow] (FlowConfig),
+    [train], [eval], [sample]; `output_dir`, `resume` and `overwrite` at the top level."""
+
+    output_dir: str = ""
+    resume: bool = False
+    overwrite: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: DiTConfig = field(default_factory=DiTConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleDefaults = field(default_factory=SampleDefaults)
+
+    def __post_init__(self) -> None:
+        _need(not (self.resume and self.overwrite), "--resume and --overwrite cannot be combined")
+
+
+def load_train_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainDiTConfig:
+    """Defaults, then the file (TOML / YAML / JSON) at `path`, then `overrides` (dotted keys,
+    e.g. {"train.learning_rate": 3e-4}; None values are skipped). Unknown keys are a ConfigError listing them."""
+    values = load_config_file(path) if path is not None else {}
+    return build_config(
+        TrainDiTConfig, values, overrides, source=str(path) if path else "options", aliases=ALIASES
+    )
