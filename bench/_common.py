@@ -227,6 +227,8 @@ def report(
         print(markdown_table(rows) + "\n")
     if targets:
         print(markdown_table(target_rows(targets)) + "\n")
+    if notes:
+        print("\n".join(note_lines(notes)) + "\n")
     result = {
         "name": name,
         "quick": quick,
@@ -259,6 +261,18 @@ def target_rows(targets: list[dict], benchmark: str | None = None) -> list[dict]
         row["pass"] = "yes" if t["ok"] else "**NO**"
         rows.append(row)
     return rows
+
+
+def note_lines(notes: dict) -> list[str]:
+    """Markdown bullets 'key: value' (dicts and lists as inline JSON)."""
+    lines = []
+    for key, value in notes.items():
+        if isinstance(value, (dict, list)):
+            text = "`" + json.dumps(value, default=str) + "`"
+        else:
+            text = _fmt(value)
+        lines.append(f"- {key}: {text}")
+    return lines
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:

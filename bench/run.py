@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import QUICK_NOTE, RESULTS, machine, markdown_table, target_rows
+from _common import QUICK_NOTE, RESULTS, machine, markdown_table, note_lines, target_rows
 
 HERE = Path(__file__).resolve().parent
 
@@ -119,19 +119,9 @@ def summary(
         ]
         if result.get("rows"):
             lines += [markdown_table(result["rows"]), ""]
-        for key, value in (result.get("notes") or {}).items():
-            lines.append(f"- {key}: {_note(value)}")
         if result.get("notes"):
-            lines.append("")
+            lines += [*note_lines(result["notes"]), ""]
     return "\n".join(lines)
-
-
-def _note(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (dict, list)):
-        return "`" + json.dumps(value, default=lambda v: str(v)) + "`"
-    return str(value)
 
 
 if __name__ == "__main__":

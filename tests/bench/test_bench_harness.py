@@ -91,9 +91,13 @@ def test_interleaved_rounds_runs_the_functions_in_turn():
 def test_report_prints_full_tables_and_keeps_quick_results_apart(bench_run, tmp_path, capsys):
     long_name = "blip DiT sampling, 50 Euler steps, classifier-free guidance 3.0, " * 3
     targets = [_common.target("speed-up", 1.3, ">= 1.1", True)]
-    _common.report("demo", [{"model": long_name, "samples_per_s": 2.5}], quick=True, targets=targets)
+    notes = {"budget_mb": 1024, "sizes": {"tokens": 16}}
+    _common.report(
+        "demo", [{"model": long_name, "samples_per_s": 2.5}], quick=True, targets=targets, notes=notes
+    )
     out = capsys.readouterr().out
     assert _common.QUICK_NOTE in out
+    assert '- budget_mb: 1024\n- sizes: `{"tokens": 16}`' in out
     assert long_name.strip() in out  # not cut to the terminal width
     quick = json.loads((tmp_path / "demo.quick.json").read_text())
     assert quick["quick"] is True and quick["targets"] == targets
