@@ -1,8 +1,12 @@
 """Shared helpers for the benchmarks. Each bench_*.py is runnable alone
-(`python bench/bench_x.py [--quick]`), prints a table and writes bench/results/<name>.json.
+(`python bench/bench_x.py [--quick]`), prints its tables as Markdown and writes
+bench/results/<name>.json (<name>.quick.json for a --quick run).
 
 Targets are ratios against a reference measured in the same process (these machines are noisy),
-never absolute times."""
+never absolute times. Timed ratios come from interleaved rounds (`interleaved_rounds`): every round
+runs the measured work and its reference one after the other, so a burst of load from other work on
+the machine falls on both; the target compares the median of each over the rounds, and the spread
+of the per-round ratio is reported beside it (`ratio_target`)."""
 
 from __future__ import annotations
 
@@ -11,13 +15,18 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from tabulate import tabulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+STARTED = time.perf_counter()
+QUICK_NOTE = "QUICK run: small sizes, checks that the script works; not comparable with a full run"
 
 
 def parse_args(
@@ -27,40 +36,143 @@ def parse_args(
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="Smaller sizes: checks the script works, numbers are not meaningful.",
+        help="Small sizes: checks the script works in seconds; numbers are not comparable.",
     )
     if extra:
         extra(parser)
     return parser.parse_args()
 
 
+# ----------------------------------------------------------------------------------------------------
+# Timing
+
+
+class MatmulProbe:
+    """A fixed amount of square float32 matmul work (on all threads), calibrated to take about
+    `seconds` now; call it to run it. Timed in the same rounds as the work it is compared with, it
+    gives this machine's matmul rate (the ceiling of achieved FLOP/s) under the same load."""
+
+    def __init__(self, size: int = 1024, seconds: float = 1.0):
+        import torch
+
+        self.a, self.b = torch.randn(size, size), torch.randn(size, size)
+        for _ in range(3):  # warm-up
+            self.a @ self.b
+        once = float("inf")
+        for _ in range(3):  # the fastest of 3 (a burst of load would make the probe too short)
+            start = time.perf_counter()
+            self.a @ self.b
+            once = min(once, time.perf_counter() - start)
+        self.count = max(1, round(seconds / max(once, 1e-6)))
+        self.flops = 2 * size**3 * self.count
+
+    def __call__(self) -> None:
+        for _ in range(self.count):
+            self.a @ self.b
+
+    def rate(self, seconds: float) -> float:
+        """FLOP/s of a run that took `seconds`."""
+        return self.flops / seconds
+
+
 def matmul_rate(size: int = 1024, seconds: float = 2.0) -> float:
-    """This machine's float32 matmul rate in FLOP/s (square matmuls on all threads), the ceiling
-    achieved FLOP/s are compared with."""
-    import torch
-
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
-    for _ in range(3):
-        a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    elapsed = time.perf_counter() - start
-    return 2 * size**3 * count / elapsed
+    """This machine's float32 matmul rate in FLOP/s, measured once, now (no rounds: for figures that
+    have no target)."""
+    probe = MatmulProbe(size, seconds)
+    return probe.rate(timed(probe))
 
 
-def timed(fn: Callable[[], object], *, repeat: int = 1, warmup: int = 0) -> float:
-    """Best wall time of `repeat` runs after `warmup` runs (seconds)."""
+def timed(fn: Callable[[], object]) -> float:
+    """Wall time of one call (seconds)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_rounds(
+    functions: dict[str, Callable[[], object]], rounds: int, *, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall times (s) of each function in each of `rounds` rounds, a round running every function
+    once, in turn (after `warmup` untimed runs of each)."""
     for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        for fn in functions.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, fn in functions.items():
+            times[name].append(timed(fn))
+    return times
+
+
+def round_stats(values: Sequence[float]) -> dict:
+    """{"median", "min", "max", "rounds"} of per-round values."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "rounds": len(values),
+    }
+
+
+def median_range(values: Sequence[float], scale: float = 1.0) -> str:
+    """'median (min-max)' of per-round values times `scale`, for a table cell."""
+    s = round_stats([v * scale for v in values])
+    if s["rounds"] == 1:
+        return _fmt(s["median"])
+    return f"{_fmt(s['median'])} ({_fmt(s['min'])}-{_fmt(s['max'])})"
+
+
+def rate_range(seconds: Sequence[float], amount: float) -> str:
+    """'rate (min-max)' of `amount` per second from per-round times: amount / median time (what the
+    targets use, whatever the number of rounds), then the slowest and the fastest round."""
+    rate = amount / statistics.median(seconds)
+    if len(seconds) == 1:
+        return _fmt(rate)
+    return f"{_fmt(rate)} ({_fmt(amount / max(seconds))}-{_fmt(amount / min(seconds))})"
+
+
+def ratio_target(
+    description: str,
+    numerator: Sequence[float],
+    denominator: Sequence[float],
+    required: str,
+    ok: Callable[[float], bool],
+    *,
+    scale: float = 1.0,
+) -> dict:
+    """A target on scale x median(numerator) / median(denominator) over paired rounds, with the min
+    and max of the per-round ratio as its spread. For a ratio of rates pass the times the other way
+    round (the rate of A over the rate of B for equal work = median time of B / median time of A)."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError("ratio_target needs the same, non-zero number of rounds on both sides")
+    measured = scale * statistics.median(numerator) / statistics.median(denominator)
+    per_round = [scale * n / d for n, d in zip(numerator, denominator, strict=True)]
+    return target(
+        description,
+        measured,
+        required,
+        ok(measured),
+        spread=(min(per_round), max(per_round)),
+        rounds=len(per_round),
+    )
+
+
+def target(
+    description: str,
+    measured: float,
+    required: str,
+    ok: bool,
+    *,
+    spread: tuple[float, float] | None = None,
+    rounds: int | None = None,
+) -> dict:
+    """A pass/fail target. `spread`: (min, max) of the measure over the `rounds` timed rounds."""
+    out = {"target": description, "measured": measured, "required": required, "ok": bool(ok)}
+    if spread is not None:
+        out["spread"] = [float(spread[0]), float(spread[1])]
+    if rounds is not None:
+        out["rounds"] = rounds
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -68,59 +180,122 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# ----------------------------------------------------------------------------------------------------
+# Reporting
+
+
 def machine() -> dict:
     import torch
 
     return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "platform": platform.platform(),
+        "load average (1, 5, 15 min)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
-def report(
-    name: str, rows: list[dict], *, targets: list[dict] | None = None, notes: dict | None = None
-) -> dict:
-    """Print rows (and pass/fail targets) as a table and write bench/results/<name>.json."""
-    from rich.console import Console
-    from rich.table import Table
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
-    console = Console()
+
+def results_path(name: str, quick: bool) -> Path:
+    return RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
+
+
+def report(
+    name: str,
+    rows: list[dict],
+    *,
+    quick: bool,
+    targets: list[dict] | None = None,
+    notes: dict | None = None,
+) -> dict:
+    """Print rows and pass/fail targets as Markdown tables (full width, whatever stdout is) and write
+    the results JSON (`results_path`). A quick run is flagged in both."""
+    print(f"\n## {name}" + (f" ({QUICK_NOTE})" if quick else "") + "\n")
     if rows:
-        table = Table(title=name)
-        keys = list(dict.fromkeys(k for row in rows for k in row))
-        for key in keys:
-            table.add_column(key)
-        for row in rows:
-            table.add_row(*[_fmt(row.get(k, "")) for k in keys])
-        console.print(table)
+        print(markdown_table(rows) + "\n")
     if targets:
-        table = Table(title=f"{name}: targets")
-        for key in ("target", "measured", "required", "ok"):
-            table.add_column(key)
-        for t in targets:
-            table.add_row(t["target"], _fmt(t["measured"]), str(t["required"]), "yes" if t["ok"] else "NO")
-        console.print(table)
+        print(markdown_table(target_rows(targets)) + "\n")
+    if notes:
+        print("\n".join(note_lines(notes)) + "\n")
     result = {
         "name": name,
+        "quick": quick,
         "machine": machine(),
         "rows": rows,
         "targets": targets or [],
         "notes": notes or {},
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "wall_seconds": round(time.perf_counter() - STARTED, 1),
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    path = results_path(name, quick)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(path)
     return result
 
 
-def target(description: str, measured: float, required: str, ok: bool) -> dict:
-    return {"target": description, "measured": measured, "required": required, "ok": bool(ok)}
+def target_rows(targets: list[dict], benchmark: str | None = None) -> list[dict]:
+    """Table rows of targets: measured value, spread over the rounds, requirement, pass/fail."""
+    rows = []
+    for t in targets:
+        row = {"benchmark": benchmark} if benchmark else {}
+        row["target"] = t["target"]
+        row["measured"] = t["measured"]
+        lo_hi = t.get("spread")
+        row["per-round min-max"] = f"{_fmt(lo_hi[0])}-{_fmt(lo_hi[1])}" if lo_hi else ""
+        row["rounds"] = t.get("rounds", "")
+        row["required"] = t["required"]
+        row["pass"] = "yes" if t["ok"] else "**NO**"
+        rows.append(row)
+    return rows
+
+
+def note_lines(notes: dict) -> list[str]:
+    """Markdown bullets 'key: value' (dicts and lists as inline JSON)."""
+    lines = []
+    for key, value in notes.items():
+        if isinstance(value, (dict, list)):
+            text = "`" + json.dumps(value, default=str) + "`"
+        else:
+            text = _fmt(value)
+        lines.append(f"- {key}: {text}")
+    return lines
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A GitHub Markdown table of `rows` (dicts; columns = every key in order of appearance). Cells
+    are never cut: '|' is escaped and line breaks become spaces."""
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+    body = [[_cell(row.get(k, "")) for k in columns] for row in rows]
+    return tabulate(body, headers=[_cell(c) for c in columns], tablefmt="github", disable_numparse=True)
+
+
+def _cell(value) -> str:
+    return " ".join(_fmt(value).split()).replace("|", "\\|")
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, default=str)
     return str(value)

@@ -3,15 +3,28 @@ head BLIP3-o uses) at matched width, depth, heads and token count.
 
 Training: samples/s of one step (forward + backward + AdamW) at batch 8, float32, and the achieved
 FLOP/s (FLOPs of a step counted with FlopCounterMode / step time) as a fraction of this machine's
-float32 matmul rate measured in the same process. Sampling: samples/s of 50 Euler steps without and
-with classifier-free guidance (3.0).
+float32 matmul rate. Timed in 5 rounds, each running our step, Lumina's step and a fixed amount of
+square matmuls (the rate's probe) one after the other, so load from other work on the machine falls
+on all three; the ratios compare medians over the rounds, with the per-round spread reported.
+Sampling: samples/s of 50 Euler steps without and with classifier-free guidance (3.0), 3 rounds.
 
-    python bench/bench_dit.py [--quick] [--sample-batch 4]
+    python bench/bench_dit.py [--quick] [--rounds 5] [--sample-batch 4] [--threads N]
 """
 
 from __future__ import annotations
 
-from _common import matmul_rate, parse_args, peak_rss_mb, report, target, timed
+import statistics
+
+from _common import (
+    MatmulProbe,
+    interleaved_rounds,
+    parse_args,
+    peak_rss_mb,
+    rate_range,
+    ratio_target,
+    report,
+    target,
+)
 
 FULL = {
     "preset": "small",
@@ -22,18 +35,22 @@ FULL = {
     "batch": 8,
     "layers": None,
     "sample_steps": 50,
-    "train_repeat": 3,
+    "train_rounds": 5,
+    "sample_rounds": 3,
+    "matmul": (1024, 1.5),  # size, seconds per round
 }
 QUICK = {
-    "preset": "small",
-    "tokens": 64,
-    "target_dim": 256,
-    "cond_tokens": 64,
-    "cond_dim": 352,
+    "preset": "tiny",
+    "tokens": 16,
+    "target_dim": 64,
+    "cond_tokens": 16,
+    "cond_dim": 88,
     "batch": 2,
     "layers": 2,
     "sample_steps": 4,
-    "train_repeat": 1,
+    "train_rounds": 3,
+    "sample_rounds": 3,
+    "matmul": (256, 0.1),
 }
 
 
@@ -151,34 +168,26 @@ def build_lumina(sizes):
     return model, step, forward_backward
 
 
-def interleaved_best(functions: dict, repeat: int) -> dict:
-    """Best wall time of each function over `repeat` rounds that run them one after the other, so a
-    burst of load from other processes falls on all of them rather than on one (after one warm-up
-    run each)."""
-    for fn in functions.values():
-        fn()
-    best = dict.fromkeys(functions, float("inf"))
-    for _ in range(repeat):
-        for name, fn in functions.items():
-            best[name] = min(best[name], timed(fn))
-    return best
-
-
 def training_row(name, model, flops, seconds, batch):
+    """A table row from the per-round step times `seconds` (medians, and the spread of samples/s)."""
+    step_s = statistics.median(seconds)
     return {
         "model": name,
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-        "step_s": seconds,
-        "samples_per_s": batch / seconds,
+        "step_s": step_s,
+        "samples_per_s": batch / step_s,
+        "samples_per_s (slowest-fastest round)": rate_range(seconds, batch),
         "gflop_per_sample": flops / batch / 1e9,
-        "achieved_gflop_s": flops / seconds / 1e9,
+        "achieved_gflop_s": flops / step_s / 1e9,
     }
 
 
 def main() -> None:
     def options(parser):
         parser.add_argument("--sample-batch", type=int, default=4, help="Samples per batch when sampling.")
-        parser.add_argument("--repeat", type=int, default=None, help="Timed rounds (default 3, quick 1).")
+        parser.add_argument(
+            "--rounds", type=int, default=None, help="Timed training rounds (default 5, quick 3)."
+        )
         parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
 
     args = parse_args(__doc__.splitlines()[0], extra=options)
@@ -189,24 +198,25 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
-    repeat = args.repeat or sizes["train_repeat"]
-    rate_size, rate_seconds = (512, 0.5) if args.quick else (1024, 2.0)
+    rounds = args.rounds or sizes["train_rounds"]
     torch.manual_seed(0)
-    rates = [matmul_rate(size=rate_size, seconds=rate_seconds)]
+    probe = MatmulProbe(*sizes["matmul"])
 
-    # Training: FLOPs of one step of each (forward + backward; AdamW adds no matmuls), then the
-    # two models' steps timed in alternation.
+    # Training: FLOPs of one step of each (forward + backward; AdamW adds no matmuls), then the two
+    # models' steps and the matmul probe timed in the same rounds, one after the other.
     model, step, forward_backward, cond = build_ours(sizes)
     lumina_model, lumina_step, lumina_fb = build_lumina(sizes)
     flops = {"ours": count_flops(forward_backward), "lumina": count_flops(lumina_fb)}
     model.zero_grad(set_to_none=True)
     lumina_model.zero_grad(set_to_none=True)
-    seconds = interleaved_best({"ours": step, "lumina": lumina_step}, repeat)
+    times = interleaved_rounds({"ours": step, "lumina": lumina_step, "matmul": probe}, rounds)
     batch = sizes["batch"]
-    ours = training_row("blip DiT", model, flops["ours"], seconds["ours"], batch)
-    lumina = training_row("LuminaNextDiT2DModel", lumina_model, flops["lumina"], seconds["lumina"], batch)
+    ours = training_row("blip DiT", model, flops["ours"], times["ours"], batch)
+    lumina = training_row("LuminaNextDiT2DModel", lumina_model, flops["lumina"], times["lumina"], batch)
     del lumina_model, lumina_step, lumina_fb
-    rates.append(matmul_rate(size=rate_size, seconds=rate_seconds))
+    matmul = probe.flops / statistics.median(times["matmul"])
+    for row in (ours, lumina):
+        row["fraction_of_matmul_rate"] = row["achieved_gflop_s"] * 1e9 / matmul
 
     # Sampling: the plain conditional model and classifier-free guidance at 3.0, in alternation.
     model.eval()
@@ -216,35 +226,30 @@ def main() -> None:
     def sampler(cfg_scale):
         return lambda: generate(model, sample_cond, steps=steps, cfg_scale=cfg_scale)
 
-    sample_seconds = interleaved_best({1.0: sampler(1.0), 3.0: sampler(3.0)}, max(1, repeat - 1))
-    rates.append(matmul_rate(size=rate_size, seconds=rate_seconds))
-    # The highest measurement is the ceiling: it makes the fraction conservative.
-    rate = max(rates)
-    for row in (ours, lumina):
-        row["fraction_of_matmul_rate"] = row["achieved_gflop_s"] * 1e9 / rate
+    sample_times = interleaved_rounds({"1": sampler(1.0), "3": sampler(3.0)}, sizes["sample_rounds"])
 
     rows = [ours, lumina]
-    for cfg_scale, elapsed in sample_seconds.items():
+    for cfg_scale, seconds in sample_times.items():
         rows.append(
             {
-                "model": f"blip DiT sampling, {steps} Euler steps, cfg {cfg_scale:g}",
-                "samples_per_s": sample_cond.shape[0] / elapsed,
-                "step_s": elapsed / steps,
+                "model": f"blip DiT sampling, {steps} Euler steps, cfg {cfg_scale}",
+                "samples_per_s": sample_cond.shape[0] / statistics.median(seconds),
+                "samples_per_s (slowest-fastest round)": rate_range(seconds, sample_cond.shape[0]),
+                "step_s": statistics.median(seconds) / steps,
             }
         )
-    guidance_cost = sample_seconds[3.0] / sample_seconds[1.0]
     targets = [
-        target(
-            "training samples/s, ours / Lumina",
-            ours["samples_per_s"] / lumina["samples_per_s"],
-            ">= 1",
-            ours["samples_per_s"] >= lumina["samples_per_s"],
+        ratio_target(
+            "training samples/s, ours / Lumina", times["lumina"], times["ours"], ">= 1", lambda r: r >= 1
         ),
-        target(
+        # (flops / t_ours) / (probe flops / t_matmul), median times over the same rounds
+        ratio_target(
             "achieved FLOP/s / float32 matmul rate",
-            ours["fraction_of_matmul_rate"],
+            times["matmul"],
+            times["ours"],
             ">= 0.70",
-            ours["fraction_of_matmul_rate"] >= 0.70,
+            lambda r: r >= 0.70,
+            scale=flops["ours"] / probe.flops,
         ),
         target(
             "FLOPs per sample, ours / Lumina",
@@ -252,21 +257,30 @@ def main() -> None:
             "< 1",
             ours["gflop_per_sample"] < lumina["gflop_per_sample"],
         ),
-        target("sampling time with cfg 3.0 / without", guidance_cost, "<= 2.1", guidance_cost <= 2.1),
+        ratio_target(
+            "sampling time with cfg 3.0 / without",
+            sample_times["3"],
+            sample_times["1"],
+            "<= 2.1",
+            lambda r: r <= 2.1,
+        ),
     ]
     notes = {
         "sizes": sizes,
         "sample_batch": sample_cond.shape[0],
-        "timed_rounds": repeat,
+        "rounds": f"training: {rounds} (ours, Lumina, matmul probe in turn), sampling: {sizes['sample_rounds']}",
         "threads": torch.get_num_threads(),
-        "matmul_gflop_s": [r / 1e9 for r in rates],
+        "matmul GFLOP/s (slowest-fastest round)": rate_range(times["matmul"], probe.flops / 1e9),
+        "matmul probe": f"{probe.count} x {sizes['matmul'][0]}^2 float32 matmuls per round",
         "peak_rss_mb": peak_rss_mb(),
         "flops": "FlopCounterMode over forward + backward (matmuls and attention); CPU flash attention counted "
         "with torch's SDPA formulas",
         "training": "rectified-flow MSE step + fused AdamW on random data; no condition dropout, so both models "
         "do the same work on every step",
+        "fraction of the matmul rate": "achieved FLOP/s at the median step time over the rounds / matmul "
+        "rate at the median probe time over the same rounds",
     }
-    report("dit", rows, targets=targets, notes=notes)
+    report("dit", rows, targets=targets, notes=notes, quick=args.quick)
 
 
 if __name__ == "__main__":
