@@ -82,7 +82,8 @@ def child(data: str, out: str, steps: int, batch: int, threads: int) -> None:
     """One memory run: train, then report this process's peak resident set."""
     import torch
 
-    from blip_toolkit.dit.train_config import load_train_config, run_train_dit
+    from blip_toolkit.dit.train import run_train_dit
+    from blip_toolkit.dit.train_config import load_train_config
 
     torch.set_num_threads(threads)
     config = load_train_config(
@@ -90,8 +91,8 @@ def child(data: str, out: str, steps: int, batch: int, threads: int) -> None:
         {
             **MEM_MODEL,
             "data.dir": data,
-            "out": out,
-            "train.steps": steps,
+            "output_dir": out,
+            "train.max_steps": steps,
             "train.batch_size": batch,
             "train.save_every": 0,
             "eval.every": 0,
@@ -132,8 +133,9 @@ def memory_run(data: Path, out: Path, steps: int, batch: int, threads: int) -> d
 
 def speed(data: Path, tmp: Path, steps: int, window: int) -> dict:
     """Seconds per window of `window` steps of the trainer and of the bare step, interleaved window by
-    window in one process (same threads): `run_train_dit` logs a train record every `window` steps and
-    its callback runs `window` bare steps (timed) before the loop goes on.
+    window in one process (same threads): `run_train_dit` flushes its train records every `window` steps and
+    its callback runs `window` bare steps (timed) before the loop goes on (the records of a window are
+    handed over together after its last step).
 
     Trainer: the wall (and CPU) time between two callbacks, i.e. everything the loop does for those steps (data,
     noise, EMA, clipping, scheduler, loss check, the record and its log line), with torch's
@@ -149,11 +151,12 @@ def speed(data: Path, tmp: Path, steps: int, window: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from blip_toolkit.dit.data import IndexStream, ShardArrays, TrainStream
+    from blip_toolkit.dit.data import IndexStream, TrainStream
     from blip_toolkit.dit.flow import interpolate, target_velocity
     from blip_toolkit.dit.model import DiT
     from blip_toolkit.dit.normalize import TokenNormalizer
-    from blip_toolkit.dit.train_config import load_train_config, run_train_dit
+    from blip_toolkit.dit.train import run_train_dit
+    from blip_toolkit.dit.train_config import load_train_config
     from blip_toolkit.embeddings.shards import EmbeddingShards
     from blip_toolkit.engine.optim import build_optimizer
 
@@ -161,8 +164,8 @@ def speed(data: Path, tmp: Path, steps: int, window: int) -> dict:
     values = {
         **SPEED_MODEL,
         "data.dir": str(data),
-        "out": str(tmp / "speed-run"),
-        "train.steps": steps,
+        "output_dir": str(tmp / "speed-run"),
+        "train.max_steps": steps,
         "train.batch_size": batch,
         "train.save_every": 0,
         "eval.every": 0,
@@ -175,7 +178,7 @@ def speed(data: Path, tmp: Path, steps: int, window: int) -> dict:
     # The bare step's batches: the trainer's own stream (same flow settings: noise, t, dropped conditions).
     shards = EmbeddingShards(data)
     stream = TrainStream(
-        ShardArrays(shards),
+        shards,
         IndexStream([np.arange(len(shards))], seed=0, buffer=1000),
         flow=config.flow,
         normalizer=TokenNormalizer("none"),
@@ -196,7 +199,7 @@ def speed(data: Path, tmp: Path, steps: int, window: int) -> dict:
     model = DiT(model_config).train()
     train = config.train
     optimizer = build_optimizer(
-        model, learning_rate=train.lr, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2)
+        model, learning_rate=train.learning_rate, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2)
     )
     cycle = itertools.cycle(batches)
 
@@ -225,7 +228,8 @@ def speed(data: Path, tmp: Path, steps: int, window: int) -> dict:
         return now[0] - start[0], now[1] - start[1]
 
     def on_record(record: dict) -> None:
-        if record["type"] != "train":
+        # The trainer records every step, and hands the records over every `window` steps.
+        if record["type"] != "train" or record["step"] % window:
             return
         if last["end"] is not None:
             if record["step"] - last["step"] != window:
@@ -247,7 +251,7 @@ def speed(data: Path, tmp: Path, steps: int, window: int) -> dict:
 
     result = run_train_dit(config, callback=on_record)
     # The same model: the config the trainer resolved (its blip_run.json) and the parameter count.
-    trained = json.loads((Path(config.out) / "blip_run.json").read_text())["config"]["model"]
+    trained = json.loads((Path(config.output_dir) / "blip_run.json").read_text())["config"]["model"]
     if trained != model_config.resolved().to_dict() or result.num_parameters != model.num_parameters:
         raise SystemExit(f"the bare step's model differs from the trainer's: {trained}")
     return {
