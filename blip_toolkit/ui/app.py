@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 
 import gradio as gr
+import pandas as pd
 
 from blip_toolkit.errors import BlipError, UsageError
 from blip_toolkit.runtime.retrieval import ITM_SCORES
@@ -111,7 +112,9 @@ def build_app(service: InferenceService) -> gr.Blocks:
             ranked = service.rank(
                 upload_path(image), texts, score=None if score in (None, "", "auto") else score
             )
-            return [[r["rank"], r["text"], r["score"], r["probability"]] for r in ranked]
+            table = pd.DataFrame([[r[c] for c in RESULT_COLUMNS] for r in ranked], columns=RESULT_COLUMNS)
+            # Shown with 4 decimals, as `blip retrieval` prints them; the API gets the full values.
+            return table.style.format({"score": "{:.4f}", "probability": "{:.4f}"})
 
         return _respond(request, ranked_rows)
 
@@ -200,10 +203,11 @@ def build_app(service: InferenceService) -> gr.Blocks:
                     output = gr.Dataframe(
                         headers=RESULT_COLUMNS,
                         datatype=["number", "str", "number", "number"],
-                        label="Ranked texts (probability: softmax of the scores over the candidates)",
+                        label="Ranked texts",
                         interactive=False,
                         elem_id="retrieval-output",
                     )
+                    gr.Markdown("Best first; *probability* is the softmax of the scores over the candidates.")
             button.click(
                 retrieval,
                 [image, texts, score],

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("gradio", reason="the ui extra is not installed (pip install 'blip-toolkit[ui]')")
+GRADIO_MISSING = "the ui extra is not installed (pip install 'blip-toolkit[ui]')"
 
 
 def free_port() -> int:
@@ -20,14 +20,22 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ui_server(tiny_models):
-    """The app on a BLIP caption, a BLIP-2 (OPT) VQA and a BLIP ITM tiny checkpoint. The batcher
-    waits 0.1 s for company after a first request, so concurrent test requests reliably batch.
-
-    Torch runs on one thread meanwhile: tiny models gain nothing from two, and on a shared machine
-    two OpenMP threads competing for cores made each caption ~20x slower."""
+def one_torch_thread():
+    """Torch on one thread while the UI tests run: tiny models gain nothing from two, and on a
+    shared machine two OpenMP threads competing for cores made each caption ~20x slower."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ui_server(tiny_models, one_torch_thread):
+    """The app on a BLIP caption, a BLIP-2 (OPT) VQA and a BLIP ITM tiny checkpoint. The batcher
+    waits 0.05 s for company after a first request, so concurrent test requests reliably batch."""
+    pytest.importorskip("gradio", reason=GRADIO_MISSING)
     from blip_toolkit.ui.app import start
     from blip_toolkit.ui.service import InferenceService, ServiceConfig
 
@@ -37,14 +45,11 @@ def ui_server(tiny_models):
         retrieval_model=str(tiny_models["blip-itm"]),
         device="cpu",
         max_batch_size=8,
-        batch_wait=0.1,
+        batch_wait=0.05,
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     server = start(InferenceService(config), host="127.0.0.1", port=free_port())
     yield server
     server.close()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -5,16 +5,15 @@ really run as batches; `blip ui` itself serves on 127.0.0.1 with and without --a
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.ui.conftest import free_port
+from tests.ui.conftest import GRADIO_MISSING, free_port
 
 QUESTIONS = ["what is this?", "is it red?", "how many things are in the picture?", "where?"]
 TEXTS = ["a photo of a cat", "an astronaut in space", "a cup of coffee", "grass"]
@@ -65,7 +64,9 @@ def test_vqa_equals_blip_vqa(client, cli, tiny_models, sample_images):
 
 def test_retrieval_equals_blip_retrieval(client, cli, tiny_models, sample_images):
     image = sample_images[1]
-    expected = cli_json(cli, "retrieval", str(image), *TEXTS, "--model", tiny_models["blip-itm"])[0]["results"]
+    expected = cli_json(cli, "retrieval", str(image), *TEXTS, "--model", tiny_models["blip-itm"])[0][
+        "results"
+    ]
     table = client.predict(_file(image), "\n".join(TEXTS), "auto", api_name="/retrieval")
     assert table["headers"] == ["rank", "text", "score", "probability"]
     rows = table["data"]
@@ -78,9 +79,9 @@ def test_retrieval_equals_blip_retrieval(client, cli, tiny_models, sample_images
 def test_concurrent_requests_are_batched_and_equal_sequential_ones(client, ui_server, sample_images):
     service = ui_server.service
     images = [sample_images[i % len(sample_images)] for i in range(16)]
-    sequential = [client.predict(_file(p), api_name="/caption") for p in images]
+    sequential = [client.predict(_file(p), max_new_tokens=12, api_name="/caption") for p in images]
     service.calls.clear()
-    jobs = [client.submit(_file(p), api_name="/caption") for p in images]
+    jobs = [client.submit(_file(p), max_new_tokens=12, api_name="/caption") for p in images]
     concurrent = [job.result(timeout=120) for job in jobs]
     assert concurrent == sequential
     calls = [c for c in service.calls if c.task == "caption"]
@@ -91,7 +92,7 @@ def test_concurrent_requests_are_batched_and_equal_sequential_ones(client, ui_se
     assert max(c.requests for c in calls) <= service.config.max_batch_size
 
     # VQA: questions of different token lengths batch by length; answers stay the same.
-    pairs = [(sample_images[i % 3], QUESTIONS[i % len(QUESTIONS)]) for i in range(16)]
+    pairs = [(sample_images[i % 3], QUESTIONS[i % len(QUESTIONS)]) for i in range(8)]
     sequential = [client.predict(_file(p), q, api_name="/vqa") for p, q in pairs]
     jobs = [client.submit(_file(p), q, api_name="/vqa") for p, q in pairs]
     assert [job.result(timeout=120) for job in jobs] == sequential
@@ -132,9 +133,11 @@ def test_no_auth_warns(tiny_models, caplog):
     assert any("no authentication" in r.getMessage() for r in caplog.records)
 
 
-def test_blip_ui_command_serves_with_auth(tiny_models, sample_images, tmp_path):
-    """The real command in its own process: --auth is required by the API, the caption is the same
-    as the library's, and no "no authentication" warning is given."""
+def test_blip_ui_command_serves_with_auth(cli, tiny_models, sample_images, one_torch_thread):
+    """The real command (in a thread; it serves until its app is closed): --auth is required by the
+    API, the caption is the library's, it listens on 127.0.0.1 only, gives no "no authentication"
+    warning, prints nothing on stdout, and exits 0 when the app stops."""
+    gr = pytest.importorskip("gradio", reason=GRADIO_MISSING)
     from gradio_client import Client
 
     from blip_toolkit.data.images import InputItem
@@ -142,43 +145,43 @@ def test_blip_ui_command_serves_with_auth(tiny_models, sample_images, tmp_path):
     from blip_toolkit.runtime.loading import open_runner
 
     port = free_port()
-    log = tmp_path / "stderr.txt"
-    command = [sys.executable, "-m", "blip_toolkit", "ui", "--model", str(tiny_models["blip-caption"])]
-    command += ["--port", str(port), "--auth", "alice:s3cret", "--max-batch-size", "4", "--device", "cpu"]
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            command, stderr=stderr, stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        )
+    args = ["ui", "--model", str(tiny_models["blip-caption"]), "--port", str(port)]
+    args += ["--auth", "alice:s3cret", "--max-batch-size", "4", "--device", "cpu"]
+    results = []
+    command = threading.Thread(target=lambda: results.append(cli(*args)))
+    command.start()
+    url = f"http://127.0.0.1:{port}/"
     try:
-        url = f"http://127.0.0.1:{port}/"
-        client = _wait_for(lambda: Client(url, auth=("alice", "s3cret"), verbose=False), process, log)
+        client = _wait_for(lambda: Client(url, auth=("alice", "s3cret"), verbose=False), command)
         got = client.predict(_file(sample_images[0]), api_name="/caption")
         runner = open_runner(str(tiny_models["blip-caption"]), "caption", device="cpu")
         expected = next(caption_images(runner, [InputItem(str(sample_images[0]))], CaptionOptions()))
         assert got == expected["caption"]
-        with pytest.raises(Exception):  # noqa: B017 - gradio_client raises on the login page
-            Client(url, verbose=False).predict(_file(sample_images[0]), api_name="/caption")
+        with pytest.raises(ValueError, match="login"):
+            Client(url, verbose=False)
         assert _listening_addresses(port) == {"127.0.0.1"}
     finally:
-        process.send_signal(signal.SIGINT)  # Ctrl-C: Gradio stops, the command closes the app
-        code = process.wait(timeout=30)
-    assert code == 0
-    assert process.stdout.read() == b""  # no results, so nothing on stdout
-    text = log.read_text()
-    assert "serving on http://127.0.0.1:" in text
-    assert "no authentication" not in text
-    assert "Traceback" not in text
+        for demo in gr.Blocks.get_instances():
+            if demo.is_running and demo.server_port == port:
+                demo.close()  # what Ctrl-C does: the command's wait ends, it closes the app
+        command.join(timeout=60)
+    (result,) = results
+    assert result.code == 0
+    assert result.stdout == ""
+    assert f"serving on http://127.0.0.1:{port}/" in result.stderr
+    assert "no authentication" not in result.stderr
+    assert "Traceback" not in result.stderr
 
 
-def _wait_for(connect, process, log, timeout: float = 60.0):
+def _wait_for(connect, command, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while True:
         try:
             return connect()
         except Exception:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"blip ui did not start:\n{log.read_text()}") from None
-            time.sleep(0.3)
+            if not command.is_alive() or time.monotonic() > deadline:
+                raise AssertionError("blip ui did not start") from None
+            time.sleep(0.2)
 
 
 def test_missing_gradio_is_one_line(cli, monkeypatch):
@@ -186,11 +189,38 @@ def test_missing_gradio_is_one_line(cli, monkeypatch):
     monkeypatch.delitem(sys.modules, "blip_toolkit.ui.app", raising=False)
     result = cli("ui", "--port", str(free_port()))
     assert result.code == 1
-    assert result.stderr.strip().splitlines() == ["error: blip ui needs the ui extra: pip install 'blip-toolkit[ui]'"]
+    assert result.stderr.strip().splitlines() == [
+        "error: blip ui needs the ui extra: pip install 'blip-toolkit[ui]'"
+    ]
 
 
 def test_help_does_not_import_gradio():
-    code = "import sys; from blip_toolkit.cli.main import main; main(['--help']); print('gradio' in sys.modules)"
+    code = (
+        "import sys; from blip_toolkit.cli.main import main; main(['--help']); print('gradio' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
     assert " ui " in out
+
+
+def test_plain_http_as_the_readme_shows(ui_server, client, sample_images):
+    """The curl calls of the README (upload, then call, then read the event stream) over httpx."""
+    import httpx
+
+    base = ui_server.url
+    image = sample_images[4]
+    with open(image, "rb") as f:
+        uploaded = httpx.post(f"{base}gradio_api/upload", files={"files": f}).json()[0]
+    data = [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "", 1, 30, False, 0.9, 1.0]
+    event = httpx.post(f"{base}gradio_api/call/caption", json={"data": data}).json()["event_id"]
+    stream = httpx.get(f"{base}gradio_api/call/caption/{event}", timeout=60).text
+    assert stream.splitlines()[0] == "event: complete"
+    assert json.loads(stream.splitlines()[1].removeprefix("data: ")) == [
+        client.predict(_file(image), api_name="/caption")
+    ]
+    # A refusal arrives as an error event with the one-line message.
+    data = [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "", 1, 10]
+    event = httpx.post(f"{base}gradio_api/call/vqa", json={"data": data}).json()["event_id"]
+    stream = httpx.get(f"{base}gradio_api/call/vqa/{event}", timeout=60).text
+    assert stream.splitlines()[0] == "event: error"
+    assert json.loads(stream.splitlines()[1].removeprefix("data: "))["error"] == "the question is empty"

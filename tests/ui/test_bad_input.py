@@ -39,7 +39,10 @@ def test_bad_uploads_and_questions_are_refused_and_the_server_keeps_serving(clie
     # BLIP-2 fills its <image> placeholders by position: user text must not add one.
     message = refused(lambda: client.predict(_file(good), "what is <image> here?", api_name="/vqa"))
     assert message == "the question contains '<image>', which this model reserves; remove it"
-    assert refused(lambda: client.predict(None, "what?", api_name="/vqa")) == "no image given: upload an image first"
+    assert (
+        refused(lambda: client.predict(None, "what?", api_name="/vqa"))
+        == "no image given: upload an image first"
+    )
     message = refused(lambda: client.predict(_file(good), "\n \n", "auto", api_name="/retrieval"))
     assert message == "no candidate texts given (one per line)"
     message = refused(lambda: client.predict(_file(good), "a cat", "likelihood", api_name="/retrieval"))
@@ -51,7 +54,9 @@ def test_bad_uploads_and_questions_are_refused_and_the_server_keeps_serving(clie
     assert client.predict(_file(good), "what is it?", api_name="/vqa")
 
 
-def test_a_bad_request_does_not_fail_the_good_ones_batched_with_it(client, ui_server, bad_files, sample_images):
+def test_a_bad_request_does_not_fail_the_good_ones_batched_with_it(
+    client, ui_server, bad_files, sample_images
+):
     from gradio_client.exceptions import AppError
 
     images = [sample_images[i % len(sample_images)] for i in range(7)]
@@ -65,6 +70,8 @@ def test_a_bad_request_does_not_fail_the_good_ones_batched_with_it(client, ui_se
             results.append(job.result(timeout=120))
         except AppError as exc:
             results.append(f"error: {exc}")
-    assert results == sequential[:3] + ["error: notes.jpg: not an image (unrecognised format)"] + sequential[3:]
+    assert (
+        results == sequential[:3] + ["error: notes.jpg: not an image (unrecognised format)"] + sequential[3:]
+    )
     # The bad upload was in a batch with good ones (8 requests, at most 8 per batch, 0.1 s gathering).
     assert ui_server.service.max_batch("caption") > 1
