@@ -41,7 +41,7 @@ def ui(
         str | None,
         typer.Option(
             "--auth",
-            help="user:password required by the page and the API (Gradio's login).",
+            help="user:password required by the page and the API (Gradio's login; visible to local users in the process list).",
             show_default=False,
         ),
     ] = None,
@@ -65,10 +65,10 @@ def ui(
       blip ui --host 0.0.0.0 --auth alice:secret --max-batch-size 16
     """
     from blip_toolkit.errors import BlipError
-    from blip_toolkit.ui.service import InferenceService, ServiceConfig
+    from blip_toolkit.ui.service import ServiceConfig
 
     try:
-        from blip_toolkit.ui.app import start
+        from blip_toolkit.ui.app import serve
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] in ("gradio", "gradio_client"):
             raise BlipError(EXTRA_HINT) from exc
@@ -83,7 +83,7 @@ def ui(
         max_batch_size=max_batch_size,
         max_pixels=max_pixels,
     )
-    start(InferenceService(config), host=host, port=port, auth=auth, block=True)
+    serve(config, host=host, port=port, auth=auth)
 
 
 def register(app: typer.Typer) -> None:

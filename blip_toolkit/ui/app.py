@@ -23,7 +23,7 @@ import pandas as pd
 
 from blip_toolkit.errors import BlipError, UsageError
 from blip_toolkit.runtime.retrieval import ITM_SCORES
-from blip_toolkit.ui.service import InferenceService
+from blip_toolkit.ui.service import InferenceService, ServiceConfig
 
 logger = logging.getLogger("blip")
 
@@ -241,6 +241,14 @@ class Server:
         ):  # Gradio prints "Closing server..."; stdout is for results
             self.demo.close()
         self.service.close()
+
+
+def serve(
+    config: ServiceConfig, *, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None
+) -> None:
+    """`blip ui`: serve until interrupted (Ctrl-C), then close the app and its batchers."""
+    parse_auth(auth)  # a bad --auth is a usage error before anything starts
+    start(InferenceService(config), host=host, port=port, auth=auth, block=True)
 
 
 def start(

@@ -57,11 +57,13 @@ class ServiceConfig:
 
 @dataclass(frozen=True)
 class ModelCall:
-    """One library call made for a batch of requests: how many requests, how many model passes."""
+    """One library call made for a batch of requests: how many requests, how many of them failed
+    (a bad upload, say: the others still get their results), how many model passes it took."""
 
     task: str
     requests: int
     model_runs: int
+    failed: int = 0
 
 
 class _CountingRunner:
@@ -228,8 +230,8 @@ class InferenceService:
     ) -> str:
         """The answer to one question about one image, as `blip vqa IMAGE QUESTION` gives it."""
         image = _image(image)
-        question = (question or "").strip()
-        if not question:
+        question = question or ""
+        if not question.strip():
             raise InputError("the question is empty")
         self._check_text("vqa", question, "the question")
         options = VqaOptions(
@@ -328,13 +330,15 @@ class InferenceService:
                 for i in indices:
                     out[i] = InputError(_tidy(str(exc), group))
                 continue
-            self.calls.append(ModelCall(task, len(group), runner.runs))
-            logger.debug("%s: %d request(s) in %d model pass(es)", task, len(group), runner.runs)
+            failed = 0
             for i, request, record in zip(indices, group, records):
                 if "error" in record:
                     out[i] = InputError(_tidy(record["error"], [request]))
+                    failed += 1
                 else:
                     out[i] = record[result_key]
+            self.calls.append(ModelCall(task, len(group), runner.runs, failed))
+            logger.debug("%s: %d request(s) in %d model pass(es)", task, len(group), runner.runs)
         return out
 
 

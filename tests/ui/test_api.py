@@ -48,7 +48,7 @@ def test_caption_equals_blip_caption(client, cli, tiny_models, sample_images, op
         flags += ["--max-new-tokens", str(options["max_new_tokens"])]
     if "prompt" in options:
         flags += ["--prompt", options["prompt"]]
-    images = sample_images[:3]
+    images = sample_images[:2]
     expected = cli_json(cli, "caption", *map(str, images), "--model", tiny_models["blip-caption"], *flags)
     got = [client.predict(_file(p), **options, api_name="/caption") for p in images]
     assert got == [r["caption"] for r in expected]
@@ -124,6 +124,7 @@ def _listening_addresses(port: int) -> set[str]:
 
 
 def test_no_auth_warns(tiny_models, caplog):
+    pytest.importorskip("gradio", reason=GRADIO_MISSING)
     from blip_toolkit.ui.app import start
     from blip_toolkit.ui.service import InferenceService, ServiceConfig
 
@@ -192,6 +193,13 @@ def test_missing_gradio_is_one_line(cli, monkeypatch):
     assert result.stderr.strip().splitlines() == [
         "error: blip ui needs the ui extra: pip install 'blip-toolkit[ui]'"
     ]
+
+
+def test_bad_auth_is_a_usage_error(cli):
+    pytest.importorskip("gradio", reason=GRADIO_MISSING)
+    result = cli("ui", "--auth", "alice", "--port", str(free_port()))
+    assert result.code == 2
+    assert result.stderr.strip() == "error: --auth must be user:password (both non-empty)"
 
 
 def test_help_does_not_import_gradio():

@@ -59,19 +59,21 @@ def test_a_bad_request_does_not_fail_the_good_ones_batched_with_it(
 ):
     from gradio_client.exceptions import AppError
 
-    images = [sample_images[i % len(sample_images)] for i in range(7)]
+    images = sample_images[:5]
     sequential = [client.predict(_file(p), max_new_tokens=10, api_name="/caption") for p in images]
-    ui_server.service.calls.clear()
     uploads = images[:3] + [bad_files["text"]] + images[3:]
-    jobs = [client.submit(_file(p), max_new_tokens=10, api_name="/caption") for p in uploads]
-    results = []
-    for job in jobs:
-        try:
-            results.append(job.result(timeout=120))
-        except AppError as exc:
-            results.append(f"error: {exc}")
-    assert (
-        results == sequential[:3] + ["error: notes.jpg: not an image (unrecognised format)"] + sequential[3:]
-    )
-    # The bad upload was in a batch with good ones (8 requests, at most 8 per batch, 0.1 s gathering).
-    assert ui_server.service.max_batch("caption") > 1
+    expected = sequential[:3] + ["error: notes.jpg: not an image (unrecognised format)"] + sequential[3:]
+    for _ in range(3):  # until the bad upload shares a batch (it nearly always does at once)
+        ui_server.service.calls.clear()
+        jobs = [client.submit(_file(p), max_new_tokens=10, api_name="/caption") for p in uploads]
+        results = []
+        for job in jobs:
+            try:
+                results.append(job.result(timeout=120))
+            except AppError as exc:
+                results.append(f"error: {exc}")
+        assert results == expected
+        if any(c.failed == 1 and c.requests > 1 for c in ui_server.service.calls):
+            break
+    else:
+        pytest.fail(f"the bad upload never shared a batch: {ui_server.service.calls}")
