@@ -43,6 +43,15 @@ def page(ui_server, tmp_path_factory):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(30_000)
+        page.outside_requests = []  # anything the page asks for that is not this server
+        page.on(
+            "request",
+            lambda r: (
+                None
+                if r.url.startswith((ui_server.url, "data:", "blob:"))
+                else page.outside_requests.append(r.url)
+            ),
+        )
         page.goto(ui_server.url)
         page.wait_for_selector("#caption-button")
         yield page
@@ -125,3 +134,8 @@ def test_bad_input_shows_a_readable_message(page, bad_files, sample_images, tmp_
     page.locator("#vqa-button").click()
     toast = page.get_by_test_id("toast-body").filter(has_text="reserves")
     playwright.expect(toast).to_contain_text("the question contains '<image>', which this model reserves")
+
+
+def test_the_page_loads_nothing_from_outside(page):
+    """No fonts, scripts or telemetry from the internet: everything comes from the local server."""
+    assert page.outside_requests == []
