@@ -261,13 +261,6 @@ def start(
 ) -> Server:
     """Build the app and serve it on host:port. With `block`, serve until interrupted (then close)."""
     credentials = parse_auth(auth)
-    if credentials is None:
-        where = "on this machine" if host in LOOPBACK else f"who can reach {host}"
-        logger.warning(
-            "no authentication: anyone %s can use the app and its API on port %d (pass --auth user:password)",
-            where,
-            port,
-        )
     size = service.config.max_batch_size
     demo = build_app(service)
     demo.queue(max_size=max(64, 8 * size), default_concurrency_limit=1)
@@ -288,9 +281,19 @@ def start(
             max_threads=max(40, 6 * size + 8),  # three tasks x (2 x max batch) waiting handlers
             theme=THEME,
         )
-    except OSError as exc:
+    except OSError as exc:  # Gradio's message talks about its own settings; say it in our terms
         service.close()
-        raise BlipError(f"cannot listen on {host}:{port} ({str(exc).splitlines()[0]})") from exc
+        raise BlipError(
+            f"cannot listen on {host}:{port}: the port is in use or the address is not this machine's "
+            "(choose another --port or --host)"
+        ) from exc
+    if credentials is None:
+        where = "on this machine" if host in LOOPBACK else f"who can reach {host}"
+        logger.warning(
+            "no authentication: anyone %s can use the app and its API on port %d (pass --auth user:password)",
+            where,
+            port,
+        )
     shown_host = f"[{host}]" if ":" in host else host
     server = Server(demo, service, f"http://{shown_host}:{port}/")
     logger.info("serving on %s (API: %s?view=api)", server.url, server.url)

@@ -5,6 +5,7 @@ really run as batches; `blip ui` itself serves on 127.0.0.1 with and without --a
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -200,6 +201,20 @@ def test_bad_auth_is_a_usage_error(cli):
     result = cli("ui", "--auth", "alice", "--port", str(free_port()))
     assert result.code == 2
     assert result.stderr.strip() == "error: --auth must be user:password (both non-empty)"
+
+
+def test_a_busy_port_is_one_line(cli, tiny_models):
+    pytest.importorskip("gradio", reason=GRADIO_MISSING)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = cli("ui", "--model", str(tiny_models["blip-caption"]), "--port", str(port))
+    assert result.code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: the port is in use or the address is not this "
+        "machine's (choose another --port or --host)"
+    ]
 
 
 def test_help_does_not_import_gradio():
