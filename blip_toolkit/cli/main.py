@@ -48,13 +48,14 @@ def root(
 
 def _register() -> None:
     # Command modules import only typer at module level; torch and transformers load on use.
-    from blip_toolkit.cli import demo, dit, embeddings, finetune, infer
+    from blip_toolkit.cli import demo, dit, embeddings, finetune, infer, ui
 
     infer.register(app)
     finetune.register(app)
     embeddings.register(app)
     dit.register(app)
     demo.register(app)
+    ui.register(app)
 
 
 _register()
