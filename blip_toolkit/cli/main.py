@@ -49,12 +49,14 @@ def root(
 def _register() -> None:
     # Command modules import only typer at module level; torch and transformers load on use.
     from blip_toolkit.cli import demo, dit, embeddings, finetune, infer
+    from blip_toolkit.cli import eval as eval_commands
 
     infer.register(app)
     finetune.register(app)
     embeddings.register(app)
     dit.register(app)
     demo.register(app)
+    eval_commands.register(app)
 
 
 _register()
