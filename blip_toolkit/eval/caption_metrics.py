@@ -144,7 +144,7 @@ def score_captions(
     metrics: dict[str, float] = {}
     per_image: dict[str, dict[str, float]] = {i: {} for i in ids}
     for scorer, names in scorers:
-        logger.info("computing %s", scorer.method())
+        logger.debug("computing %s", scorer.method())
         if names == BLEU:
             score, scores = scorer.compute_score(gts, res, verbose=0)
         else:

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -643,10 +642,13 @@ def _missing(missing: list[dict[str, str]], total: int, allowed: bool) -> dict[s
 
 
 def _reasons(missing: list[dict[str, str]]) -> str:
+    """'2 image not found: a.jpg, b.jpg; 1 no prediction: c.jpg' (each list cut at MAX_LISTED)."""
     if not missing:
         return "none"
-    counts = Counter(_reason_kind(m["reason"]) for m in missing)
-    return ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
+    groups: dict[str, list[str]] = {}
+    for m in missing:
+        groups.setdefault(_reason_kind(m["reason"]), []).append(m["item"])
+    return "; ".join(f"{len(items)} {kind}: {listed(items)}" for kind, items in groups.items())
 
 
 def _reason_kind(reason: str) -> str:
