@@ -46,7 +46,8 @@ MAX_LISTED = 20  # items listed by name in messages and reports
 @dataclass(frozen=True)
 class AnnotatedImage:
     """One image of a caption / retrieval set: its id (COCO `id`, or the Karpathy `image` path, as a
-    string), its file as written in the annotation (relative to the image root) and its captions."""
+    string), its file as written in the annotation (relative to the image root; "" when a COCO file
+    has no `file_name`) and its captions."""
 
     id: str
     file: str
@@ -63,6 +64,15 @@ class CaptionAnnotations:
     @property
     def num_captions(self) -> int:
         return sum(len(im.captions) for im in self.images)
+
+    def require_files(self) -> None:
+        """InputError unless every image has a file name (COCO files may carry ids only)."""
+        without = [im.id for im in self.images if not im.file]
+        if without:
+            raise InputError(
+                f"{self.path}: {len(without)} image(s) have no 'file_name' (first: id {without[0]}); "
+                "finding the images needs it (use the Karpathy split file, which names them)"
+            )
 
     def references(self) -> dict[str, list[str]]:
         return {im.id: list(im.captions) for im in self.images}
@@ -109,14 +119,15 @@ def _coco_images(path: Path, data: dict) -> list[AnnotatedImage]:
     first_at: dict[str, int] = {}
     for i, image in enumerate(data["images"]):
         where = f"{path}: images[{i}]"
-        _require(image, ("id", "file_name"), where)
+        _require(image, ("id",), where)
         image_id = _id(image["id"], f"{where}.id")
         if image_id in first_at:
             raise InputError(
                 f"{where}: duplicate image id {image['id']!r} (first at images[{first_at[image_id]}])"
             )
         first_at[image_id] = i
-        files[image_id] = _text(image["file_name"], f"{where}.file_name")
+        # LAVIS's coco_karpathy_test_gt.json has ids only: enough to score predictions, not to find images.
+        files[image_id] = _text(image["file_name"], f"{where}.file_name") if "file_name" in image else ""
     captions: dict[str, list[str]] = {image_id: [] for image_id in files}
     for i, ann in enumerate(data["annotations"]):
         where = f"{path}: annotations[{i}]"
@@ -378,6 +389,8 @@ class ImageKeys:
         names = Counter(os.path.basename(file) for _, file in pairs)
         for image_id, file in pairs:
             self._by_key.setdefault(image_id, image_id)
+            if not file:
+                continue
             self._by_key.setdefault(file, image_id)
             self._by_key.setdefault(_abs(os.path.join(root, file) if root else file), image_id)
             if names[os.path.basename(file)] == 1:

@@ -683,6 +683,7 @@ def _abs_path(path: str) -> str:
 
 
 def _split_present(dataset: CaptionAnnotations, root: str):
+    dataset.require_files()
     present, absent = [], []
     for image in dataset.images:
         (present if Path(_join(root, image.file)).is_file() else absent).append(image)

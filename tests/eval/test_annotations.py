@@ -54,7 +54,7 @@ def test_coco_and_karpathy_give_the_same_images(tmp_path):
     [
         ({"images": []}, "missing key 'annotations'"),
         ({"annotations": []}, "missing key 'images'"),
-        ({"images": [{"id": 1}], "annotations": []}, "images[0]: missing key 'file_name'"),
+        ({"images": [{"file_name": "a.jpg"}], "annotations": []}, "images[0]: missing key 'id'"),
         (
             {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1}]},
             "annotations[0]: missing key 'caption'",
@@ -82,6 +82,15 @@ def test_bad_caption_annotations_name_the_file_and_key(tmp_path, content, messag
         read_caption_annotations(path)
     text = str(info.value)
     assert str(path) in text and message in text and "\n" not in text
+
+
+def test_coco_ids_only_score_but_cannot_find_images(tmp_path):
+    # LAVIS's coco_karpathy_test_gt.json: images carry an id and no file_name.
+    path = write(tmp_path / "gt.json", {"images": [{"id": 5}], "annotations": [{"image_id": 5, "caption": "x"}]})
+    data = read_caption_annotations(path)
+    assert data.references() == {"5": ["x"]} and ImageKeys(["5"], [""], None).find(5) == "5"
+    with pytest.raises(InputError, match=r"gt\.json: 1 image\(s\) have no 'file_name' \(first: id 5\)"):
+        data.require_files()
 
 
 def test_not_json(tmp_path):
