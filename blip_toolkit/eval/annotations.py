@@ -5,7 +5,8 @@ Caption and retrieval annotations (`read_caption_annotations`), two shapes, told
 
 - COCO caption format (an object): `{"images": [{"id", "file_name"}, ...], "annotations":
   [{"image_id", "caption"}, ...]}`, e.g. `captions_val2014.json` or LAVIS's
-  `coco_karpathy_test_gt.json`.
+  `coco_karpathy_test_gt.json` (whose images have an `id` only: enough to score predictions, not to
+  find the image files).
 - Karpathy split format (a list), as LAVIS / BLIP ship it: `[{"image": "val2014/x.jpg", "caption":
   ["...", ...]}, ...]` (`caption` may be one string), e.g. `coco_karpathy_test.json`,
   `flickr30k_test.json`.

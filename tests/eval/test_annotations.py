@@ -86,7 +86,9 @@ def test_bad_caption_annotations_name_the_file_and_key(tmp_path, content, messag
 
 def test_coco_ids_only_score_but_cannot_find_images(tmp_path):
     # LAVIS's coco_karpathy_test_gt.json: images carry an id and no file_name.
-    path = write(tmp_path / "gt.json", {"images": [{"id": 5}], "annotations": [{"image_id": 5, "caption": "x"}]})
+    path = write(
+        tmp_path / "gt.json", {"images": [{"id": 5}], "annotations": [{"image_id": 5, "caption": "x"}]}
+    )
     data = read_caption_annotations(path)
     assert data.references() == {"5": ["x"]} and ImageKeys(["5"], [""], None).find(5) == "5"
     with pytest.raises(InputError, match=r"gt\.json: 1 image\(s\) have no 'file_name' \(first: id 5\)"):

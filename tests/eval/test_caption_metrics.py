@@ -1,8 +1,10 @@
 """Caption metrics against pycocoevalcap's own `COCOEvalCap`, called directly with pycocotools
 `COCO` objects built from the same files (what LAVIS's `coco_caption_eval` does).
 
-METEOR loads a 60 MB paraphrase table into a fresh JVM (15-30 s on these machines), so the Java
-scoring runs once per module: ours and the reference in two threads at the same time.
+METEOR loads a 60 MB paraphrase table into a fresh JVM (15-30 s on these machines), so the scoring
+runs once per module, ours and the reference in two threads at the same time, and both use one
+METEOR process (pycocoevalcap's `Meteor` object is thread-safe: it holds a lock per call). Each
+side still does everything else itself: its own PTB tokenizer runs, BLEU, ROUGE-L and CIDEr.
 """
 
 from __future__ import annotations
@@ -92,15 +94,24 @@ def _ptb(captions):
 @pytest.fixture(scope="module")
 def scored(coco_files):
     """(our scores, COCOEvalCap's evaluator, PTB tokenizations of every caption), in parallel."""
+    import pycocoevalcap.eval as coco_eval_module
+    import pycocoevalcap.meteor.meteor as meteor_module
+
     ann_file, res_file = coco_files
     references = {str(i): caps for i, caps in REFERENCES.items()}
     predictions = {str(i): c for i, c in PREDICTIONS.items()}
     every_caption = [c for caps in REFERENCES.values() for c in caps] + list(PREDICTIONS.values())
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        ours = pool.submit(score_captions, references, predictions)
-        reference = pool.submit(_reference_cocoevalcap, ann_file, res_file)
-        ptb = pool.submit(_ptb, every_caption)
-        return ours.result(), reference.result(), (every_caption, ptb.result())
+    meteor_class = meteor_module.Meteor
+    shared = meteor_class()
+    meteor_module.Meteor = coco_eval_module.Meteor = lambda: shared
+    try:
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            ours = pool.submit(score_captions, references, predictions)
+            reference = pool.submit(_reference_cocoevalcap, ann_file, res_file)
+            ptb = pool.submit(_ptb, every_caption)
+            return ours.result(), reference.result(), (every_caption, ptb.result())
+    finally:
+        meteor_module.Meteor = coco_eval_module.Meteor = meteor_class
 
 
 def test_scores_equal_cocoevalcap(scored):

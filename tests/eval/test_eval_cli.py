@@ -46,6 +46,16 @@ def write_jsonl(path, records):
     return path
 
 
+def test_help_lists_the_eval_commands_with_examples(cli):
+    assert "eval" in cli("--help").stdout
+    group = cli("eval", "--help")
+    assert group.code == 0
+    for command in ("caption", "vqa", "retrieval"):
+        assert command in group.stdout
+        sub = cli("eval", command, "--help")
+        assert sub.code == 0 and "Examples" in sub.stdout and f"blip eval {command}" in sub.stdout
+
+
 def test_caption_predictions_missing_images_exit_3_listed(cli, karpathy, images, tmp_path):
     # `blip caption --format jsonl` records: the image as the path it was given.
     preds = write_jsonl(
@@ -269,14 +279,14 @@ def test_vqa_model_on_vqav2_images_equals_its_saved_predictions(cli, vqav2, imag
     shutil.copy(images / "coffee.jpg", root / "COCO_val2014_000000000002.jpg")
     saved = tmp_path / "answers.jsonl"
     common = ("eval", "vqa", "--questions", q, "--annotations", a, "--format", "json")
-    result = cli(*common, "--images", root, "--model", tiny_models["blip-vqa"], "--save-predictions", saved)
+    fast = ("--num-beams", "1", "--max-new-tokens", "3")
+    result = cli(
+        *common, "--images", root, "--model", tiny_models["blip-vqa"], "--save-predictions", saved, *fast
+    )
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert (
-        report["scored"] == 3
-        and report["decoding"]["num_beams"] == 3
-        and report["decoding"]["template"] is None
-    )
+    assert report["scored"] == 3 and report["decoding"]["num_beams"] == 1
+    assert report["decoding"]["template"] is None  # BLIP VQA takes the bare question
     records = [json.loads(line) for line in saved.read_text().splitlines()]
     assert [r["question_id"] for r in records] == ["101", "102", "103"]
     rescored = json.loads(cli(*common, "--predictions", saved).stdout)
@@ -298,6 +308,8 @@ def test_vqa_manifest_with_model_matches_by_image_and_question(cli, images, tmp_
         tiny_models["blip-vqa"],
         "--save-predictions",
         saved,
+        "--num-beams",
+        "1",
         "-f",
         "json",
     )
@@ -339,6 +351,35 @@ def test_retrieval_cli_missing_image_and_out(cli, karpathy, images, tmp_path, ti
     assert cli(*args, "--allow-missing", "--out", out).code == 1  # exists, no --overwrite
     again = cli(*args, "--allow-missing", "--out", out, "--overwrite", "--score", "itc")
     assert again.code == 0 and json.loads(out.read_text())["protocol"]["itm_pairs"] == 0
+
+
+def test_retrieval_unreadable_image_is_left_out_with_its_captions(
+    cli, karpathy, images, tmp_path, tiny_models
+):
+    root = tmp_path / "root"
+    shutil.copytree(images, root)
+    (root / "cat.jpg").write_bytes(b"not an image")
+    result = cli(
+        "eval",
+        "retrieval",
+        karpathy,
+        "--images",
+        root,
+        "--model",
+        tiny_models["blip-itm"],
+        "--k-test",
+        "2",
+        "-f",
+        "json",
+    )
+    assert result.code == 3 and "1 failed: cat.jpg" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["scored"] == {"images": 3, "texts": 6}
+    assert (
+        report["missing"]["items"][0]["item"] == "cat.jpg"
+        and "not an image" in report["missing"]["items"][0]["reason"]
+    )
+    assert (report["protocol"]["k_i2t"], report["protocol"]["k_t2i"]) == (2, 2)
 
 
 def test_default_k_test_by_dataset_name():

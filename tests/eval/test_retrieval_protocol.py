@@ -266,8 +266,31 @@ def strong_itm(tiny_models, tmp_path_factory):
     return out
 
 
+NAMES = list(CAPTIONS)
+TEXTS = [c for name in NAMES for c in CAPTIONS[name]]
+TEXT_IMAGE = torch.tensor([i for i, name in enumerate(NAMES) for _ in CAPTIONS[name]])
+
+
+@pytest.fixture(scope="module")
+def brute(strong_itm, dataset):
+    """kind -> (loaded model, brute-force ITC [I, T], ITM [I, T]), computed once per kind."""
+    _, images = dataset
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            loaded = load_model(str(strong_itm[kind]), "retrieval")
+            cache[kind] = (
+                loaded,
+                *brute_force(loaded, [images / f"{n}.jpg" for n in NAMES], TEXTS, TEXT_IMAGE),
+            )
+        return cache[kind]
+
+    return get
+
+
 @pytest.mark.parametrize("kind", ["blip-itm", "blip2-itm"])
-def test_full_k_test_equals_brute_force_itm_plus_itc(kind, strong_itm, dataset):
+def test_full_k_test_equals_brute_force_itm_plus_itc(kind, strong_itm, dataset, brute):
     annotations, images = dataset
     report = evaluate_retrieval(
         RetrievalEvalConfig(
@@ -278,17 +301,13 @@ def test_full_k_test_equals_brute_force_itm_plus_itc(kind, strong_itm, dataset):
             device="cpu",
         )
     )
-    loaded = load_model(str(strong_itm[kind]), "retrieval")
-    names = list(CAPTIONS)
-    texts = [c for name in names for c in CAPTIONS[name]]
-    text_image = torch.tensor([i for i, name in enumerate(names) for _ in CAPTIONS[name]])
-    itc, itm = brute_force(loaded, [images / f"{n}.jpg" for n in names], texts, text_image)
+    _, itc, itm = brute(kind)
     assert itm.std() > 3 * itc.std()  # ITM decides: the check below is sensitive to it
     final = itc + itm  # every pair re-ranked: k_test >= the number of candidates
-    img2txt = [(text_image == i).nonzero().flatten().tolist() for i in range(len(names))]
-    expected = lavis_itm_eval(final.numpy(), final.t().numpy(), text_image.tolist(), img2txt)
+    img2txt = [(TEXT_IMAGE == i).nonzero().flatten().tolist() for i in range(len(NAMES))]
+    expected = lavis_itm_eval(final.numpy(), final.t().numpy(), TEXT_IMAGE.tolist(), img2txt)
     assert report["metrics"] == pytest.approx(expected, abs=1e-9)
-    positive = text_image[None, :] == torch.arange(len(names))[:, None]
+    positive = TEXT_IMAGE[None, :] == torch.arange(len(NAMES))[:, None]
     assert report["recall"]["mean_rank_i2t"] == pytest.approx(
         float(pessimistic_ranks(final, positive).double().mean())
     )
@@ -296,46 +315,40 @@ def test_full_k_test_equals_brute_force_itm_plus_itc(kind, strong_itm, dataset):
         float(pessimistic_ranks(final.t(), positive.t()).double().mean())
     )
     protocol = report["protocol"]
-    assert (protocol["k_i2t"], protocol["k_t2i"]) == (len(texts), len(names))
-    assert protocol["itm_pairs"] == len(names) * len(texts)  # every pair once, not twice
+    assert (protocol["k_i2t"], protocol["k_t2i"]) == (len(TEXTS), len(NAMES))
+    assert protocol["itm_pairs"] == len(NAMES) * len(TEXTS)  # every pair once, not twice
     assert protocol["itm_first_token"] == ("as tokenized" if kind == "blip2-itm" else "[ENC]")
+
+
+@pytest.mark.parametrize("kind", ["blip-itm", "blip2-itm"])
+def test_itc_and_itm_values_equal_the_model_forward(kind, dataset, brute):
+    _, images = dataset
+    loaded, itc, itm = brute(kind)
+    scorer = ItmModel(loaded, batch_size=3, itm_batch_size=7)
+    scorer.encode_texts(TEXTS)
+    scorer.encode_images([str(images / f"{n}.jpg") for n in NAMES])
+    torch.testing.assert_close(
+        scorer.similarity(scorer.image_feat, scorer.text_feat), itc, rtol=1e-4, atol=1e-5
+    )
+    pairs_i = torch.arange(len(NAMES)).repeat_interleave(len(TEXTS))
+    pairs_t = torch.arange(len(TEXTS)).repeat(len(NAMES))
+    ours = scorer.itm_scores(pairs_i, pairs_t).view(len(NAMES), len(TEXTS))
+    torch.testing.assert_close(ours, itm, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
 def blip_scorer(tiny_models, dataset):
     """A BLIP ITM scorer with the sample images and captions encoded, and its ITM head call counter."""
-    annotations, images = dataset
+    _, images = dataset
     loaded = load_model(str(tiny_models["blip-itm"]), "retrieval")
     scorer = ItmModel(loaded, batch_size=3, itm_batch_size=5)
-    names = list(CAPTIONS)
-    scorer.encode_texts([c for n in names for c in CAPTIONS[n]])
-    scorer.encode_images([str(images / f"{n}.jpg") for n in names])
+    scorer.encode_texts(TEXTS)
+    scorer.encode_images([str(images / f"{n}.jpg") for n in NAMES])
     rows: list[int] = []
     loaded.model.itm_head.register_forward_hook(
         lambda module, inputs, output: rows.append(inputs[0].shape[0])
     )
-    text_image = torch.tensor([i for i, n in enumerate(names) for _ in CAPTIONS[n]])
-    return scorer, text_image, rows
-
-
-@pytest.mark.parametrize("kind", ["blip-itm", "blip2-itm"])
-def test_itc_and_itm_values_equal_the_model_forward(kind, strong_itm, dataset):
-    annotations, images = dataset
-    names = list(CAPTIONS)
-    texts = [c for n in names for c in CAPTIONS[n]]
-    text_image = torch.tensor([i for i, n in enumerate(names) for _ in CAPTIONS[n]])
-    loaded = load_model(str(strong_itm[kind]), "retrieval")
-    scorer = ItmModel(loaded, batch_size=3, itm_batch_size=7)
-    scorer.encode_texts(texts)
-    scorer.encode_images([str(images / f"{n}.jpg") for n in names])
-    itc, itm = brute_force(loaded, [images / f"{n}.jpg" for n in names], texts, text_image)
-    torch.testing.assert_close(
-        scorer.similarity(scorer.image_feat, scorer.text_feat), itc, rtol=1e-4, atol=1e-5
-    )
-    pairs_i = torch.arange(len(names)).repeat_interleave(len(texts))
-    pairs_t = torch.arange(len(texts)).repeat(len(names))
-    ours = scorer.itm_scores(pairs_i, pairs_t).view(len(names), len(texts))
-    torch.testing.assert_close(ours, itm, rtol=1e-4, atol=1e-4)
+    return scorer, TEXT_IMAGE, rows
 
 
 def test_itm_forward_passes_scale_with_k_test_not_pairs(blip_scorer):
@@ -358,11 +371,10 @@ def test_recomputed_patch_embeddings_give_the_same_scores(tiny_models, dataset, 
     cached = run_protocol(
         scorer.image_feat, scorer.text_feat, text_image, scorer.similarity, scorer.itm_scores, k_test=3
     )
-    annotations, images = dataset
+    _, images = dataset
     uncached = ItmModel(scorer.loaded, batch_size=3, itm_batch_size=5, cache_bytes=1)  # nothing fits
-    names = list(CAPTIONS)
-    uncached.encode_texts([c for n in names for c in CAPTIONS[n]])
-    uncached.encode_images([str(images / f"{n}.jpg") for n in names])
+    uncached.encode_texts(TEXTS)
+    uncached.encode_images([str(images / f"{n}.jpg") for n in NAMES])
     assert uncached._images.embeds is None
     result = run_protocol(
         uncached.image_feat,
@@ -374,7 +386,7 @@ def test_recomputed_patch_embeddings_give_the_same_scores(tiny_models, dataset, 
     )
     assert torch.equal(result.recall.ranks_i2t, cached.recall.ranks_i2t)
     assert torch.equal(result.recall.ranks_t2i, cached.recall.ranks_t2i)
-    assert uncached.vision_passes > len(names)  # the vision tower ran again for the ITM stage
+    assert uncached.vision_passes > len(NAMES)  # the vision tower ran again for the ITM stage
 
 
 def test_itc_score_equals_recall_module(blip_scorer):
