@@ -251,7 +251,7 @@ def evaluate_caption(config: CaptionEvalConfig) -> dict[str, Any]:
         for image in dataset.images:
             if image.id not in predictions:
                 reason = failed_by_id.get(image.id, "no prediction")
-                missing.append({"item": image.file, "reason": reason})
+                missing.append({"item": image.file or image.id, "reason": reason})
 
     if not predictions:
         raise InputError(f"no image of {dataset.path} has a caption to score ({_reasons(missing)})")
