@@ -49,6 +49,7 @@ def root(
 def _register() -> None:
     # Command modules import only typer at module level; torch and transformers load on use.
     from blip_toolkit.cli import demo, dit, embeddings, finetune, infer, ui
+    from blip_toolkit.cli import eval as eval_commands
 
     infer.register(app)
     finetune.register(app)
@@ -56,6 +57,7 @@ def _register() -> None:
     dit.register(app)
     demo.register(app)
     ui.register(app)
+    eval_commands.register(app)
 
 
 _register()

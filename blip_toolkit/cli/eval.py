@@ -1,0 +1,345 @@
+"""`blip eval caption | vqa | retrieval`: benchmark scores computed as the reference implementations do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from blip_toolkit.cli.options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    MaxPixelsOpt,
+    ModelOpt,
+    OutputFormat,
+    OverwriteOpt,
+    TrustRemoteCodeOpt,
+)
+from blip_toolkit.data.images import DEFAULT_MAX_PIXELS
+
+app = typer.Typer(
+    name="eval",
+    help="Benchmark scores as the papers compute them: COCO caption metrics (pycocoevalcap), the official "
+    "VQA accuracy, and LAVIS's ITC + ITM re-ranked retrieval recall.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+
+ImagesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--images", help="Image root: the annotation's file names are relative to it.", file_okay=False
+    ),
+]
+PredictionsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--predictions",
+        help="Score this JSON / JSONL file instead of generating (e.g. `blip caption --format jsonl` output).",
+        dir_okay=False,
+        show_default=False,
+    ),
+]
+AllowMissingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-missing", help="Exit 0 when some items have no prediction or image (they are listed)."
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Also write the report (every number, inputs' sha256) as JSON here.",
+        dir_okay=False,
+    ),
+]
+SavePredictionsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--save-predictions", help="With --model: write the generated records (JSONL) here.", dir_okay=False
+    ),
+]
+NumBeamsOpt = Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width.")]
+MinNewOpt = Annotated[
+    int, typer.Option("--min-new-tokens", min=0, help="Generate at least this many tokens.")
+]
+
+
+def _finish(report: dict, out: Path | None, fmt: OutputFormat) -> None:
+    from blip_toolkit.cli.output import Emitter
+    from blip_toolkit.eval.evaluate import check_complete, render_text
+    from blip_toolkit.fsutil import write_json
+
+    if out is not None:
+        write_json(out, report)
+    if fmt == OutputFormat.text:
+        typer.echo("\n".join(render_text(report)))
+    else:
+        with Emitter(fmt.value, single=True) as emitter:
+            emitter.emit(report)
+    check_complete(report)
+
+
+def _generate(model, **options):
+    from blip_toolkit.eval.evaluate import GenerateConfig
+
+    return GenerateConfig(model=model, **options) if model else None
+
+
+def _check_out(out: Path | None, overwrite: bool) -> None:
+    from blip_toolkit.fsutil import check_output_file
+
+    if out is not None:
+        check_output_file(out, overwrite=overwrite)
+
+
+@app.command("caption")
+def caption(
+    annotations: Annotated[
+        Path,
+        typer.Argument(
+            help="COCO caption JSON ({images, annotations}) or Karpathy split JSON.", dir_okay=False
+        ),
+    ],
+    images: ImagesOpt = None,
+    model: ModelOpt = None,
+    predictions: PredictionsOpt = None,
+    prompt: Annotated[
+        str, typer.Option("--prompt", help="Caption prompt with --model ('' for none).")
+    ] = "a picture of ",
+    num_beams: NumBeamsOpt = 3,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Maximum caption tokens.")
+    ] = 16,
+    min_new_tokens: MinNewOpt = 1,
+    batch_size: BatchSizeOpt = 8,
+    java: Annotated[
+        bool,
+        typer.Option(
+            "--java/--no-java",
+            help="--no-java: BLEU / ROUGE-L / CIDEr with a Python tokenizer, not comparable to published numbers.",
+        ),
+    ] = True,
+    allow_missing: AllowMissingOpt = False,
+    save_predictions: SavePredictionsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    """Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; SPICE when installed) with pycocoevalcap.
+
+    Scores are x100. The decoding defaults are BLIP's published setting (LAVIS: beams 3, max_len 20,
+    min_len 5, prompt "a picture of "; LAVIS's lengths count the [DEC] token and the 3 prompt tokens,
+    hence 16 and 1 new tokens). Exit 3 when images have no caption to score, unless --allow-missing.
+
+    [bold]Examples[/]
+
+      blip eval caption coco_karpathy_test_gt.json --predictions captions.jsonl
+      blip eval caption coco_karpathy_test.json --images coco/ --model Salesforce/blip-image-captioning-base
+      blip eval caption test.json --predictions preds.json --no-java --format json --out report.json
+    """
+    from blip_toolkit.eval.evaluate import CaptionEvalConfig, evaluate_caption
+
+    _check_out(out, overwrite)
+    generate = _generate(
+        model,
+        prompt=prompt,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        max_pixels=max_pixels,
+        trust_remote_code=trust_remote_code,
+    )
+    config = CaptionEvalConfig(
+        annotations=str(annotations),
+        images=str(images) if images else None,
+        predictions=str(predictions) if predictions else None,
+        generate=generate,
+        java=java,
+        allow_missing=allow_missing,
+        save_predictions=str(save_predictions) if save_predictions else None,
+        overwrite=overwrite,
+    )
+    _finish(evaluate_caption(config), out, fmt)
+
+
+@app.command("vqa")
+def vqa(
+    questions: Annotated[
+        Path | None,
+        typer.Option("--questions", help="VQAv2 questions JSON.", dir_okay=False, show_default=False),
+    ] = None,
+    annotations: Annotated[
+        Path | None,
+        typer.Option(
+            "--annotations", help="VQAv2 annotations JSON (10 answers per question).", dir_okay=False
+        ),
+    ] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            "--manifest", help="Or a TSV: image<TAB>question<TAB>answer[|answer...].", dir_okay=False
+        ),
+    ] = None,
+    images: ImagesOpt = None,
+    image_pattern: Annotated[
+        str | None,
+        typer.Option(
+            "--image-pattern",
+            help="VQAv2 image file from {image_id}. \\[default: COCO_<data_subtype>_{image_id:012d}.jpg]",
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    predictions: PredictionsOpt = None,
+    template: Annotated[
+        str,
+        typer.Option("--template", help="BLIP-2 prompt ({} = the question); BLIP takes the bare question."),
+    ] = "Question: {} Answer:",
+    num_beams: NumBeamsOpt = 3,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Maximum answer tokens.")
+    ] = 10,
+    min_new_tokens: MinNewOpt = 1,
+    batch_size: BatchSizeOpt = 8,
+    allow_missing: AllowMissingOpt = False,
+    save_predictions: SavePredictionsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    """Official VQA accuracy (overall, per answer type and question type) and exact match, x100.
+
+    Answers are normalised as the official VQAv2 script does; accuracy is the mean over the 10
+    leave-one-out subsets of min(#humans agreeing / 3, 1). Predictions: {"question_id", "answer"} or
+    {"image", "question", "answer"} records (e.g. `blip vqa --format jsonl` output).
+
+    [bold]Examples[/]
+
+      blip eval vqa --questions v2_OpenEnded_mscoco_val2014_questions.json \\
+          --annotations v2_mscoco_val2014_annotations.json --predictions answers.json
+      blip eval vqa --manifest qa.tsv --model Salesforce/blip-vqa-base --save-predictions answers.jsonl
+    """
+    from blip_toolkit.eval.evaluate import VqaEvalConfig, evaluate_vqa
+
+    _check_out(out, overwrite)
+    generate = _generate(
+        model,
+        template=template,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        max_pixels=max_pixels,
+        trust_remote_code=trust_remote_code,
+    )
+    config = VqaEvalConfig(
+        questions=str(questions) if questions else None,
+        annotations=str(annotations) if annotations else None,
+        manifest=str(manifest) if manifest else None,
+        images=str(images) if images else None,
+        image_pattern=image_pattern,
+        predictions=str(predictions) if predictions else None,
+        generate=generate,
+        allow_missing=allow_missing,
+        save_predictions=str(save_predictions) if save_predictions else None,
+        overwrite=overwrite,
+    )
+    _finish(evaluate_vqa(config), out, fmt)
+
+
+@app.command("retrieval")
+def retrieval(
+    annotations: Annotated[
+        Path,
+        typer.Argument(
+            help="Karpathy-style test JSON (image -> captions) or COCO caption JSON.", dir_okay=False
+        ),
+    ],
+    images: ImagesOpt = None,
+    model: ModelOpt = None,
+    score: Annotated[
+        str, typer.Option("--score", help="itm+itc (LAVIS's re-ranking) or itc alone.")
+    ] = "itm+itc",
+    k_test: Annotated[
+        int | None,
+        typer.Option(
+            "--k-test",
+            min=1,
+            help="Candidates re-ranked by ITM per image and per text. \\[default: 128 for a "
+            "file named *flickr*, else 256 (LAVIS's COCO setting)]",
+        ),
+    ] = None,
+    batch_size: BatchSizeOpt = 8,
+    itm_batch_size: Annotated[
+        int | None,
+        typer.Option("--itm-batch-size", min=1, help="Pairs per ITM pass. \\[default: 4 x --batch-size]"),
+    ] = None,
+    max_memory: Annotated[
+        str,
+        typer.Option("--max-memory", help="Cache for image patch embeddings (the ITC blocks use 1/8 of it)."),
+    ] = "4GB",
+    allow_missing: AllowMissingOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    """Image-text retrieval R@1/5/10 both ways as LAVIS publishes it (BLIP / BLIP-2 ITM checkpoints).
+
+    ITC ranks all pairs (in memory-bounded blocks); the top --k-test texts of every image and images
+    of every text are re-scored as ITM "match" logit + ITC. Image-to-text is a hit when any of the
+    image's captions is in the top K.
+
+    [bold]Examples[/]
+
+      blip eval retrieval coco_karpathy_test.json --images coco/ --model Salesforce/blip-itm-base-coco
+      blip eval retrieval flickr30k_test.json --images flickr30k/ --model Salesforce/blip-itm-base-flickr
+      blip eval retrieval test.json --images imgs/ --model my-itm --score itc --format json
+    """
+    from blip_toolkit.errors import UsageError
+    from blip_toolkit.eval.evaluate import RetrievalEvalConfig, evaluate_retrieval
+
+    if not model:
+        raise UsageError("retrieval needs --model (a BLIP or BLIP-2 ITM checkpoint)")
+    _check_out(out, overwrite)
+    config = RetrievalEvalConfig(
+        annotations=str(annotations),
+        images=str(images) if images else "",
+        model=model,
+        score=score,
+        k_test=k_test,
+        batch_size=batch_size,
+        itm_batch_size=itm_batch_size,
+        max_memory=max_memory,
+        device=device,
+        dtype=dtype,
+        max_pixels=max_pixels,
+        trust_remote_code=trust_remote_code,
+        allow_missing=allow_missing,
+    )
+    _finish(evaluate_retrieval(config), out, fmt)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app)
