@@ -199,7 +199,10 @@ def speed(data: Path, tmp: Path, steps: int, window: int) -> dict:
     model = DiT(model_config).train()
     train = config.train
     optimizer = build_optimizer(
-        model, learning_rate=train.learning_rate, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2)
+        model,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        betas=(train.beta1, train.beta2),
     )
     cycle = itertools.cycle(batches)
 

@@ -92,7 +92,7 @@ def _generate(model, **options):
 
 
 def _check_out(out: Path | None, overwrite: bool) -> None:
-    from blip_toolkit.fsutil import check_output_file
+    from blip_toolkit.engine.outputs import check_output_file
 
     if out is not None:
         check_output_file(out, overwrite=overwrite)

@@ -33,6 +33,7 @@ import torch
 
 from blip_toolkit import __version__
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, InputItem
+from blip_toolkit.engine.outputs import check_output_file
 from blip_toolkit.errors import InputError, PartialFailure, UsageError
 from blip_toolkit.eval.annotations import (
     MAX_LISTED,
@@ -47,10 +48,10 @@ from blip_toolkit.eval.annotations import (
 )
 from blip_toolkit.eval.caption_metrics import pycocoevalcap_version, require_java, score_captions
 from blip_toolkit.eval.itm_features import MAX_TEXT_TOKENS, MAX_WORDS, ItmModel, itm_ops
-from blip_toolkit.eval.report import parse_bytes
+from blip_toolkit.eval.recall import parse_bytes
 from blip_toolkit.eval.retrieval_protocol import SCORES, lavis_metrics, run_protocol
 from blip_toolkit.eval.vqa_accuracy import ScoredQuestion, vqa_accuracy
-from blip_toolkit.fsutil import atomic_write, check_output_file, sha256_file
+from blip_toolkit.fsutil import atomic_write, sha256_file
 from blip_toolkit.runtime.caption import CaptionOptions, caption_images
 from blip_toolkit.runtime.device import resolve_device, resolve_dtype
 from blip_toolkit.runtime.generation import GenerationOptions

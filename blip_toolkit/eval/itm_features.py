@@ -31,7 +31,7 @@ from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_im
 from blip_toolkit.errors import InputError, TaskNotSupportedError
 from blip_toolkit.log import track
 from blip_toolkit.runtime.batching import prefetched
-from blip_toolkit.training.tasks import ITM_OPS
+from blip_toolkit.runtime.itm import ITM_OPS
 
 logger = logging.getLogger("blip")
 
