@@ -55,6 +55,7 @@ from blip_toolkit.fsutil import atomic_write, sha256_file
 from blip_toolkit.runtime.caption import CaptionOptions, caption_images
 from blip_toolkit.runtime.device import resolve_device, resolve_dtype
 from blip_toolkit.runtime.generation import GenerationOptions
+from blip_toolkit.runtime.itm import ENC_TOKEN
 from blip_toolkit.runtime.loading import load_model, open_runner
 from blip_toolkit.runtime.vqa import DEFAULT_TEMPLATE, VqaOptions, answer_questions
 
@@ -563,7 +564,9 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> dict[str, Any]:
             "all_pairs": num_images * num_texts,
             "text_preprocessing": f'LAVIS pre_caption (lower-case, .!"()*#:;~ removed, <= {MAX_WORDS} words), '
             f"<= {MAX_TEXT_TOKENS} tokens",
-            "itm_first_token": "[ENC]" if scorer.enc_token_id() is not None else "as tokenized",
+            "itm_first_token": "[ENC]"
+            if ENC_TOKEN in scorer.loaded.tokenizer.get_vocab() and scorer.loaded.family.name == "blip-itm"
+            else "as tokenized",
             "ties": "pessimistic",
         },
         device=str(device),

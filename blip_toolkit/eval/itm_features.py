@@ -31,13 +31,12 @@ from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_im
 from blip_toolkit.errors import InputError, TaskNotSupportedError
 from blip_toolkit.log import track
 from blip_toolkit.runtime.batching import prefetched
-from blip_toolkit.runtime.itm import ITM_OPS
+from blip_toolkit.runtime.itm import ITM_OPS, itm_input_ids
 
 logger = logging.getLogger("blip")
 
 MAX_WORDS = 50  # LAVIS blip_caption processor default (its retrieval configs keep it)
 MAX_TEXT_TOKENS = 35  # LAVIS compute_sim_matrix: tokenizer(..., truncation=True, max_length=35)
-ENC_TOKEN = "[ENC]"
 
 
 def pre_caption(caption: str, max_words: int = MAX_WORDS) -> str:
@@ -111,12 +110,6 @@ class ItmModel:
     def device(self):
         return self.loaded.device
 
-    def enc_token_id(self) -> int | None:
-        """BLIP's [ENC] id when the tokenizer has it (BLIP-2 never replaces the first token)."""
-        if self.loaded.family.is_blip2:
-            return None
-        return self.loaded.tokenizer.get_vocab().get(ENC_TOKEN)
-
     def similarity(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
         return self.ops.similarity(image_feat, text_feat)
 
@@ -154,10 +147,7 @@ class ItmModel:
                 stop = start + chunk
                 length = int(mask[start:stop].sum(dim=1).max())
                 feats.append(self.ops.text(self.model, ids[start:stop, :length], mask[start:stop, :length]))
-        itm_ids = ids.clone()
-        enc = self.enc_token_id()
-        if enc is not None:
-            itm_ids[:, 0] = enc
+        itm_ids = itm_input_ids(self.loaded.family.name, tokenizer, ids)
         self._texts = EncodedTexts(torch.cat(feats).float(), itm_ids, mask)
         return self._texts
 

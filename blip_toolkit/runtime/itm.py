@@ -4,8 +4,11 @@
 what is scored.
 
 - BLIP (`BlipForImageTextRetrieval`): ITC is the cosine of the projected [CLS] embeddings of the
-  vision tower and of the unimodal text encoder; ITM is the head on the [CLS] of the text encoder
-  cross-attending to the image (as its forward does with use_itm_head=True).
+  vision tower and of the unimodal text encoder; ITM is the head on the first token of the text
+  encoder cross-attending to the image. That first token is `[ENC]`, not the tokenizer's `[CLS]`:
+  BLIP's ITM head was trained and is evaluated that way (LAVIS `blip_retrieval.py` and
+  `compute_sim_matrix`: `text_ids[:, 0] = tokenizer.enc_token_id`), while transformers' forward feeds
+  whatever ids it is given. `itm_input_ids` makes that substitution for every caller.
 - BLIP-2 (`Blip2ForImageTextRetrieval`): ITC is the max over the query embeddings of the cosine
   with the text [CLS] (LAVIS `blip2_qformer.py`); ITM runs the Q-Former on queries + text and
   averages the head over the query outputs.
@@ -15,6 +18,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+ENC_TOKEN = "[ENC]"
+
+
+def itm_input_ids(family_name: str, tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
+    """The text ids the ITM head reads: BLIP's start with `[ENC]` (when the tokenizer has it, as the
+    Salesforce/blip-* tokenizers do) instead of `[CLS]`; BLIP-2's are the ids as tokenized."""
+    enc = tokenizer.get_vocab().get(ENC_TOKEN) if family_name == "blip-itm" else None
+    if enc is None:
+        return input_ids
+    ids = input_ids.clone()
+    ids[:, 0] = enc
+    return ids
 
 
 def _ones_mask(states: torch.Tensor) -> torch.Tensor:
@@ -53,7 +69,8 @@ class BlipItmOps:
 
     @staticmethod
     def itm(model, image_embeds, input_ids, attention_mask):
-        """Paired inputs (row i with row i) -> ITM logits [N, 2] (index 1 = "match")."""
+        """Paired inputs (row i with row i; input_ids from `itm_input_ids`) -> ITM logits [N, 2]
+        (index 1 = "match")."""
         hidden = model.text_encoder(
             input_ids=input_ids,
             attention_mask=attention_mask,

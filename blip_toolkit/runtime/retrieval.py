@@ -25,7 +25,7 @@ from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, InputItem
 from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.runtime.batching import check_text, fixed_batches, jobs_from_items, load_images, prefetched
 from blip_toolkit.runtime.generation import forbidden_tokens
-from blip_toolkit.runtime.itm import ITM_OPS
+from blip_toolkit.runtime.itm import ITM_OPS, itm_input_ids
 
 ITM_SCORES = ("itm+itc", "itm", "itc")
 
@@ -158,7 +158,7 @@ def _score_itm(loaded, images, texts, score_kind, cache, *, pair_batch: int) -> 
             input_ids, attention_mask = _tokens(loaded, texts)
             cache.update(
                 model=model,
-                input_ids=input_ids,
+                itm_ids=itm_input_ids(loaded.family.name, loaded.tokenizer, input_ids),
                 attention_mask=attention_mask,
                 text_feat=ops.text(model, input_ids, attention_mask),
             )
@@ -171,7 +171,7 @@ def _score_itm(loaded, images, texts, score_kind, cache, *, pair_batch: int) -> 
                 logits = ops.itm(
                     model,
                     image_embeds[img_idx],
-                    cache["input_ids"][txt_idx],
+                    cache["itm_ids"][txt_idx],
                     cache["attention_mask"][txt_idx],
                 )
                 itm[img_idx, txt_idx] = logits.float().cpu()

@@ -13,6 +13,7 @@ import torch
 
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
 from blip_toolkit.engine.seeding import mix_seed
+from blip_toolkit.runtime.itm import itm_input_ids
 from blip_toolkit.runtime.vqa import format_question
 
 logger = logging.getLogger("blip")
@@ -315,5 +316,6 @@ class Collator:
         return {
             "pixel_values": pixel_values,
             "input_ids": text["input_ids"],
+            "itm_input_ids": itm_input_ids(self.family.name, self.tokenizer, text["input_ids"]),
             "attention_mask": text["attention_mask"],
         }

@@ -327,7 +327,7 @@ class RetrievalModule(TaskModule):
         image_index = torch.cat(image_index)
         text_index = torch.cat(text_index)
         itm_logits = ops.itm(
-            model, image_embeds[image_index], input_ids[text_index], attention_mask[text_index]
+            model, image_embeds[image_index], batch["itm_input_ids"][text_index], attention_mask[text_index]
         )
         itm_labels = torch.zeros(len(image_index), dtype=torch.long, device=input_ids.device)
         itm_labels[:size] = 1

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from blip_toolkit.runtime.generation import GenerationOptions, generate, prompt_length
-from blip_toolkit.runtime.itm import ITM_OPS
+from blip_toolkit.runtime.itm import ITM_OPS, itm_input_ids
 from blip_toolkit.runtime.loading import LoadedModel
 from blip_toolkit.training.data import Example, normalize_text
 
@@ -108,6 +108,7 @@ def recall_at_1(
             [e.target for e in examples], padding="longest", truncation=True, return_tensors="pt"
         )
         all_ids, all_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+        itm_ids = itm_input_ids(family.name, tokenizer, all_ids)
         chunk = batch_size * 4
         text_feat = torch.cat(
             [
@@ -128,7 +129,7 @@ def recall_at_1(
             for row, e in enumerate(chunk):
                 candidates = top[row]
                 embeds = image_embeds[row : row + 1].expand(k, *image_embeds.shape[1:])
-                itm = ops.itm(model, embeds, all_ids[candidates], all_mask[candidates]).float()[:, 1]
+                itm = ops.itm(model, embeds, itm_ids[candidates], all_mask[candidates]).float()[:, 1]
                 best = candidates[int(torch.argmax(itm + itc[row, candidates]))]
                 hits += int(examples[int(best)].text_id in texts_of_image[e.image_id])
     return hits / max(len(distinct), 1)

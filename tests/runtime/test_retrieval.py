@@ -25,6 +25,13 @@ def _rank(tiny_models, sample_images, kind, score=None, batch_size=3, images=4):
     return list(rank_texts(runner, items, TEXTS, RetrievalOptions(score=score, batch_size=batch_size)))
 
 
+def _itm_inputs(processor, image, text):
+    """BLIP's ITM input as LAVIS trains and evaluates it: the text's first token is [ENC], not [CLS]."""
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    inputs["input_ids"][:, 0] = processor.tokenizer.convert_tokens_to_ids("[ENC]")
+    return inputs
+
+
 def test_blip_itm_scores_equal_the_model_forward(tiny_models, sample_images):
     path = tiny_models["blip-itm"]
     processor = transformers.AutoProcessor.from_pretrained(path, backend="pil")
@@ -36,9 +43,7 @@ def test_blip_itm_scores_equal_the_model_forward(tiny_models, sample_images):
             itc = model(
                 **processor(images=image, text=TEXTS, padding=True, return_tensors="pt"), use_itm_head=False
             ).itm_score[0]
-            itm = torch.stack(
-                [model(**processor(images=image, text=t, return_tensors="pt")).itm_score[0] for t in TEXTS]
-            )
+            itm = torch.stack([model(**_itm_inputs(processor, image, t)).itm_score[0] for t in TEXTS])
         got = _by_text(record)
         for i, text in enumerate(TEXTS):
             assert got[text]["itc"] == pytest.approx(float(itc[i]), abs=1e-5)
