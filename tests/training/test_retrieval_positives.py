@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from blip_toolkit.runtime.itm import ITM_OPS
+from blip_toolkit.runtime.itm import ITM_OPS, itm_input_ids
 from blip_toolkit.runtime.loading import FAMILIES
 from blip_toolkit.training.data import make_examples
 from blip_toolkit.training.modules import build_module, retrieval_positives
@@ -52,6 +52,7 @@ def test_identical_texts_are_never_sampled_as_itm_negatives(tiny_models, sample_
             images=[Image.open(p).convert("RGB") for p in sample_images[:4]], return_tensors="pt"
         )["pixel_values"],
         "input_ids": encoded["input_ids"],
+        "itm_input_ids": itm_input_ids(kind, processor.tokenizer, encoded["input_ids"]),
         "attention_mask": encoded["attention_mask"],
         "image_id": torch.arange(4),
         "text_id": torch.tensor([0, 0, 0, 1]),
@@ -65,7 +66,7 @@ def test_identical_texts_are_never_sampled_as_itm_negatives(tiny_models, sample_
         return real_itm(model, image_embeds, input_ids, attention_mask)
 
     monkeypatch.setattr(ops, "itm", recording_itm)
-    cat, car = encoded["input_ids"][0], encoded["input_ids"][3]
+    cat, car = batch["itm_input_ids"][0], batch["itm_input_ids"][3]
     for seed in range(20):
         module(batch, generator=torch.Generator().manual_seed(seed))
         ids = seen[-1]
