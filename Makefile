@@ -19,7 +19,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/blip demo --out demo-output --overwrite

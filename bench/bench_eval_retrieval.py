@@ -71,8 +71,9 @@ def make_data(root: Path, num_images: int, captions_per_image: int = 5) -> tuple
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from blip_toolkit.eval.evaluate import RetrievalEvalConfig, evaluate_retrieval
+    from blip_toolkit.eval.evaluate import RetrievalEvalConfig
     from blip_toolkit.eval.itm_features import ItmModel
+    from blip_toolkit.eval.retrieval_eval import evaluate_retrieval
     from blip_toolkit.runtime.loading import load_model
 
     # One thread: on this shared 2-core machine two OpenMP threads made the small ITM batches up to 30x

@@ -1,5 +1,9 @@
-"""Shared fixtures: tiny real checkpoints (built once per test run), the bundled sample photos, and
-an in-process CLI runner that returns exit code, stdout and stderr."""
+"""Shared fixtures: tiny real checkpoints (built once per test run, shared by the pytest-xdist
+workers), the bundled sample photos, and an in-process CLI runner that returns exit code, stdout and
+stderr.
+
+`make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`); each worker and the
+processes it starts use one CPU thread, so the two workers do not fight over the two cores."""
 
 from __future__ import annotations
 
@@ -13,8 +17,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples"
 
-# Tests run on 2 CPU threads and never touch the network.
+# Tests never touch the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Set before torch is imported (OpenMP reads it once); inherited by the processes tests start.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
@@ -43,12 +51,30 @@ def accelerator():
     release_accelerator(acc)
 
 
+def shared_dir(tmp_path_factory, name: str, build) -> Path:
+    """A directory built once per test run by `build(path)`, shared by every xdist worker (the first
+    one to get the lock builds it; the others wait and reuse it)."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' common base directory
+    path = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "DONE").is_file():
+            build(path)
+            (path / "DONE").write_text("")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """{kind: checkpoint dir} for every family in blip_toolkit.testing.KINDS."""
-    from blip_toolkit.testing import build_all
+    from blip_toolkit.testing import KINDS, build_all
 
-    return build_all(tmp_path_factory.mktemp("tiny-models"))
+    root = shared_dir(tmp_path_factory, "tiny-models", build_all)
+    return {kind: root / kind for kind in KINDS}
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +114,34 @@ def cli(capsys):
         return CliResult(code, out, err)
 
     return run
+
+
+# --------------------------------------------------------------------------------- CPU time report
+# BLIP_TEST_CPU=1: report the CPU seconds each test used (this process and the processes it ran),
+# which, unlike wall time, hardly changes when other work shares the machine.
+_CPU: dict[str, float] = {}
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not os.environ.get("BLIP_TEST_CPU"):
+        yield
+        return
+    start = _cpu_seconds()
+    yield
+    _CPU[item.nodeid] = _cpu_seconds() - start
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _CPU:
+        return
+    terminalreporter.write_line(f"CPU seconds: {sum(_CPU.values()):.1f} in all; the most expensive tests:")
+    for nodeid, seconds in sorted(_CPU.items(), key=lambda kv: -kv[1])[:40]:
+        terminalreporter.write_line(f"{seconds:8.1f}  {nodeid}")

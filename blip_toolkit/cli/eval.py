@@ -72,7 +72,7 @@ MinNewOpt = Annotated[
 
 def _finish(report: dict, out: Path | None, fmt: OutputFormat) -> None:
     from blip_toolkit.cli.output import Emitter
-    from blip_toolkit.eval.evaluate import check_complete, render_text
+    from blip_toolkit.eval.evaluate import check_complete
     from blip_toolkit.fsutil import write_json
 
     if out is not None:
@@ -147,7 +147,8 @@ def caption(
       blip eval caption coco_karpathy_test.json --images coco/ --model Salesforce/blip-image-captioning-base
       blip eval caption test.json --predictions preds.json --no-java --format json --out report.json
     """
-    from blip_toolkit.eval.evaluate import CaptionEvalConfig, evaluate_caption
+    from blip_toolkit.eval.caption_eval import evaluate_caption
+    from blip_toolkit.eval.evaluate import CaptionEvalConfig
 
     _check_out(out, overwrite)
     generate = _generate(
@@ -235,7 +236,8 @@ def vqa(
           --annotations v2_mscoco_val2014_annotations.json --predictions answers.json
       blip eval vqa --manifest qa.tsv --model Salesforce/blip-vqa-base --save-predictions answers.jsonl
     """
-    from blip_toolkit.eval.evaluate import VqaEvalConfig, evaluate_vqa
+    from blip_toolkit.eval.evaluate import VqaEvalConfig
+    from blip_toolkit.eval.vqa_eval import evaluate_vqa
 
     _check_out(out, overwrite)
     generate = _generate(
@@ -318,7 +320,8 @@ def retrieval(
       blip eval retrieval test.json --images imgs/ --model my-itm --score itc --format json
     """
     from blip_toolkit.errors import UsageError
-    from blip_toolkit.eval.evaluate import RetrievalEvalConfig, evaluate_retrieval
+    from blip_toolkit.eval.evaluate import RetrievalEvalConfig
+    from blip_toolkit.eval.retrieval_eval import evaluate_retrieval
 
     if not model:
         raise UsageError("retrieval needs --model (a BLIP or BLIP-2 ITM checkpoint)")
@@ -339,6 +342,37 @@ def retrieval(
         allow_missing=allow_missing,
     )
     _finish(evaluate_retrieval(config), out, fmt)
+
+
+def render_text(report: dict) -> list[str]:
+    """The report as `name<TAB>value` lines for the text output (2 decimals; json has full precision)."""
+    task = report["task"]
+    missing = report["missing"]
+    if task == "caption":
+        lines = [
+            f"# caption metrics on {report['scored']} of {missing['total']} images, x100 "
+            f"(pycocoevalcap {report['tool']['pycocoevalcap']}, {report['tokenizer']} tokenizer"
+            f"{'' if report['comparable'] else '; NOT comparable to published numbers'})"
+        ]
+        lines += [f"{name}\t{value:.2f}" for name, value in report["metrics"].items()]
+    elif task == "vqa":
+        metrics = report["metrics"]
+        lines = [
+            f"# VQA accuracy on {report['scored']} of {missing['total']} questions, x100 (official VQAv2 metric)"
+        ]
+        lines += [f"overall\t{metrics['overall']:.2f}", f"exact_match\t{metrics['exact_match']:.2f}"]
+        lines += [f"answer_type {name}\t{value:.2f}" for name, value in metrics["per_answer_type"].items()]
+    else:
+        protocol = report["protocol"]
+        how = protocol["score"] + (f", k_test {protocol['k_test']}" if protocol["score"] != "itc" else "")
+        lines = [
+            f"# retrieval recall in %, {report['scored']['images']} images x {report['scored']['texts']} texts "
+            f"({how}; {protocol['itm_pairs']} ITM pairs)"
+        ]
+        lines += [
+            f"{name}\t{value:.2f}" for name, value in report["metrics"].items() if name != "agg_metrics"
+        ]
+    return lines
 
 
 def register(root: typer.Typer) -> None:

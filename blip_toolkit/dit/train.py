@@ -65,7 +65,8 @@ from blip_toolkit.embeddings.shards import EmbeddingShards
 from blip_toolkit.engine.accelerate import check_mixed_precision
 from blip_toolkit.engine.metrics import check_trackers, count_label
 from blip_toolkit.engine.outputs import check_output_dir
-from blip_toolkit.engine.trainer import LoopSettings, RunSummary, Trainer, train
+from blip_toolkit.engine.run import LoopSettings, RunSummary, train
+from blip_toolkit.engine.trainer import Trainer
 from blip_toolkit.errors import ConfigError, TrainingError, UsageError
 from blip_toolkit.fsutil import write_json
 

@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 
+from blip_toolkit.config import parse_bytes
 from blip_toolkit.embeddings.generated import GeneratedFeatures, read_generated
 from blip_toolkit.embeddings.shards import EmbeddingShards
 from blip_toolkit.errors import InputError, UsageError
-from blip_toolkit.eval.recall import mean_cosine, merge_identical_captions, parse_bytes, retrieval_recall
+from blip_toolkit.eval.recall import mean_cosine, merge_identical_captions, retrieval_recall
 
 logger = logging.getLogger("blip")
 

@@ -106,6 +106,19 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
     return path
 
 
+def publish_files(source: Path, target: Path, *, last: str = "config.json") -> None:
+    """Move every file of the finished directory `source` into `target`, one by one, `last` at the end
+    (and an old `last` removed first): a directory whose `last` file is there is complete, so a kill
+    half-way never leaves a loadable half-export (`from_pretrained` and `load_dit` need config.json)."""
+    (target / last).unlink(missing_ok=True)
+    for name in sorted((p.name for p in source.iterdir()), key=lambda n: n == last):
+        destination = target / name
+        if destination.is_dir():
+            shutil.rmtree(destination)
+        os.replace(source / name, destination)
+    shutil.rmtree(source, ignore_errors=True)
+
+
 def describe_kind(kind: str) -> str:
     """`blip-train-dit` -> `train-dit` (the command that writes such a run)."""
     return kind.removeprefix("blip-")

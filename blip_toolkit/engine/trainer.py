@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +39,6 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from blip_toolkit.engine.accelerate import (
-    deterministic_on_cpu,
-    make_accelerator,
-    quiet_unless_main,
-    release_accelerator,
-)
 from blip_toolkit.engine.checkpoint import CheckpointManager
 from blip_toolkit.engine.metrics import (
     METRICS_FILE,
@@ -56,7 +49,14 @@ from blip_toolkit.engine.metrics import (
     tracker_values,
 )
 from blip_toolkit.engine.optim import Ema, build_optimizer, warmup_cosine_schedule
-from blip_toolkit.engine.outputs import RunRecord, check_resume_settings, flatten, prepare_output_dir
+from blip_toolkit.engine.outputs import (
+    RunRecord,
+    check_resume_settings,
+    flatten,
+    prepare_output_dir,
+    publish_files,
+)
+from blip_toolkit.engine.run import LoopSettings
 from blip_toolkit.engine.seeding import seed_everything
 from blip_toolkit.fsutil import replace_dir, write_json
 
@@ -69,36 +69,6 @@ EXPORT_LAST = "config.json"  # written last: a directory whose config.json is th
 
 
 @dataclass
-class LoopSettings:
-    """The engine's settings. Every trainer's config has these fields under these names
-    (`FinetuneConfig` flat, `TrainDiTConfig` in its [train] section).
-
-    eval_every / save_every: every N optimizer steps (0: at epoch ends for epoch-based tasks, else
-    never / only at the end). Evaluation and a checkpoint also happen after the last step."""
-
-    output_dir: str
-    learning_rate: float
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0
-    eval_ema: bool = True
-    seed: int = 0
-    mixed_precision: str = "no"
-    cpu: bool = False
-    log_every: int = 10
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    log_with: list[str] = field(default_factory=list)
-    resume: bool = False
-    overwrite: bool = False
-
-
-@dataclass
 class _Step:
     """One optimizer step waiting to be recorded (tensors stay on the device until the flush)."""
 
@@ -108,29 +78,6 @@ class _Step:
     lr: float
     samples: int
     epoch: float | int
-
-
-def train(
-    make: Callable[[Accelerator], Trainer],
-    settings: LoopSettings,
-    *,
-    find_unused_parameters: bool = False,
-) -> Any:
-    """Build the Accelerator, run `make(accelerator).run()` (main-process logging, deterministic CPU
-    kernels) and release Accelerate's process-wide state afterwards."""
-    accelerator = make_accelerator(
-        output_dir=settings.output_dir,
-        mixed_precision=settings.mixed_precision,
-        grad_accum=settings.grad_accum,
-        cpu=settings.cpu,
-        find_unused_parameters=find_unused_parameters,
-        log_with=settings.log_with,
-    )
-    try:
-        with quiet_unless_main(accelerator), deterministic_on_cpu(accelerator):
-            return make(accelerator).run()
-    finally:
-        release_accelerator(accelerator)
 
 
 class Trainer:
@@ -473,8 +420,8 @@ class Trainer:
         self._record({"type": "checkpoint", "step": self.step, "path": str(path)}, console=False)
 
     def _publish(self, target: Path, *, best: dict[str, Any] | None = None) -> None:
-        """Write the export into `target` (main process). `best/` is replaced as a whole directory;
-        the run directory itself gets the files one by one, config.json last."""
+        """Write the export into `target` (main process): `best/` is replaced as a whole directory, the
+        run directory gets the files one by one with config.json last."""
         if not self.main:
             return
         tmp = target.with_name(f".{target.name}.tmp") if best is not None else self.out / ".export.tmp"
@@ -485,14 +432,8 @@ class Trainer:
         if best is not None:
             write_json(tmp / BEST_FILE, best)
             replace_dir(tmp, target)
-            return
-        (target / EXPORT_LAST).unlink(missing_ok=True)
-        for name in sorted((p.name for p in tmp.iterdir()), key=lambda n: n == EXPORT_LAST):
-            destination = target / name
-            if destination.is_dir():
-                shutil.rmtree(destination)
-            os.replace(tmp / name, destination)
-        shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            publish_files(tmp, target, last=EXPORT_LAST)
 
     def _finish(self) -> None:
         self._evaluate()
@@ -592,14 +533,3 @@ class Trainer:
 
     def samples_per_second(self) -> float | None:
         return self.train_samples / self.train_time if self.train_time > 0 else None
-
-
-class RunSummary:
-    """For a run's result dataclass with `history` and `is_main_process` fields."""
-
-    def summary(self) -> dict[str, Any]:
-        """The result without the history (what the CLI prints)."""
-        data = asdict(self)
-        data.pop("history")
-        data.pop("is_main_process")
-        return data

@@ -56,7 +56,6 @@ from __future__ import annotations
 import logging
 import math
 import operator
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -115,38 +114,6 @@ class RecallResult:
             "mean_rank_i2t": float(self.ranks_i2t.double().mean()),
             "mean_rank_t2i": float(self.ranks_t2i.double().mean()),
         }
-
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_bytes(text: str | int) -> int:
-    """ "2GB" -> 2_000_000_000, "512MiB" -> 536_870_912, "1e9" -> 1_000_000_000."""
-    if isinstance(text, int):
-        value = text
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise UsageError(f"--max-memory {text!r}: use a size such as 2GB, 512MB or 1GiB")
-        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if value <= 0:
-        raise UsageError(f"--max-memory {text!r}: must be positive")
-    return value
 
 
 def merge_identical_captions(captions: Sequence[str], caption_image):

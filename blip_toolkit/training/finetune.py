@@ -36,8 +36,9 @@ from blip_toolkit.data.manifests import MAX_REPORTED, SCHEMAS, Manifest, Manifes
 from blip_toolkit.engine.accelerate import check_mixed_precision
 from blip_toolkit.engine.metrics import check_trackers, count_label
 from blip_toolkit.engine.outputs import check_output_dir
+from blip_toolkit.engine.run import LoopSettings, RunSummary, train
 from blip_toolkit.engine.seeding import mix_seed
-from blip_toolkit.engine.trainer import LoopSettings, RunSummary, Trainer, train
+from blip_toolkit.engine.trainer import Trainer
 from blip_toolkit.errors import InputError, TrainingError, UsageError
 from blip_toolkit.fsutil import sha256_file
 from blip_toolkit.runtime.batching import check_text

@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
+from blip_toolkit.config import parse_bytes
 from blip_toolkit.embeddings.generated import write_generated
-from blip_toolkit.embeddings.recall_report import RecallConfig, evaluate_recall, parse_bytes
+from blip_toolkit.embeddings.recall_report import RecallConfig, evaluate_recall
 from blip_toolkit.embeddings.shards import EmbeddingShards, write_shard
 from blip_toolkit.eval.recall import mean_cosine, retrieval_recall
 

@@ -383,7 +383,7 @@ def test_retrieval_unreadable_image_is_left_out_with_its_captions(
 
 
 def test_default_k_test_by_dataset_name():
-    from blip_toolkit.eval.evaluate import default_k_test
+    from blip_toolkit.eval.retrieval_eval import default_k_test
 
     assert default_k_test("data/flickr30k_test.json") == 128
     assert default_k_test("data/coco_karpathy_test.json") == 256

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from blip_toolkit.eval.evaluate import RetrievalEvalConfig, evaluate_retrieval
+from blip_toolkit.eval.evaluate import RetrievalEvalConfig
 from blip_toolkit.eval.itm_features import ItmModel, pre_caption
 from blip_toolkit.eval.recall import retrieval_recall
+from blip_toolkit.eval.retrieval_eval import evaluate_retrieval
 from blip_toolkit.eval.retrieval_protocol import (
     FILL,
     itc_ranks,

@@ -32,6 +32,9 @@ def finetune(cli, manifest, task, model, out, *extra):
         out,
         "--weight-decay",
         "0",
+        # One checkpoint and one validation at the end, not one per epoch: what is proved is learning.
+        "--save-every",
+        "100000",
         "--format",
         "json",
         *extra,
@@ -197,6 +200,7 @@ def blip2_opt_caption(checkpoint, tmp_path_factory):
             learning_rate=1e-2,
             weight_decay=0.0,
             freeze=["vision"],
+            save_every=100000,
         )
     )
     return source, out, result

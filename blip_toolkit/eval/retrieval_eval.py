@@ -1,0 +1,138 @@
+"""`blip eval retrieval`: LAVIS's protocol (ITC for all pairs, the top k_test re-ranked with ITM + ITC),
+R@1/5/10 both directions (eval/evaluate.py describes the steps every evaluation shares)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blip_toolkit.config import parse_bytes
+from blip_toolkit.errors import InputError, UsageError
+from blip_toolkit.eval.annotations import (
+    read_caption_annotations,
+)
+from blip_toolkit.eval.evaluate import (
+    K_TEST_COCO,
+    K_TEST_FLICKR,
+    RetrievalEvalConfig,
+    join_root,
+    missing_summary,
+    report_header,
+    require_root,
+    split_present,
+    warn_missing_images,
+)
+from blip_toolkit.eval.itm_features import MAX_TEXT_TOKENS, MAX_WORDS, ItmModel, itm_ops
+from blip_toolkit.eval.retrieval_protocol import SCORES, lavis_metrics, run_protocol
+from blip_toolkit.runtime.device import resolve_device, resolve_dtype
+from blip_toolkit.runtime.itm import ENC_TOKEN
+from blip_toolkit.runtime.loading import load_model
+
+logger = logging.getLogger("blip")
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def default_k_test(annotations: str) -> int:
+    """LAVIS's k_test: 128 for Flickr30k (a file name containing 'flickr'), 256 otherwise (COCO)."""
+    return K_TEST_FLICKR if "flickr" in Path(annotations).name.lower() else K_TEST_COCO
+
+
+def evaluate_retrieval(config: RetrievalEvalConfig) -> dict[str, Any]:
+    """Image-text retrieval recall as LAVIS publishes it (eval/retrieval_protocol.py); the report."""
+    if config.score not in SCORES:
+        raise UsageError(f"--score {config.score!r}: use one of {', '.join(SCORES)}")
+    dataset = read_caption_annotations(config.annotations)
+    k_test = config.k_test if config.k_test is not None else default_k_test(config.annotations)
+    if k_test < 1:
+        raise UsageError(f"--k-test must be at least 1, got {k_test}")
+    budget = parse_bytes(config.max_memory)
+    root = require_root(config.images, "retrieval")
+    present, absent = split_present(dataset, root)
+    missing = [{"item": im.file, "reason": "image not found"} for im in absent]
+    warn_missing_images(absent, root)
+    if not present:
+        raise InputError(f"none of the {len(dataset.images)} images of {dataset.path} is under {root}")
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    loaded = load_model(
+        config.model, "retrieval", device=device, dtype=dtype, trust_remote_code=config.trust_remote_code
+    )
+    itm_ops(loaded.family)  # refuse generative checkpoints before encoding anything
+    scorer = ItmModel(
+        loaded,
+        batch_size=config.batch_size,
+        itm_batch_size=config.itm_batch_size or 4 * config.batch_size,
+        max_pixels=config.max_pixels,
+        cache_bytes=budget,
+    )
+    started = time.perf_counter()
+    texts = [c for im in present for c in im.captions]
+    text_image = torch.tensor([i for i, im in enumerate(present) for _ in im.captions], dtype=torch.int64)
+    scorer.encode_texts(texts)
+    encoded_images = scorer.encode_images([join_root(root, im.file) for im in present])
+    if encoded_images.failed:
+        for index, error in encoded_images.failed.items():
+            missing.append({"item": present[index].file, "reason": error})
+        logger.warning("%d image(s) could not be read and are left out", len(encoded_images.failed))
+        keep = torch.ones(len(present), dtype=torch.bool)
+        keep[list(encoded_images.failed)] = False
+        keep_texts = keep[text_image]
+        new_index = torch.cumsum(keep.long(), 0) - 1
+        scorer.restrict(keep, keep_texts)
+        text_image = new_index[text_image[keep_texts]]
+        present = [im for i, im in enumerate(present) if keep[i]]
+        if not present:
+            raise InputError(f"none of the images of {dataset.path} could be read")
+    encode_seconds = time.perf_counter() - started
+    image_feat, text_feat = scorer.image_feat, scorer.text_feat
+    result = run_protocol(
+        image_feat,
+        text_feat,
+        text_image.to(text_feat.device),
+        scorer.similarity,
+        scorer.itm_scores,
+        score=config.score,
+        k_test=k_test,
+        scores_per_pair=scorer.scores_per_pair,
+        max_memory_bytes=max(16 << 20, budget // 8),
+    )
+    total_seconds = time.perf_counter() - started
+    num_images, num_texts = len(present), len(text_image)
+    report = report_header("retrieval", dataset.describe(), config.images)
+    report.update(
+        model={"source": config.model, "family": loaded.family.name},
+        scale="recall in %, as LAVIS reports it (txt = image-to-text, img = text-to-image)",
+        metrics=lavis_metrics(result.recall),
+        recall=result.recall.to_dict(),
+        protocol={
+            "score": config.score,
+            "k_test": k_test,
+            "k_i2t": result.k_i2t,
+            "k_t2i": result.k_t2i,
+            "itm_pairs": result.itm_pairs,
+            "shortlist_entries": result.shortlist_entries,
+            "all_pairs": num_images * num_texts,
+            "text_preprocessing": f'LAVIS pre_caption (lower-case, .!"()*#:;~ removed, <= {MAX_WORDS} words), '
+            f"<= {MAX_TEXT_TOKENS} tokens",
+            "itm_first_token": "[ENC]"
+            if ENC_TOKEN in scorer.loaded.tokenizer.get_vocab() and scorer.loaded.family.name == "blip-itm"
+            else "as tokenized",
+            "ties": "pessimistic",
+        },
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        seconds={"encode": encode_seconds, "total": total_seconds},
+        vision_passes=scorer.vision_passes,
+        comparable=True,
+        scored={"images": num_images, "texts": num_texts},
+        missing=missing_summary(missing, len(dataset.images), config.allow_missing),
+        notes=[],
+    )
+    return report
