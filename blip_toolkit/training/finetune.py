@@ -465,7 +465,6 @@ class FinetuneTrainer(Trainer):
             model,
             self.processor,
             self.family,
-            config.task,
             self.val_examples,
             image,
             max_new_tokens=config.max_new_tokens or config.max_length,

@@ -63,7 +63,6 @@ def exact_match(
     model,
     processor,
     family,
-    task: str,
     examples: list[Example],
     images,
     *,
