@@ -298,6 +298,13 @@ def retrieval(
         str,
         typer.Option("--max-memory", help="Cache for image patch embeddings (the ITC blocks use 1/8 of it)."),
     ] = "4GB",
+    dedupe_captions: Annotated[
+        bool,
+        typer.Option(
+            "--dedupe-captions",
+            help="Identical captions as one text, positive for every image that has it (templated or class captions).",
+        ),
+    ] = False,
     allow_missing: AllowMissingOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -340,6 +347,7 @@ def retrieval(
         max_pixels=max_pixels,
         trust_remote_code=trust_remote_code,
         allow_missing=allow_missing,
+        dedupe_captions=dedupe_captions,
     )
     _finish(evaluate_retrieval(config), out, fmt)
 

@@ -126,6 +126,9 @@ class RetrievalEvalConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     trust_remote_code: bool = False
     allow_missing: bool = False
+    # Identical captions (after LAVIS's pre_caption) as one text, positive for every image that has
+    # it: with templated or class captions, copies of a text would tie and count as misses.
+    dedupe_captions: bool = False
 
 
 # ----------------------------------------------------------------------------- generation

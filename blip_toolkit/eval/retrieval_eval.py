@@ -26,7 +26,8 @@ from blip_toolkit.eval.evaluate import (
     split_present,
     warn_missing_images,
 )
-from blip_toolkit.eval.itm_features import MAX_TEXT_TOKENS, MAX_WORDS, ItmModel, itm_ops
+from blip_toolkit.eval.itm_features import MAX_TEXT_TOKENS, MAX_WORDS, ItmModel, itm_ops, pre_caption
+from blip_toolkit.eval.recall import merge_identical_captions
 from blip_toolkit.eval.retrieval_protocol import SCORES, lavis_metrics, run_protocol
 from blip_toolkit.runtime.device import resolve_device, resolve_dtype
 from blip_toolkit.runtime.itm import ENC_TOKEN
@@ -73,8 +74,15 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> dict[str, Any]:
         cache_bytes=budget,
     )
     started = time.perf_counter()
-    texts = [c for im in present for c in im.captions]
-    text_image = torch.tensor([i for i, im in enumerate(present) for _ in im.captions], dtype=torch.int64)
+    captions = [c for im in present for c in im.captions]
+    caption_image = torch.tensor([i for i, im in enumerate(present) for _ in im.captions], dtype=torch.int64)
+    if config.dedupe_captions:
+        first, pair_image, pair_text = merge_identical_captions(
+            [pre_caption(c) for c in captions], caption_image
+        )
+        texts = [captions[i] for i in first]
+    else:
+        texts, pair_image, pair_text = captions, caption_image, torch.arange(len(captions))
     scorer.encode_texts(texts)
     encoded_images = scorer.encode_images([join_root(root, im.file) for im in present])
     if encoded_images.failed:
@@ -83,11 +91,14 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> dict[str, Any]:
         logger.warning("%d image(s) could not be read and are left out", len(encoded_images.failed))
         keep = torch.ones(len(present), dtype=torch.bool)
         keep[list(encoded_images.failed)] = False
-        keep_texts = keep[text_image]
-        new_index = torch.cumsum(keep.long(), 0) - 1
+        kept_pairs = keep[pair_image]
+        keep_texts = torch.zeros(len(texts), dtype=torch.bool)
+        keep_texts[pair_text[kept_pairs]] = True  # a text stays while one of its images does
         scorer.restrict(keep, keep_texts)
-        text_image = new_index[text_image[keep_texts]]
+        pair_image = (torch.cumsum(keep.long(), 0) - 1)[pair_image[kept_pairs]]
+        pair_text = (torch.cumsum(keep_texts.long(), 0) - 1)[pair_text[kept_pairs]]
         present = [im for i, im in enumerate(present) if keep[i]]
+        texts = [t for t, k in zip(texts, keep_texts.tolist()) if k]
         if not present:
             raise InputError(f"none of the images of {dataset.path} could be read")
     encode_seconds = time.perf_counter() - started
@@ -95,16 +106,17 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> dict[str, Any]:
     result = run_protocol(
         image_feat,
         text_feat,
-        text_image.to(text_feat.device),
+        None,
         scorer.similarity,
         scorer.itm_scores,
         score=config.score,
         k_test=k_test,
         scores_per_pair=scorer.scores_per_pair,
         max_memory_bytes=max(16 << 20, budget // 8),
+        positives=(pair_image, pair_text),
     )
     total_seconds = time.perf_counter() - started
-    num_images, num_texts = len(present), len(text_image)
+    num_images, num_texts = len(present), len(texts)
     report = report_header("retrieval", dataset.describe(), config.images)
     report.update(
         model={"source": config.model, "family": loaded.family.name},
@@ -125,6 +137,7 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> dict[str, Any]:
             if ENC_TOKEN in scorer.loaded.tokenizer.get_vocab() and scorer.loaded.family.name == "blip-itm"
             else "as tokenized",
             "ties": "pessimistic",
+            "dedupe_captions": config.dedupe_captions,
         },
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),

@@ -25,8 +25,10 @@ What we do differently, and why it gives the same numbers:
   `np.argsort` breaks ties in an arbitrary order. Only exact float ties differ; in the re-ranked
   protocol every positive outside the shortlist ties at -100 with the other non-shortlisted texts,
   so with k_test >= 10 such an item misses R@1/5/10 either way.
-- Each text must belong to exactly one image (Karpathy test files: 5 captions per image), so t2i
-  has one positive, as in LAVIS's `txt2img`.
+- A text normally belongs to one image (Karpathy test files: 5 captions per image), so t2i has one
+  positive, as in LAVIS's `txt2img`. Positives may also be many-to-many (`positives=`: identical
+  caption strings of several images merged into one text, positive for each of them): a text's rank
+  is then that of its best positive image, the same rule as an image's.
 """
 
 from __future__ import annotations
@@ -72,25 +74,46 @@ class ProtocolResult:
     shortlist_entries: int  # (I * k_i2t + T * k_t2i): what LAVIS scores with ITM
 
 
+def group_positives(keys: torch.Tensor, values: torch.Tensor, num_keys: int, what: str) -> torch.Tensor:
+    """Positive pairs (keys [P], values [P]) -> [num_keys, W] padded (-1) values of each key. Every
+    key needs at least one value."""
+    keys, values = torch.as_tensor(keys, dtype=torch.int64), torch.as_tensor(values, dtype=torch.int64)
+    if keys.ndim != 1 or keys.numel() == 0 or keys.shape != values.shape:
+        raise InputError("retrieval needs at least one (image, text) pair")
+    if int(keys.min()) < 0 or int(keys.max()) >= num_keys:
+        raise InputError(f"a pair points at an {what} index out of range")
+    counts = torch.bincount(keys, minlength=num_keys)
+    if bool((counts == 0).any()):
+        first = int((counts == 0).nonzero()[0, 0])
+        other = "caption" if what == "image" else "image"
+        raise InputError(f"{what} {first} has no {other}; every {what} needs at least one")
+    order = torch.argsort(keys, stable=True)
+    width = int(counts.max())
+    padded = torch.full((num_keys, width), -1, dtype=torch.int64)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(order)) - starts[keys[order]]
+    padded[keys[order], slot] = values[order]
+    return padded
+
+
 def check_text_image(text_image: torch.Tensor, num_images: int) -> torch.Tensor:
     """[T] image index of each text -> [I, P] padded (-1) text indices of each image. Every image
     needs at least one text."""
     text_image = torch.as_tensor(text_image, dtype=torch.int64)
     if text_image.ndim != 1 or text_image.numel() == 0:
         raise InputError("retrieval needs at least one text")
-    if int(text_image.min()) < 0 or int(text_image.max()) >= num_images:
-        raise InputError("a text points at an image index out of range")
-    counts = torch.bincount(text_image, minlength=num_images)
-    if bool((counts == 0).any()):
-        first = int((counts == 0).nonzero()[0, 0])
-        raise InputError(f"image {first} has no text; every image needs at least one caption")
-    order = torch.argsort(text_image, stable=True)
-    width = int(counts.max())
-    padded = torch.full((num_images, width), -1, dtype=torch.int64)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(len(order)) - starts[text_image[order]]
-    padded[text_image[order], slot] = order
-    return padded
+    return group_positives(text_image, torch.arange(text_image.numel()), num_images, "image")
+
+
+def _best_rank(tile: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """1 + negatives scoring >= the best positive (pessimistic ties); tile [b, C], positives [b, W]
+    padded with -1."""
+    valid = positives >= 0
+    pos_scores = tile.gather(1, positives.clamp(min=0)).masked_fill(~valid, float("-inf"))
+    best = pos_scores.max(dim=1).values  # [b]
+    at_least = (tile >= best[:, None]).sum(dim=1)
+    positives_at_least = ((pos_scores >= best[:, None]) & valid).sum(dim=1)
+    return 1 + at_least - positives_at_least
 
 
 def rows_per_block(num_cols: int, scores_per_pair: int, max_memory_bytes: int) -> int:
@@ -145,32 +168,26 @@ def itc_ranks(
     image_feat: torch.Tensor,
     text_feat: torch.Tensor,
     similarity: Similarity,
-    text_image: torch.Tensor,
+    image_texts: torch.Tensor,
+    text_images: torch.Tensor,
     *,
     scores_per_pair: int = 1,
     max_memory_bytes: int = 1 << 28,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks by ITC alone over all candidates (LAVIS with k_test <= 0), pessimistic ties.
+    image_texts [I, P] / text_images [T, Q]: padded (-1) positives of each image / text.
     Returns (ranks_i2t [I], ranks_t2i [T]), 1-based, int64, on the CPU."""
     num_images, num_texts = image_feat.shape[0], text_feat.shape[0]
     device = text_feat.device
-    image_texts = check_text_image(text_image, num_images).to(device)  # [I, P]
-    text_image = torch.as_tensor(text_image, dtype=torch.int64).to(device)
+    image_texts, text_images = image_texts.to(device), text_images.to(device)
     ranks_i2t = torch.empty(num_images, dtype=torch.int64)
     ranks_t2i = torch.empty(num_texts, dtype=torch.int64)
     block = rows_per_block(num_texts, scores_per_pair + 1, max_memory_bytes)
     for start, stop, tile in _i2t_blocks(image_feat, text_feat, similarity, block):
-        positives = image_texts[start:stop]  # [b, P]
-        valid = positives >= 0
-        pos_scores = tile.gather(1, positives.clamp(min=0)).masked_fill(~valid, float("-inf"))
-        best = pos_scores.max(dim=1).values  # [b]
-        at_least = (tile >= best[:, None]).sum(dim=1)
-        positives_at_least = ((pos_scores >= best[:, None]) & valid).sum(dim=1)
-        ranks_i2t[start:stop] = (1 + at_least - positives_at_least).cpu()
+        ranks_i2t[start:stop] = _best_rank(tile, image_texts[start:stop]).cpu()
     block = rows_per_block(num_images, scores_per_pair + 1, max_memory_bytes)
     for start, stop, tile in _t2i_blocks(image_feat, text_feat, similarity, block):
-        best = tile.gather(1, text_image[start:stop, None])  # [b, 1]: the one positive image
-        ranks_t2i[start:stop] = (tile >= best).sum(dim=1).cpu()  # 1 + negatives >= best
+        ranks_t2i[start:stop] = _best_rank(tile, text_images[start:stop]).cpu()
     return ranks_i2t, ranks_t2i
 
 
@@ -209,7 +226,7 @@ def shortlist_ranks(
 
 
 def recall_from_ranks(
-    ranks_i2t: torch.Tensor, ranks_t2i: torch.Tensor, ks: Sequence[int] = KS
+    ranks_i2t: torch.Tensor, ranks_t2i: torch.Tensor, num_pairs: int | None = None, ks: Sequence[int] = KS
 ) -> RecallResult:
     return RecallResult(
         i2t={k: float((ranks_i2t <= k).double().mean()) for k in ks},
@@ -218,7 +235,7 @@ def recall_from_ranks(
         num_texts=int(ranks_t2i.numel()),
         ranks_i2t=ranks_i2t,
         ranks_t2i=ranks_t2i,
-        num_pairs=int(ranks_t2i.numel()),
+        num_pairs=int(ranks_t2i.numel()) if num_pairs is None else num_pairs,
     )
 
 
@@ -244,7 +261,7 @@ def lavis_metrics(recall: RecallResult) -> dict[str, float]:
 def run_protocol(
     image_feat: torch.Tensor,
     text_feat: torch.Tensor,
-    text_image: torch.Tensor,
+    text_image: torch.Tensor | None,
     similarity: Similarity,
     itm: ItmScorer | None,
     *,
@@ -252,31 +269,38 @@ def run_protocol(
     k_test: int = 256,
     scores_per_pair: int = 1,
     max_memory_bytes: int = 1 << 28,
+    positives: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ProtocolResult:
     """The whole protocol over precomputed features (see the module docstring).
 
-    image_feat: [I, ...], text_feat: [T, E] (same device), text_image: [T] image index of each text.
+    image_feat: [I, ...], text_feat: [T, E] (same device), text_image: [T] image index of each text,
+    or `positives` = (pair_image [P], pair_text [P]) for many-to-many positives (text_image None).
     itm: scores (image index, text index) pairs; needed for score "itm+itc"."""
     if score not in SCORES:
         raise UsageError(f"--score {score!r}: use one of {', '.join(SCORES)}")
     if k_test < 1:
         raise UsageError(f"--k-test must be at least 1, got {k_test}")
     num_images, num_texts = image_feat.shape[0], text_feat.shape[0]
-    text_image_cpu = torch.as_tensor(text_image, dtype=torch.int64).cpu()
-    image_texts = check_text_image(text_image_cpu, num_images)
-    if text_image_cpu.numel() != num_texts:
-        raise InputError(f"{num_texts} text features but {text_image_cpu.numel()} text-to-image entries")
+    if positives is None:
+        text_image_cpu = torch.as_tensor(text_image, dtype=torch.int64).cpu()
+        if text_image_cpu.numel() != num_texts:
+            raise InputError(f"{num_texts} text features but {text_image_cpu.numel()} text-to-image entries")
+        positives = (text_image_cpu, torch.arange(num_texts))
+    pair_image, pair_text = (torch.as_tensor(x, dtype=torch.int64).cpu() for x in positives)
+    image_texts = group_positives(pair_image, pair_text, num_images, "image")  # [I, P]
+    text_images = group_positives(pair_text, pair_image, num_texts, "text")  # [T, Q]
     with torch.inference_mode():
         if score == "itc":
             ranks_i2t, ranks_t2i = itc_ranks(
                 image_feat,
                 text_feat,
                 similarity,
-                text_image_cpu,
+                image_texts,
+                text_images,
                 scores_per_pair=scores_per_pair,
                 max_memory_bytes=max_memory_bytes,
             )
-            return ProtocolResult(recall_from_ranks(ranks_i2t, ranks_t2i), score, 0, 0, 0, 0)
+            return ProtocolResult(recall_from_ranks(ranks_i2t, ranks_t2i, len(pair_image)), score, 0, 0, 0, 0)
         if itm is None:
             raise UsageError("score itm+itc needs an ITM scorer")
         lists = itc_shortlists(
@@ -296,16 +320,13 @@ def run_protocol(
             k_t2i,
         )
         final_i2t, final_t2i, pairs = rerank(lists, num_texts, itm)
-        lists_cpu_i2t = lists.i2t_index.cpu()
-        text_image_of = text_image_cpu[lists_cpu_i2t]  # [I, k] image of each shortlisted text
-        positive_i2t = text_image_of == torch.arange(num_images)[:, None]
+        # [N, k, W] -> [N, k]: is the shortlisted candidate one of the row's positives
+        positive_i2t = (image_texts[:, None, :] == lists.i2t_index.cpu()[:, :, None]).any(dim=-1)
+        positive_t2i = (text_images[:, None, :] == lists.t2i_index.cpu()[:, :, None]).any(dim=-1)
         ranks_i2t = shortlist_ranks(final_i2t.cpu(), positive_i2t, (image_texts >= 0).sum(dim=1), num_texts)
-        positive_t2i = lists.t2i_index.cpu() == text_image_cpu[:, None]
-        ranks_t2i = shortlist_ranks(
-            final_t2i.cpu(), positive_t2i, torch.ones(num_texts, dtype=torch.int64), num_images
-        )
+        ranks_t2i = shortlist_ranks(final_t2i.cpu(), positive_t2i, (text_images >= 0).sum(dim=1), num_images)
     return ProtocolResult(
-        recall=recall_from_ranks(ranks_i2t, ranks_t2i),
+        recall=recall_from_ranks(ranks_i2t, ranks_t2i, len(pair_image)),
         score=score,
         k_i2t=k_i2t,
         k_t2i=k_t2i,

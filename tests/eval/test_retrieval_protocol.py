@@ -23,6 +23,7 @@ from blip_toolkit.eval.recall import retrieval_recall
 from blip_toolkit.eval.retrieval_eval import evaluate_retrieval
 from blip_toolkit.eval.retrieval_protocol import (
     FILL,
+    check_text_image,
     itc_ranks,
     lavis_metrics,
     recall_from_ranks,
@@ -159,8 +160,9 @@ def test_itc_ranks_equal_recall_module_and_dense_ranks():
     text_feat = torch.nn.functional.normalize(
         image_feat[text_image] + 1.2 * torch.randn(len(text_image), dim, generator=gen), dim=-1
     )
+    image_texts = check_text_image(text_image, num_images)
     ranks_i2t, ranks_t2i = itc_ranks(
-        image_feat, text_feat, lambda a, b: a @ b.t(), text_image, max_memory_bytes=300
+        image_feat, text_feat, lambda a, b: a @ b.t(), image_texts, text_image[:, None], max_memory_bytes=300
     )
     sims = image_feat @ text_feat.t()
     positive = text_image[None, :] == torch.arange(num_images)[:, None]
@@ -169,6 +171,45 @@ def test_itc_ranks_equal_recall_module_and_dense_ranks():
     reference = retrieval_recall(image_feat, text_feat, text_image, torch.arange(len(text_image)))
     ours = recall_from_ranks(ranks_i2t, ranks_t2i)
     assert ours.i2t == reference.i2t and ours.t2i == reference.t2i
+
+
+def test_many_to_many_positives_equal_a_dense_computation():
+    """Identical captions merged into one text, positive for several images: with k_test >= every
+    candidate, the re-ranked ranks equal dense ranks of ITM + ITC with a many-to-many positive mask,
+    and ITC alone equals eval/recall.py on the same pairs."""
+    gen = torch.Generator().manual_seed(5)
+    num_images, num_texts, dim = 9, 4, 8
+    pair_image = torch.arange(num_images)
+    pair_text = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0])  # text t is the caption of images t, t+4, (t+8)
+    image_feat = torch.nn.functional.normalize(torch.randn(num_images, dim, generator=gen), dim=-1)
+    text_feat = torch.nn.functional.normalize(torch.randn(num_texts, dim, generator=gen), dim=-1)
+    itm_table = torch.randn(num_images, num_texts, generator=gen)
+    sims = image_feat @ text_feat.t()
+    positive = torch.zeros(num_images, num_texts, dtype=torch.bool)
+    positive[pair_image, pair_text] = True
+    result = run_protocol(
+        image_feat,
+        text_feat,
+        None,
+        lambda a, b: a @ b.t(),
+        lambda i, t: itm_table[i, t],
+        k_test=num_images,
+        positives=(pair_image, pair_text),
+    )
+    final = sims + itm_table
+    assert torch.equal(result.recall.ranks_i2t, pessimistic_ranks(final, positive))
+    assert torch.equal(result.recall.ranks_t2i, pessimistic_ranks(final.t(), positive.t()))
+    itc_only = run_protocol(
+        image_feat,
+        text_feat,
+        None,
+        lambda a, b: a @ b.t(),
+        None,
+        score="itc",
+        positives=(pair_image, pair_text),
+    )
+    reference = retrieval_recall(image_feat, text_feat, pair_image, pair_text, (1, 5, 10))
+    assert itc_only.recall.i2t == reference.i2t and itc_only.recall.t2i == reference.t2i
 
 
 def test_pre_caption_follows_lavis():
@@ -413,3 +454,35 @@ def test_generative_checkpoint_is_refused(tiny_models, dataset):
                 annotations=str(annotations), images=str(images), model=str(tiny_models["blip2-opt"])
             )
         )
+
+
+def test_dedupe_captions_merges_copies_into_one_text_for_every_image(strong_itm, dataset, brute, tmp_path):
+    """'a photo of a cat' also captions the grass photo: --dedupe-captions scores it once, positive
+    for both images; the ranks equal dense ITM + ITC ranks with that many-to-many positive mask."""
+    annotations, images = dataset
+    entries = json.loads(annotations.read_text())
+    grass = NAMES.index("grass")
+    entries[grass]["caption"] = [*entries[grass]["caption"], "a photo of a cat"]
+    doubled = tmp_path / "doubled.json"
+    doubled.write_text(json.dumps(entries))
+    report = evaluate_retrieval(
+        RetrievalEvalConfig(
+            annotations=str(doubled),
+            images=str(images),
+            model=str(strong_itm["blip-itm"]),
+            k_test=1000,
+            device="cpu",
+            dedupe_captions=True,
+        )
+    )
+    _, itc, itm = brute("blip-itm")
+    final = itc + itm  # the distinct texts are TEXTS, in the same order
+    positive = TEXT_IMAGE[None, :] == torch.arange(len(NAMES))[:, None]
+    positive[grass, TEXTS.index("a photo of a cat")] = True
+    assert report["scored"] == {"images": len(NAMES), "texts": len(TEXTS)}
+    assert report["recall"]["mean_rank_i2t"] == pytest.approx(
+        float(pessimistic_ranks(final, positive).double().mean())
+    )
+    assert report["recall"]["mean_rank_t2i"] == pytest.approx(
+        float(pessimistic_ranks(final.t(), positive.t()).double().mean())
+    )
