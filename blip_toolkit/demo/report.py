@@ -1,5 +1,5 @@
 """The demo's report: report.md, report.json and PNG figures (training curves, recall bars, a grid of
-test images with what each model said about them)."""
+test pairs with what each model said about them)."""
 
 from __future__ import annotations
 
@@ -12,89 +12,115 @@ import matplotlib.pyplot as plt
 from PIL import Image
 
 from blip_toolkit import __version__
-from blip_toolkit.demo.data import CAPTIONS, DIGIT_WORDS
+from blip_toolkit.demo.data import QUESTIONS, answer, canonical_caption, digits_in
 from blip_toolkit.fsutil import atomic_path, write_json
+
+matplotlib.use("Agg")
 
 TASK_METRIC = {
     "caption": ("val_accuracy", "val accuracy"),
     "vqa": ("val_accuracy", "val accuracy"),
     "retrieval": ("val_recall@1", "val recall@1"),
 }
+GRID = 16
 
 
-def write_report(out: Path, *, mode: str, seed: int, stages, metrics: dict[str, Any], state: dict) -> dict:
+def write_report(out: Path, *, mode: str, seed: int, metrics: dict[str, Any], state: dict) -> dict:
     """Write the figures now; report.md / report.json are written by `finalize` once the report
     stage's own time is known."""
     figures_dir = out / "figures"
     figures_dir.mkdir(exist_ok=True)
     figures = {
         "curves": str(_curves(figures_dir / "training_curves.png", state)),
-        "recall": str(_recall_bars(figures_dir / "recall.png", metrics["recall"])),
+        "recall": str(_recall_bars(figures_dir / "recall.png", state["recall"])),
         "samples": str(_sample_grid(figures_dir / "test_samples.png", state)),
     }
     md_path, json_path = out / "report.md", out / "report.json"
 
     def finalize(all_stages, total_seconds: float) -> None:
-        times = {s.name: round(s.seconds, 2) for s in all_stages}
         document = {
             "toolkit_version": __version__,
             "mode": mode,
             "seed": seed,
             "total_seconds": round(total_seconds, 2),
-            "stage_seconds": times,
+            "stage_seconds": {s.name: round(s.seconds, 2) for s in all_stages},
+            "summaries": {s.name: s.metrics.get("summary", "") for s in all_stages},
             "metrics": metrics,
             "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
         }
         write_json(json_path, document)
         with atomic_path(md_path) as tmp:
-            tmp.write_text(_markdown(document), encoding="utf-8")
+            tmp.write_text(markdown(document), encoding="utf-8")
 
     return {"md": str(md_path), "json": str(json_path), "figures": figures, "finalize": finalize}
 
 
-def _markdown(doc: dict) -> str:
+def markdown(doc: dict) -> str:
     m = doc["metrics"]
-    recall = m["recall"]
-    splits = m["data"]["splits"]
+    pairs = m["data"]["pairs"]
     lines = [
         f"# blip demo report ({doc['mode']} mode)",
         "",
-        f"blip {doc['toolkit_version']}, seed {doc['seed']}, {doc['total_seconds']:.0f} s in total. Data: UCI handwritten "
-        f"digits, {splits['train']} train / {splits['val']} val / {splits['test']} test images (32x32 px). Every "
-        "number below is measured on the held-out test images.",
+        f"blip {doc['toolkit_version']}, seed {doc['seed']}, {doc['total_seconds']:.0f} s in total. Data: pairs of UCI "
+        f"handwritten digits side by side (32x32 px), {pairs['train']} train / {pairs['val']} val / {pairs['test']} "
+        "test pairs; a pair of a split is made only of that split's digit images, so no test digit image was "
+        "seen in training. Every number below is measured on the test pairs.",
         "",
         "| stage | result | seconds |",
         "| --- | --- | ---: |",
     ]
-    results = {
-        "caption": f"caption accuracy (right digit word) **{m['caption']['accuracy']:.1%}**",
-        "vqa": f"VQA exact-match accuracy **{m['vqa']['accuracy']:.1%}**",
-        "retrieval": f"retrieval top-1 among the 10 captions **{m['retrieval']['top1']:.1%}**",
-        "dit": (
-            f"generated features: image-to-text R@1 **{recall['generated']['i2t']['R@1']:.1%}** "
-            f"({recall['generated_over_baseline_r1']:.0%} of the baseline's)"
-        ),
-    }
     for name, seconds in doc["stage_seconds"].items():
-        lines.append(f"| {name} | {results.get(name, '')} | {seconds:.1f} |")
+        lines.append(f"| {name} | {doc['summaries'].get(name, '')} | {seconds:.1f} |")
+    caption, vqa, retrieval = m["caption"], m["vqa"]["eval"], m["retrieval"]["eval"]
     lines += [
         "",
-        "## Recall of the CLIP-feature diffusion (eval-recall --dedupe-captions)",
+        "## Captioning (`blip eval caption`, pycocoevalcap, x100)",
         "",
-        "Image-to-text (i2t) and text-to-image (t2i) recall of three sets of test-image features against the target "
-        "encoder's text embeddings of the ten distinct captions: the target encoder's own image embedding "
+        "| BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr | both digits right, in order |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| "
+        + " | ".join(
+            f"{caption['eval'][k]:.1f}"
+            for k in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+            if k in caption["eval"]
+        )
+        + f" | {caption['both_digits_in_order']:.1%} |",
+        "",
+        "## Visual question answering (`blip eval vqa`, the official VQAv2 accuracy, x100)",
+        "",
+        "| overall | " + " | ".join(vqa.get("per_question_type", {})) + " | exact match |",
+        "| ---: | " + " | ".join("---:" for _ in vqa.get("per_question_type", {})) + " | ---: |",
+        f"| {vqa['overall']:.1f} | "
+        + " | ".join(f"{v:.1f}" for v in vqa.get("per_question_type", {}).values())
+        + f" | {vqa['exact_match']:.1f} |",
+        "",
+        f"## Retrieval (`blip eval retrieval --dedupe-captions`, {m['retrieval']['texts']} captions, recall in %)",
+        "",
+        "| image-to-text R@1 | R@5 | R@10 | text-to-image R@1 | R@5 | R@10 |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| "
+        + " | ".join(
+            f"{retrieval[k]:.1f}" for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")
+        )
+        + " |",
+    ]
+    recall = m["dit"]["recall"]
+    lines += [
+        "",
+        f"## CLIP-feature diffusion (`eval-recall --dedupe-captions`, {m['dit']['texts']} captions)",
+        "",
+        "Image-to-text (i2t) and text-to-image (t2i) recall of three sets of test-pair features against the "
+        "target encoder's text embeddings of the distinct captions: the target encoder's own image embedding "
         "(baseline), its ground-truth tokens pooled and projected by the target head (gt-pooled), and the tokens "
         "the DiT generated from the conditioning encoder's tokens (generated).",
         "",
-        "| features | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| features | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in ("baseline", "gt-pooled", "generated"):
         r = recall[name]
-        lines.append(
-            f"| {name} | {r['i2t']['R@1']:.1%} | {r['i2t']['R@5']:.1%} | {r['t2i']['R@1']:.1%} | "
-            f"{r['t2i']['R@5']:.1%} |"
-        )
+        cells = [f"{r[d][f'R@{k}']:.1%}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if recall.get("cosine"):
         lines += [
             "",
@@ -114,21 +140,14 @@ def _markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def _plt():
-    matplotlib.use("Agg")
-
-    return plt
-
-
 def _save(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    _plt().close(fig)
+    plt.close(fig)
     return path
 
 
 def _curves(path: Path, state: dict) -> Path:
-    plt = _plt()
     history = state.get("history", {})
     panels = [t for t in ("caption", "vqa", "retrieval") if t in history] + (
         ["dit"] if "dit_history" in state else []
@@ -167,9 +186,7 @@ def _curves(path: Path, state: dict) -> Path:
     return _save(fig, path)
 
 
-def _smooth(values, weight: float | None = None) -> list[float]:
-    # Few points (the DiT logs every 10 steps) need less smoothing than a per-step curve.
-    weight = weight if weight is not None else (0.9 if len(values) > 100 else 0.6)
+def _smooth(values, weight: float = 0.9) -> list[float]:
     out, current = [], None
     for v in values:
         current = v if current is None else weight * current + (1 - weight) * v
@@ -178,7 +195,6 @@ def _smooth(values, weight: float | None = None) -> list[float]:
 
 
 def _recall_bars(path: Path, recall: dict) -> Path:
-    plt = _plt()
     names = ["baseline", "gt-pooled", "generated"]
     colors = {"baseline": "#1f5f8b", "gt-pooled": "#9bbbd4", "generated": "#d1495b"}
     groups = [("i2t", "R@1"), ("i2t", "R@5"), ("t2i", "R@1"), ("t2i", "R@5")]
@@ -194,45 +210,44 @@ def _recall_bars(path: Path, recall: dict) -> Path:
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([f"{d} {k}" for d, k in groups])
     ax.set_ylim(0, 1.12)
-    ax.set_ylabel("recall (test images, deduplicated captions)")
+    ax.set_ylabel("recall (test pairs, distinct captions)")
     ax.set_title("Generated CLIP-space features vs the target encoder's own", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return _save(fig, path)
 
 
-def _sample_grid(path: Path, state: dict, count: int = 16) -> Path:
-    plt = _plt()
+def _sample_grid(path: Path, state: dict) -> Path:
     data = state["data"]
-    images, labels = data.split_images("test")[:count], data.split_labels("test")[:count]
+    pairs = data.pairs["test"][:GRID]
     columns = 4
-    rows = (len(images) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 2.6, rows * 2.35), squeeze=False)
+    rows = (len(pairs) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 3.0, rows * 3.1), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for i, (image_path, label) in enumerate(zip(images, labels)):
+    kinds = list(QUESTIONS)
+    for i, pair in enumerate(pairs):
         ax = axes.flat[i]
-        ax.imshow(Image.open(image_path), cmap="gray", interpolation="nearest")
-        caption = state.get("captions", [""] * count)[i]
-        answer = state.get("answers", [""] * count)[i]
-        retrieved = state.get("retrieved", [""] * count)[i]
-        lines = [
-            (f"caption: {caption}", DIGIT_WORDS[label] in caption.split()),
-            (f"vqa: {answer}", answer == DIGIT_WORDS[label]),
-            (f"top text: ...{retrieved.split()[-1] if retrieved else ''}", retrieved == CAPTIONS[label]),
-        ]
-        ax.set_title(f"truth: {DIGIT_WORDS[label]}", fontsize=8)
+        ax.imshow(Image.open(data.root / pair.file), cmap="gray", interpolation="nearest")
+        caption = state.get("captions", [""] * GRID)[i]
+        answers = state.get("answers", [[""] * len(kinds)] * GRID)[i]
+        retrieved = state.get("retrieved", [""] * GRID)[i]
+        lines = [(f"caption: {caption}", digits_in(caption)[:2] == [pair.left, pair.right])]
+        for kind, given in zip(kinds, answers):
+            lines.append((f"{kind}: {given}", given == answer(kind, pair.left, pair.right)))
+        lines.append((f"top text: {retrieved}", retrieved == canonical_caption(pair.left, pair.right)))
+        ax.set_title(f"truth: {pair.left} {pair.right}", fontsize=8)
         for row, (text, ok) in enumerate(lines):
             ax.text(
                 0.5,
-                -0.12 - 0.13 * row,
+                -0.1 - 0.1 * row,
                 text,
                 transform=ax.transAxes,
                 ha="center",
-                fontsize=6.5,
+                fontsize=6,
                 color="#2e8b57" if ok else "#d1495b",
             )
-    fig.suptitle("Test images: what each fine-tuned model said (green right, red wrong)", fontsize=10)
+    fig.suptitle("Test pairs: what each fine-tuned model said (green right, red wrong)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

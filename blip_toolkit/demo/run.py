@@ -1,18 +1,24 @@
-"""`blip demo`: every command of the toolkit, end to end, offline, on the bundled handwritten digits.
+"""`blip demo`: every command of the toolkit, end to end, offline, on a compositional task built from the
+bundled handwritten digits: two digits side by side, which the models must name in order, answer
+questions about (each digit, their sum, same or not, which is larger) and match among the 100
+captions of all ordered pairs.
 
 No pretrained weights can be downloaded, so the demo trains small models from scratch and measures
-what they learned on held-out test images, through the same library functions the commands call:
+what they learned on held-out test pairs (whose digit images no training pair contains), through the
+same library functions the commands call, and scores them with `blip eval`:
 
-1. data        digits -> PNG files and TSV manifests (fixed-seed train / val / test split)
-2. build       small BLIP captioning, VQA and ITM checkpoints, random weights (save_pretrained)
-3. caption     finetune --task caption, then caption the test images: accuracy = the right digit word
-4. vqa         finetune --task vqa, then "what digit is this?": exact-match answer accuracy
-5. retrieval   finetune --task retrieval, then rank the ten captions per test image: top-1 accuracy
+1. data        pairs -> PNG files, TSV manifests, COCO / VQAv2 / Karpathy evaluation files
+2. build       small BLIP captioning, VQA and ITM checkpoints, random weights (scratch/)
+3. caption     finetune --task caption, caption the test pairs, `blip eval caption` (BLEU, METEOR,
+               ROUGE-L, CIDEr) and the share of captions naming both digits in order
+4. vqa         finetune --task vqa, answer the test questions, `blip eval vqa` (official accuracy,
+               per question type)
+5. retrieval   finetune --task retrieval, `blip eval retrieval` among the 100 canonical captions
+               (ITC shortlist + ITM re-rank, R@1/5/10 both ways)
 6. embeddings  extract-embeddings: conditioning = the captioning model's vision tower, target = the
                retrieval model (its vision tokens, projected image embedding, text embeddings)
-7. dit         train-dit on the training images' shards, sample the test images' target tokens
-8. recall      eval-recall --dedupe-captions: recall@1/5 of the generated features next to the
-               target encoder's own (baseline) and the pooled ground truth
+7. dit         train-dit on the training pairs' shards, sample the test pairs' target tokens,
+               eval-recall --dedupe-captions of the generated features among the 100 captions
 then a report (report.md, report.json, PNG figures).
 """
 
@@ -23,20 +29,31 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from blip_toolkit.data.images import InputItem
-from blip_toolkit.demo.data import CAPTIONS, CORPUS, DIGIT_WORDS, QUESTION, write_dataset
+from blip_toolkit.demo.data import (
+    CANONICAL_CAPTIONS,
+    CORPUS,
+    IMAGE_PATTERN,
+    DemoData,
+    digits_in,
+    write_dataset,
+)
 from blip_toolkit.demo.report import write_report
 from blip_toolkit.dit.sample import SampleConfig, run_sample
 from blip_toolkit.dit.train import run_train_dit
 from blip_toolkit.dit.train_config import load_train_config
 from blip_toolkit.embeddings.extract import ExtractConfig, extract_embeddings
 from blip_toolkit.embeddings.recall_report import RecallConfig, evaluate_recall
-from blip_toolkit.engine.outputs import prepare_output_dir
-from blip_toolkit.fsutil import write_json
+from blip_toolkit.engine.outputs import RunRecord, prepare_output_dir
+from blip_toolkit.eval.caption_eval import evaluate_caption
+from blip_toolkit.eval.evaluate import CaptionEvalConfig, RetrievalEvalConfig, VqaEvalConfig
+from blip_toolkit.eval.retrieval_eval import evaluate_retrieval
+from blip_toolkit.eval.vqa_eval import evaluate_vqa
 from blip_toolkit.log import verbosity
 from blip_toolkit.runtime.caption import CaptionOptions, caption_images
 from blip_toolkit.runtime.generation import GenerationOptions
@@ -44,34 +61,47 @@ from blip_toolkit.runtime.loading import open_runner
 from blip_toolkit.runtime.retrieval import RetrievalOptions, rank_texts
 from blip_toolkit.runtime.vqa import VqaOptions, answer_questions
 from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
-from blip_toolkit.training.finetune import FinetuneConfig, run_finetune
+from blip_toolkit.training.config import FinetuneConfig
+from blip_toolkit.training.finetune import run_finetune
 
 logger = logging.getLogger("blip")
 
-RUN_FILE = "blip_run.json"
+RUN_KIND = "blip-demo"
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How much training each stage gets. Sizes were chosen on this project's 2-core CPU: the full
-    plan reaches >= 90% on every task in about 4.5 minutes, the quick plan runs in about 1.5."""
+    """How much data and training each stage gets. Sizes were chosen on this project's 2-core CPU."""
 
+    train_pairs: int
+    test_per_combo: int  # test pairs of every ordered class combination (x5 for same-class pairs)
     caption_epochs: int
     vqa_epochs: int
     retrieval_epochs: int
     dit_steps: int
-    limit: int | None = None  # images per split (None: all)
+    val_pairs: int = 100
     sample_steps: int = 20
 
 
 PLANS = {
-    "full": Plan(caption_epochs=20, vqa_epochs=30, retrieval_epochs=14, dit_steps=600),
-    "quick": Plan(caption_epochs=6, vqa_epochs=10, retrieval_epochs=4, dit_steps=200, sample_steps=10),
+    "full": Plan(
+        train_pairs=4000, test_per_combo=4, caption_epochs=8, vqa_epochs=4, retrieval_epochs=8, dit_steps=800
+    ),
+    "quick": Plan(
+        train_pairs=1500,
+        test_per_combo=1,
+        caption_epochs=4,
+        vqa_epochs=2,
+        retrieval_epochs=4,
+        dit_steps=200,
+        val_pairs=40,
+        sample_steps=10,
+    ),
 }
 
-# Small enough to train in a minute on two CPU cores, wide enough to reach >= 90% on the digits.
-# Initialisation: BLIP's vision default (1e-10) cannot learn from scratch; 0.02 learns but VQA (whose
-# image signal must cross two cross-attention hops) sits on a plateau for many epochs; 0.05 does not.
+# Small enough to train in minutes on two CPU cores. Initialisation: BLIP's vision default (1e-10)
+# cannot learn from scratch; 0.02 learns but VQA (whose image signal must cross two cross-attention
+# hops) sits on a plateau for many epochs; 0.05 does not.
 MODEL_SIZE = dict(
     image_size=32,
     patch_size=8,
@@ -83,8 +113,9 @@ MODEL_SIZE = dict(
     text_layers=2,
     initializer_range=0.05,
 )
-FINETUNE = dict(batch_size=32, learning_rate=1e-3, warmup_steps=20, weight_decay=0.01, max_length=12)
+FINETUNE = dict(batch_size=32, learning_rate=1e-3, warmup_steps=20, weight_decay=0.01, max_length=16)
 DIT = dict(hidden=128, layers=4, heads=4, kv_heads=2, batch_size=64, learning_rate=2e-3, warmup_steps=50)
+GRID = 16  # test pairs shown in the report's grid
 
 
 @dataclass
@@ -116,35 +147,33 @@ class DemoResult:
 
     def summary_rows(self) -> list[tuple[str, str, str]]:
         """(stage, key result, seconds) for the console table."""
-        m = self.metrics
-        results = {
-            "caption": f"test accuracy {m['caption']['accuracy']:.1%}",
-            "vqa": f"test accuracy {m['vqa']['accuracy']:.1%}",
-            "retrieval": f"test top-1 {m['retrieval']['top1']:.1%}",
-            "dit": (
-                f"generated R@1 {m['recall']['generated']['i2t']['R@1']:.1%} vs baseline "
-                f"{m['recall']['baseline']['i2t']['R@1']:.1%} "
-                f"({m['recall']['generated_over_baseline_r1']:.0%} of it)"
-            ),
-        }
+        results = {s.name: s.metrics.get("summary", "") for s in self.stages}
         return [(s.name, results.get(s.name, ""), f"{s.seconds:.1f}") for s in self.stages]
+
+
+STAGE_TITLES = {
+    "data": "composing digit pairs (PNG files, manifests, COCO / VQAv2 / Karpathy evaluation files)",
+    "build": "building small BLIP captioning, VQA and ITM checkpoints from scratch",
+    "caption": "fine-tuning captioning, captioning the test pairs, blip eval caption",
+    "vqa": "fine-tuning VQA, answering five kinds of question per test pair, blip eval vqa",
+    "retrieval": "fine-tuning retrieval (ITC + ITM), blip eval retrieval among the 100 captions",
+    "embeddings": "extracting embedding shards (conditioning: captioning tower; target: retrieval model)",
+    "dit": "training the DiT, sampling the test pairs' features, measuring recall",
+}
 
 
 def run_demo(config: DemoConfig, *, progress: Callable[[str], None] | None = None) -> DemoResult:
     """Run every stage into `config.out` and write the report. Deterministic for a given seed (and
     the same torch thread count)."""
-    say = progress or (lambda text: logger.info(text))
-    mode = "quick" if config.quick else "full"
+    say = progress or logger.info
+    mode = "custom" if config.plan is not None else "quick" if config.quick else "full"
     plan = config.plan or PLANS[mode]
-    if config.plan is not None:
-        mode = "custom"
-    out = prepare_output_dir(config.out, overwrite=config.overwrite, resumable=False)
-    write_json(
-        out / RUN_FILE,
-        {"command": "demo", "config": asdict(config), "plan": asdict(plan), "status": "running"},
+    out = prepare_output_dir(
+        config.out, overwrite=config.overwrite, kind=RUN_KIND, flag="--out", resumable=False
     )
+    record = RunRecord(out, RUN_KIND)
+    record.start({"config": {**asdict(config), "plan": asdict(plan)}})
     torch.manual_seed(config.seed)
-    stages: list[StageResult] = []
     state: dict[str, Any] = {"out": out, "plan": plan, "seed": config.seed}
     steps = [
         ("data", _stage_data),
@@ -155,24 +184,28 @@ def run_demo(config: DemoConfig, *, progress: Callable[[str], None] | None = Non
         ("embeddings", _stage_embeddings),
         ("dit", _stage_dit),
     ]
+    stages: list[StageResult] = []
     start = time.perf_counter()
-    for number, (name, stage) in enumerate(steps, start=1):
-        say(f"[{number}/{len(steps) + 1}] {STAGE_TITLES[name]}")
+    try:
+        for number, (name, stage) in enumerate(steps, start=1):
+            say(f"[{number}/{len(steps) + 1}] {STAGE_TITLES[name]}")
+            began = time.perf_counter()
+            metrics = stage(state) or {}
+            stages.append(StageResult(name, time.perf_counter() - began, metrics))
+            if metrics.get("summary"):
+                say(f"      {metrics['summary']}")
+        say(f"[{len(steps) + 1}/{len(steps) + 1}] writing the report")
         began = time.perf_counter()
-        metrics = stage(state) or {}
-        stages.append(StageResult(name, time.perf_counter() - began, metrics))
-        if metrics.get("summary"):
-            say(f"      {metrics['summary']}")
-
-    say(f"[{len(steps) + 1}/{len(steps) + 1}] writing the report")
-
-    began = time.perf_counter()
-    metrics = {s.name: {k: v for k, v in s.metrics.items() if k != "summary"} for s in stages}
-    metrics["recall"] = state["recall"]
-    report = write_report(out, mode=mode, seed=config.seed, stages=stages, metrics=metrics, state=state)
-    stages.append(StageResult("report", time.perf_counter() - began))
-    total = time.perf_counter() - start
-    result = DemoResult(
+        metrics = {s.name: {k: v for k, v in s.metrics.items() if k != "summary"} for s in stages}
+        report = write_report(out, mode=mode, seed=config.seed, metrics=metrics, state=state)
+        stages.append(StageResult("report", time.perf_counter() - began))
+        total = time.perf_counter() - start
+        report["finalize"](stages, total)
+    except BaseException as exc:
+        record.fail(exc)
+        raise
+    record.finish(total_seconds=total)
+    return DemoResult(
         out=str(out),
         mode=mode,
         stages=stages,
@@ -182,39 +215,23 @@ def run_demo(config: DemoConfig, *, progress: Callable[[str], None] | None = Non
         figures=report["figures"],
         total_seconds=total,
     )
-    report["finalize"](stages, total)
-    write_json(
-        out / RUN_FILE,
-        {
-            "command": "demo",
-            "config": asdict(config),
-            "plan": asdict(plan),
-            "status": "done",
-            "total_seconds": total,
-        },
-    )
-    return result
-
-
-STAGE_TITLES = {
-    "data": "preparing the digits (PNG files and manifests)",
-    "build": "building small BLIP captioning, VQA and ITM checkpoints from scratch",
-    "caption": "fine-tuning captioning, then captioning the test images",
-    "vqa": "fine-tuning VQA, then answering 'what digit is this?' on the test images",
-    "retrieval": "fine-tuning retrieval (ITC + ITM), then ranking the ten captions per test image",
-    "embeddings": "extracting embedding shards (conditioning: captioning tower; target: retrieval model)",
-    "dit": "training the DiT, sampling the test images' features, measuring recall",
-}
 
 
 # ----------------------------------------------------------------------------- stages
 
 
 def _stage_data(state: dict) -> dict:
-    data = write_dataset(state["out"] / "data", seed=state["seed"], limit=state["plan"].limit)
+    plan = state["plan"]
+    data = write_dataset(
+        state["out"] / "data",
+        train=plan.train_pairs,
+        val=plan.val_pairs,
+        test_per_combo=plan.test_per_combo,
+        seed=state["seed"],
+    )
     state["data"] = data
-    sizes = {name: len(idx) for name, idx in data.splits.items()}
-    return {"splits": sizes, "summary": ", ".join(f"{n} {name}" for name, n in sizes.items()) + " images"}
+    sizes = {name: len(pairs) for name, pairs in data.pairs.items()}
+    return {"pairs": sizes, "summary": ", ".join(f"{n} {name}" for name, n in sizes.items()) + " pairs"}
 
 
 def _stage_build(state: dict) -> dict:
@@ -232,11 +249,11 @@ def _stage_build(state: dict) -> dict:
 
 
 def _finetune(state: dict, task: str, epochs: int) -> Any:
-    data = state["data"]
+    data: DemoData = state["data"]
     out = state["out"] / "models" / task
     config = FinetuneConfig(
-        manifest=str(data.manifests[task]["train"]),
-        val_manifest=str(data.manifests[task]["val"]),
+        manifest=str(data.manifests["train"][task]),
+        val_manifest=str(data.manifests["val"][task]),
         task=task,
         model=str(state["initial"][task]),
         output_dir=str(out),
@@ -252,80 +269,110 @@ def _finetune(state: dict, task: str, epochs: int) -> Any:
     return result
 
 
-def _test_items(state: dict):
-    data = state["data"]
-    return [InputItem(str(p)) for p in data.split_images("test")], data.split_labels("test")
-
-
-def _write_predictions(state: dict, task: str, records: list[dict]) -> None:
-    path = state["out"] / "predictions" / f"{task}.jsonl"
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
+    return path
 
 
 def _stage_caption(state: dict) -> dict:
+    data: DemoData = state["data"]
     _finetune(state, "caption", state["plan"].caption_epochs)
-    items, labels = _test_items(state)
     runner = open_runner(str(state["trained"]["caption"]), "caption", device="cpu")
-    records = list(
-        caption_images(
-            runner, items, CaptionOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=8))
+    items = [InputItem(str(p)) for p in data.images("test")]
+    options = CaptionOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=16))
+    records = list(caption_images(runner, items, options))
+    predictions = _write_jsonl(state["out"] / "predictions" / "captions.jsonl", records)
+    truth = [(p.left, p.right) for p in data.pairs["test"]]
+    in_order = sum(digits_in(r.get("caption", ""))[:2] == [a, b] for r, (a, b) in zip(records, truth)) / len(
+        truth
+    )
+    report = evaluate_caption(
+        CaptionEvalConfig(
+            annotations=str(data.eval_files["test"]["captions"]),
+            images=str(data.root / "images"),
+            predictions=str(predictions),
         )
     )
-    correct = [DIGIT_WORDS[label] in r.get("caption", "").split() for r, label in zip(records, labels)]
-    _write_predictions(state, "caption", records)
-    state["captions"] = [r.get("caption", "") for r in records]
-    accuracy = sum(correct) / len(correct)
-    return {"accuracy": accuracy, "test_images": len(correct), "summary": f"test accuracy {accuracy:.1%}"}
+    state["captions"] = [r.get("caption", "") for r in records[:GRID]]
+    metrics = report["metrics"]
+    return {
+        "both_digits_in_order": in_order,
+        "eval": metrics,
+        "test_pairs": len(truth),
+        "summary": f"both digits right and in order {in_order:.1%}; CIDEr {metrics['CIDEr']:.1f}, "
+        f"BLEU-4 {metrics['Bleu_4']:.1f}",
+    }
 
 
 def _stage_vqa(state: dict) -> dict:
+    data: DemoData = state["data"]
     _finetune(state, "vqa", state["plan"].vqa_epochs)
-    items, labels = _test_items(state)
+    rows = [
+        line.split("\t") for line in data.manifests["test"]["vqa"].read_text(encoding="utf-8").splitlines()
+    ]
     runner = open_runner(str(state["trained"]["vqa"]), "vqa", device="cpu")
-    records = list(
-        answer_questions(
-            runner,
-            items,
-            [QUESTION] * len(items),
-            VqaOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=4)),
+    items = [InputItem(str(data.root / image)) for image, _q, _a in rows]
+    options = VqaOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=4))
+    records = list(answer_questions(runner, items, [q for _i, q, _a in rows], options))
+    predictions = _write_jsonl(state["out"] / "predictions" / "answers.jsonl", records)
+    files = data.eval_files["test"]
+    report = evaluate_vqa(
+        VqaEvalConfig(
+            questions=str(files["vqa_questions"]),
+            annotations=str(files["vqa_annotations"]),
+            images=str(data.root / "images"),
+            image_pattern=IMAGE_PATTERN,
+            predictions=str(predictions),
         )
     )
-    correct = [r.get("answer") == DIGIT_WORDS[label] for r, label in zip(records, labels)]
-    _write_predictions(state, "vqa", records)
-    state["answers"] = [r.get("answer", "") for r in records]
-    accuracy = sum(correct) / len(correct)
-    return {"accuracy": accuracy, "test_images": len(correct), "summary": f"test accuracy {accuracy:.1%}"}
+    state["answers"] = [[r.get("answer", "") for r in records[5 * i : 5 * i + 5]] for i in range(GRID)]
+    metrics = report["metrics"]
+    return {
+        "eval": metrics,
+        "questions": len(records),
+        "summary": f"VQA accuracy {metrics['overall']:.1f} (official metric, x100), "
+        + ", ".join(f"{k} {v:.0f}" for k, v in metrics.get("per_question_type", {}).items()),
+    }
 
 
 def _stage_retrieval(state: dict) -> dict:
+    data: DemoData = state["data"]
     _finetune(state, "retrieval", state["plan"].retrieval_epochs)
-    items, labels = _test_items(state)
+    report = evaluate_retrieval(
+        RetrievalEvalConfig(
+            annotations=str(data.eval_files["test"]["retrieval"]),
+            images=str(data.root / "images"),
+            model=str(state["trained"]["retrieval"]),
+            k_test=16,
+            device="cpu",
+            dedupe_captions=True,
+        )
+    )
     runner = open_runner(str(state["trained"]["retrieval"]), "retrieval", device="cpu")
-    records = list(rank_texts(runner, items, list(CAPTIONS), RetrievalOptions(batch_size=32)))
-    correct = [r["results"][0]["text"] == CAPTIONS[label] for r, label in zip(records, labels)]
-    _write_predictions(state, "retrieval", records)
-    state["retrieved"] = [r["results"][0]["text"] for r in records]
-    top1 = sum(correct) / len(correct)
+    items = [InputItem(str(p)) for p in data.images("test")[:GRID]]
+    ranked = list(rank_texts(runner, items, list(CANONICAL_CAPTIONS), RetrievalOptions(batch_size=16)))
+    state["retrieved"] = [r["results"][0]["text"] if "results" in r else "" for r in ranked]
+    metrics = report["metrics"]
     return {
-        "top1": top1,
-        "test_images": len(correct),
-        "candidates": len(CAPTIONS),
-        "summary": f"test top-1 {top1:.1%}",
+        "eval": metrics,
+        "texts": report["scored"]["texts"],
+        "summary": f"image-to-text R@1 {metrics['txt_r1']:.1f}%, text-to-image R@1 {metrics['img_r1']:.1f}% "
+        f"among {report['scored']['texts']} captions",
     }
 
 
 def _stage_embeddings(state: dict) -> dict:
-    data = state["data"]
+    data: DemoData = state["data"]
     dirs = {}
     for split in ("train", "test"):
         out = state["out"] / "embeddings" / split
         with _quiet():
             extract_embeddings(
                 ExtractConfig(
-                    source=[str(data.manifests["retrieval"][split])],
+                    source=[str(data.manifests[split]["retrieval"])],
                     out=str(out),
                     cond_encoder=str(state["trained"]["caption"]),
                     target_encoder=str(state["trained"]["retrieval"]),
@@ -351,7 +398,7 @@ def _stage_dit(state: dict) -> dict:
         {
             "output_dir": str(run_dir),
             "data.dir": str(emb["train"]),
-            "data.eval_fraction": 0.1,
+            "data.eval_fraction": 0.05,
             "data.split_seed": state["seed"],
             "model.preset": "tiny",
             "model.hidden_size": DIT["hidden"],
@@ -387,7 +434,7 @@ def _stage_dit(state: dict) -> dict:
             )
         )
         report = evaluate_recall(
-            RecallConfig(dir=str(emb["test"]), generated=sampled.path, ks=[1, 5], dedupe_captions=True)
+            RecallConfig(dir=str(emb["test"]), generated=sampled.path, ks=[1, 5, 10], dedupe_captions=True)
         )
     state["dit_history"] = trained.history
     recall = dict(report["features"])
@@ -399,8 +446,10 @@ def _stage_dit(state: dict) -> dict:
         "train_steps": trained.steps,
         "parameters": trained.num_parameters,
         "sample_steps": sampled.steps,
-        "summary": f"generated R@1 {generated:.1%} vs baseline {base:.1%} "
-        f"({recall['generated_over_baseline_r1']:.0%} of it)",
+        "recall": recall,
+        "texts": report["num_texts"],
+        "summary": f"generated R@1 {generated:.1%} vs the target encoder's own {base:.1%} "
+        f"({recall['generated_over_baseline_r1']:.0%} of it) among {report['num_texts']} captions",
     }
 
 

@@ -51,6 +51,7 @@ from blip_toolkit.engine.metrics import (
 from blip_toolkit.engine.optim import Ema, build_optimizer, warmup_cosine_schedule
 from blip_toolkit.engine.outputs import (
     RunRecord,
+    check_output_dir,
     check_resume_settings,
     flatten,
     prepare_output_dir,
@@ -152,6 +153,13 @@ class Trainer:
 
     def _prepare_output(self) -> None:
         settings = self.settings
+        check_output_dir(
+            self.out,
+            overwrite=settings.overwrite,
+            resume=settings.resume,
+            kind=self.kind,
+            flag=self.output_flag,
+        )
         previous = self.record.read() if settings.resume else None
         if previous is not None:
             self.check_previous_run(previous)
