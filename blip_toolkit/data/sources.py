@@ -114,8 +114,14 @@ def open_source(specs: list[str] | str, *, allow_pipe: bool = False) -> ItemSour
     return wds_source(specs, allow_pipe=allow_pipe)
 
 
+def is_webdataset_spec(spec: str) -> bool:
+    """Whether a command-line input names webdataset shards (a tar, a brace pattern, a `::` list or a
+    pipe: URL) rather than an image, a folder or a manifest."""
+    return spec.startswith("pipe:") or "{" in spec or "::" in spec or spec.lower().endswith(TAR_SUFFIXES)
+
+
 def _kind(spec: str) -> str:
-    if spec.startswith("pipe:") or "{" in spec or "::" in spec or spec.lower().endswith(TAR_SUFFIXES):
+    if is_webdataset_spec(spec):
         return "webdataset"
     if "://" in spec:
         raise UsageError(
@@ -246,6 +252,20 @@ def iter_tar(url: str, handler: Callable[[BaseException], bool]) -> Iterator[dic
     """Raw webdataset samples ({"__key__", "jpg": bytes, ...}) of one tar, through webdataset's own
     url_opener -> tar_file_expander -> group_by_keys with our handler."""
     yield from tarfile_samples([{"url": url}], handler=handler)
+
+
+def tar_events(url: str) -> Iterator[tuple[dict | None, str | None]]:
+    """The samples and the errors of one tar in stream order: `(sample, None)` or `(None, error)`.
+    A corrupt header or a truncated tar ends the tar with an error after the samples read before it;
+    the order is the same on every read of the same file (DataLoader workers that share a tar
+    rely on it)."""
+    handler = ErrorCollector(url)
+    for sample in iter_tar(url, handler):
+        for error in handler.drain():
+            yield None, error
+        yield sample, None
+    for error in handler.drain():
+        yield None, error
 
 
 def decode_sample(sample: dict) -> tuple[str, bytes, list[str]]:
