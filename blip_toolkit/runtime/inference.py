@@ -149,12 +149,20 @@ def _chunks(source: Source, task, settings: RunSettings, *, rank=0, world=1, jou
     return chunk_loader(dataset, workers), total
 
 
-def infer_records(runner, task, source: Source, settings: RunSettings) -> Iterator[dict]:
+def infer_records(
+    runner, task, source: Source, settings: RunSettings, *, progress: bool = False
+) -> Iterator[dict]:
     """Every record of `source` in input order, in this process (stdout and the Python API)."""
-    chunks, _ = _chunks(source, task, settings)
-    for kind, _pos, record in process_chunks(runner, task, chunks, settings.batch_size):
-        if kind == "record":
-            yield record
+    chunks, total = _chunks(source, task, settings)
+    # A live line when stderr is a terminal; plain stderr gets the per-item errors only.
+    meter = Progress(total, enabled=progress, every=float("inf"))
+    try:
+        for kind, _pos, record in process_chunks(runner, task, chunks, settings.batch_size):
+            if kind == "record":
+                meter.update("error" in record)
+                yield record
+    finally:
+        meter.close()
 
 
 # ----------------------------------------------------------------------------- progress
