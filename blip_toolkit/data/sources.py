@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +267,37 @@ def tar_events(url: str) -> Iterator[tuple[dict | None, str | None]]:
         yield sample, None
     for error in handler.drain():
         yield None, error
+    problem = tar_end_problem(url)
+    if problem:
+        yield None, f"{url}: {problem}"
+
+
+def tar_end_problem(url: str) -> str | None:
+    """Why a local uncompressed tar ends early, or None. Python's tarfile ends its iteration quietly
+    at a truncated member or a damaged header anywhere past the first one, so a cut download would
+    lose samples without a word; this walks the member headers (one 512-byte read each) and checks
+    that the last member's data is all there and only zero blocks follow it. Compressed tars are
+    not checked here: their decompressor already raises on a cut stream."""
+    if url.startswith("pipe:") or not url.lower().endswith(".tar"):
+        return None
+    path = Path(url)
+    try:
+        size = path.stat().st_size
+        end, last = 0, None
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                end, last = member.offset_data + -(-member.size // 512) * 512, member.name
+        if end > size:
+            return f"truncated: member {last} needs {end - size} more byte(s) than the file holds"
+        with open(path, "rb") as handle:
+            handle.seek(end)
+            while block := handle.read(1 << 16):
+                if block.strip(b"\0"):
+                    after = f"after member {last}" if last else "at its start"
+                    return f"truncated or damaged {after}: data follows that is not a tar member"
+    except (OSError, tarfile.TarError) as exc:
+        return f"unreadable tar ({exc})"
+    return None
 
 
 def decode_sample(sample: dict) -> tuple[str, bytes, list[str]]:
