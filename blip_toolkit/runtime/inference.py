@@ -100,16 +100,28 @@ def process_chunks(runner, task, chunks: Iterator[Chunk], batch_size: int) -> It
     size = batch_size * WINDOW_BATCHES
 
     def flush():
+        """Run the window's batches; after each, yield the records now complete at the window's
+        front (records stream batch by batch, in input order)."""
+        results: dict[int, dict] = {
+            id(item): _record(item, {**task.error_fields(item), "error": item.error})
+            for item in window
+            if item.error is not None
+        }
+        emitted = 0
+
+        def ready():
+            nonlocal emitted
+            while emitted < len(window) and id(window[emitted]) in results:
+                item = window[emitted]
+                yield "record", item.pos, results.pop(id(item))
+                emitted += 1
+
+        yield from ready()
         good = [item for item in window if item.error is None]
-        results: dict[int, dict] = {}
         for batch in equal_key_batches(good, task.group, batch_size):
             for item, fields in zip(batch, task.run(runner, batch)):
-                results[id(item)] = fields
-        for item in window:
-            if item.error is not None:
-                yield "record", item.pos, _record(item, {**task.error_fields(item), "error": item.error})
-            else:
-                yield "record", item.pos, _record(item, results[id(item)])
+                results[id(item)] = _record(item, fields)
+            yield from ready()
         for unit, count in ends:
             yield "end", unit, count
         window.clear()

@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -81,9 +82,9 @@ def check_writable(directory: Path) -> None:
     wrong for root and for read-only mounts)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".blip-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".blip-write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise InputError(f"{directory}: cannot write the output here ({exc.strerror or exc})") from exc
 
