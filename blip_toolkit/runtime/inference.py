@@ -156,8 +156,15 @@ def _chunks(source: Source, task, settings: RunSettings, *, rank=0, world=1, jou
         workers = default_workers(total, chunk_size)
     if isinstance(dataset, FileChunks):
         workers = min(workers, len(dataset))
-    else:
-        workers = min(workers, max(1, len(dataset.units))) if dataset.units else 0
+    elif not dataset.units:
+        workers = 0
+    elif any(u.url.startswith("pipe:") for u in dataset.units) and workers > 1:
+        # Every worker reads every tar of this process: a pipe: command (a download) would run once
+        # per worker. One worker still decodes while the model runs.
+        logger.info(
+            "pipe: sources are read by one DataLoader worker (--num-workers %d lowered to 1)", workers
+        )
+        workers = 1
     return chunk_loader(dataset, workers), total
 
 
@@ -175,6 +182,8 @@ def infer_records(
                 yield record
     finally:
         meter.close()
+    if progress:
+        logger.info("%s", meter.summary())
 
 
 # ----------------------------------------------------------------------------- progress
@@ -203,6 +212,12 @@ class Progress:
             left = (self.total - self.done) / rate
             text += f", ETA {time.strftime('%H:%M:%S', time.gmtime(left))}"
         return text
+
+    def summary(self) -> str:
+        """The one line at the end of a run."""
+        elapsed = time.monotonic() - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        return f"{self.done} item(s) in {elapsed:.1f} s ({rate:.2f} items/s), {self.failed} failed"
 
     def update(self, failed: bool) -> None:
         self.done += 1
@@ -383,10 +398,11 @@ def infer_to_file(
     clear_journal(run_dir)
     seconds = time.perf_counter() - started
     logger.info(
-        "wrote %d record(s) to %s in %.1f s (%d failed%s)",
+        "wrote %d record(s) to %s in %.1f s, %.2f items/s (%d failed%s)",
         written,
         output,
         seconds,
+        (written - journal.records) / max(seconds, 1e-9),
         final.failed,
         f"; {journal.records} from earlier runs" if journal.records else "",
     )
