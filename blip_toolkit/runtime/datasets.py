@@ -227,7 +227,8 @@ class TarChunks(torch.utils.data.IterableDataset):
     the same chunks (`chunk_size` positions still to do, and a last one at the end of each tar that
     carries the tar's end); chunk k is decoded and yielded by worker k % workers, which is the order
     in which the DataLoader collects from its workers, so the stream stays in input order.
-    `done[unit]` holds the offsets finished by an earlier run (read past, not decoded)."""
+    `done[unit]` holds the offsets finished by an earlier run (read past, not decoded; anything with
+    `in`)."""
 
     def __init__(
         self,
@@ -237,7 +238,7 @@ class TarChunks(torch.utils.data.IterableDataset):
         max_pixels: int,
         *,
         text: str | None = None,
-        done: dict[int, set[int]] | None = None,
+        done: dict | None = None,
     ):
         super().__init__()
         self.units, self.chunk_size, self.encoder, self.max_pixels = units, chunk_size, encoder, max_pixels
@@ -248,7 +249,7 @@ class TarChunks(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         number = 0  # chunk counter over this process's stream
         for unit in self.units:
-            done = self.done.get(unit.number, set())
+            done = self.done.get(unit.number, ())
             pending: list[tuple[int, dict | None, str | None]] = []
             offset = 0
             for sample, error in tar_events(unit.url):

@@ -158,6 +158,7 @@ class GenerationTask:
         self.name = task
         self.options = options
         self.result_key = "caption" if task == "caption" else "answer"
+        self.varying_lengths = task == "vqa"  # one caption prompt has one length; questions vary
         self.encoder = GenerationEncoder(
             loaded.processor,
             loaded.family,

@@ -66,7 +66,7 @@ from blip_toolkit.runtime.records import (
 
 logger = logging.getLogger("blip")
 
-WINDOW_BATCHES = 8  # items are grouped by prompt length within windows of 8 batches
+WINDOW_BATCHES = 8  # a task whose prompts differ in length groups them within windows of 8 batches
 
 
 @dataclass
@@ -97,7 +97,8 @@ def process_chunks(runner, task, chunks: Iterator[Chunk], batch_size: int) -> It
     task.start()
     window: list[Prepared] = []
     ends: list[tuple[int, int]] = []
-    size = batch_size * WINDOW_BATCHES
+    # Only varying prompt lengths need a window; others keep one batch of preprocessed images in hand.
+    size = batch_size * (WINDOW_BATCHES if getattr(task, "varying_lengths", False) else 1)
 
     def flush():
         """Run the window's batches; after each, yield the records now complete at the window's
@@ -148,7 +149,7 @@ def _chunks(source: Source, task, settings: RunSettings, *, rank=0, world=1, jou
         total = len(work)
     else:
         units = [u for u in tar_units(source)[rank::world] if not journal.complete(u.number)]
-        done = {u.number: journal.done.get(u.number, set()) for u in units}
+        done = {u.number: journal.offsets(u.number) for u in units}
         dataset = TarChunks(units, chunk_size, task.encoder, settings.max_pixels, text=source.text, done=done)
         total = None
     workers = settings.num_workers
@@ -287,10 +288,10 @@ def _kind(task_name: str) -> str:
     return f"blip-{task_name}"
 
 
-def check_output(job: OutputJob, fingerprint: dict, task_name: str) -> tuple[Path, dict | None]:
+def check_output(job: OutputJob, fingerprint: dict, task_name: str) -> tuple[Path, dict | None, JournalState]:
     """The output policy, read-only: an existing output or run state is refused without --resume or
-    --overwrite; --resume needs the run state of the same kind and the same fingerprint. Returns the
-    run directory and the previous run record (with --resume)."""
+    --overwrite; --resume needs the run state of the same kind, the same fingerprint and an intact
+    journal. Returns the run directory, the previous run record and the journal (with --resume)."""
     output = Path(job.output)
     run_dir = sidecar(output)
     output_format(output)
@@ -300,7 +301,7 @@ def check_output(job: OutputJob, fingerprint: dict, task_name: str) -> tuple[Pat
         if run_dir.exists() and not (run_dir / "blip_run.json").is_file():
             raise OutputExistsError(f"{run_dir} exists and was not written by blip; refusing to clear it")
         check_writable(output.parent if str(output.parent) else Path("."))
-        return run_dir, None
+        return run_dir, None, JournalState()
     if not job.resume:
         check_output_file(output, overwrite=False)
         if run_dir.exists():
@@ -309,7 +310,7 @@ def check_output(job: OutputJob, fingerprint: dict, task_name: str) -> tuple[Pat
                 hint="pass --resume to continue it or --overwrite to start over",
             )
         check_writable(output.parent if str(output.parent) else Path("."))
-        return run_dir, None
+        return run_dir, None, JournalState()
     record = RunRecord(run_dir, kind).read() if run_dir.is_dir() else None
     if record is None:
         what = "exists but has" if output.exists() else "has"
@@ -327,7 +328,7 @@ def check_output(job: OutputJob, fingerprint: dict, task_name: str) -> tuple[Pat
     if record.get("status") == "finished" and not output.is_file():
         raise InputError(f"{output}: the run finished but the file is gone; start again with --overwrite")
     check_writable(run_dir)
-    return run_dir, record
+    return run_dir, record, read_journal(run_dir)
 
 
 def infer_to_file(
@@ -346,7 +347,8 @@ def infer_to_file(
     output = Path(job.output)
     fmt = output_format(output)
     task_name = fingerprint["task"]
-    run_dir, previous = check_output(job, fingerprint, task_name)
+    # Every process reads the journal here, before the barriers: nobody appends to it until all have.
+    run_dir, previous, journal = check_output(job, fingerprint, task_name)
     record = RunRecord(run_dir, _kind(task_name), enabled=state.is_main_process)
     if previous is not None and previous.get("status") == "finished":
         counts = previous.get("counts", {})
@@ -372,8 +374,6 @@ def infer_to_file(
         run_dir.mkdir(parents=True, exist_ok=True)
         record.start({"config": fingerprint, "output": str(output), "format": fmt}, previous=previous)
     state.wait_for_everyone()
-    journal = read_journal(run_dir)
-    state.wait_for_everyone()  # everyone has read the journal before anyone appends to it
     attempt = journal.last_attempt + 1
 
     try:

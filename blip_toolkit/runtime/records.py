@@ -102,12 +102,39 @@ def _position(value: Any) -> tuple[int, int] | None:
     return None
 
 
+class Offsets:
+    """The finished offsets of one unit: a bitmap (one bit per item, so a resume of millions of items
+    holds megabytes, not a set of ints) and their count."""
+
+    __slots__ = ("bits", "count")
+
+    def __init__(self) -> None:
+        self.bits = bytearray()
+        self.count = 0
+
+    def __contains__(self, offset: int) -> bool:
+        byte = offset >> 3
+        return byte < len(self.bits) and bool(self.bits[byte] & (1 << (offset & 7)))
+
+    def add(self, offset: int) -> bool:
+        """Mark `offset`; False if it was already marked."""
+        byte = offset >> 3
+        if byte >= len(self.bits):
+            self.bits.extend(bytes(byte + 1 - len(self.bits)))
+        mask = 1 << (offset & 7)
+        if self.bits[byte] & mask:
+            return False
+        self.bits[byte] |= mask
+        self.count += 1
+        return True
+
+
 @dataclass
 class JournalState:
     """What earlier attempts finished: the positions written (per unit), the tars whose end is known
     (unit -> number of positions), the record counts, and the journal files."""
 
-    done: dict[int, set[int]] = field(default_factory=dict)
+    done: dict[int, Offsets] = field(default_factory=dict)
     ends: dict[int, int] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     records: int = 0
@@ -115,16 +142,20 @@ class JournalState:
     last_attempt: int = 0
 
     def has(self, pos: tuple[int, int]) -> bool:
-        return pos[1] in self.done.get(pos[0], ())
+        offsets = self.done.get(pos[0])
+        return offsets is not None and pos[1] in offsets
+
+    def offsets(self, unit: int) -> Offsets:
+        return self.done.get(unit) or Offsets()
 
     def complete(self, unit: int) -> bool:
         """Whether every position of tar `unit` is written."""
-        return unit in self.ends and len(self.done.get(unit, ())) >= self.ends[unit]
+        return unit in self.ends and self.offsets(unit).count >= self.ends[unit]
 
     def add(self, pos: tuple[int, int], failed: bool) -> None:
-        self.done.setdefault(pos[0], set()).add(pos[1])
-        self.records += 1
-        self.failed += failed
+        if self.done.setdefault(pos[0], Offsets()).add(pos[1]):
+            self.records += 1
+            self.failed += failed
 
 
 def journal_files(run_dir: Path) -> list[Path]:
@@ -164,9 +195,7 @@ def read_journal(run_dir: Path) -> JournalState:
             if end is not None:
                 state.ends[end[0]] = end[1]
                 continue
-            pos = _position(entry["pos"])
-            if not state.has(pos):
-                state.add(pos, "error" in entry["record"])
+            state.add(_position(entry["pos"]), "error" in entry["record"])
     return state
 
 
