@@ -25,7 +25,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -264,7 +264,6 @@ class Summary:
     seconds: float = 0.0
     already_done: int = 0  # written by earlier attempts (--resume)
     is_main: bool = True
-    counts: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
