@@ -255,21 +255,26 @@ def iter_tar(url: str, handler: Callable[[BaseException], bool]) -> Iterator[dic
     yield from tarfile_samples([{"url": url}], handler=handler)
 
 
+def tar_samples(url: str, handler: ErrorCollector) -> Iterator[dict]:
+    """Raw samples of one tar (`iter_tar`), then the end check (`tar_end_problem`): a truncated or
+    damaged tar is reported to `handler` like webdataset's own errors, after the samples before it."""
+    yield from iter_tar(url, handler)
+    problem = tar_end_problem(url)
+    if problem:
+        handler.errors.append(f"{url}: {problem}")
+
+
 def tar_events(url: str) -> Iterator[tuple[dict | None, str | None]]:
     """The samples and the errors of one tar in stream order: `(sample, None)` or `(None, error)`.
-    A corrupt header or a truncated tar ends the tar with an error after the samples read before it;
-    the order is the same on every read of the same file (DataLoader workers that share a tar
-    rely on it)."""
+    The order is the same on every read of the same file (DataLoader workers that share a tar rely
+    on it)."""
     handler = ErrorCollector(url)
-    for sample in iter_tar(url, handler):
+    for sample in tar_samples(url, handler):
         for error in handler.drain():
             yield None, error
         yield sample, None
     for error in handler.drain():
         yield None, error
-    problem = tar_end_problem(url)
-    if problem:
-        yield None, f"{url}: {problem}"
 
 
 def tar_end_problem(url: str) -> str | None:
