@@ -14,22 +14,99 @@ from blip_toolkit.errors import BlipError, PartialFailure, UsageError
 logger = logging.getLogger("blip")
 
 
-def image_items(inputs: list[str] | None, manifest: Path | None, *, schema: str = "images"):
-    """Image inputs from positional arguments or a manifest (not both). Returns (items, rows)."""
-    from blip_toolkit.data.images import InputItem, collect_inputs
-    from blip_toolkit.data.manifests import read_manifest
+def run_inference(
+    task: str,
+    *,
+    inputs: list[str] | None,
+    manifest: Path | None,
+    model: str | None,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+    options,
+    make_task,
+    fingerprint: dict,
+    output: Path | None,
+    resume: bool,
+    overwrite: bool,
+    allow_pipe: bool,
+    fmt: str,
+    text_line: Callable[[dict], str | None],
+    what: str,
+    question: str | None = None,
+    manifest_schema: str = "images",
+) -> None:
+    """The tail shared by `caption`, `vqa` and `retrieval`: open the inputs, then stream records to
+    stdout, or run the resumable (multi-process) job into `--output` and print its summary."""
+    import os
 
-    if manifest is not None and inputs:
-        raise UsageError("give images as arguments or with --manifest, not both")
-    if manifest is not None:
-        frame = read_manifest(manifest, schema, check_images=False).frame
-        rows = frame.to_dict("records")
-        return [InputItem(row["image"]) for row in rows], rows
-    if not inputs:
-        raise UsageError(
-            "no images given (pass files, directories, glob patterns, - for stdin, or --manifest)"
+    from blip_toolkit.runtime.datasets import open_inputs
+    from blip_toolkit.runtime.inference import OutputJob, infer_records, infer_to_file, model_fingerprint
+    from blip_toolkit.runtime.loading import DEFAULT_MODELS, open_runner
+
+    model = model or DEFAULT_MODELS[task]
+    source = open_inputs(
+        inputs, manifest, text=question, manifest_schema=manifest_schema, allow_pipe=allow_pipe
+    )
+
+    def load(where: str):
+        return open_runner(model, task, device=where, dtype=dtype, trust_remote_code=trust_remote_code)
+
+    if output is None:
+        if resume or overwrite:
+            raise UsageError("--resume and --overwrite apply to --output FILE")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("several processes need --output FILE (process 0 merges their results there)")
+        runner = load(device)
+        records = infer_records(runner, make_task(runner), source, options.settings(), progress=True)
+        emit_all(records, fmt, text_line, what=what)
+        return
+    job = OutputJob(str(output), resume=resume, overwrite=overwrite, device=device)
+    fingerprint = {
+        **fingerprint,
+        **model_fingerprint(model),
+        "max_pixels": options.max_pixels,
+        "inputs": source.describe(),
+    }
+    summary = infer_to_file(load, make_task, source, job, options.settings(), fingerprint)
+    if not summary.is_main:
+        return
+    if fmt != "text":
+        with Emitter(fmt, single=True) as out:
+            out.emit(summary.to_dict())
+    if summary.failed and summary.failed == summary.records:
+        raise BlipError(f"all {summary.records} {what}(s) failed (each recorded in {output})")
+    if summary.failed:
+        raise PartialFailure(
+            f"{summary.failed} of {summary.records} {what}(s) failed (each recorded in {output} with its "
+            "error); the rest finished"
         )
-    return collect_inputs(inputs), None
+
+
+def item_name(record: dict) -> str:
+    """How a record names its input on a text line: the path, or shard/key for webdataset."""
+    if "image" in record:
+        return str(record["image"])
+    return f"{record.get('shard')}/{record.get('key') if record.get('key') is not None else ''}"
+
+
+def read_texts_file(path: Path) -> list[str]:
+    """Candidate texts, one per non-empty line (UTF-8)."""
+    from blip_toolkit.errors import InputError
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such file") from exc
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not valid UTF-8") from exc
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise InputError(f"{path}: no texts")
+    return texts
 
 
 def emit_all(

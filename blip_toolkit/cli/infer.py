@@ -16,6 +16,8 @@ from blip_toolkit.cli.options import (
     MaxPixelsOpt,
     ModelOpt,
     OutputFormat,
+    OverwriteOpt,
+    ResumeOpt,
     TrustRemoteCodeOpt,
 )
 from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
@@ -30,6 +32,37 @@ TopPOpt = Annotated[
 ]
 TemperatureOpt = Annotated[
     float, typer.Option("--temperature", min=0.0, help="Sampling temperature (with --sample).")
+]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Write the records to FILE (.jsonl, .parquet or .tsv, by extension), resumable, in input "
+        "order; without it they stream to stdout.",
+        dir_okay=False,
+        show_default=False,
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-workers",
+        min=0,
+        help="DataLoader processes decoding images while the model runs [default: per the machine].",
+        show_default=False,
+    ),
+]
+AllowPipeOpt = Annotated[
+    bool, typer.Option("--allow-pipe", help="Accept 'pipe:' webdataset URLs (they run shell commands).")
+]
+InputsArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Images: files, directories (recursive), glob patterns, - (paths on stdin), or webdataset "
+        ".tar shards and brace patterns (data/{00000..00099}.tar).",
+        show_default=False,
+    ),
 ]
 GenSeedOpt = Annotated[
     int | None, typer.Option("--seed", help="Seed for --sample (same batch size = same output).")
@@ -51,13 +84,7 @@ def _generation(max_new_tokens, min_new_tokens, num_beams, sample, top_p, temper
 
 
 def caption(
-    inputs: Annotated[
-        list[str] | None,
-        typer.Argument(
-            help="Images: files, directories (recursive), glob patterns, or - to read paths from stdin.",
-            show_default=False,
-        ),
-    ] = None,
+    inputs: InputsArg = None,
     manifest: ManifestOpt = None,
     model: ModelOpt = None,
     prompt: Annotated[
@@ -77,6 +104,11 @@ def caption(
     top_p: TopPOpt = 0.9,
     temperature: TemperatureOpt = 1.0,
     seed: GenSeedOpt = None,
+    output: OutputOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    num_workers: WorkersOpt = None,
+    allow_pipe: AllowPipeOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -86,43 +118,59 @@ def caption(
     """Caption images with a BLIP or BLIP-2 checkpoint.
 
     Text output is [bold]path<TAB>caption[/] per image; json/jsonl give {"image", "caption"} or
-    {"image", "error"}. Bad images are reported and skipped (exit 3).
+    {"image", "error"} (webdataset: {"shard", "key", ...}). With --output the records go to the file
+    and stdout gets a summary (json/jsonl). Bad images are recorded and skipped (exit 3).
 
     [bold]Examples[/]
 
       blip caption photo.jpg
       blip caption photos/ --batch-size 16 --format jsonl > captions.jsonl
+      blip caption 'shards/{00000..00099}.tar' --output captions.parquet --resume
       find shots -name '*.png' | blip caption - --model Salesforce/blip2-opt-2.7b --prompt "a photo of"
     """
-    from blip_toolkit.cli.common import emit_all, image_items
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_images
-    from blip_toolkit.runtime.loading import DEFAULT_MODELS, open_runner
+    from blip_toolkit.cli.common import item_name, run_inference
+    from blip_toolkit.runtime.caption import CaptionOptions, caption_task
 
     options = CaptionOptions(
         prompt=prompt,
         batch_size=batch_size,
         max_pixels=max_pixels,
         generation=_generation(max_new_tokens, min_new_tokens, num_beams, sample, top_p, temperature, seed),
+        num_workers=num_workers,
     )
-    items, _ = image_items(inputs, manifest)
-    runner = open_runner(
-        model or DEFAULT_MODELS["caption"],
+    run_inference(
         "caption",
+        inputs=inputs,
+        manifest=manifest,
+        model=model,
         device=device,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
-    )
-    emit_all(
-        caption_images(runner, items, options),
-        fmt.value,
-        lambda r: f"{r['image']}\t{r['caption']}",
+        options=options,
+        make_task=lambda runner: caption_task(runner, options),
+        fingerprint=options.fingerprint(),
+        output=output,
+        resume=resume,
+        overwrite=overwrite,
+        allow_pipe=allow_pipe,
+        fmt=fmt.value,
+        text_line=lambda r: f"{item_name(r)}\t{r['caption']}",
         what="image",
     )
 
 
 def vqa(
-    image: Annotated[str | None, typer.Argument(help="The image.", show_default=False)] = None,
-    question: Annotated[str | None, typer.Argument(help="The question.", show_default=False)] = None,
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="IMAGE QUESTION; or, with --question, images / folders / globs / webdataset shards.",
+            show_default=False,
+        ),
+    ] = None,
+    question: Annotated[
+        str | None,
+        typer.Option("--question", "-q", help="Ask this question of every image given.", show_default=False),
+    ] = None,
     manifest: Annotated[
         Path | None,
         typer.Option(
@@ -149,6 +197,11 @@ def vqa(
     top_p: TopPOpt = 0.9,
     temperature: TemperatureOpt = 1.0,
     seed: GenSeedOpt = None,
+    output: OutputOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    num_workers: WorkersOpt = None,
+    allow_pipe: AllowPipeOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -164,38 +217,48 @@ def vqa(
 
       blip vqa photo.jpg "what is the man holding?"
       blip vqa --manifest questions.tsv --format jsonl
+      blip vqa 'shards/{000..009}.tar' --question "how many people?" --output answers.jsonl
       blip vqa photo.jpg "how many dogs?" --model Salesforce/blip2-flan-t5-xl
     """
-    from blip_toolkit.cli.common import emit_all, image_items
+    from blip_toolkit.cli.common import item_name, run_inference
     from blip_toolkit.errors import UsageError
-    from blip_toolkit.runtime.loading import DEFAULT_MODELS, open_runner
-    from blip_toolkit.runtime.vqa import VqaOptions, answer_questions
+    from blip_toolkit.runtime.vqa import VqaOptions, vqa_task
 
     options = VqaOptions(
         template=template,
         batch_size=batch_size,
         max_pixels=max_pixels,
         generation=_generation(max_new_tokens, min_new_tokens, num_beams, sample, top_p, temperature, seed),
+        num_workers=num_workers,
     )
-    if manifest is not None:
-        if image or question:
-            raise UsageError("give IMAGE QUESTION or --manifest, not both")
-        items, rows = image_items(None, manifest, schema="questions")
-        questions = [row["question"] for row in rows]
-    else:
-        if not image or question is None:
-            raise UsageError("give IMAGE and QUESTION (or --manifest FILE.tsv)")
-        if not question.strip():
-            raise UsageError("the question is empty")
-        items, _ = image_items([image], None)
-        questions = [question] * len(items)
-    runner = open_runner(
-        model or DEFAULT_MODELS["vqa"], "vqa", device=device, dtype=dtype, trust_remote_code=trust_remote_code
-    )
-    emit_all(
-        answer_questions(runner, items, questions, options),
-        fmt.value,
-        lambda r: f"{r['image']}\t{r['question']}\t{r['answer']}",
+    args = list(args or [])
+    if manifest is not None and (args or question is not None):
+        raise UsageError("give IMAGE QUESTION, --question with images, or --manifest; not several")
+    if manifest is None and question is None:
+        if len(args) != 2:
+            raise UsageError("give IMAGE and QUESTION (or images with --question, or --manifest FILE.tsv)")
+        args, question = args[:1], args[1]
+    if question is not None and not question.strip():
+        raise UsageError("the question is empty")
+    run_inference(
+        "vqa",
+        inputs=args,
+        manifest=manifest,
+        question=question,
+        manifest_schema="questions",
+        model=model,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        options=options,
+        make_task=lambda runner: vqa_task(runner, options),
+        fingerprint={**options.fingerprint(), "question": question},
+        output=output,
+        resume=resume,
+        overwrite=overwrite,
+        allow_pipe=allow_pipe,
+        fmt=fmt.value,
+        text_line=lambda r: f"{item_name(r)}\t{r['question']}\t{r['answer']}",
         what="question",
     )
 
@@ -204,7 +267,7 @@ def retrieval(
     args: Annotated[
         list[str] | None,
         typer.Argument(
-            help="IMAGE TEXT... (the first is the image), or only images with --texts-file.",
+            help="IMAGE TEXT... (the first is the image), or only images / shards with --texts-file.",
             show_default=False,
         ),
     ] = None,
@@ -226,9 +289,14 @@ def retrieval(
         ),
     ] = None,
     top: Annotated[
-        int | None, typer.Option("--top", min=1, help="Show only the best N texts per image.")
+        int | None, typer.Option("--top", min=1, help="Keep only the best N texts per image.")
     ] = None,
     batch_size: BatchSizeOpt = 8,
+    output: OutputOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    num_workers: WorkersOpt = None,
+    allow_pipe: AllowPipeOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -244,58 +312,53 @@ def retrieval(
 
       blip retrieval photo.jpg "a dog on a beach" "a cat on a sofa"
       blip retrieval photos/ --texts-file captions.txt --top 3 --format jsonl
+      blip retrieval 'shards/{000..009}.tar' --texts-file labels.txt --top 5 --output ranked.parquet
       blip retrieval photo.jpg "a red car" "a bus" --model Salesforce/blip2-itm-vit-g --score itc
     """
-    from blip_toolkit.cli.common import emit_all, image_items
-    from blip_toolkit.errors import InputError, UsageError
-    from blip_toolkit.runtime.loading import DEFAULT_MODELS, open_runner
-    from blip_toolkit.runtime.retrieval import RetrievalOptions, rank_texts
+    from blip_toolkit.cli.common import item_name, read_texts_file, run_inference
+    from blip_toolkit.errors import UsageError
+    from blip_toolkit.runtime.retrieval import RetrievalOptions, RetrievalTask
 
-    options = RetrievalOptions(score=score, batch_size=batch_size, max_pixels=max_pixels)
+    options = RetrievalOptions(
+        score=score, batch_size=batch_size, max_pixels=max_pixels, top=top, num_workers=num_workers
+    )
     args = list(args or [])
     if texts_file is not None:
-        try:
-            lines = texts_file.read_bytes().decode("utf-8").splitlines()
-        except FileNotFoundError as exc:
-            raise InputError(f"{texts_file}: no such file") from exc
-        except UnicodeDecodeError as exc:
-            line = texts_file.read_bytes()[: exc.start].count(b"\n") + 1
-            raise InputError(f"{texts_file}:{line}: not valid UTF-8") from exc
-        texts = [line.strip() for line in lines if line.strip()]
-        if not texts:
-            raise InputError(f"{texts_file}: no texts")
-        images = args
+        texts, images = read_texts_file(texts_file), args
+    elif manifest is not None:
+        texts, images = args, []
     else:
-        if manifest is not None:
-            texts, images = args, []
-        else:
-            if len(args) < 2:
-                raise UsageError("give IMAGE and at least one TEXT (or --texts-file with images)")
-            images, texts = args[:1], args[1:]
+        if len(args) < 2:
+            raise UsageError("give IMAGE and at least one TEXT (or --texts-file with images)")
+        images, texts = args[:1], args[1:]
     if not texts:
         raise UsageError("no candidate texts given")
-    items, _ = image_items(images or None, manifest)
-    runner = open_runner(
-        model or DEFAULT_MODELS["retrieval"],
-        "retrieval",
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-    )
-
-    def shown(records):
-        for record in records:
-            if top is not None and "results" in record:
-                record = {**record, "results": record["results"][:top]}
-            yield record
 
     def text_line(record):
         return "\n".join(
-            f"{record['image']}\t{r['rank']}\t{r['score']:.4f}\t{r['probability']:.4f}\t{r['text']}"
+            f"{item_name(record)}\t{r['rank']}\t{r['score']:.4f}\t{r['probability']:.4f}\t{r['text']}"
             for r in record["results"]
         )
 
-    emit_all(shown(rank_texts(runner, items, texts, options)), fmt.value, text_line, what="image")
+    run_inference(
+        "retrieval",
+        inputs=images,
+        manifest=manifest,
+        model=model,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        options=options,
+        make_task=lambda runner: RetrievalTask(runner, texts, options),
+        fingerprint=options.fingerprint(texts),
+        output=output,
+        resume=resume,
+        overwrite=overwrite,
+        allow_pipe=allow_pipe,
+        fmt=fmt.value,
+        text_line=text_line,
+        what="image",
+    )
 
 
 def register(app: typer.Typer) -> None:

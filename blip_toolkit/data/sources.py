@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +115,14 @@ def open_source(specs: list[str] | str, *, allow_pipe: bool = False) -> ItemSour
     return wds_source(specs, allow_pipe=allow_pipe)
 
 
+def is_webdataset_spec(spec: str) -> bool:
+    """Whether a command-line input names webdataset shards (a tar, a brace pattern, a `::` list or a
+    pipe: URL) rather than an image, a folder or a manifest."""
+    return spec.startswith("pipe:") or "{" in spec or "::" in spec or spec.lower().endswith(TAR_SUFFIXES)
+
+
 def _kind(spec: str) -> str:
-    if spec.startswith("pipe:") or "{" in spec or "::" in spec or spec.lower().endswith(TAR_SUFFIXES):
+    if is_webdataset_spec(spec):
         return "webdataset"
     if "://" in spec:
         raise UsageError(
@@ -246,6 +253,56 @@ def iter_tar(url: str, handler: Callable[[BaseException], bool]) -> Iterator[dic
     """Raw webdataset samples ({"__key__", "jpg": bytes, ...}) of one tar, through webdataset's own
     url_opener -> tar_file_expander -> group_by_keys with our handler."""
     yield from tarfile_samples([{"url": url}], handler=handler)
+
+
+def tar_samples(url: str, handler: ErrorCollector) -> Iterator[dict]:
+    """Raw samples of one tar (`iter_tar`), then the end check (`tar_end_problem`): a truncated or
+    damaged tar is reported to `handler` like webdataset's own errors, after the samples before it."""
+    yield from iter_tar(url, handler)
+    problem = tar_end_problem(url)
+    if problem:
+        handler.errors.append(f"{url}: {problem}")
+
+
+def tar_events(url: str) -> Iterator[tuple[dict | None, str | None]]:
+    """The samples and the errors of one tar in stream order: `(sample, None)` or `(None, error)`.
+    The order is the same on every read of the same file (DataLoader workers that share a tar rely
+    on it)."""
+    handler = ErrorCollector(url)
+    for sample in tar_samples(url, handler):
+        for error in handler.drain():
+            yield None, error
+        yield sample, None
+    for error in handler.drain():
+        yield None, error
+
+
+def tar_end_problem(url: str) -> str | None:
+    """Why a local uncompressed tar ends early, or None. Python's tarfile ends its iteration quietly
+    at a truncated member or a damaged header anywhere past the first one, so a cut download would
+    lose samples without a word; this walks the member headers (one 512-byte read each) and checks
+    that the last member's data is all there and only zero blocks follow it. Compressed tars are
+    not checked here: their decompressor already raises on a cut stream."""
+    if url.startswith("pipe:") or not url.lower().endswith(".tar"):
+        return None
+    path = Path(url)
+    try:
+        size = path.stat().st_size
+        end, last = 0, None
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                end, last = member.offset_data + -(-member.size // 512) * 512, member.name
+        if end > size:
+            return f"truncated: member {last} needs {end - size} more byte(s) than the file holds"
+        with open(path, "rb") as handle:
+            handle.seek(end)
+            while block := handle.read(1 << 16):
+                if block.strip(b"\0"):
+                    after = f"after member {last}" if last else "at its start"
+                    return f"truncated or damaged {after}: data follows that is not a tar member"
+    except (OSError, tarfile.TarError) as exc:
+        return f"unreadable tar ({exc})"
+    return None
 
 
 def decode_sample(sample: dict) -> tuple[str, bytes, list[str]]:

@@ -20,7 +20,7 @@ import torch
 from webdataset.shardlists import split_by_worker
 
 from blip_toolkit.data.images import ImageLoadError, open_image
-from blip_toolkit.data.sources import ErrorCollector, SampleError, decode_sample, iter_tar
+from blip_toolkit.data.sources import ErrorCollector, SampleError, decode_sample, tar_samples
 from blip_toolkit.embeddings.shards import read_done
 
 
@@ -165,7 +165,7 @@ class TarChunks(torch.utils.data.IterableDataset):
         handler = ErrorCollector(unit.url)
         position = 0
         chunk = _new_chunk(unit.number, part=0)
-        for sample, is_last in _with_last(iter_tar(unit.url, handler)):
+        for sample, is_last in _with_last(tar_samples(unit.url, handler)):
             part = position // self.shard_size
             position += 1
             part_end = is_last or position % self.shard_size == 0

@@ -1,5 +1,5 @@
-"""Batching for the inference commands: decode images ahead of the model, keep failures in place,
-and group texts of equal token length.
+"""Batching for the inference commands: read ahead of the model, and group items whose model inputs
+have the same token length.
 
 Why group by length: BLIP's VQA `generate` cross-attends to every question position, padding
 included, and a decoder-only BLIP-2 model continues after right-padding. Batches whose prompts all
@@ -9,39 +9,15 @@ give (and what a direct transformers call gives).
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, InputItem, open_image
 from blip_toolkit.errors import InputError
 
-
-@dataclass
-class Job:
-    """One unit of work: an image and the task's text (question, prompt), with its input position."""
-
-    index: int
-    image_path: str
-    text: str | None = None
-    error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class LoadedBatch:
-    jobs: list[Job]
-    images: list[Any]  # PIL images, aligned with jobs
-
-
-def jobs_from_items(items: Iterable[InputItem], texts: Iterable[str | None] | None = None) -> list[Job]:
-    texts = list(texts) if texts is not None else None
-    return [
-        Job(index=i, image_path=item.path, text=(texts[i] if texts is not None else None), error=item.error)
-        for i, item in enumerate(items)
-    ]
+T = TypeVar("T")
 
 
 def check_text(text: str, forbidden: Iterable[str], what: str = "text") -> None:
@@ -52,26 +28,7 @@ def check_text(text: str, forbidden: Iterable[str], what: str = "text") -> None:
             raise InputError(f"{what} contains {token!r}, which this model reserves; remove it")
 
 
-def load_images(jobs: list[Job], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[LoadedBatch, list[Job]]:
-    """Open the images of `jobs`; jobs whose image fails come back in the second list with `error`."""
-    good, images, bad = [], [], []
-    cache: dict[str, Any] = {}
-    for job in jobs:
-        if job.error:
-            bad.append(job)
-            continue
-        try:
-            if job.image_path not in cache:
-                cache[job.image_path] = open_image(job.image_path, max_pixels=max_pixels)
-            images.append(cache[job.image_path])
-            good.append(job)
-        except ImageLoadError as exc:
-            job.error = str(exc)
-            bad.append(job)
-    return LoadedBatch(good, images), bad
-
-
-def prefetched(batches: Iterable[list[Job]], prepare: Callable[[list[Job]], Any]) -> Iterator[Any]:
+def prefetched(batches: Iterable[T], prepare: Callable[[T], Any]) -> Iterator[Any]:
     """Yield `prepare(batch)` for each batch, preparing the next one in a thread meanwhile (image
     decoding and resizing release the GIL, so they overlap with the model's forward pass)."""
     iterator = iter(batches)
@@ -87,35 +44,55 @@ def prefetched(batches: Iterable[list[Job]], prepare: Callable[[list[Job]], Any]
         yield pending.result()
 
 
-def length_buckets(
-    jobs: list[Job], length_of: Callable[[Job], int], batch_size: int, window: int | None = None
-) -> Iterator[list[Job]]:
-    """Batches of jobs whose `length_of` is equal. Jobs are taken in windows of `window` (default
-    8 batches) so results can still be emitted in input order without holding everything."""
-    window = window or batch_size * 8
-    for start in range(0, len(jobs), window):
-        groups: dict[int, list[Job]] = defaultdict(list)
-        for job in jobs[start : start + window]:
-            groups[length_of(job) if not job.error else -1].append(job)
-        for group in groups.values():
-            for offset in range(0, len(group), batch_size):
-                yield group[offset : offset + batch_size]
+_END = object()
 
 
-def fixed_batches(jobs: list[Job], batch_size: int) -> Iterator[list[Job]]:
-    for start in range(0, len(jobs), batch_size):
-        yield jobs[start : start + batch_size]
+def read_ahead(iterator: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """Iterate `iterator` in a background thread, `depth` items ahead of the consumer (the work done
+    inside `next()`, such as decoding images, overlaps with the consumer's). Exceptions are re-raised
+    in the consumer; the thread stops when the consumer stops."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put((_END, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            items.put((_END, exc))
+
+    thread = threading.Thread(target=produce, name="blip-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
 
 
-class InOrder:
-    """Re-emit results in input order when batches complete out of order."""
-
-    def __init__(self) -> None:
-        self._next = 0
-        self._held: dict[int, dict] = {}
-
-    def add(self, index: int, record: dict) -> Iterator[dict]:
-        self._held[index] = record
-        while self._next in self._held:
-            yield self._held.pop(self._next)
-            self._next += 1
+def equal_key_batches(items: list[T], key: Callable[[T], Hashable], batch_size: int) -> list[list[T]]:
+    """Batches of at most `batch_size` items with equal `key` (e.g. the prompt's token length), groups
+    in order of first appearance, items in input order within each group."""
+    groups: dict[Hashable, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]

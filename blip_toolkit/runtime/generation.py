@@ -9,14 +9,13 @@ What each family's `generate` returns before the new tokens (the prefix we strip
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from blip_toolkit.errors import InputError, UsageError
-from blip_toolkit.runtime.batching import InOrder, check_text, length_buckets, load_images, prefetched
+from blip_toolkit.errors import UsageError
+from blip_toolkit.runtime.batching import check_text
 
 
 @dataclass
@@ -41,6 +40,18 @@ class GenerationOptions:
         if self.temperature <= 0:
             raise UsageError("--temperature must be positive")
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The decoding options that change the text (sampling ones only when sampling)."""
+        out: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "num_beams": self.num_beams,
+            "sample": self.sample,
+        }
+        if self.sample:
+            out.update(top_p=self.top_p, temperature=self.temperature, seed=self.seed)
+        return out
+
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
         if self.min_new_tokens:
@@ -62,37 +73,50 @@ def forbidden_tokens(loaded) -> list[str]:
     return sorted(t for t in tokens if t)
 
 
-def generate(loaded, images: list, prompts: list[str] | None, options: GenerationOptions) -> list[str]:
-    """Run `generate` for one batch and return the new text of each item.
+def generation_inputs(processor, family, images: list, prompts: list[str] | None) -> dict[str, torch.Tensor]:
+    """The processor's model inputs for `images` (and `prompts`, all of one token length, or None).
 
-    `prompts` must all have the same token length (see batching.length_buckets) or be None; for
-    BLIP VQA checkpoints the prompt is the question."""
-    family = loaded.family
-    processor = loaded.processor
-    kwargs = options.generate_kwargs()
-    if family.is_blip2 and not prompts:
-        # BLIP-2's generate cannot build its own start tokens for T5 (no bos); an empty prompt through
-        # the processor gives the <image> placeholders plus the LM's own special tokens, as LAVIS does.
+    Unprompted BLIP-2 with a decoder-only LM gets pixel values only: its `generate` then starts from
+    the image tokens and the LM's BOS, as `model.generate(pixel_values=...)` does, whether or not
+    the tokenizer adds a BOS to text by itself (an empty prompt through the processor gets one only
+    if it does). Flan-T5 has no BOS (transformers' `generate(pixel_values=...)` raises on it), so
+    its encoder gets the image tokens and the tokenized empty prompt (`</s>`), as LAVIS does."""
+    if not prompts and family.is_blip2 and not family.decoder_only:
         prompts = [""] * len(images)
     if prompts:
-        inputs = processor(images=images, text=prompts, return_tensors="pt")
-    else:
-        inputs = processor(images=images, return_tensors="pt")
+        return dict(processor(images=images, text=prompts, return_tensors="pt"))
+    return dict(processor(images=images, return_tensors="pt"))
+
+
+def generate_from_inputs(loaded, inputs: dict[str, torch.Tensor], options: GenerationOptions) -> list[str]:
+    """Run `generate` on one batch of processor outputs (see `generation_inputs`) and return the new
+    text of each item (the echoed prefix removed by token count)."""
+    family = loaded.family
     inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
     with torch.inference_mode():
-        output = loaded.model.generate(**inputs, **kwargs)
+        output = loaded.model.generate(**inputs, **options.generate_kwargs())
+    prompted = "input_ids" in inputs
     if family.name == "blip-caption":
-        prefix = inputs["input_ids"].shape[1] - 1 if prompts else 1
+        prefix = inputs["input_ids"].shape[1] - 1 if prompted else 1
     elif family.name == "blip-vqa":
         prefix = 1
-    elif family.decoder_only:
-        prefix = inputs["input_ids"].shape[1]
+    elif family.decoder_only:  # every input id; unprompted: <image> x Q and the BOS generate added
+        prefix = inputs["input_ids"].shape[1] if prompted else loaded.model.config.num_query_tokens + 1
     else:  # encoder-decoder LM: the decoder start token
         prefix = 1
     new_tokens = output[:, prefix:]
-    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+    return [text.strip() for text in loaded.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def generate(loaded, images: list, prompts: list[str] | None, options: GenerationOptions) -> list[str]:
+    """Run `generate` for one batch of PIL images and return the new text of each item.
+
+    `prompts` must all have the same token length (see batching.equal_key_batches) or be None; for
+    BLIP VQA checkpoints the prompt is the question."""
+    inputs = generation_inputs(loaded.processor, loaded.family, images, prompts or None)
+    return generate_from_inputs(loaded, inputs, options)
 
 
 def prompt_length(loaded, text: str | None) -> int:
@@ -102,44 +126,63 @@ def prompt_length(loaded, text: str | None) -> int:
     return len(loaded.tokenizer(text)["input_ids"])
 
 
-def run_jobs(
-    runner,
-    jobs,
-    *,
-    prompt_of,
-    options: GenerationOptions,
-    batch_size: int,
-    max_pixels: int,
-    record_of,
-    error_of=None,
-) -> Iterator[dict]:
-    """Generate for every job, in batches of equal prompt length, and yield one record per job in
-    input order: `record_of(job, text)` on success, `error_of(job)` (default `{"image", "error"}`)
-    on failure."""
-    error_of = error_of or (lambda job: {"image": job.image_path, "error": job.error})
+class GenerationEncoder:
+    """The DataLoader-worker half of captioning and VQA: one decoded image (and its text) -> the
+    processor's inputs for it. `prompt` is the caption prompt (the same for every image);
+    `template` formats an item's question into its prompt (None: the bare question, BLIP VQA)."""
 
-    if options.seed is not None:
-        torch.manual_seed(options.seed)
-    loaded = runner.loaded
-    forbidden = forbidden_tokens(loaded)
-    for job in jobs:
-        if job.error:
-            continue
-        try:
-            check_text(prompt_of(job) or "", forbidden, what="text")
-        except InputError as exc:
-            job.error = f"{job.image_path}: {exc}"
-    ordered = InOrder()
-    batches = length_buckets(jobs, lambda job: prompt_length(loaded, prompt_of(job)), batch_size)
-    for batch, failed in prefetched(batches, lambda b: load_images(b, max_pixels)):
-        for job in failed:
-            yield from ordered.add(job.index, error_of(job))
-        if not batch.jobs:
-            continue
-        prompts = [prompt_of(job) for job in batch.jobs]
-        prompts = prompts if prompts[0] else None
-        texts = runner.run(
-            lambda model, images=batch.images, prompts=prompts: generate(model, images, prompts, options)
+    def __init__(
+        self, processor, family, forbidden: list[str], *, prompt=None, template=None, task="caption"
+    ):
+        self.processor, self.family, self.forbidden = processor, family, forbidden
+        self.prompt, self.template, self.task = prompt, template, task
+
+    def prompt_for(self, text: str | None) -> str | None:
+        if self.task == "caption":
+            return self.prompt or None
+        return self.template.format(text) if self.template else text
+
+    def __call__(self, image, text: str | None) -> dict[str, torch.Tensor]:
+        prompt = self.prompt_for(text)
+        if prompt:
+            check_text(prompt, self.forbidden, what="text")
+        return generation_inputs(self.processor, self.family, [image], [prompt] if prompt else None)
+
+
+class GenerationTask:
+    """Captioning or VQA over prepared items (see runtime/inference.py for the protocol): batches of
+    equal prompt length, so batched results equal one-at-a-time ones."""
+
+    def __init__(self, runner, options: GenerationOptions, *, task: str, prompt=None, template=None):
+        loaded = runner.loaded
+        self.name = task
+        self.options = options
+        self.result_key = "caption" if task == "caption" else "answer"
+        self.varying_lengths = task == "vqa"  # one caption prompt has one length; questions vary
+        self.encoder = GenerationEncoder(
+            loaded.processor,
+            loaded.family,
+            forbidden_tokens(loaded),
+            prompt=prompt,
+            template=template,
+            task=task,
         )
-        for job, text in zip(batch.jobs, texts):
-            yield from ordered.add(job.index, record_of(job, text))
+
+    def start(self) -> None:
+        if self.options.seed is not None:
+            torch.manual_seed(self.options.seed)
+
+    def group(self, item) -> int:
+        ids = item.inputs.get("input_ids")
+        return 0 if ids is None else int(ids.shape[1])
+
+    def run(self, runner, items: list) -> list[dict]:
+        inputs = {k: torch.cat([item.inputs[k] for item in items]) for k in items[0].inputs}
+        texts = runner.run(lambda loaded: generate_from_inputs(loaded, inputs, self.options))
+        return [self._fields(item) | {self.result_key: text} for item, text in zip(items, texts)]
+
+    def error_fields(self, item) -> dict:
+        return self._fields(item)
+
+    def _fields(self, item) -> dict:
+        return {"question": item.text} if self.name == "vqa" else {}

@@ -14,17 +14,21 @@ the likelihood need one pass per (image, text) pair, done in batches.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, InputItem
 from blip_toolkit.errors import InputError, UsageError
-from blip_toolkit.runtime.batching import check_text, fixed_batches, jobs_from_items, load_images, prefetched
+from blip_toolkit.runtime.batching import check_text
+from blip_toolkit.runtime.datasets import Source, list_source
 from blip_toolkit.runtime.generation import forbidden_tokens
+from blip_toolkit.runtime.inference import RunSettings, infer_records
 from blip_toolkit.runtime.itm import ITM_OPS, itm_input_ids
 
 ITM_SCORES = ("itm+itc", "itm", "itc")
@@ -35,10 +39,27 @@ class RetrievalOptions:
     score: str | None = None  # None: itm+itc for ITM checkpoints, likelihood for generative BLIP-2
     batch_size: int = 8  # images per vision pass; (image, text) pairs per ITM/likelihood pass = 4x this
     max_pixels: int = DEFAULT_MAX_PIXELS
+    top: int | None = None  # keep the best N texts per image (None: all)
+    num_workers: int | None = 0
 
     def __post_init__(self) -> None:
+        if self.top is not None and self.top < 1:
+            raise UsageError("--top must be at least 1")
         if self.score is not None and self.score not in ITM_SCORES + ("likelihood",):
             raise UsageError(f"--score {self.score!r}: use one of {', '.join(ITM_SCORES)} or likelihood")
+
+    def settings(self) -> RunSettings:
+        return RunSettings(self.batch_size, self.num_workers, self.max_pixels)
+
+    def fingerprint(self, texts: list[str]) -> dict:
+        digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+        return {
+            "task": "retrieval",
+            "score": self.score,
+            "top": self.top,
+            "texts": len(texts),
+            "texts_sha256": digest,
+        }
 
 
 def resolve_score(family, score: str | None) -> str:
@@ -57,39 +78,77 @@ def resolve_score(family, score: str | None) -> str:
     return "likelihood"
 
 
+class RetrievalEncoder:
+    """The DataLoader-worker half of retrieval: a decoded image -> its pixel values."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image, text=None) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.processor(images=[image], return_tensors="pt")["pixel_values"]}
+
+
+class RetrievalTask:
+    """Ranking of the candidate texts for each prepared image (see runtime/inference.py)."""
+
+    name = "retrieval"
+
+    def __init__(self, runner, texts: list[str], options: RetrievalOptions):
+        if not texts:
+            raise InputError("no candidate texts given")
+        loaded = runner.loaded
+        self.texts, self.options = list(texts), options
+        self.score_kind = resolve_score(loaded.family, options.score)
+        forbidden = forbidden_tokens(loaded)
+        for number, text in enumerate(texts, start=1):
+            if not text.strip():
+                raise InputError(f"candidate text {number} is empty")
+            check_text(text, forbidden, what=f"candidate text {number}")
+        self.encoder = RetrievalEncoder(loaded.processor)
+        self.ranked_fields = ("rank", "text", "score", "probability") + (
+            () if self.score_kind == "likelihood" else ("itm", "itc", "itm_probability")
+        )
+        self._cache: dict[
+            str, Any
+        ] = {}  # per model object: text features survive batches, not a CPU fallback
+
+    def start(self) -> None:
+        pass
+
+    def group(self, item) -> int:
+        return 0
+
+    def run(self, runner, items: list) -> list[dict]:
+        pixel_values = torch.cat([item.inputs["pixel_values"] for item in items])
+
+        def score(loaded):
+            scorer = _SCORERS[loaded.family.name]
+            return scorer(
+                loaded,
+                pixel_values,
+                self.texts,
+                self.score_kind,
+                self._cache,
+                pair_batch=self.options.batch_size * 4,
+            )
+
+        per_image = runner.run(score)
+        return [{"results": _ranked(self.texts, columns)[: self.options.top]} for columns in per_image]
+
+    def error_fields(self, item) -> dict:
+        return {}
+
+
 def rank_texts(runner, items: list[InputItem], texts: list[str], options: RetrievalOptions) -> Iterator[dict]:
     """Yield, per image in input order, `{"image", "results": [...]}` with one entry per text
-    (`rank`, `text`, `score`, `probability`, and `itm`/`itc` where they apply), best first, or
-    `{"image", "error"}`."""
-    if not texts:
-        raise InputError("no candidate texts given")
-    loaded = runner.loaded
-    score_kind = resolve_score(loaded.family, options.score)
-    forbidden = forbidden_tokens(loaded)
-    for number, text in enumerate(texts, start=1):
-        if not text.strip():
-            raise InputError(f"candidate text {number} is empty")
-        check_text(text, forbidden, what=f"candidate text {number}")
+    (`rank`, `text`, `score`, `probability`, and `itm`/`itc` where they apply), best first (the best
+    `options.top` when set), or `{"image", "error"}`."""
+    source = list_source([i.path for i in items], errors=[i.error for i in items])
+    return rank_source(runner, source, texts, options)
 
-    text_cache: dict[str, Any] = {}  # per model object: text features survive batches, not a CPU fallback
 
-    def score_batch(model, images):
-        scorer = _SCORERS[model.family.name]
-        return scorer(model, images, texts, score_kind, text_cache, pair_batch=options.batch_size * 4)
-
-    jobs = jobs_from_items(items)
-    for batch, failed in prefetched(
-        fixed_batches(jobs, options.batch_size), lambda b: load_images(b, options.max_pixels)
-    ):
-        results: dict[int, dict] = {
-            job.index: {"image": job.image_path, "error": job.error} for job in failed
-        }
-        if batch.jobs:
-            per_image = runner.run(lambda model, images=batch.images: score_batch(model, images))
-            for job, columns in zip(batch.jobs, per_image):
-                results[job.index] = {"image": job.image_path, "results": _ranked(texts, columns)}
-        for index in sorted(results):
-            yield results[index]
+def rank_source(runner, source: Source, texts: list[str], options: RetrievalOptions) -> Iterator[dict]:
+    return infer_records(runner, RetrievalTask(runner, texts, options), source, options.settings())
 
 
 def _ranked(texts: list[str], columns: dict[str, Any]) -> list[dict]:
@@ -112,8 +171,7 @@ def _ranked(texts: list[str], columns: dict[str, Any]) -> list[dict]:
     return out
 
 
-def _pixels(loaded, images):
-    pixel_values = loaded.processor(images=images, return_tensors="pt")["pixel_values"]
+def _pixels(loaded, pixel_values):
     return pixel_values.to(loaded.device, loaded.dtype)
 
 
@@ -147,11 +205,12 @@ def _columns(score_kind: str, itc, itm_logits) -> list[dict]:
     return rows
 
 
-def _score_itm(loaded, images, texts, score_kind, cache, *, pair_batch: int) -> list[dict]:
+def _score_itm(loaded, pixel_values, texts, score_kind, cache, *, pair_batch: int) -> list[dict]:
     """ITM checkpoints (BLIP and BLIP-2) through the one scorer (runtime/itm.py): text features once
     per model, image features per batch, the ITM head per (image, text) pair in chunks."""
     ops = ITM_OPS[loaded.family.name]
     model = loaded.model
+    n_images = pixel_values.shape[0]
     with torch.inference_mode():
         if cache.get("model") is not model:
             cache.clear()
@@ -162,12 +221,12 @@ def _score_itm(loaded, images, texts, score_kind, cache, *, pair_batch: int) -> 
                 attention_mask=attention_mask,
                 text_feat=ops.text(model, input_ids, attention_mask),
             )
-        image_embeds, image_feat = ops.image(model, _pixels(loaded, images))
+        image_embeds, image_feat = ops.image(model, _pixels(loaded, pixel_values))
         itc = ops.similarity(image_feat, cache["text_feat"]).float()
         itm = None
         if score_kind != "itc":
-            itm = torch.empty(len(images), len(texts), 2)
-            for img_idx, txt_idx in _pairs(len(images), len(texts), pair_batch):
+            itm = torch.empty(n_images, len(texts), 2)
+            for img_idx, txt_idx in _pairs(n_images, len(texts), pair_batch):
                 logits = ops.itm(
                     model,
                     image_embeds[img_idx],
@@ -178,23 +237,24 @@ def _score_itm(loaded, images, texts, score_kind, cache, *, pair_batch: int) -> 
     return _columns(score_kind, itc.cpu(), itm)
 
 
-def _score_blip2_likelihood(loaded, images, texts, score_kind, cache, *, pair_batch: int) -> list[dict]:
+def _score_blip2_likelihood(loaded, pixel_values, texts, score_kind, cache, *, pair_batch: int) -> list[dict]:
     """Generative BLIP-2: mean log-likelihood per text token, given the image. The image features
-    (Q-Former output projected into the LM) are computed once per image and reused for every text."""
+    (Q-Former output projected into the LM) are computed once per image and reused for every text;
+    the text inputs are built once per run."""
     model = loaded.model
-    processor = loaded.processor
+    if cache.get("model") is not model:
+        cache.clear()
+        chunks = [texts[start : start + pair_batch] for start in range(0, len(texts), pair_batch)]
+        cache.update(model=model, chunks=[(c, _text_inputs(loaded.processor, model, c)) for c in chunks])
     rows = []
     with torch.inference_mode():
-        features = model.get_image_features(pixel_values=_pixels(loaded, images), return_dict=True)
-        for i, image in enumerate(images):
-            scores = torch.empty(len(texts))
-            for start in range(0, len(texts), pair_batch):
-                chunk = texts[start : start + pair_batch]
-                image_features = _expand_features(features, i, len(chunk))
-                scores[start : start + len(chunk)] = _mean_log_likelihood(
-                    model, processor, image, chunk, image_features, loaded.device
-                )
-            rows.append({"score": scores})
+        features = model.get_image_features(pixel_values=_pixels(loaded, pixel_values), return_dict=True)
+        for i in range(pixel_values.shape[0]):
+            parts = [
+                _mean_log_likelihood(model, inputs, _expand_features(features, i, len(chunk)), loaded.device)
+                for chunk, inputs in cache["chunks"]
+            ]
+            rows.append({"score": torch.cat(parts)})
     return rows
 
 
@@ -203,13 +263,31 @@ def _expand_features(features, index: int, n: int):
     return BaseModelOutputWithVisionQformerOutputs(pooler_output=pooled, last_hidden_state=None)
 
 
-def _mean_log_likelihood(model, processor, image, texts, image_features, device):
-    """Mean log p(text token | image, previous tokens) over each text's own tokens."""
+def _text_inputs(processor, model, texts: list[str]) -> dict:
+    """The token inputs of the likelihood pass for `texts`; they do not depend on the image. The
+    processor lays out the <image> placeholders only when it is given an image, so it gets a 1x1
+    one whose pixels are not used (the image features come from the real image)."""
+    placeholder = Image.new("RGB", (1, 1))
     if model.config.use_decoder_only_language_model:
-        # <image> x Q, bos, text: the processor builds it; the image is not re-processed per text.
-        encoded = processor(images=[image], text=texts, padding=True, return_tensors="pt")
-        input_ids = encoded["input_ids"].to(device)
-        attention_mask = encoded["attention_mask"].to(device)
+        # <image> x Q, bos, text, built by the processor.
+        encoded = processor(images=[placeholder], text=texts, padding=True, return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    # Encoder: <image> x Q (+ </s>); decoder: the text, scored as labels.
+    encoded = processor(images=[placeholder], text=[""] * len(texts), return_tensors="pt")
+    labels = processor.tokenizer(texts, padding=True, return_tensors="pt")
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "labels": labels["input_ids"],
+        "label_mask": labels["attention_mask"],
+    }
+
+
+def _mean_log_likelihood(model, inputs: dict, image_features, device):
+    """Mean log p(text token | image, previous tokens) over each text's own tokens."""
+    input_ids = inputs["input_ids"].to(device)
+    attention_mask = inputs["attention_mask"].to(device)
+    if model.config.use_decoder_only_language_model:
         logits = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -223,15 +301,11 @@ def _mean_log_likelihood(model, processor, image, texts, image_features, device)
         positions = torch.arange(targets.shape[1], device=device) + 1
         mask = (attention_mask[:, 1:] == 1) & (positions >= text_start).unsqueeze(0)
     else:
-        # Encoder: <image> x Q (+ </s>); decoder: the text, scored as labels.
-        encoded = processor(images=[image], text=[""] * len(texts), return_tensors="pt")
-        labels = processor.tokenizer(texts, padding=True, return_tensors="pt")
-        label_ids = labels["input_ids"].to(device)
-        mask = labels["attention_mask"].to(device) == 1
-        label_ids = label_ids.masked_fill(~mask, -100)
+        mask = inputs["label_mask"].to(device) == 1
+        label_ids = inputs["labels"].to(device).masked_fill(~mask, -100)
         logits = model(
-            input_ids=encoded["input_ids"].to(device),
-            attention_mask=encoded["attention_mask"].to(device),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             pixel_values=None,
             mm_encoder_outputs={"image": image_features},
             labels=label_ids,

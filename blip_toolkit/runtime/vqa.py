@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, InputItem
 from blip_toolkit.errors import UsageError
-from blip_toolkit.runtime.batching import jobs_from_items
-from blip_toolkit.runtime.generation import GenerationOptions, run_jobs
+from blip_toolkit.runtime.datasets import Source, list_source
+from blip_toolkit.runtime.generation import GenerationOptions, GenerationTask
+from blip_toolkit.runtime.inference import RunSettings, infer_records
 
 DEFAULT_TEMPLATE = "Question: {} Answer:"
 
@@ -19,30 +20,36 @@ class VqaOptions:
     batch_size: int = 8
     max_pixels: int = DEFAULT_MAX_PIXELS
     generation: GenerationOptions = field(default_factory=lambda: GenerationOptions(max_new_tokens=10))
+    num_workers: int | None = 0
 
     def __post_init__(self) -> None:
         if self.template.count("{}") != 1:
             raise UsageError(f"--template {self.template!r} must contain exactly one {{}} for the question")
+
+    def settings(self) -> RunSettings:
+        return RunSettings(self.batch_size, self.num_workers, self.max_pixels)
+
+    def fingerprint(self) -> dict:
+        return {"task": "vqa", "template": self.template, **self.generation.fingerprint()}
 
 
 def format_question(family, question: str, template: str) -> str:
     return template.format(question) if family.is_blip2 else question
 
 
+def vqa_task(runner, options: VqaOptions) -> GenerationTask:
+    template = options.template if runner.loaded.family.is_blip2 else None
+    return GenerationTask(runner, options.generation, task="vqa", template=template)
+
+
+def answer_source(runner, source: Source, options: VqaOptions) -> Iterator[dict]:
+    """Yield `{..., "question", "answer"}` (or `{..., "question", "error"}`) per item, in order."""
+    return infer_records(runner, vqa_task(runner, options), source, options.settings())
+
+
 def answer_questions(
     runner, items: list[InputItem], questions: list[str], options: VqaOptions
 ) -> Iterator[dict]:
     """Yield `{"image", "question", "answer"}` (or `{"image", "question", "error"}`) per pair, in order."""
-    family = runner.loaded.family
-    jobs = jobs_from_items(items, questions)
-
-    return run_jobs(
-        runner,
-        jobs,
-        prompt_of=lambda job: format_question(family, job.text, options.template),
-        options=options.generation,
-        batch_size=options.batch_size,
-        max_pixels=options.max_pixels,
-        record_of=lambda job, text: {"image": job.image_path, "question": job.text, "answer": text},
-        error_of=lambda job: {"image": job.image_path, "question": job.text, "error": job.error},
-    )
+    source = list_source([i.path for i in items], questions, errors=[i.error for i in items])
+    return answer_source(runner, source, options)

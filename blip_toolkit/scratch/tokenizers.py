@@ -93,8 +93,9 @@ def _train_bpe(corpus: list[str], vocab_size: int, special: list[str], *, suffix
     return state["model"]["vocab"], merges
 
 
-def opt_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600):
-    """GPT-2 style byte-level BPE with OPT's special tokens (bos = eos = </s>, prepended)."""
+def opt_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600, *, add_bos_token: bool = True):
+    """GPT-2 style byte-level BPE with OPT's special tokens (bos = eos = </s>, prepended unless
+    `add_bos_token=False`, as some other decoder-only tokenizers do)."""
     vocab, merges = _train_bpe(corpus or DEFAULT_CORPUS, vocab_size, ["<s>", "<pad>", "</s>", "<unk>"])
     return GPT2Tokenizer(
         vocab=vocab,
@@ -103,7 +104,7 @@ def opt_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600):
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        add_bos_token=True,
+        add_bos_token=add_bos_token,
     )
 
 

@@ -1,0 +1,476 @@
+"""The one implementation of `blip caption`, `blip vqa` and `blip retrieval`, from a list of images in
+memory to millions of webdataset samples on several processes.
+
+    source (runtime/datasets.py) -> chunks of prepared items (DataLoader workers: decode, preprocess)
+        -> windows of items -> batches of equal key (the task's prompt length) -> the model
+        -> records in input order -> stdout, or the journal and the final file (runtime/records.py)
+
+A task (GenerationTask for caption / vqa, RetrievalTask) supplies:
+- `name`, `encoder(image, text) -> dict of tensors` (runs in the workers; picklable),
+- `group(item)` (batches hold items of equal group only), `run(runner, items) -> [result fields]`
+  (the model, in the main process), `error_fields(item)`, `start()` (called once before the first
+  batch), and for file outputs `ranked_fields` (retrieval) and `fingerprint()`.
+
+Results do not depend on the batch size, the number of workers or of processes: items arrive in input
+order whatever the workers; batches hold items of one prompt length (no padding enters a prompt); a
+process's share is fixed by position (file item i -> rank i % N, tar t -> rank t % N) and process 0
+merges the shares by position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.live import Live
+
+from blip_toolkit.engine.accelerate import process_state
+from blip_toolkit.engine.outputs import RunRecord, check_output_file, check_resume_settings
+from blip_toolkit.errors import BlipError, InputError, OutputExistsError, UsageError
+from blip_toolkit.log import progress_enabled, stderr_console
+from blip_toolkit.runtime.batching import equal_key_batches
+from blip_toolkit.runtime.datasets import (
+    Chunk,
+    FileChunks,
+    FileSource,
+    Prepared,
+    Source,
+    TarChunks,
+    chunk_loader,
+    default_workers,
+    file_position,
+    file_work,
+    tar_units,
+)
+from blip_toolkit.runtime.loading import resolve_source
+from blip_toolkit.runtime.records import (
+    JournalState,
+    JournalWriter,
+    check_writable,
+    clear_journal,
+    columns_for,
+    journal_files,
+    merged_records,
+    output_format,
+    read_journal,
+    sidecar,
+    write_output,
+)
+
+logger = logging.getLogger("blip")
+
+WINDOW_BATCHES = 8  # a task whose prompts differ in length groups them within windows of 8 batches
+
+
+@dataclass
+class RunSettings:
+    """How to run (none of these changes the results)."""
+
+    batch_size: int = 8
+    num_workers: int | None = None  # None: default_workers()
+    max_pixels: int = 0  # set by the task options
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise UsageError("--num-workers must be 0 or more")
+
+
+# ----------------------------------------------------------------------------- the stream
+
+
+def _record(item: Prepared, fields: dict) -> dict:
+    return {**item.fields, **fields}
+
+
+def process_chunks(runner, task, chunks: Iterator[Chunk], batch_size: int) -> Iterator[tuple[str, Any, Any]]:
+    """Run the model over the chunks; yield ("record", pos, record) in input order, and ("end", unit,
+    count) after the records of a tar whose end came with them."""
+    task.start()
+    window: list[Prepared] = []
+    ends: list[tuple[int, int]] = []
+    # Only varying prompt lengths need a window; others keep one batch of preprocessed images in hand.
+    size = batch_size * (WINDOW_BATCHES if getattr(task, "varying_lengths", False) else 1)
+
+    def flush():
+        """Run the window's batches; after each, yield the records now complete at the window's
+        front (records stream batch by batch, in input order)."""
+        results: dict[int, dict] = {
+            id(item): _record(item, {**task.error_fields(item), "error": item.error})
+            for item in window
+            if item.error is not None
+        }
+        emitted = 0
+
+        def ready():
+            nonlocal emitted
+            while emitted < len(window) and id(window[emitted]) in results:
+                item = window[emitted]
+                yield "record", item.pos, results.pop(id(item))
+                emitted += 1
+
+        yield from ready()
+        good = [item for item in window if item.error is None]
+        for batch in equal_key_batches(good, task.group, batch_size):
+            for item, fields in zip(batch, task.run(runner, batch)):
+                results[id(item)] = _record(item, fields)
+            yield from ready()
+        for unit, count in ends:
+            yield "end", unit, count
+        window.clear()
+        ends.clear()
+
+    for chunk in chunks:
+        for item in chunk.items:
+            window.append(item)
+            if len(window) >= size:
+                yield from flush()
+        ends.extend(chunk.ends)
+        if ends and not window:
+            yield from flush()
+    yield from flush()
+
+
+def _chunks(source: Source, task, settings: RunSettings, *, rank=0, world=1, journal=None):
+    """(this process's chunks in input order, the number of its items still to do or None)."""
+    journal = journal or JournalState()
+    chunk_size = settings.batch_size
+    if isinstance(source, FileSource):
+        work = file_work(source, rank, world, journal)
+        dataset = FileChunks(work, chunk_size, task.encoder, settings.max_pixels)
+        total = len(work)
+    else:
+        units = [u for u in tar_units(source)[rank::world] if not journal.complete(u.number)]
+        done = {u.number: journal.offsets(u.number) for u in units}
+        dataset = TarChunks(units, chunk_size, task.encoder, settings.max_pixels, text=source.text, done=done)
+        total = None
+    workers = settings.num_workers
+    if workers is None:
+        workers = default_workers(total, chunk_size)
+    if isinstance(dataset, FileChunks):
+        workers = min(workers, len(dataset))
+    elif not dataset.units:
+        workers = 0
+    elif any(u.url.startswith("pipe:") for u in dataset.units) and workers > 1:
+        # Every worker reads every tar of this process: a pipe: command (a download) would run once
+        # per worker. One worker still decodes while the model runs.
+        logger.info(
+            "pipe: sources are read by one DataLoader worker (--num-workers %d lowered to 1)", workers
+        )
+        workers = 1
+    return chunk_loader(dataset, workers), total
+
+
+def infer_records(
+    runner, task, source: Source, settings: RunSettings, *, progress: bool = False
+) -> Iterator[dict]:
+    """Every record of `source` in input order, in this process (stdout and the Python API)."""
+    chunks, total = _chunks(source, task, settings)
+    # A live line when stderr is a terminal; plain stderr gets the per-item errors only.
+    meter = Progress(total, enabled=progress, every=float("inf"))
+    try:
+        for kind, _pos, record in process_chunks(runner, task, chunks, settings.batch_size):
+            if kind == "record":
+                meter.update("error" in record)
+                yield record
+    finally:
+        meter.close()
+    if progress:
+        logger.info("%s", meter.summary())
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Items/s, done / failed and the ETA (when the total is known) on stderr: a Rich line when
+    stderr is a terminal, else a plain log line every `every` seconds."""
+
+    def __init__(self, total: int | None, *, enabled: bool = True, every: float = 30.0):
+        self.total, self.done, self.failed = total, 0, 0
+        self.started = time.monotonic()
+        self.every, self._last = every, self.started
+        self._live = None
+        if enabled and progress_enabled():
+            self._live = Live("", console=stderr_console(), transient=True, refresh_per_second=4)
+            self._live.start()
+        self.enabled = enabled
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.done / elapsed
+        text = f"{self.done}" + (f"/{self.total}" if self.total is not None else "") + " done"
+        text += f", {self.failed} failed, {rate:.1f} items/s"
+        if self.total is not None and rate > 0:
+            left = (self.total - self.done) / rate
+            text += f", ETA {time.strftime('%H:%M:%S', time.gmtime(left))}"
+        return text
+
+    def summary(self) -> str:
+        """The one line at the end of a run."""
+        elapsed = time.monotonic() - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        return f"{self.done} item(s) in {elapsed:.1f} s ({rate:.2f} items/s), {self.failed} failed"
+
+    def update(self, failed: bool) -> None:
+        self.done += 1
+        self.failed += failed
+        if not self.enabled:
+            return
+        if self._live is not None:
+            self._live.update(self.line())
+        elif time.monotonic() - self._last >= self.every:
+            self._last = time.monotonic()
+            logger.info("%s", self.line())
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+# ----------------------------------------------------------------------------- to a file
+
+
+@dataclass
+class OutputJob:
+    """`--output FILE` with its policy flags."""
+
+    output: str
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+
+
+@dataclass
+class Summary:
+    """What a run wrote. `failed` records hold an error."""
+
+    output: str
+    records: int
+    failed: int
+    seconds: float = 0.0
+    already_done: int = 0  # written by earlier attempts (--resume)
+    is_main: bool = True
+
+    def to_dict(self) -> dict:
+        return {
+            "output": self.output,
+            "records": self.records,
+            "failed": self.failed,
+            "already_done": self.already_done,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def model_fingerprint(source: str) -> dict:
+    """The model part of the fingerprint: its source and the hash of its config.json."""
+    resolved = resolve_source(source)
+    config = json.dumps(resolved.config, sort_keys=True).encode("utf-8")
+    where = str(Path(resolved.path).resolve()) if Path(resolved.path).is_dir() else resolved.path
+    return {"model": where, "model_config_sha256": hashlib.sha256(config).hexdigest()}
+
+
+def _kind(task_name: str) -> str:
+    return f"blip-{task_name}"
+
+
+def check_output(job: OutputJob, fingerprint: dict, task_name: str) -> tuple[Path, dict | None, JournalState]:
+    """The output policy, read-only: an existing output or run state is refused without --resume or
+    --overwrite; --resume needs the run state of the same kind, the same fingerprint and an intact
+    journal. Returns the run directory, the previous run record and the journal (with --resume)."""
+    output = Path(job.output)
+    run_dir = sidecar(output)
+    output_format(output)
+    kind = _kind(task_name)
+    if job.overwrite:
+        check_output_file(output, overwrite=True)
+        if run_dir.exists() and not (run_dir / "blip_run.json").is_file():
+            raise OutputExistsError(f"{run_dir} exists and was not written by blip; refusing to clear it")
+        check_writable(output.parent if str(output.parent) else Path("."))
+        return run_dir, None, JournalState()
+    if not job.resume:
+        check_output_file(output, overwrite=False)
+        if run_dir.exists():
+            raise OutputExistsError(
+                f"{output}: an unfinished run is in {run_dir}",
+                hint="pass --resume to continue it or --overwrite to start over",
+            )
+        check_writable(output.parent if str(output.parent) else Path("."))
+        return run_dir, None, JournalState()
+    record = RunRecord(run_dir, kind).read() if run_dir.is_dir() else None
+    if record is None:
+        what = "exists but has" if output.exists() else "has"
+        raise OutputExistsError(
+            f"{output} {what} no run state of blip {task_name} beside it ({run_dir}/blip_run.json); "
+            "nothing to resume",
+            hint="start a new run without --resume, or pass --overwrite",
+        )
+    if record.get("kind") != kind:
+        raise OutputExistsError(
+            f"{run_dir} is a run of {str(record.get('kind')).removeprefix('blip-')}, not of {task_name}; "
+            "cannot resume it"
+        )
+    check_resume_settings(record.get("config", {}), fingerprint, free=(), where=str(output), flag="--output")
+    if record.get("status") == "finished" and not output.is_file():
+        raise InputError(f"{output}: the run finished but the file is gone; start again with --overwrite")
+    check_writable(run_dir)
+    return run_dir, record, read_journal(run_dir)
+
+
+def infer_to_file(
+    open_runner: Callable[[Any], Any],
+    make_task,
+    source: Source,
+    job: OutputJob,
+    settings: RunSettings,
+    fingerprint: dict,
+) -> Summary:
+    """The resumable, multi-process run behind `--output FILE`. `open_runner(device)` loads the
+    model; `make_task(runner)` builds the task. Every process computes its share and journals it;
+    process 0 waits for all shares and writes the final file in input order."""
+    started = time.perf_counter()
+    state = process_state(cpu=job.device == "cpu")
+    output = Path(job.output)
+    fmt = output_format(output)
+    task_name = fingerprint["task"]
+    # Every process reads the journal here, before the barriers: nobody appends to it until all have.
+    run_dir, previous, journal = check_output(job, fingerprint, task_name)
+    record = RunRecord(run_dir, _kind(task_name), enabled=state.is_main_process)
+    if previous is not None and previous.get("status") == "finished":
+        counts = previous.get("counts", {})
+        logger.info("%s is complete (%d records); nothing to do", output, counts.get("records", 0))
+        return Summary(
+            str(output),
+            counts.get("records", 0),
+            counts.get("failed", 0),
+            already_done=counts.get("records", 0),
+            is_main=state.is_main_process,
+        )
+
+    device = job.device
+    if device == "auto" and state.num_processes > 1 and state.device is not None:
+        device = str(state.device)
+    runner = open_runner(device)
+    task = make_task(runner)
+
+    state.wait_for_everyone()  # everyone has checked the output before process 0 changes anything
+    if state.is_main_process:
+        if job.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record.start({"config": fingerprint, "output": str(output), "format": fmt}, previous=previous)
+    state.wait_for_everyone()
+    attempt = journal.last_attempt + 1
+
+    try:
+        counts = _run_share(runner, task, source, settings, journal, run_dir, attempt, state)
+    except BaseException as exc:
+        record.fail(exc)
+        raise
+    if not state.is_main_process:
+        return Summary(str(output), counts[0], counts[1], time.perf_counter() - started, is_main=False)
+
+    try:
+        _wait_for_shares(run_dir, attempt, state.num_processes)
+        final = read_journal(run_dir)
+        _check_complete(source, final, output)
+        columns = columns_for(task_name, source.kind, getattr(task, "ranked_fields", ()))
+        written = write_output(output, fmt, merged_records(journal_files(run_dir)), columns)
+    except BaseException as exc:
+        record.fail(exc)
+        raise
+    summary = {"records": written, "failed": final.failed}
+    record.finish(counts=summary)
+    clear_journal(run_dir)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "wrote %d record(s) to %s in %.1f s, %.2f items/s (%d failed%s)",
+        written,
+        output,
+        seconds,
+        (written - journal.records) / max(seconds, 1e-9),
+        final.failed,
+        f"; {journal.records} from earlier runs" if journal.records else "",
+    )
+    return Summary(str(output), written, final.failed, seconds, already_done=journal.records)
+
+
+def _run_share(
+    runner, task, source, settings, journal: JournalState, run_dir, attempt, state
+) -> tuple[int, int]:
+    """Compute this process's share into its journal file; returns (records, failed) written now."""
+    chunks, total = _chunks(
+        source, task, settings, rank=state.process_index, world=state.num_processes, journal=journal
+    )
+    writer = JournalWriter(run_dir, attempt, state.process_index)
+    progress = Progress(total, enabled=state.is_main_process)
+    failed = 0
+    try:
+        for kind, a, b in process_chunks(runner, task, chunks, settings.batch_size):
+            if kind == "end":
+                writer.end(a, b)
+                continue
+            is_error = "error" in b
+            if is_error:
+                logger.warning("%s", b["error"])
+            writer.record(a, b)
+            failed += is_error
+            progress.update(is_error)
+            if progress.done % settings.batch_size == 0:
+                writer.flush()
+        writer.finish()
+    except OSError as exc:
+        writer.close()
+        raise BlipError(
+            f"{writer.path}: cannot write ({exc.strerror or exc}); stopped after {writer.written} record(s) "
+            "of this run, which are kept: free space and rerun with --resume"
+        ) from exc
+    finally:
+        writer.close()
+        progress.close()
+    return writer.written, failed
+
+
+def _wait_for_shares(run_dir: Path, attempt: int, world: int, poll: float = 0.5) -> None:
+    """Wait for every process's done marker of this attempt by polling the file system (a barrier
+    would time out when one process has hours more work than another)."""
+    last_log = time.monotonic()
+    while True:
+        missing = [
+            rank
+            for rank in range(world)
+            if not (run_dir / "journal" / f"a{attempt:04d}-r{rank:05d}.done").is_file()
+        ]
+        if not missing:
+            return
+        if time.monotonic() - last_log > 60:
+            logger.info("waiting for %d process(es) to finish their share", len(missing))
+            last_log = time.monotonic()
+        time.sleep(poll)
+
+
+def _check_complete(source: Source, journal: JournalState, output: Path) -> None:
+    if isinstance(source, FileSource):
+        missing = [i for i in range(source.total) if not journal.has(file_position(i))]
+        if missing:
+            raise InputError(
+                f"{output}: {len(missing)} item(s) have no record (first: {source.entries[missing[0]].image}); "
+                "rerun with --resume"
+            )
+        return
+    for unit, url in enumerate(source.urls):
+        if not journal.complete(unit):
+            raise InputError(f"{output}: {url} did not finish; rerun with --resume")

@@ -1,0 +1,108 @@
+"""The journal and the output writers: k-way merge in input order, torn and damaged lines, Parquet in
+row groups and never half-written, TSV rows; the progress line."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from blip_toolkit.errors import InputError
+from blip_toolkit.runtime import records
+from blip_toolkit.runtime.inference import Progress
+from blip_toolkit.runtime.records import (
+    JournalWriter,
+    columns_for,
+    journal_files,
+    merged_records,
+    read_journal,
+    read_output,
+    write_output,
+)
+
+
+def _journal(tmp_path, attempt, rank, positions):
+    writer = JournalWriter(tmp_path, attempt, rank)
+    for pos in positions:
+        writer.record(pos, {"image": f"{pos[0]}-{pos[1]}", "caption": "c"})
+    writer.end(0, 5)
+    writer.finish()
+    return writer.path
+
+
+def test_merge_in_input_order_across_attempts_and_ranks(tmp_path):
+    # Attempt 1: rank 0 did items 0, 2 (then was killed), rank 1 did 1, 3; attempt 2 (one process): 4.
+    _journal(tmp_path, 1, 0, [(0, 0), (0, 2)])
+    _journal(tmp_path, 1, 1, [(0, 1), (0, 3), (1, 0)])
+    _journal(tmp_path, 2, 0, [(0, 4)])
+    state = read_journal(tmp_path)
+    assert state.last_attempt == 2 and state.records == 6 and state.ends == {0: 5}
+    assert state.complete(0) and state.has((1, 0)) and not state.has((1, 1))
+    merged = [r["image"] for r in merged_records(journal_files(tmp_path))]
+    assert merged == ["0-0", "0-1", "0-2", "0-3", "0-4", "1-0"]
+
+
+def test_torn_last_line_dropped_damaged_line_refused(tmp_path):
+    path = _journal(tmp_path, 1, 0, [(0, 0), (0, 1)])
+    with open(path, "ab") as handle:
+        handle.write(b'{"pos": [0, 2], "rec')  # a kill in the middle of a write
+    assert read_journal(tmp_path).records == 2
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join([lines[0], b'{"pos": "zero"}', *lines[1:]]))
+    with pytest.raises(InputError, match=r"a0001-r00000.jsonl:2: not a journal record"):
+        read_journal(tmp_path)
+
+
+def test_parquet_row_groups_and_no_half_written_file(tmp_path, monkeypatch):
+    pq = pytest.importorskip("pyarrow.parquet")
+    monkeypatch.setattr(records, "ROW_GROUP", 2)
+    rows = [{"shard": "s", "key": str(i), "caption": f"c{i}"} for i in range(5)]
+    rows.append({"shard": "s", "key": None, "error": "s.tar: truncated"})
+    out = tmp_path / "o.parquet"
+    assert write_output(out, "parquet", iter(rows), columns_for("caption", "webdataset")) == 6
+    assert pq.ParquetFile(out).num_row_groups == 3
+    assert read_output(out) == [{k: v for k, v in r.items() if v is not None} for r in rows]
+
+    def dies():
+        yield rows[0]
+        yield rows[1]
+        yield rows[2]  # a third row starts the second row group on disk
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_output(tmp_path / "killed.parquet", "parquet", dies(), columns_for("caption", "webdataset"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.parquet"]  # no final file, no temp left
+
+
+def test_tsv_rows_for_retrieval(tmp_path):
+    columns = columns_for("retrieval", "files", ("rank", "text", "score", "probability"))
+    rows = [
+        {"image": "a.jpg", "results": [{"rank": 1, "text": "x\ty", "score": 0.5, "probability": 0.6}]},
+        {"image": "b.jpg", "error": "b.jpg: empty file"},
+    ]
+    write_output(tmp_path / "r.tsv", "tsv", rows, columns)
+    assert (tmp_path / "r.tsv").read_text().splitlines() == [
+        "image\trank\ttext\tscore\tprobability\terror",
+        "a.jpg\t1\tx y\t0.5\t0.6\t",
+        "b.jpg\t\t\t\t\tb.jpg: empty file",
+    ]
+    write_output(tmp_path / "r.jsonl", "jsonl", rows, columns)
+    assert [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()] == rows
+
+
+def test_progress_plain_lines_when_not_a_terminal(caplog):
+    blip_logger = logging.getLogger("blip")  # it does not propagate once the CLI has set logging up
+    blip_logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="blip")
+    try:
+        progress = Progress(4, every=0.0)
+        for failed in (False, True, False):
+            progress.update(failed)
+        progress.close()
+    finally:
+        blip_logger.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[-1].startswith("3/4 done, 1 failed,") and "items/s" in lines[-1] and "ETA" in lines[-1]
+    assert Progress(None).line().startswith("0 done, 0 failed")  # no total, no ETA
+    assert "3 item(s) in" in progress.summary() and progress.summary().endswith("1 failed")
