@@ -36,39 +36,23 @@ def run_inference(
     question: str | None = None,
     manifest_schema: str = "images",
 ) -> None:
-    """The tail shared by `caption`, `vqa` and `retrieval`: open the inputs, then stream records to
-    stdout, or run the resumable (multi-process) job into `--output` and print its summary."""
-    import os
-
+    """The tail shared by `caption`, `vqa` and `retrieval`: records to stdout, or the resumable
+    (multi-process) run into `--output` and its summary; exit 3 when some items failed."""
     from blip_toolkit.runtime.datasets import open_inputs
-    from blip_toolkit.runtime.inference import OutputJob, infer_records, infer_to_file, model_fingerprint
-    from blip_toolkit.runtime.loading import DEFAULT_MODELS, open_runner
+    from blip_toolkit.runtime.inference import OutputJob, run_to_file, stream_records
 
-    model = model or DEFAULT_MODELS[task]
     source = open_inputs(
         inputs, manifest, text=question, manifest_schema=manifest_schema, allow_pipe=allow_pipe
     )
-
-    def load(where: str):
-        return open_runner(model, task, device=where, dtype=dtype, trust_remote_code=trust_remote_code)
-
+    loading = dict(model=model, dtype=dtype, trust_remote_code=trust_remote_code)
     if output is None:
         if resume or overwrite:
             raise UsageError("--resume and --overwrite apply to --output FILE")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UsageError("several processes need --output FILE (process 0 merges their results there)")
-        runner = load(device)
-        records = infer_records(runner, make_task(runner), source, options.settings(), progress=True)
+        records = stream_records(task, source, options, make_task, device=device, **loading)
         emit_all(records, fmt, text_line, what=what)
         return
     job = OutputJob(str(output), resume=resume, overwrite=overwrite, device=device)
-    fingerprint = {
-        **fingerprint,
-        **model_fingerprint(model),
-        "max_pixels": options.max_pixels,
-        "inputs": source.describe(),
-    }
-    summary = infer_to_file(load, make_task, source, job, options.settings(), fingerprint)
+    summary = run_to_file(task, source, options, make_task, fingerprint, job, **loading)
     if not summary.is_main:
         return
     if fmt != "text":

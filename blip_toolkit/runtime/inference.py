@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +50,7 @@ from blip_toolkit.runtime.datasets import (
     file_work,
     tar_units,
 )
-from blip_toolkit.runtime.loading import resolve_source
+from blip_toolkit.runtime.loading import DEFAULT_MODELS, open_runner, resolve_source
 from blip_toolkit.runtime.records import (
     JournalState,
     JournalWriter,
@@ -474,3 +475,59 @@ def _check_complete(source: Source, journal: JournalState, output: Path) -> None
     for unit, url in enumerate(source.urls):
         if not journal.complete(unit):
             raise InputError(f"{output}: {url} did not finish; rerun with --resume")
+
+
+# ----------------------------------------------------------------------------- a command's run
+
+
+def loader(task: str, model: str | None, *, dtype: str = "auto", trust_remote_code: bool = False):
+    """(model source, `load(device)`): the task's default checkpoint when `model` is None."""
+    source = model or DEFAULT_MODELS[task]
+
+    def load(device: str):
+        return open_runner(source, task, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+    return source, load
+
+
+def stream_records(
+    task: str,
+    source: Source,
+    options,
+    make_task,
+    *,
+    model=None,
+    device="auto",
+    dtype="auto",
+    trust_remote_code=False,
+) -> Iterator[dict]:
+    """The records of `source` in input order, without an output file (`blip caption ...` to stdout)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("several processes need --output FILE (process 0 merges their results there)")
+    _, load = loader(task, model, dtype=dtype, trust_remote_code=trust_remote_code)
+    runner = load(device)
+    return infer_records(runner, make_task(runner), source, options.settings(), progress=True)
+
+
+def run_to_file(
+    task: str,
+    source: Source,
+    options,
+    make_task,
+    fingerprint: dict,
+    job: OutputJob,
+    *,
+    model: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> Summary:
+    """`--output FILE`: the resumable, multi-process run, with the fingerprint of everything that
+    defines its records (the task's options, the model and its config, the inputs)."""
+    name, load = loader(task, model, dtype=dtype, trust_remote_code=trust_remote_code)
+    fingerprint = {
+        **fingerprint,
+        **model_fingerprint(name),
+        "max_pixels": options.max_pixels,
+        "inputs": source.describe(),
+    }
+    return infer_to_file(load, make_task, source, job, options.settings(), fingerprint)
