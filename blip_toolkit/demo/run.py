@@ -24,12 +24,10 @@ then a report (report.md, report.json, PNG figures).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,11 +53,14 @@ from blip_toolkit.eval.evaluate import CaptionEvalConfig, RetrievalEvalConfig, V
 from blip_toolkit.eval.retrieval_eval import evaluate_retrieval
 from blip_toolkit.eval.vqa_eval import evaluate_vqa
 from blip_toolkit.log import verbosity
-from blip_toolkit.runtime.caption import CaptionOptions, caption_images
+from blip_toolkit.runtime.caption import CaptionOptions, caption_task
+from blip_toolkit.runtime.datasets import open_inputs
 from blip_toolkit.runtime.generation import GenerationOptions
+from blip_toolkit.runtime.inference import OutputJob, run_to_file
 from blip_toolkit.runtime.loading import open_runner
+from blip_toolkit.runtime.records import read_output
 from blip_toolkit.runtime.retrieval import RetrievalOptions, rank_texts
-from blip_toolkit.runtime.vqa import VqaOptions, answer_questions
+from blip_toolkit.runtime.vqa import VqaOptions, vqa_task
 from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
 from blip_toolkit.training.config import FinetuneConfig
 from blip_toolkit.training.finetune import run_finetune
@@ -269,22 +270,26 @@ def _finetune(state: dict, task: str, epochs: int) -> Any:
     return result
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
+def _predict(state: dict, task: str, source, options, make_task, name: str) -> list[dict]:
+    """Dataset inference as `blip caption|vqa ... --output predictions/NAME.jsonl` runs it."""
+    path = state["out"] / "predictions" / f"{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    return path
+    job = OutputJob(str(path), device="cpu")
+    with _quiet():
+        run_to_file(
+            task, source, options, make_task, options.fingerprint(), job, model=str(state["trained"][task])
+        )
+    return read_output(path)
 
 
 def _stage_caption(state: dict) -> dict:
     data: DemoData = state["data"]
     _finetune(state, "caption", state["plan"].caption_epochs)
-    runner = open_runner(str(state["trained"]["caption"]), "caption", device="cpu")
-    items = [InputItem(str(p)) for p in data.images("test")]
-    options = CaptionOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=16))
-    records = list(caption_images(runner, items, options))
-    predictions = _write_jsonl(state["out"] / "predictions" / "captions.jsonl", records)
+    options = CaptionOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=16), num_workers=0)
+    source = open_inputs([str(p) for p in data.images("test")])
+    records = _predict(
+        state, "caption", source, options, lambda runner: caption_task(runner, options), "captions"
+    )
     truth = [(p.left, p.right) for p in data.pairs["test"]]
     in_order = sum(digits_in(r.get("caption", ""))[:2] == [a, b] for r, (a, b) in zip(records, truth)) / len(
         truth
@@ -293,7 +298,7 @@ def _stage_caption(state: dict) -> dict:
         CaptionEvalConfig(
             annotations=str(data.eval_files["test"]["captions"]),
             images=str(data.root / "images"),
-            predictions=str(predictions),
+            predictions=str(state["out"] / "predictions" / "captions.jsonl"),
         )
     )
     state["captions"] = [r.get("caption", "") for r in records[:GRID]]
@@ -310,14 +315,9 @@ def _stage_caption(state: dict) -> dict:
 def _stage_vqa(state: dict) -> dict:
     data: DemoData = state["data"]
     _finetune(state, "vqa", state["plan"].vqa_epochs)
-    rows = [
-        line.split("\t") for line in data.manifests["test"]["vqa"].read_text(encoding="utf-8").splitlines()
-    ]
-    runner = open_runner(str(state["trained"]["vqa"]), "vqa", device="cpu")
-    items = [InputItem(str(data.root / image)) for image, _q, _a in rows]
-    options = VqaOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=4))
-    records = list(answer_questions(runner, items, [q for _i, q, _a in rows], options))
-    predictions = _write_jsonl(state["out"] / "predictions" / "answers.jsonl", records)
+    options = VqaOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=4), num_workers=0)
+    source = open_inputs(None, data.manifests["test"]["vqa"], manifest_schema="questions")
+    records = _predict(state, "vqa", source, options, lambda runner: vqa_task(runner, options), "answers")
     files = data.eval_files["test"]
     report = evaluate_vqa(
         VqaEvalConfig(
@@ -325,7 +325,7 @@ def _stage_vqa(state: dict) -> dict:
             annotations=str(files["vqa_annotations"]),
             images=str(data.root / "images"),
             image_pattern=IMAGE_PATTERN,
-            predictions=str(predictions),
+            predictions=str(state["out"] / "predictions" / "answers.jsonl"),
         )
     )
     state["answers"] = [[r.get("answer", "") for r in records[5 * i : 5 * i + 5]] for i in range(GRID)]
@@ -333,7 +333,7 @@ def _stage_vqa(state: dict) -> dict:
     return {
         "eval": metrics,
         "questions": len(records),
-        "summary": f"VQA accuracy {metrics['overall']:.1f} (official metric, x100), "
+        "summary": f"VQA accuracy {metrics['overall']:.1f} (official metric, x100); "
         + ", ".join(f"{k} {v:.0f}" for k, v in metrics.get("per_question_type", {}).items()),
     }
 
