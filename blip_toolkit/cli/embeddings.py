@@ -20,6 +20,7 @@ from blip_toolkit.cli.options import (
 )
 from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
 from blip_toolkit.embeddings.format import (
+    CROP_MODES,
     DEFAULT_COND,
     DEFAULT_TARGET,
     HEAD_POOLINGS,
@@ -30,6 +31,7 @@ from blip_toolkit.embeddings.format import (
 Tokens = choice_enum("Tokens", TOKEN_LAYOUTS)
 HeadPool = choice_enum("HeadPool", HEAD_POOLINGS)
 StorageDtype = choice_enum("StorageDtype", STORAGE_DTYPES)
+Crop = choice_enum("Crop", CROP_MODES)
 
 
 def extract_embeddings(
@@ -97,6 +99,15 @@ def extract_embeddings(
             show_default=False,
         ),
     ] = None,
+    crop: Annotated[
+        Crop,
+        typer.Option(
+            "--crop",
+            help="center: cut every image to its centred square once, before both processors, so token (i, j) "
+            "of both encoders sees the same pixels (BLIP / BLIP-2 processors squash, CLIP's crop). none: each "
+            "processor gets the whole image.",
+        ),
+    ] = Crop.center,
     dtype: Annotated[
         StorageDtype, typer.Option("--dtype", help="Storage dtype of the embeddings.")
     ] = StorageDtype.float16,
@@ -169,6 +180,7 @@ def extract_embeddings(
         cond_tokens=cond_tokens.value if cond_tokens else None,
         cond_pool=cond_pool,
         head_pool=head_pool.value if head_pool else None,
+        crop=crop.value,
         dtype=dtype.value,
         encoder_dtype=encoder_dtype,
         device=device,
