@@ -49,16 +49,18 @@ class DataConfig:
     """[data]: where the embeddings are and how they are split and streamed.
 
     dir: the extract-embeddings output directory (--data). eval_shards: hold out the last N shards;
-    eval_fraction: or hold out this fraction of the images (seeded by split_seed); neither: evaluate on
-    the first training images. overfit: train on the first N training images only and evaluate on them
-    (--overfit). shuffle_buffer: indices in the shuffle buffer (integers only: cheap). num_workers:
+    eval_fraction: or hold out each image with this probability (seeded by split_seed); neither set:
+    5% of the images are held out that way (DEFAULT_EVAL_FRACTION), so evaluation never sees a training
+    image; eval_fraction = 0: nothing is held out (every image trains, no evaluation). overfit: train
+    on the first N training images only and evaluate on those same images (--overfit: the only way to
+    evaluate on training images). shuffle_buffer: indices in the shuffle buffer (integers only: cheap). num_workers:
     DataLoader processes reading batches (0 = in the training process). max_open_shards: shards
     memory-mapped at once. stats_samples: images used to fit the target normaliser (0 = every
     training image). verify: shard checksums checked lazily (on first read), on open, or not at all."""
 
     dir: str = ""
     eval_shards: int = 0
-    eval_fraction: float = 0.0
+    eval_fraction: float | None = None  # None: DEFAULT_EVAL_FRACTION unless eval_shards is set
     split_seed: int = 0
     overfit: int = 0
     shuffle_buffer: int = 10_000
@@ -70,10 +72,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         _need(self.eval_shards >= 0, f"data.eval_shards must be >= 0, got {self.eval_shards}")
         _need(
-            0.0 <= self.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}"
+            self.eval_fraction is None or 0.0 <= self.eval_fraction < 1.0,
+            f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}",
         )
         _need(
-            not (self.eval_shards and self.eval_fraction),
+            not (self.eval_shards and self.eval_fraction is not None),
             "set data.eval_shards or data.eval_fraction, not both",
         )
         _need(self.overfit >= 0, f"data.overfit must be >= 0, got {self.overfit}")

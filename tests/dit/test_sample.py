@@ -41,22 +41,35 @@ def test_sample_file_is_read_by_eval_recall(cli, run, emb, tmp_path):
     result = cli("sample", "--checkpoint", run, "--data", emb, "--out", out, "--format", "json")
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
-    # the run's own sampling defaults apply
+    # the run's own sampling defaults apply, and on its own embeddings its held-out images (the last shard)
     assert (
-        summary["samples"] == 24 and summary["steps"] == 5 and summary["cfg_scale"] == 2.0 and summary["ema"]
+        summary["samples"] == 8 and summary["steps"] == 5 and summary["cfg_scale"] == 2.0 and summary["ema"]
     )
+    assert summary["split"] == "eval" and summary["training_images"] == 0
     generated = read_generated(out)
     shards = EmbeddingShards(emb)
     assert (
-        generated.keys == shards.keys()
+        generated.keys == shards.keys()[16:]
         and generated.has_global
         and generated.index_sha256 == shards.index_sha256
     )
     assert generated.tokens().dtype == torch.float16  # the embeddings' storage dtype
     assert generated.metadata["ema"] == "true" and generated.metadata["step"] == "25"
+    assert generated.metadata["split"] == "eval" and generated.metadata["training_images"] == "0"
     report = cli("eval-recall", emb, "--generated", out, "--format", "json")
     assert report.code == 0, report.stderr
-    assert json.loads(report.stdout)["features"]["generated"]["num_images"] == 24
+    parsed = json.loads(report.stdout)
+    assert parsed["features"]["generated"]["num_images"] == 8 and parsed["generated_training_images"] == 0
+    assert "training images" not in report.stderr
+
+    # Training images only on request, and then every consumer says so.
+    everything = tmp_path / "all.safetensors"
+    result = cli("sample", "--checkpoint", run, "--data", emb, "--out", everything, "--split", "all")
+    assert result.code == 0 and "16 of the 24 sampled image(s) are training images" in result.stderr
+    assert read_generated(everything).metadata["training_images"] == "16"
+    report = cli("eval-recall", emb, "--generated", everything, "--format", "json")
+    assert report.code == 0 and json.loads(report.stdout)["generated_training_images"] == 16
+    assert "16 of its 24 image(s) are training images of the DiT" in report.stderr
 
     trained = tmp_path / "trained.safetensors"
     assert cli("sample", "--checkpoint", run, "--data", emb, "--out", trained, "--no-ema").code == 0
@@ -71,7 +84,22 @@ def test_sample_file_is_read_by_eval_recall(cli, run, emb, tmp_path):
 def test_noise_is_per_image(cli, run, emb, tmp_path):
     """An image's tokens depend on the seed and the image, not on the batch size or the split."""
     whole, part, other_seed = (tmp_path / f"{n}.safetensors" for n in ("whole", "part", "seed"))
-    assert cli("sample", "--checkpoint", run, "--data", emb, "--out", whole, "--batch-size", "7").code == 0
+    assert (
+        cli(
+            "sample",
+            "--checkpoint",
+            run,
+            "--data",
+            emb,
+            "--out",
+            whole,
+            "--batch-size",
+            "7",
+            "--split",
+            "all",
+        ).code
+        == 0
+    )
     assert (
         cli(
             "sample",
@@ -90,7 +118,19 @@ def test_noise_is_per_image(cli, run, emb, tmp_path):
     )
     assert (
         cli(
-            "sample", "--checkpoint", run, "--data", emb, "--out", other_seed, "--seed", "1", "--limit", "4"
+            "sample",
+            "--checkpoint",
+            run,
+            "--data",
+            emb,
+            "--out",
+            other_seed,
+            "--seed",
+            "1",
+            "--limit",
+            "4",
+            "--split",
+            "all",
         ).code
         == 0
     )
@@ -118,7 +158,12 @@ def test_python_api_matches_the_command(run, emb, tmp_path, cli):
     x_0 = sample_noise(torch.arange(3), 0, (16, 16))
     tokens = normalizer.decode(integrate(guided_velocity(model, cond, cfg_scale=2.0), x_0, steps=5))
     path = tmp_path / "s.safetensors"
-    assert cli("sample", "--checkpoint", run, "--data", emb, "--out", path, "--limit", "3").code == 0
+    assert (
+        cli(
+            "sample", "--checkpoint", run, "--data", emb, "--out", path, "--limit", "3", "--split", "train"
+        ).code
+        == 0
+    )
     torch.testing.assert_close(read_generated(path).tokens().float(), tokens, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(
         read_generated(path).global_emb(),
