@@ -506,7 +506,9 @@ class DiTTrainer(Trainer):
         split, data, every = self.split, self.config.data, self.config.eval.every
         evaluated = min(len(split.eval), self.config.eval.max_samples)
         if split.kind == "overfit":
-            logger.info("--overfit %d: evaluating on those training images (a memorisation check)", data.overfit)
+            logger.info(
+                "--overfit %d: evaluating on those training images (a memorisation check)", data.overfit
+            )
         elif split.kind == "none":
             logger.info(
                 "nothing held out (data.eval_fraction = 0): every image trains%s",

@@ -124,10 +124,11 @@ def evaluate_recall(config: RecallConfig) -> dict[str, Any]:
             device=config.device,
         ).to_dict()
 
+    # Every generated file is read (and checked) before any recall is computed.
+    read = [_generated_features(gen, shards, head, reference, config.batch_size, budget) for gen in generated]
     results = {name: score(name, image_features[name]) for name in features if name != "generated"}
     rows = []
-    for gen in generated:
-        gen_global, gen_cosine = _generated_features(gen, shards, head, reference, config.batch_size, budget)
+    for gen, (gen_global, gen_cosine) in zip(generated, read, strict=True):
         gen_cosine["generated_global_vs_baseline"] = mean_cosine(
             gen_global, image_features["baseline"], max_memory_bytes=budget
         )

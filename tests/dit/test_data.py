@@ -72,7 +72,12 @@ def test_split(emb):
     assert default.kind == "held-out" and default.default and len(default.eval) >= 1
     assert not set(default.eval.tolist()) & set(default.train.tolist())
     assert sorted(default.train.tolist() + default.eval.tolist()) == list(range(24))
-    assert default.settings == {"eval_shards": 0, "eval_fraction": DEFAULT_EVAL_FRACTION, "split_seed": 0, "overfit": 0}
+    assert default.settings == {
+        "eval_shards": 0,
+        "eval_fraction": DEFAULT_EVAL_FRACTION,
+        "split_seed": 0,
+        "overfit": 0,
+    }
     again = split_indices(shards, **default.settings)
     assert again.eval.tolist() == default.eval.tolist() and not again.default
     # The same draw as an explicit fraction: each image held out with probability f from (seed, split).

@@ -196,11 +196,19 @@ def test_contrastive_term_decodes_normalised_tokens():
 
     cfg = FlowConfig(cond_dropout=0.0, contrastive_weight=1.0)
     flow_loss(
-        RecordingModel(oracle), x_1_norm, x_1, cfg, project=project, target_tokens=x_1, normalizer=normalizer
+        RecordingModel(oracle),
+        x_1_norm,
+        x_1,
+        cfg,
+        project=project,
+        target_tokens=x_1,
+        normalizer=normalizer,
+        generator=torch.Generator().manual_seed(3),
     )
     assert len(seen) == 2
     torch.testing.assert_close(seen[0], x_1)
-    torch.testing.assert_close(seen[1], x_1)
+    # the prediction went through the oracle's division by 1 - t and the normaliser's float32 statistics
+    torch.testing.assert_close(seen[1], x_1, rtol=1e-5, atol=1e-6)
 
 
 def test_contrastive_positive_is_what_eval_recall_calls_gt_pooled(tmp_path):
