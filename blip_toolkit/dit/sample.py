@@ -188,36 +188,16 @@ def run_sample(config: SampleConfig) -> SampleResult:
         prepare_output_dir(out, overwrite=config.overwrite, flag="--out", resumable=False)
         run_record = RunRecord(out, SWEEP_RUN_KIND)
         run_record.start({"config": {**asdict(config), "out": str(out)}})
-    files = []
-    for setting in settings:
-        begun = time.perf_counter()
-        logger.info(
-            "sampling %d image(s) of %s with %s (step %s, %s weights): %d %s step(s), cfg %g, seed %d",
-            len(indices),
-            config.data,
-            info["path"],
-            info["step"],
-            "EMA" if info["ema"] else "trained",
-            setting["steps"],
-            setting["solver"],
-            setting["cfg_scale"],
-            config.seed,
+    try:
+        files = _sample_settings(
+            config, out, model, normalizer, info, shards, indices, settings, keys, common, store, device
         )
-        tokens, global_emb = _generate_all(
-            model, normalizer, info["head"], shards, indices, setting, config, store, device
-        )
-        name = sweep_file_name(setting["steps"], setting["cfg_scale"]) if config.is_sweep else None
-        path = write_generated(
-            out / name if name else out,
-            tokens,
-            keys,
-            index_sha256=shards.index_sha256,
-            global_emb=global_emb,
-            metadata={**common, "steps": str(setting["steps"]), "cfg_scale": repr(setting["cfg_scale"])},
-            overwrite=config.overwrite,
-        )
-        files.append({**setting, "file": name or str(path), "seconds": round(time.perf_counter() - begun, 3)})
-    shards.close()
+    except BaseException as exc:
+        if config.is_sweep:
+            run_record.fail(exc)  # the directory says the sweep did not finish (it has no sweep.json)
+        raise
+    finally:
+        shards.close()
     if config.is_sweep:
         write_json(
             out / SWEEP_FILE,
@@ -257,6 +237,42 @@ def run_sample(config: SampleConfig) -> SampleResult:
         samples_per_second=len(indices) * len(settings) / seconds if seconds > 0 else 0.0,
         sweep=files if config.is_sweep else [],
     )
+
+
+def _sample_settings(
+    config, out, model, normalizer, info, shards, indices, settings, keys, common, store, device
+):
+    """Sample every setting and write its file; returns [{**setting, "file", "seconds"}]."""
+    files = []
+    for setting in settings:
+        begun = time.perf_counter()
+        logger.info(
+            "sampling %d image(s) of %s with %s (step %s, %s weights): %d %s step(s), cfg %g, seed %d",
+            len(indices),
+            config.data,
+            info["path"],
+            info["step"],
+            "EMA" if info["ema"] else "trained",
+            setting["steps"],
+            setting["solver"],
+            setting["cfg_scale"],
+            config.seed,
+        )
+        tokens, global_emb = _generate_all(
+            model, normalizer, info["head"], shards, indices, setting, config, store, device
+        )
+        name = sweep_file_name(setting["steps"], setting["cfg_scale"]) if config.is_sweep else None
+        path = write_generated(
+            out / name if name else out,
+            tokens,
+            keys,
+            index_sha256=shards.index_sha256,
+            global_emb=global_emb,
+            metadata={**common, "steps": str(setting["steps"]), "cfg_scale": repr(setting["cfg_scale"])},
+            overwrite=config.overwrite,
+        )
+        files.append({**setting, "file": name or str(path), "seconds": round(time.perf_counter() - begun, 3)})
+    return files
 
 
 def _warn_other_encoders(record: dict[str, Any], shards: EmbeddingShards) -> None:

@@ -151,9 +151,11 @@ class TrainConfig:
 class EvalConfig:
     """[eval]: held-out metrics every `every` steps and at the end (0 = never).
 
-    On at most max_samples held-out images: val_loss (flow MSE at random t), vel_cos (cosine of the
-    predicted and true velocity), patch_cos / global_cos (tokens sampled with `steps` `solver` steps at
-    cfg_scale vs the ground-truth tokens, and their pooled projections through the target head),
+    On at most max_samples held-out images (the overfit images with --overfit; nothing when nothing is
+    held out): val_loss (flow MSE at random t), vel_cos (cosine of the predicted and true velocity),
+    patch_cos / patch_cos_raw / global_cos (tokens sampled with `steps` `solver` steps at cfg_scale vs
+    the ground-truth tokens, standardised by the ground truth's per-dimension statistics and raw, and
+    their pooled projections through the target head),
     est_r@1 (image-to-text recall@1 of the sampled globals among the held-out captions). ema: evaluate
     the EMA weights (what `blip sample` uses by default). seed: the noise (same as `sample --seed`)."""
 
