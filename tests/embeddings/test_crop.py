@@ -129,7 +129,7 @@ def test_square_coverage_reads_the_processor_settings():
     assert square_coverage(narrower) == 224 / 256
 
 
-def test_extraction_records_the_crop_and_stores_the_cropped_images_tokens(enc, tmp_path):
+def test_extraction_records_the_crop_and_stores_the_cropped_images_tokens(cli, enc, tmp_path):
     """A non-square image extracted with --crop center gives the tokens of its centred square
     extracted with --crop none; the crop is in index.json and a --resume must keep it."""
     folder, square_folder = tmp_path / "wide", tmp_path / "square"
@@ -150,7 +150,24 @@ def test_extraction_records_the_crop_and_stores_the_cropped_images_tokens(enc, t
 
     centre = run(folder, tmp_path / "centre")  # the default
     cropped_by_hand = run(square_folder, tmp_path / "by-hand", crop="none")
-    whole = run(folder, tmp_path / "whole", crop="none")
+    result = cli(
+        "extract-embeddings",
+        folder,
+        "--out",
+        tmp_path / "whole",
+        "--crop",
+        "none",
+        "--dtype",
+        "float32",
+        "--cond-encoder",
+        enc["blip2-opt"],
+        "--target-encoder",
+        enc["clip"],
+        "--num-workers",
+        "0",
+    )
+    assert result.code == 0, result.stderr
+    whole = EmbeddingShards(tmp_path / "whole")
     for name in ("cond", "target", "target_global"):
         torch.testing.assert_close(centre[0][name], cropped_by_hand[0][name])
     assert not torch.allclose(centre[0]["target"], whole[0]["target"], atol=1e-3)
