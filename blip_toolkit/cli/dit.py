@@ -241,7 +241,9 @@ def sample(
     steps: Annotated[
         list[int] | None,
         unset_option(
-            "--steps", help="ODE steps; several values (--steps 10 30) sweep them. \\[default: the run's, 30]"
+            "--steps",
+            help="ODE steps; several values (--steps 10 30) sweep them. \\[default: the run's, 30]",
+            metavar="N...",
         ),
     ] = None,
     cfg_scale: Annotated[
@@ -250,6 +252,7 @@ def sample(
             "--cfg-scale",
             help="Classifier-free guidance (1 = none); conditional and unconditional in one batch. Several values "
             "(--cfg-scale 1 1.5 2 3) sweep them; eval-recall scores the sweep. \\[default: the run's]",
+            metavar="SCALE...",
         ),
     ] = None,
     shift: Annotated[
