@@ -1,4 +1,4 @@
-"""blip: BLIP / BLIP-2 inference and fine-tuning, and BLIP3-o style CLIP-feature diffusion.
+"""blip: BLIP / BLIP-2 inference and fine-tuning, and CLIP-feature diffusion (a flow-matching DiT that generates CLIP-space features, the idea of BLIP3-o's image head).
 
 Importing this package is cheap: torch and transformers load only when a command needs them.
 """

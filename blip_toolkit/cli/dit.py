@@ -140,7 +140,7 @@ def train_dit(
     print_config: PrintConfigOpt = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
-    """Train the BLIP3-o style DiT: generate target-encoder tokens from conditioning tokens (rectified flow).
+    """Train the CLIP-feature DiT: generate target-encoder tokens from conditioning tokens (rectified flow).
 
     Reads the shards of [bold]blip extract-embeddings[/]; writes RUN/ with checkpoints/step-N (also the
     state for --resume), metrics.jsonl, blip_run.json (resolved config) and the final model for
@@ -227,8 +227,8 @@ def sample(
         typer.Option(
             "--out",
             "-o",
-            help="Generated-features file (safetensors) for eval-recall --generated.",
-            dir_okay=False,
+            help="Generated-features file (safetensors) for eval-recall --generated; with several --steps / "
+            "--cfg-scale values a directory: one file per setting and sweep.json.",
             show_default=False,
         ),
     ],
@@ -239,13 +239,20 @@ def sample(
         ),
     ] = None,
     steps: Annotated[
-        int | None, unset_option("--steps", help="ODE steps. \\[default: the run's, 30]")
+        list[int] | None,
+        unset_option(
+            "--steps",
+            help="ODE steps; several values (--steps 10 30) sweep them. \\[default: the run's, 30]",
+            metavar="N...",
+        ),
     ] = None,
     cfg_scale: Annotated[
-        float | None,
+        list[float] | None,
         unset_option(
             "--cfg-scale",
-            help="Classifier-free guidance (1 = none); conditional and unconditional in one batch. \\[default: the run's, else 1.0]",
+            help="Classifier-free guidance (1 = none); conditional and unconditional in one batch. Several values "
+            "(--cfg-scale 1 1.5 2 3) sweep them; eval-recall scores the sweep. \\[default: the run's]",
+            metavar="SCALE...",
         ),
     ] = None,
     shift: Annotated[
@@ -265,31 +272,36 @@ def sample(
         int, typer.Option("--batch-size", "-b", min=1, help="Images per solver batch.")
     ] = 64,
     split: Annotated[
-        Split,
-        typer.Option(
+        Split | None,
+        unset_option(
             "--split",
-            help="all images, or the run's own train / eval split (needs the embeddings it was trained on).",
+            help="all images, or the run's own train / eval split (needs the embeddings it was trained on). "
+            "\\[default: eval (the held-out images) on the embeddings the run was trained on, else all]",
         ),
-    ] = Split.all,
+    ] = None,
     limit: Annotated[
         int | None, unset_option("--limit", min=1, help="Only the first N images of the split.")
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out file (or sweep directory).")
+    ] = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Generate target tokens with a trained DiT for the images of an embeddings directory.
 
     Writes the tokens, their keys and their global embeddings (the target head of the run) to one
-    safetensors file that [bold]blip eval-recall DIR --generated FILE[/] scores. The checkpoint's dims
-    must match the embeddings'.
+    safetensors file that [bold]blip eval-recall DIR --generated FILE[/] scores. On the embeddings the
+    run was trained on it samples the run's held-out images unless --split says otherwise. The
+    checkpoint's dims must match the embeddings'.
 
     [bold]Examples[/]
 
-      blip sample --checkpoint runs/dit --data emb/ --out samples.safetensors
-      blip sample --checkpoint runs/dit --data emb/ --out eval.safetensors --split eval --cfg-scale 3 --steps 30
+      blip sample --checkpoint runs/dit --data emb/ --out heldout.safetensors
+      blip eval-recall emb/ --generated heldout.safetensors
+      blip sample --checkpoint runs/dit --data emb/ --out sweep/ --cfg-scale 1 1.5 2 3 --steps 10 30
+      blip eval-recall emb/ --generated sweep/ --update-run
       blip sample --checkpoint runs/dit/checkpoints/step-4000 --data val-emb/ -o s.safetensors --no-ema --solver heun
-      blip eval-recall emb/ --generated samples.safetensors
     """
     from blip_toolkit.cli.output import Emitter
     from blip_toolkit.dit.sample import SampleConfig, run_sample
@@ -299,14 +311,14 @@ def sample(
             checkpoint=str(checkpoint),
             data=str(data),
             out=str(out),
-            steps=steps,
-            cfg_scale=cfg_scale,
+            steps=steps or None,
+            cfg_scale=cfg_scale or None,
             solver=solver.value if solver is not None else None,
             shift=shift,
             seed=seed,
             ema=ema,
             batch_size=batch_size,
-            split=split.value,
+            split=split.value if split is not None else None,
             limit=limit,
             device=device,
             overwrite=overwrite,
@@ -314,7 +326,10 @@ def sample(
     )
     summary = result.summary()
     if fmt == OutputFormat.text:
-        typer.echo("\n".join(f"{k}\t{v}" for k, v in summary.items()))
+        sweep = summary.pop("sweep")
+        lines = [f"{k}\t{v}" for k, v in summary.items() if not (sweep and k in ("steps", "cfg_scale"))]
+        lines += [f"setting\tsteps {s['steps']}, cfg {s['cfg_scale']:g}\t{s['file']}" for s in sweep]
+        typer.echo("\n".join(lines))
     else:
         with Emitter(fmt.value, single=True) as emitter:
             emitter.emit(summary)

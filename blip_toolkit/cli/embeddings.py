@@ -20,6 +20,7 @@ from blip_toolkit.cli.options import (
 )
 from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
 from blip_toolkit.embeddings.format import (
+    CROP_MODES,
     DEFAULT_COND,
     DEFAULT_TARGET,
     HEAD_POOLINGS,
@@ -30,6 +31,7 @@ from blip_toolkit.embeddings.format import (
 Tokens = choice_enum("Tokens", TOKEN_LAYOUTS)
 HeadPool = choice_enum("HeadPool", HEAD_POOLINGS)
 StorageDtype = choice_enum("StorageDtype", STORAGE_DTYPES)
+Crop = choice_enum("Crop", CROP_MODES)
 
 
 def extract_embeddings(
@@ -68,7 +70,7 @@ def extract_embeddings(
         typer.Option(
             "--pool",
             min=1,
-            help="Average-pool the patch grid to NxN (BLIP3-o: 8 -> 64 tokens); the CLS token is not pooled. [default: no pooling]",
+            help="Average-pool the patch grid to NxN (8 -> 64 tokens, as BLIP3-o pools its target features); the CLS token is not pooled. [default: no pooling]",
             show_default=False,
         ),
     ] = None,
@@ -97,6 +99,15 @@ def extract_embeddings(
             show_default=False,
         ),
     ] = None,
+    crop: Annotated[
+        Crop,
+        typer.Option(
+            "--crop",
+            help="center: cut every image to its centred square once, before both processors, so token (i, j) "
+            "of both encoders sees the same pixels (BLIP / BLIP-2 processors squash, CLIP's crop). none: each "
+            "processor gets the whole image.",
+        ),
+    ] = Crop.center,
     dtype: Annotated[
         StorageDtype, typer.Option("--dtype", help="Storage dtype of the embeddings.")
     ] = StorageDtype.float16,
@@ -134,7 +145,7 @@ def extract_embeddings(
         OutputFormat, typer.Option("--format", "-f", help="Summary format on stdout.")
     ] = OutputFormat.text,
 ) -> None:
-    """Write patch-token embedding shards of two frozen encoders (BLIP3-o style DiT data).
+    """Write patch-token embedding shards of two frozen encoders (the training data of train-dit).
 
     Per image: conditioning tokens, target tokens and the target's own image embedding; per
     caption: the target's text embedding; plus [bold]target_head.safetensors[/] (tokens -> global
@@ -169,6 +180,7 @@ def extract_embeddings(
         cond_tokens=cond_tokens.value if cond_tokens else None,
         cond_pool=cond_pool,
         head_pool=head_pool.value if head_pool else None,
+        crop=crop.value,
         dtype=dtype.value,
         encoder_dtype=encoder_dtype,
         device=device,
@@ -220,8 +232,8 @@ def eval_recall(
         Path | None,
         typer.Option(
             "--generated",
-            help="Generated target tokens (a safetensors file written by blip sample).",
-            dir_okay=False,
+            help="Generated target tokens: a safetensors file written by blip sample, or its sweep directory "
+            "(several --steps / --cfg-scale values: every setting is scored, the best one reported).",
         ),
     ] = None,
     features: Annotated[
@@ -258,6 +270,14 @@ def eval_recall(
         Path | None,
         typer.Option("--out", "-o", help="Also write the full report as JSON here.", dir_okay=False),
     ] = None,
+    update_run: Annotated[
+        bool,
+        typer.Option(
+            "--update-run",
+            help="With a sweep of held-out images: make its best setting (steps, cfg scale) the sampling default "
+            "of the DiT checkpoint that generated it (its config.json 'sample').",
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
@@ -265,13 +285,15 @@ def eval_recall(
 
     Scores the target encoder's own embedding ([bold]baseline[/]), the ground-truth tokens pooled and
     projected by the target head ([bold]gt-pooled[/]) and, with --generated, generated tokens, in both
-    directions (image-to-text counts a hit when any caption of the image is in the top K). Text output
-    is a table in %; --format json gives every number as fractions.
+    directions (image-to-text counts a hit when any caption of the image is in the top K). A sweep
+    directory of blip sample gets one row per setting and the best setting. Text output is a table in
+    %; --format json gives every number as fractions. Warns when the generated images trained the DiT.
 
     [bold]Examples[/]
 
       blip eval-recall emb/
       blip eval-recall emb/ --generated samples.safetensors --k 1 5 10 --format json
+      blip eval-recall emb/ --generated sweep/ --k 1 5 --update-run
       blip eval-recall emb/ --dedupe-captions --max-memory 512MB --out recall.json
     """
     from blip_toolkit.cli.output import Emitter
@@ -292,6 +314,12 @@ def eval_recall(
         device=device,
     )
     report = evaluate_recall(config)
+    if update_run:
+        from blip_toolkit.dit.sample import set_sample_defaults
+        from blip_toolkit.embeddings.recall_report import tuned_defaults
+
+        run, steps, scale, evidence = tuned_defaults(report)
+        report["updated_run"] = str(set_sample_defaults(run, steps=steps, cfg_scale=scale, evidence=evidence))
     if out is not None:
         write_json(out, report)
     if fmt == OutputFormat.text:
@@ -299,6 +327,8 @@ def eval_recall(
 
         console = Console(highlight=False, soft_wrap=True)
         console.print(render_table(report))
+        if "sweep" in report:
+            console.print(render_sweep(report))
         for line in render_cosines(report):
             console.print(line)
     else:
@@ -326,8 +356,39 @@ def render_table(report: dict):
     return table
 
 
+def render_sweep(report: dict):
+    """A Rich table of a sweep: recall (%) and the standardised token cosine per setting; the best
+    setting after it."""
+    from rich.table import Table
+
+    ks = report["ks"]
+    best = report["best"]
+    table = Table(title="guidance / steps sweep (generated features)", title_justify="left")
+    for name in ("steps", "cfg"):
+        table.add_column(name, justify="right")
+    for direction in ("i2t", "t2i"):
+        for k in ks:
+            table.add_column(f"{direction} R@{k}", justify="right", no_wrap=True)
+    table.add_column("token cos", justify="right")
+    for row in report["sweep"]:
+        cos = row["cosine"].get("generated_tokens_vs_target")
+        mark = " *" if row["file"] == best["file"] else ""
+        table.add_row(
+            str(row["steps"]),
+            f"{row['cfg_scale']:g}{mark}",
+            *(f"{100 * row[d][f'R@{k}']:.2f}" if d in row else "-" for d in ("i2t", "t2i") for k in ks),
+            f"{cos:.4f}" if cos is not None else "-",
+        )
+    table.caption = f"* best: steps {best['steps']}, cfg {best['cfg_scale']:g} ({report['best_rule']})" + (
+        f"; now the default of {report['updated_run']}" if report.get("updated_run") else ""
+    )
+    table.caption_justify = "left"
+    return table
+
+
 COSINE_LABELS = {
-    "generated_tokens_vs_target": "mean cosine, generated vs ground-truth tokens",
+    "generated_tokens_vs_target": "mean cosine, generated vs ground-truth tokens (standardised)",
+    "generated_tokens_vs_target_raw": "mean cosine, generated vs ground-truth tokens (raw)",
     "generated_global_vs_baseline": "mean cosine, generated global vs baseline",
     "generated_global_vs_gt_pooled": "mean cosine, generated global vs gt-pooled",
     "gt_pooled_vs_baseline": "mean cosine, gt-pooled vs baseline",
@@ -335,7 +396,12 @@ COSINE_LABELS = {
 
 
 def render_cosines(report: dict) -> list[str]:
-    return [f"{COSINE_LABELS.get(k, k)}: {v:.4f}" for k, v in report["cosine"].items()]
+    prefix = "best setting: " if "sweep" in report else ""
+    return [
+        f"{prefix if k.startswith('generated') else ''}{COSINE_LABELS.get(k, k)}: "
+        + (f"{v:.4f}" if v is not None else "n/a (one image)")
+        for k, v in report["cosine"].items()
+    ]
 
 
 def register(app: typer.Typer) -> None:

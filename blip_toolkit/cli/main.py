@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 
@@ -14,7 +15,7 @@ from blip_toolkit.log import setup_logging
 
 app = typer.Typer(
     name="blip",
-    help="BLIP / BLIP-2 captioning, VQA, retrieval and fine-tuning; BLIP3-o style CLIP-feature diffusion.",
+    help="BLIP / BLIP-2 captioning, VQA, retrieval and fine-tuning; CLIP-feature diffusion.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -38,7 +39,7 @@ def root(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging, including library warnings."),
 ) -> None:
-    """BLIP / BLIP-2 captioning, VQA, retrieval and fine-tuning; BLIP3-o style CLIP-feature diffusion.
+    """BLIP / BLIP-2 captioning, VQA, retrieval and fine-tuning; CLIP-feature diffusion.
 
     Results go to stdout (--format text|json|jsonl), logs and progress to stderr. Exit codes: 0 ok,
     1 error, 2 usage error, 3 finished but some items failed. BLIP_DEBUG=1 shows tracebacks.
@@ -69,20 +70,30 @@ def _debug() -> bool:
 
 # Options that take a list of values after one flag (`--k 1 5 10`); click options take exactly one
 # value each, so the values are spread into repeated options (`--k 1 --k 5 --k 10`) before parsing.
-MULTI_VALUE_OPTIONS = ("--k",)
+# Each option: (the pattern of a bare value that still belongs to it, the commands it applies to or
+# None for all). `--steps` is a single value elsewhere (train-dit, finetune): only `sample` spreads it.
+_INT = re.compile(r"\d+")
+_DECIMAL = re.compile(r"\d+(\.\d*)?|\.\d+")
+MULTI_VALUE_OPTIONS: dict[str, tuple[re.Pattern, tuple[str, ...] | None]] = {
+    "--k": (_INT, None),
+    "--steps": (_INT, ("sample",)),
+    "--cfg-scale": (_DECIMAL, ("sample",)),
+}
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:
+    command = next((token for token in argv if not token.startswith("-")), None)  # global options are flags
     out: list[str] = []
     i = 0
     while i < len(argv):
         token = argv[i]
         out.append(token)
         i += 1
-        if token in MULTI_VALUE_OPTIONS and i < len(argv):
+        spec = MULTI_VALUE_OPTIONS.get(token)
+        if spec is not None and (spec[1] is None or command in spec[1]) and i < len(argv):
             out.append(argv[i])
             i += 1
-            while i < len(argv) and argv[i].isdigit():  # further bare numbers belong to the same option
+            while i < len(argv) and spec[0].fullmatch(argv[i]):  # further bare numbers: the same option
                 out += [token, argv[i]]
                 i += 1
     return out

@@ -1,5 +1,7 @@
-"""CLIP-feature diffusion (BLIP3-o style): a DiT over target-encoder tokens, trained with rectified
-flow and sampled with an ODE solver.
+"""CLIP-feature diffusion: a DiT over target-encoder tokens (by default CLIP ViT-L/14's, conditioned on
+EVA ViT-g/14's), trained with rectified flow and sampled with an ODE solver. BLIP3-o's flow-matching
+recipe on another task: its own head generates EVA-CLIP features from a language model's hidden
+states (docs/architecture.md, "The DiT").
 
 - config.py        DiTConfig, FlowConfig, size presets, the choices (no torch import)
 - train_config.py  TrainDiTConfig: the sections of `blip train-dit` (no torch import)

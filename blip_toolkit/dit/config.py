@@ -17,9 +17,10 @@ from blip_toolkit.config import build_config
 from blip_toolkit.errors import ConfigError
 
 # Size presets. head_dim is 64 everywhere (the width SDPA kernels are tuned for). The number of
-# key/value heads defaults to heads // 2: grouped-query attention as in the BLIP3-o seed variants,
-# which halves the K/V projections and the K/V memory of attention at no measurable quality cost
-# in LLaMA-2/3 style models. Set `num_kv_heads` to `num_heads` for plain multi-head attention.
+# key/value heads defaults to heads // 2: grouped-query attention, this toolkit's choice (BLIP3-o's
+# Lumina-Next head uses plain multi-head attention), which halves the K/V projections and the K/V
+# memory of attention at no measurable quality cost in LLaMA-2/3 style models. Set `num_kv_heads`
+# to `num_heads` for plain multi-head attention.
 DIT_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 384, "num_layers": 6, "num_heads": 6},
     "small": {"hidden_size": 512, "num_layers": 8, "num_heads": 8},
@@ -193,7 +194,9 @@ class FlowConfig:
     contrastive_weight / contrastive_temperature: optional symmetric InfoNCE between the pooled,
         projected predicted clean tokens and the batch's ground-truth global embeddings (0 = off).
     target_norm: none | l2 | standardize, the token normalisation applied to the targets before
-        training (see dit/normalize.py); recorded here so sampling decodes the same way.
+        training (see dit/normalize.py); recorded here so sampling decodes the same way. Default
+        standardize: CLIP ViT-L's pre-layernorm tokens have a few dimensions of huge magnitude, which
+        without it dominate the velocity loss and sit far from the N(0, I) noise.
     """
 
     t_sampling: str = "uniform"
@@ -202,7 +205,7 @@ class FlowConfig:
     cond_dropout: float = 0.1
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.07
-    target_norm: str = "none"
+    target_norm: str = "standardize"
 
     def __post_init__(self) -> None:
         if self.t_sampling not in T_SAMPLINGS:

@@ -38,7 +38,7 @@ import torch
 
 from blip_toolkit.dit.config import FlowConfig
 from blip_toolkit.dit.flow import sample_t
-from blip_toolkit.dit.normalize import TokenNormalizer, TokenStatistics
+from blip_toolkit.dit.normalize import LayoutStatistics, TokenNormalizer
 from blip_toolkit.embeddings.shards import EmbeddingShards
 from blip_toolkit.engine.seeding import mix_seed
 from blip_toolkit.errors import ConfigError, InputError
@@ -57,39 +57,57 @@ STREAM_SPLIT = 5
 # The split
 
 
+# The held-out share when a run names none: enough images for the evaluation of typical datasets
+# (train-dit evaluates at most eval.max_samples of them), few enough to cost little training data.
+DEFAULT_EVAL_FRACTION = 0.05
+
+
 @dataclass
 class DataSplit:
     """train / eval: sorted global image indices [n] int64. kind: "held-out" (eval_shards or
-    eval_fraction), "train" (no held-out data: eval on the first training samples) or "overfit"
-    (eval = the overfit samples themselves)."""
+    eval_fraction, given or the default), "none" (eval_fraction = 0: nothing held out, eval empty) or
+    "overfit" (eval = the overfit samples themselves). settings: the keyword arguments of
+    `split_indices` that give this split again (with the default fraction written out), as recorded in
+    the run."""
 
     train: np.ndarray
     eval: np.ndarray
     kind: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    default: bool = False  # held out by DEFAULT_EVAL_FRACTION, not by the run's config
 
 
 def split_indices(
     shards: EmbeddingShards,
     *,
     eval_shards: int = 0,
-    eval_fraction: float = 0.0,
+    eval_fraction: float | None = None,
     split_seed: int = 0,
     overfit: int = 0,
 ) -> DataSplit:
     """The training and evaluation images of a run (the same function is used by `sample --split`).
 
     eval_shards = k: the last k shards are held out. eval_fraction = f: each image is held out with
-    probability f (seeded by `split_seed`, at least one image each side). overfit = N: train on the
-    first N training images and evaluate on those same images (a memorisation check)."""
+    probability f (seeded by `split_seed`, at least one image each side). Neither: f =
+    DEFAULT_EVAL_FRACTION (with `overfit` alone: 0). eval_fraction = 0: nothing is held out.
+    overfit = N: train on the first N training images and evaluate on those same images (a
+    memorisation check)."""
     n = len(shards)
     if n == 0:
         raise InputError(f"{shards.root}: the embeddings hold no images")
-    if eval_shards and eval_fraction:
+    if eval_shards and eval_fraction is not None:
         raise ConfigError("data.eval_shards and data.eval_fraction cannot both be set")
+    default = not eval_shards and eval_fraction is None
+    if default:
+        eval_fraction = 0.0 if overfit else DEFAULT_EVAL_FRACTION
+    settings = {
+        "eval_shards": int(eval_shards),
+        "eval_fraction": None if eval_shards else float(eval_fraction),
+        "split_seed": int(split_seed),
+        "overfit": int(overfit),
+    }
     everything = np.arange(n, dtype=np.int64)
-    kind = "train"
-    held = np.zeros(0, dtype=np.int64)
-    train = everything
+    train, held, kind = everything, np.zeros(0, dtype=np.int64), "none"
     if eval_shards:
         if eval_shards >= len(shards.shards):
             raise ConfigError(
@@ -100,6 +118,11 @@ def split_indices(
         first = shards.shards[len(shards.shards) - eval_shards].offset
         train, held, kind = everything[:first], everything[first:], "held-out"
     elif eval_fraction:
+        if n < 2:
+            raise ConfigError(
+                f"{shards.root} holds 1 image: none can be held out for evaluation",
+                hint="set data.eval_fraction = 0 (no evaluation) or use --overfit 1",
+            )
         rng = np.random.default_rng([split_seed, STREAM_SPLIT])
         mask = rng.random(n) < eval_fraction
         if not mask.any():
@@ -111,10 +134,8 @@ def split_indices(
         if overfit > len(train):
             raise ConfigError(f"--overfit {overfit}: only {len(train)} training image(s)")
         train = train[:overfit]
-        return DataSplit(train, train.copy(), "overfit")
-    if kind == "train":
-        held = train
-    return DataSplit(train, held, kind)
+        return DataSplit(train, train.copy(), "overfit", settings, default)
+    return DataSplit(train, held, kind, settings, default)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,57 +209,68 @@ def token_statistics(
     shards: EmbeddingShards,
     indices: np.ndarray,
     *,
+    has_cls: bool = False,
     max_samples: int = 0,
     part: int = 0,
     parts: int = 1,
     chunk: int = 256,
-) -> TokenStatistics:
+) -> LayoutStatistics:
     """Streaming statistics of the target tokens of `indices` (sorted; the first `max_samples` when
     > 0), read in chunks of `chunk` rows: memory = one chunk plus the open maps, whatever the dataset
-    size. `part` / `parts`: only every parts-th image from the part-th (a process's share)."""
+    size. `has_cls`: the CLS token (position 0) gets statistics of its own. `part` / `parts`: only
+    every parts-th image from the part-th (a process's share)."""
     indices = np.sort(np.asarray(indices, dtype=np.int64))
     if max_samples:
         indices = indices[:max_samples]
     indices = indices[part::parts]
-    stats = TokenStatistics(shards.dims["target_dim"])
+    stats = LayoutStatistics(shards.dims["target_dim"], has_cls)
     for start in range(0, len(indices), chunk):
         stats.update(shards.rows(indices[start : start + chunk], "target"))
     return stats
 
 
-def pack_statistics(stats: TokenStatistics) -> torch.Tensor:
-    """[count, norm_sum, mean (D), m2 (D)] float64, for a collective."""
-    head = torch.tensor([float(stats.count), stats.norm_sum], dtype=torch.float64)
-    return torch.cat([head, stats.mean, stats.m2])
+def pack_statistics(stats: LayoutStatistics) -> torch.Tensor:
+    """[count, norm_sum, mean (D), m2 (D)] float64 per position class (patch, then cls), concatenated:
+    one row for a collective."""
+    rows = [
+        torch.cat([torch.tensor([float(c.count), c.norm_sum], dtype=torch.float64), c.mean, c.m2])
+        for c in stats.classes()
+    ]
+    return torch.cat(rows)
 
 
-def merge_statistics(packed: torch.Tensor) -> TokenStatistics:
-    """One TokenStatistics from packed rows [P, 2 + 2D] (`pack_statistics` of each part), merged in row
-    order with Chan et al.'s pairwise update (exact up to float64 rounding)."""
-    dim = (packed.shape[1] - 2) // 2
-    total = TokenStatistics(dim)
-    for row in packed.double().cpu():
-        count = int(row[0])
-        if count == 0:
-            continue
-        mean, m2 = row[2 : 2 + dim], row[2 + dim :]
-        merged = total.count + count
-        delta = mean - total.mean
-        total.mean = total.mean + delta * (count / merged)
-        total.m2 = total.m2 + m2 + delta.square() * (total.count * count / merged)
-        total.count = merged
-        total.norm_sum += float(row[1])
-    return total
+def merge_statistics(packed: torch.Tensor, *, has_cls: bool = False) -> LayoutStatistics:
+    """One LayoutStatistics from packed rows [P, K (2 + 2D)] (`pack_statistics` of each part; K = 2
+    classes with `has_cls`), each class merged in row order with Chan et al.'s pairwise update (exact
+    up to float64 rounding)."""
+    classes = 2 if has_cls else 1
+    width = packed.shape[1] // classes
+    dim = (width - 2) // 2
+    merged = LayoutStatistics(dim, has_cls)
+    for k, total in enumerate(merged.classes()):
+        for row in packed[:, k * width : (k + 1) * width].double().cpu():
+            count = int(row[0])
+            if count == 0:
+                continue
+            mean, m2 = row[2 : 2 + dim], row[2 + dim :]
+            both = total.count + count
+            delta = mean - total.mean
+            total.mean = total.mean + delta * (count / both)
+            total.m2 = total.m2 + m2 + delta.square() * (total.count * count / both)
+            total.count = both
+            total.norm_sum += float(row[1])
+    return merged
 
 
-def normalizer_from_statistics(method: str, stats: TokenStatistics, *, where: str = "") -> TokenNormalizer:
+def normalizer_from_statistics(method: str, stats: LayoutStatistics, *, where: str = "") -> TokenNormalizer:
     """The fitted normaliser; refuses statistics that hold NaN or Inf (a corrupt embedding)."""
     if method == "none":
         return TokenNormalizer("none")
-    if stats.count == 0:
+    if stats.patch.count == 0:
         raise InputError(f"{method} normalisation: no training tokens to fit on")
-    finite = bool(torch.isfinite(stats.mean).all() and torch.isfinite(stats.m2).all()) and math.isfinite(
-        stats.norm_sum
+    finite = all(
+        bool(torch.isfinite(c.mean).all() and torch.isfinite(c.m2).all()) and math.isfinite(c.norm_sum)
+        for c in stats.classes()
     )
     if not finite:
         raise InputError(
@@ -248,13 +280,19 @@ def normalizer_from_statistics(method: str, stats: TokenStatistics, *, where: st
 
 
 def fit_normalizer(
-    shards: EmbeddingShards, indices: np.ndarray, method: str, *, max_samples: int = 0, chunk: int = 256
+    shards: EmbeddingShards,
+    indices: np.ndarray,
+    method: str,
+    *,
+    has_cls: bool = False,
+    max_samples: int = 0,
+    chunk: int = 256,
 ) -> TokenNormalizer:
     """Fit the target normaliser on the target tokens of `indices` (see `token_statistics`) in one
     streaming pass."""
     if method == "none":
         return TokenNormalizer("none")
-    stats = token_statistics(shards, indices, max_samples=max_samples, chunk=chunk)
+    stats = token_statistics(shards, indices, has_cls=has_cls, max_samples=max_samples, chunk=chunk)
     return normalizer_from_statistics(method, stats, where=str(shards.root))
 
 
@@ -291,7 +329,8 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     Yields dicts: cond [b, M, Dc], x_1 [b, N, Dt] (normalised targets), x_0 [b, N, Dt], t [b],
     drop [b] bool or None, index [b] (global image indices), batch (global micro-batch number), and
-    target_global [b, E] when `with_global`. b = global_batch / world_size."""
+    target [b, N, Dt] (the raw target tokens, for the contrastive term) when `with_target`.
+    b = global_batch / world_size."""
 
     def __init__(
         self,
@@ -305,7 +344,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         world_size: int,
         seed: int,
         start: int = 0,
-        with_global: bool = False,
+        with_target: bool = False,
     ):
         super().__init__()
         if global_batch % world_size:
@@ -314,7 +353,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             )
         self.shards, self.order, self.flow, self.normalizer = shards, order, flow, normalizer
         self.global_batch, self.rank, self.world_size, self.seed = global_batch, rank, world_size, seed
-        self.start, self.with_global = start, with_global
+        self.start, self.with_target = start, with_target
         dims = shards.dims
         self.shape = (dims["target_tokens"], dims["target_dim"])
 
@@ -329,17 +368,18 @@ class TrainStream(torch.utils.data.IterableDataset):
                 continue  # another worker's batch: its indices were computed, nothing was read
             mine = indices[lo:hi]
             t, drop, x_0 = global_noise(number, self.global_batch, self.shape, self.flow, seed=self.seed)
+            target = self.shards.rows(mine, "target")  # [b, N, Dt]
             batch = {
                 "cond": self.shards.rows(mine, "cond"),  # [b, M, Dc]
-                "x_1": self.normalizer.encode(self.shards.rows(mine, "target")),  # [b, N, Dt]
+                "x_1": self.normalizer.encode(target),  # [b, N, Dt]
                 "x_0": x_0[lo:hi],
                 "t": t[lo:hi],
                 "drop": drop[lo:hi] if drop is not None else None,
                 "index": torch.from_numpy(mine),
                 "batch": number,
             }
-            if self.with_global:
-                batch["target_global"] = self.shards.rows(mine, "target_global")
+            if self.with_target:
+                batch["target"] = target
             yield batch
 
 

@@ -36,7 +36,11 @@ def evaluate_dit(
     val_loss: flow-matching MSE (normalised space) at one random t per image; vel_cos: mean token
     cosine of the predicted vs the true velocity there (t and x_0 per image from (seed, image index));
     patch_cos: mean token cosine of the sampled tokens (`solver.generate` with the noise `blip sample
-    --seed` uses) vs the ground truth; global_cos: cosine of head(sampled) vs head(ground truth);
+    --seed` uses) vs the ground truth, both standardised with the per-dimension mean and std of the
+    evaluated ground-truth tokens (the CLS token with its own), as eval-recall's token cosine is: on raw
+    CLIP tokens a few huge dimensions make any two tokens' cosine high; patch_cos_raw: the same on the
+    raw tokens (patch_cos is absent when a single image is evaluated); global_cos: cosine of
+    head(sampled) vs head(ground truth);
     est_r@1: image-to-text recall@1 of head(sampled) among the distinct captions of the evaluated
     images (identical strings are one text, positive for every image that has it, as `eval-recall
     --dedupe-captions`: otherwise a caption shared by many images, e.g. a class name, is a tie that
@@ -47,7 +51,10 @@ def evaluate_dit(
     _, tokens, dim = eval_set.target.shape
     generated = torch.empty(n, head.embed_dim)
     truth = torch.empty(n, head.embed_dim)
-    squared = vel_cos = patch_cos = 0.0
+    # One image has no spread to standardise by: then patch_cos is left out.
+    has_cls = bool(getattr(getattr(model, "config", None), "has_cls", False))
+    reference = TokenNormalizer.fit("standardize", [eval_set.target], has_cls=has_cls) if n >= 2 else None
+    squared = vel_cos = patch_cos = patch_cos_raw = 0.0
     for lo in range(0, n, batch_size):
         index = eval_set.index[lo : lo + batch_size]
         b = int(index.shape[0])
@@ -69,15 +76,20 @@ def evaluate_dit(
             shift=shift,
             normalizer=normalizer,
         ).float()  # [b, N, Dt]
-        patch_cos += mean_cosine(sampled, target) * b
+        patch_cos_raw += mean_cosine(sampled, target) * b
+        if reference is not None:
+            patch_cos += mean_cosine(reference.encode(sampled), reference.encode(target)) * b
         generated[lo : lo + b] = head(sampled).float().cpu()
         truth[lo : lo + b] = head(target).float().cpu()
     metrics = {
         "val_loss": squared / (n * tokens * dim),
         "vel_cos": vel_cos / n,
         "patch_cos": patch_cos / n,
+        "patch_cos_raw": patch_cos_raw / n,
         "global_cos": mean_cosine(generated, truth),
     }
+    if reference is None:
+        del metrics["patch_cos"]
     if recall and eval_set.text_emb.shape[0]:
         metrics["est_r@1"] = _estimated_recall(eval_set, generated)
     return metrics

@@ -98,7 +98,7 @@ def flow_loss(
     cond_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    global_target: torch.Tensor | None = None,
+    target_tokens: torch.Tensor | None = None,
     normalizer: TokenNormalizer | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rectified-flow training loss for one batch (the one `train-dit` optimises).
@@ -108,12 +108,16 @@ def flow_loss(
     mask drop [B] (bool) are drawn from `generator` (on x_1's device) unless given (the trainer draws
     them per global batch, dit/data.py). `model(x_t, t, cond, cond_mask, drop=drop)` is a DiT.
 
-    With `config.contrastive_weight > 0`, `project(tokens [B, N, Dt]) -> [B, E]` (the target
-    encoder's pooling and projection head, in the original token space: the predicted clean tokens
-    are decoded with `normalizer` first) and `global_target` [B, E] (the batch's ground-truth global
-    embeddings) add a symmetric InfoNCE term. The negatives are the rest of this batch (this process's
-    batch under data parallelism). Samples whose condition was dropped are left out of it: without a
-    condition the prediction cannot know which image it belongs to.
+    With `config.contrastive_weight > 0`, `project(tokens [B, N, Dt]) -> [B, E]` (the target head:
+    the pooling and projection eval-recall scores generated tokens with) and `target_tokens`
+    [B, N, Dt] (the batch's ground-truth tokens, in the target encoder's space, not normalised) add a
+    symmetric InfoNCE term between project(decoded predicted clean tokens) and project(target_tokens):
+    the same pooled quantity on both sides, the one recall ranks (head(generated tokens) is the
+    "generated" feature, head(ground truth) the "gt-pooled" one). Not the encoder's own global
+    embedding: with mean pooling of patches it is another quantity (the CLS token's projection), which
+    the head of even perfect tokens does not reproduce. The negatives are the rest of this batch (this
+    process's batch under data parallelism). Samples whose condition was dropped are left out of it:
+    without a condition the prediction cannot know which image it belongs to.
 
     Returns (loss, parts) where parts holds detached scalars "loss", "mse" and "contrastive".
     """
@@ -130,17 +134,19 @@ def flow_loss(
     loss = mse
     contrastive = torch.zeros((), device=x_1.device)
     if config.contrastive_weight > 0:
-        if project is None or global_target is None:
+        if project is None or target_tokens is None:
             raise ConfigError(
-                "flow.contrastive_weight > 0 needs the target encoder's projection head and global embeddings",
-                hint="pass project= and global_target= to flow_loss, or set contrastive_weight = 0",
+                "flow.contrastive_weight > 0 needs the target head and the ground-truth target tokens",
+                hint="pass project= and target_tokens= to flow_loss, or set contrastive_weight = 0",
             )
         keep = ~drop if drop is not None else torch.ones(batch, dtype=torch.bool, device=x_1.device)
         if int(keep.sum()) >= 2:  # InfoNCE needs at least one negative
             x_1_hat = predicted_clean(path.x_t[keep], t[keep], v_pred[keep])  # [K, N, Dt]
             if normalizer is not None:
                 x_1_hat = normalizer.decode(x_1_hat)
-            contrastive = info_nce(project(x_1_hat), global_target[keep], config.contrastive_temperature)
+            with torch.no_grad():
+                positive = project(target_tokens[keep])  # [K, E]: what recall calls gt-pooled
+            contrastive = info_nce(project(x_1_hat), positive, config.contrastive_temperature)
             loss = loss + config.contrastive_weight * contrastive
     parts = {"loss": loss.detach(), "mse": mse.detach(), "contrastive": contrastive.detach()}
     return loss, parts

@@ -1,7 +1,8 @@
 """The Diffusion Transformer of the CLIP-feature pipeline: predicts the rectified-flow velocity of the
 target encoder's patch tokens, conditioned on another encoder's patch tokens.
 
-A pure `nn.Module` (no loss, no I/O). The block follows the BLIP3-o seed variants / Lumina-Next:
+A pure `nn.Module` (no loss, no I/O). The block is this toolkit's design (its specification's seed
+variants), built from Lumina-Next's parts but not BLIP3-o's head (docs/architecture.md, "The DiT"):
 grouped-query self-attention with QK RMSNorm and axial rotary positions, cross-attention to the
 conditioning tokens, a SwiGLU MLP, RMSNorm before and after every sub-layer ("sandwich norm"), and
 DiT's adaLN-Zero timestep modulation (Peebles & Xie 2023), so the untrained network predicts zero.
@@ -15,7 +16,8 @@ Rotary layouts (derived from the sequence length and the `has_cls` flags):
 - sequence: any other N, 1-D RoPE over all pairs.
 Cross-attention: when both the target and the conditioning sequences are grids, the conditioning
 grid is mapped onto the target grid (centres aligned, so a 24x24 grid lands on a 16x16 one) and
-queries and keys are both rotated. The two encoders see the same image, so this gives every target
+queries and keys are both rotated. The two encoders see the same pixels (extract-embeddings --crop
+center cuts every image to one square before both processors), so this gives every target
 patch a relative-position prior towards the conditioning patches of the same place in the image.
 Otherwise cross-attention is position-free (the queries already carry position from self-attention).
 """

@@ -1,4 +1,4 @@
-"""`blip train-dit`: train the CLIP-feature DiT (BLIP3-o style) on embedding shards with rectified flow,
+"""`blip train-dit`: train the CLIP-feature DiT on embedding shards with rectified flow,
 a task on the training engine (engine/trainer.py: one CPU, one GPU, or many processes under
 `accelerate launch`).
 
@@ -244,7 +244,7 @@ class DiTTrainer(Trainer):
 
     def data_record(self) -> dict[str, Any]:
         """The embeddings the run trains on (blip_run.json and every export's config.json)."""
-        shards, data = self.shards, self.config.data
+        shards = self.shards
         return {
             "dir": str(Path(shards.root).resolve()),
             "index_sha256": shards.index_sha256,
@@ -262,12 +262,10 @@ class DiTTrainer(Trainer):
             "train_samples": len(self.split.train),
             "eval_samples": len(self.split.eval),
             "eval_kind": self.split.kind,
-            "split": {
-                "eval_shards": data.eval_shards,
-                "eval_fraction": data.eval_fraction,
-                "split_seed": data.split_seed,
-                "overfit": data.overfit,
-            },
+            # split_indices(shards, **split) gives the split again (`blip sample` defaults to its
+            # held-out images); the default fraction is written out.
+            "split": dict(self.split.settings),
+            "split_default": self.split.default,
         }
 
     def check_previous_run(self, previous: dict[str, Any]) -> None:
@@ -288,15 +286,10 @@ class DiTTrainer(Trainer):
         self.num_parameters = model.num_parameters
         self.head = self.shards.head(device=self.accelerator.device)
         self.norm_bundle = normalizer_bundle(self.normalizer)
-        if self.main and self.config.eval.every > 0:
+        if self.main and self.eval_enabled():
             # Its own reader: reading the eval set must not evict the training stream's maps.
             reader = EmbeddingShards(self.shards.root, verify=self.config.data.verify)
             self.eval_set = load_eval_set(reader, self.split.eval, max_samples=self.config.eval.max_samples)
-            if self.split.kind == "train":
-                logger.info(
-                    "no held-out data (data.eval_shards / data.eval_fraction): evaluating on %d training image(s)",
-                    len(self.eval_set),
-                )
         return model
 
     def _normalizer(self, checkpoint: Path | None) -> TokenNormalizer:
@@ -313,21 +306,25 @@ class DiTTrainer(Trainer):
             return TokenNormalizer("none")
         acc = self.accelerator
         started = time.perf_counter()
+        has_cls = self.model_config.has_cls
         stats = token_statistics(
             self.shards,
             self.split.train,
+            has_cls=has_cls,
             max_samples=self.config.data.stats_samples,
             part=acc.process_index,
             parts=acc.num_processes,
         )
-        packed = pack_statistics(stats)[None]  # [1, 2 + 2D]
+        packed = pack_statistics(stats)[None]  # [1, K (2 + 2D)]
         if acc.num_processes > 1:
-            packed = acc.gather(packed.to(acc.device)).cpu()  # [P, 2 + 2D], rank order
-        normalizer = normalizer_from_statistics(method, merge_statistics(packed), where=str(self.shards.root))
+            packed = acc.gather(packed.to(acc.device)).cpu()  # [P, K (2 + 2D)], rank order
+        merged = merge_statistics(packed, has_cls=has_cls)
+        normalizer = normalizer_from_statistics(method, merged, where=str(self.shards.root))
         logger.info(
-            "%s target normalisation fitted on %d tokens in %.1f s",
+            "%s target normalisation fitted on %d tokens%s in %.1f s",
             method,
             normalizer.count,
+            f" (and {normalizer.cls_count} CLS tokens, with statistics of their own)" if has_cls else "",
             time.perf_counter() - started,
         )
         return normalizer
@@ -353,7 +350,7 @@ class DiTTrainer(Trainer):
             world_size=acc.num_processes,
             seed=config.train.seed,
             start=start,
-            with_global=config.flow.contrastive_weight > 0,
+            with_target=config.flow.contrastive_weight > 0,
         )
         for batch in batch_iterator(stream, num_workers=config.data.num_workers):
             yield batch, False
@@ -361,7 +358,7 @@ class DiTTrainer(Trainer):
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         device = self.accelerator.device
         drop = batch["drop"].to(device) if batch["drop"] is not None else None  # [b]
-        global_target = batch["target_global"].to(device) if "target_global" in batch else None
+        target = batch["target"].to(device) if "target" in batch else None  # [b, N, Dt] raw
         loss, _ = flow_loss(
             self.model,
             batch["x_1"].to(device, non_blocking=True),  # [b, N, Dt]
@@ -371,7 +368,7 @@ class DiTTrainer(Trainer):
             t=batch["t"].to(device, non_blocking=True),
             drop=drop,
             project=self.head,
-            global_target=global_target,
+            target_tokens=target,
             normalizer=self.normalizer,
         )
         return loss
@@ -385,7 +382,7 @@ class DiTTrainer(Trainer):
     # -- evaluation
 
     def eval_enabled(self) -> bool:
-        return self.config.eval.every > 0
+        return self.config.eval.every > 0 and self.split.kind != "none"
 
     def evaluate(self, model: nn.Module) -> dict[str, Any] | None:
         if not self.main or self.eval_set is None:
@@ -471,7 +468,7 @@ class DiTTrainer(Trainer):
         config, acc, mc, split = self.config, self.accelerator, self.model_config, self.split
         held = {
             "held-out": f"{len(split.eval)} held out",
-            "train": "no held-out images",
+            "none": "nothing held out",
             "overfit": "overfit: evaluated on the training images",
         }[split.kind]
         logger.info(
@@ -504,6 +501,34 @@ class DiTTrainer(Trainer):
             train.mixed_precision,
             config.flow.target_norm,
         )
+        self._describe_split()
+
+    def _describe_split(self) -> None:
+        split, data, every = self.split, self.config.data, self.config.eval.every
+        evaluated = min(len(split.eval), self.config.eval.max_samples)
+        if split.kind == "overfit":
+            logger.info(
+                "--overfit %d: evaluating on those training images (a memorisation check)", data.overfit
+            )
+        elif split.kind == "none":
+            logger.info(
+                "nothing held out (data.eval_fraction = 0): every image trains%s",
+                "; no evaluation (it would only see training images; --overfit N evaluates on them)"
+                if every
+                else "",
+            )
+        elif split.default:
+            logger.info(
+                "no split configured: holding out %d image(s) (each with probability %g, data.split_seed %d; "
+                "set data.eval_fraction or data.eval_shards to choose); evaluating on %d of them%s",
+                len(split.eval),
+                split.settings["eval_fraction"],
+                split.settings["split_seed"],
+                evaluated,
+                "" if every else " (eval.every = 0: not evaluated)",
+            )
+        elif every:
+            logger.info("evaluating on %d held-out image(s) of %d", evaluated, len(split.eval))
 
     def result(self, elapsed: float) -> TrainDiTResult:
         return TrainDiTResult(

@@ -2,7 +2,8 @@
 
 Per image: the conditioning encoder's tokens, the target encoder's tokens and its own global image
 embedding; per caption: the target encoder's text embedding. Both encoders see the same decoded
-image, each through its own processor. How the work is cut, so that results do not depend on the
+image, each through its own processor; with `crop = "center"` (the default) the image is first cut to
+its centred square, so both token grids cover the same pixels (embeddings/reading.py). How the work is cut, so that results do not depend on the
 number of processes or workers, is in embeddings/reading.py.
 
 Bad images are skipped (a shard may hold fewer than `shard_size` images) and reported in
@@ -36,6 +37,7 @@ from blip_toolkit.embeddings.adapters import (
     load_encoder,
 )
 from blip_toolkit.embeddings.format import (
+    CROP_MODES,
     DEFAULT_COND,
     DEFAULT_TARGET,
     ERRORS_FILE,
@@ -55,6 +57,7 @@ from blip_toolkit.embeddings.reading import (
     identity,
     item_units,
     part_name,
+    square_coverage,
     tar_records,
     wds_units,
 )
@@ -81,6 +84,7 @@ DATA_KEYS = (
     "encoder_dtype",
     "shard_size",
     "max_pixels",
+    "crop",
 )
 
 
@@ -97,6 +101,7 @@ class ExtractConfig:
     cond_tokens: str | None = None  # None: same as tokens
     cond_pool: int | None = None  # None: same as pool; 0: no pooling
     head_pool: str | None = None  # cls | mean | map; None: cls for cls+patch, mean for patch (SigLIP: map)
+    crop: str = "center"  # center: both encoders see the image's centred square; none: each its own view
     dtype: str = "float16"  # storage
     encoder_dtype: str = "auto"
     device: str = "auto"
@@ -122,6 +127,8 @@ class ExtractConfig:
             raise UsageError("--cond-pool must be 0 (no pooling) or more")
         if self.head_pool is not None and self.head_pool not in HEAD_POOLINGS:
             raise UsageError(f"--head-pool {self.head_pool!r}: use one of {', '.join(HEAD_POOLINGS)}")
+        if self.crop not in CROP_MODES:
+            raise UsageError(f"--crop {self.crop!r}: use one of {', '.join(CROP_MODES)}")
         if self.dtype not in STORAGE_DTYPES:
             raise UsageError(f"--dtype {self.dtype!r}: use one of {', '.join(STORAGE_DTYPES)}")
         if self.batch_size < 1 or self.shard_size < 1:
@@ -285,7 +292,9 @@ def _check_output(out: Path, config: ExtractConfig, spec: dict) -> None:
     check_output_dir(out, overwrite=config.overwrite, resume=config.resume, kind=RUN_KIND, flag="--out")
     previous = RunRecord(out, RUN_KIND).read() if config.resume else None
     if previous is not None:
-        check_resume_settings(previous.get("config", {}), spec, free=(), where=str(out), flag="--out")
+        before = dict(previous.get("config", {}))
+        before.setdefault("crop", "none")  # runs from before --crop fed each processor the whole image
+        check_resume_settings(before, spec, free=(), where=str(out), flag="--out")
 
 
 def _prepare_output(out: Path, config: ExtractConfig, spec: dict, encoders: _Encoders) -> None:
@@ -347,7 +356,7 @@ def _log_plan(
 ) -> None:
     webdataset = source.kind == "webdataset"
     logger.info(
-        "extracting %s from %s (%s) into %s: %d %s, %d to do%s; cond %s %s, target %s %s, head %s",
+        "extracting %s from %s (%s) into %s: %d %s, %d to do%s; cond %s %s, target %s %s, head %s, crop %s",
         f"{len(source.urls)} tar(s)" if webdataset else f"{len(source.items)} images",
         ", ".join(config.source),
         source.kind,
@@ -361,12 +370,26 @@ def _log_plan(
         encoders.target.source,
         [encoders.target_layout.num_tokens, encoders.target.hidden_size],
         encoders.head.pooling,
+        config.crop,
     )
+    if config.crop == "center":
+        kept = {side: square_coverage(getattr(encoders, side).image_processor) for side in ("cond", "target")}
+        if kept["cond"] != kept["target"]:
+            logger.warning(
+                "the encoders' processors keep different parts of a square image (cond %.0f%%, target %.0f%% "
+                "of its side, centred): their token grids cover different regions even with --crop center",
+                100 * kept["cond"],
+                100 * kept["target"],
+            )
+    else:
+        logger.info(
+            "--crop none: each processor sees the whole image (on non-square images the grids differ)"
+        )
 
 
 def _loader(config: ExtractConfig, source, todo: list[Unit], encoders: _Encoders):
     """(DataLoader of decoded chunks, number of chunks or None for webdataset)."""
-    preprocess = (Preprocess(encoders.cond.image_processor), Preprocess(encoders.target.image_processor))
+    preprocess = Preprocess((encoders.cond.image_processor, encoders.target.image_processor), config.crop)
     if source.kind == "webdataset":
         dataset = TarChunks(todo, config.shard_size, config.batch_size, preprocess, config.max_pixels)
         total, workers = None, min(config.num_workers, len(todo))
@@ -536,6 +559,7 @@ def _index_info(config: ExtractConfig, source, encoders: _Encoders, head_path: P
         "dtype": config.dtype,
         "tensors": tensors,
         "shard_size": config.shard_size,
+        "crop": config.crop,
         "head": {
             "file": head_path.name,
             "sha256": sha256_file(head_path),

@@ -11,11 +11,17 @@ VERSION = 1
 SHARD_FORMAT = "blip-embeddings-shard"
 GENERATED_FORMAT = "blip-generated"
 GENERATED_VERSION = 1
+# A guidance / steps sweep of `blip sample`: a directory of generated-features files listed in sweep.json.
+SWEEP_FORMAT = "blip-generated-sweep"
+SWEEP_VERSION = 1
+SWEEP_FILE = "sweep.json"
 INDEX_FILE = "index.json"
 HEAD_FILE = "target_head.safetensors"
 ERRORS_FILE = "errors.jsonl"
 RUN_KIND = "blip-extract-embeddings"
-# BLIP3-o style defaults: EVA ViT-g/14 (BLIP-2's vision tower, 1408-d) conditions, CLIP ViT-L/14 is the target.
+# The toolkit's defaults (not BLIP3-o's, whose DiT is conditioned on a language model's hidden states
+# and generates EVA-CLIP features): EVA ViT-g/14 (BLIP-2's vision tower, 1408-d) conditions, CLIP
+# ViT-L/14 is the target.
 DEFAULT_COND = "Salesforce/blip2-opt-2.7b"
 DEFAULT_TARGET = "openai/clip-vit-large-patch14"
 

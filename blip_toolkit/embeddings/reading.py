@@ -7,6 +7,12 @@ TSV source, input tars of a webdataset) and the decoding of each image for both 
   way); the samples of one tar are cut into parts of `shard_size`, written as `<tar name>-<part:05d>`.
 - Within a shard, images go to the encoders in chunks of `batch_size` consecutive items counted
   from the shard's start, so every shard sees the same batches whoever computes it.
+- Both encoders see the same pixels: with crop "center" every decoded image is cut once to its
+  centred square before either processor runs. Image processors disagree on non-square images
+  (BLIP / BLIP-2 squash the whole image to a square, CLIP resizes the short side and centre-crops),
+  so without the crop token (i, j) of one grid and token (i, j) of the other cover different parts
+  of the image. On a square image both processors keep all of it (`square_coverage` says when one
+  does not).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from webdataset.shardlists import split_by_worker
 
 from blip_toolkit.data.images import ImageLoadError, open_image
 from blip_toolkit.data.sources import ErrorCollector, SampleError, decode_sample, tar_samples
+from blip_toolkit.embeddings.format import CROP_MODES
 from blip_toolkit.embeddings.shards import read_done
 
 
@@ -69,14 +76,53 @@ def tar_records(out: Path, unit: Unit) -> list[dict] | None:
 # ----------------------------------------------------------------------------- decoding (DataLoader workers)
 
 
+def center_square(image):
+    """The centred square of a PIL image, side min(width, height); the offsets round down as
+    transformers' `center_crop` rounds them. A square image is returned as it is."""
+    width, height = image.size
+    side = min(width, height)
+    if width == height:
+        return image
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def _field(size, name: str):
+    """A field of a processor's size dict (a transformers SizeDict or a plain dict)."""
+    return size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+
+
+def square_coverage(processor) -> float:
+    """The fraction of a square image's side that `processor` keeps: 1.0 unless it centre-crops a
+    smaller square out of its resize (e.g. a CLIP processor with shortest_edge 256 and crop 224)."""
+    if not getattr(processor, "do_center_crop", False):
+        return 1.0
+    size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+    if size is None or crop is None:
+        return 1.0
+    edge = _field(size, "shortest_edge") or min(
+        (v for v in (_field(size, "height"), _field(size, "width")) if v), default=0
+    )
+    kept = min((v for v in (_field(crop, "height"), _field(crop, "width")) if v), default=0)
+    return min(kept / edge, 1.0) if edge and kept else 1.0
+
+
 class Preprocess:
-    """Decoded image -> pixel_values [3, H, W] with one encoder's image processor (picklable)."""
+    """Decoded image -> one pixel_values [3, H, W] per encoder (picklable, runs in DataLoader workers).
 
-    def __init__(self, processor):
-        self.processor = processor
+    crop "center": the image is cut to its centred square once, then every processor sees that same
+    square (see the module docstring); "none": each processor gets the whole image."""
 
-    def __call__(self, image):
-        return self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
+    def __init__(self, processors, crop: str = "center"):
+        if crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, got {crop!r}")
+        self.processors = tuple(processors)
+        self.crop = crop
+
+    def __call__(self, image) -> tuple:
+        if self.crop == "center":
+            image = center_square(image)
+        return tuple(p(images=[image], return_tensors="pt")["pixel_values"][0] for p in self.processors)
 
 
 def _decode_into(
@@ -86,7 +132,7 @@ def _decode_into(
     try:
         captions = captions_fn()
         image = open_image(data, max_pixels=max_pixels, name=image_label)
-        pixels = [p(image) for p in preprocess]
+        pixels = preprocess(image)
     except (ImageLoadError, SampleError) as exc:
         chunk["errors"].append({"key": key, "image": image_label, "error": str(exc)})
         return

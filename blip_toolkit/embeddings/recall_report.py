@@ -7,7 +7,9 @@ Image features that can be scored (each against the same texts and positive pair
   projected exactly like generated tokens are. Compared with `baseline` it shows what the token
   layout and pooling cost before any generator is involved.
 - `generated`: tokens written by `blip sample` (a generated-features file), through the same head,
-  or the file's own `global` embeddings when it has them.
+  or the file's own `global` embeddings when it has them. A sweep directory of `blip sample` (several
+  --steps / --cfg-scale values) is scored setting by setting: one row each in `sweep`, the best one
+  in `best` and as `generated`.
 
 Recall uses `eval.recall.retrieval_recall` (CLIP_benchmark / LAVIS convention: image-to-text is a
 hit when any of the image's captions is in the top K; pessimistic ties). With a generated file
@@ -15,8 +17,14 @@ covering a subset of the images, every feature is scored on that subset and its 
 without captions are left out (recall is undefined for them). `dedupe_captions` merges identical
 caption strings into one text, positive for every image that has it.
 
-Also reported: mean cosine of generated vs ground-truth tokens, and of generated globals vs
-`baseline` and vs `gt-pooled` (and `gt-pooled` vs `baseline`).
+Also reported: mean cosine of generated vs ground-truth tokens, standardised (each dimension minus
+the mean, over the std, of the compared ground-truth tokens, the CLS token with statistics of its own)
+and raw; and of generated globals vs `baseline` and vs `gt-pooled` (and `gt-pooled` vs `baseline`).
+The raw token cosine says little: CLIP's pre-layernorm tokens have a few dimensions of huge
+magnitude shared by every token, so any two tokens have a raw cosine near 1.
+
+Generated features of the DiT's own training images are not a held-out measurement: the file's
+metadata (`training_images`, written by `blip sample`) says how many it holds and a warning says so.
 
 Memory: per-image globals ([n, E], small) are gathered into one preallocated tensor each; tokens
 are only ever read one shard at a time.
@@ -24,6 +32,7 @@ are only ever read one shard at a time.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +41,8 @@ from typing import Any
 import torch
 
 from blip_toolkit.config import parse_bytes
+from blip_toolkit.dit.normalize import LayoutStatistics, TokenNormalizer
+from blip_toolkit.embeddings.format import SWEEP_FILE, SWEEP_FORMAT, SWEEP_VERSION
 from blip_toolkit.embeddings.generated import GeneratedFeatures, read_generated
 from blip_toolkit.embeddings.shards import EmbeddingShards
 from blip_toolkit.errors import InputError, UsageError
@@ -40,6 +51,11 @@ from blip_toolkit.eval.recall import mean_cosine, merge_identical_captions, retr
 logger = logging.getLogger("blip")
 
 FEATURES = ("baseline", "gt-pooled", "generated")
+# How the best setting of a sweep is chosen: image-to-text recall at the smallest K first.
+BEST_RULE = (
+    "highest i2t R@K (smallest K first), then t2i R@K; among equal recall the cheapest setting "
+    "(fewest model evaluations: steps, doubled by guidance != 1), then the guidance closest to 1"
+)
 
 
 @dataclass
@@ -82,19 +98,24 @@ def evaluate_recall(config: RecallConfig) -> dict[str, Any]:
         raise InputError(f"{root}: the embeddings hold no images")
     head = shards.head() if ("gt-pooled" in features or config.generated) else None
     keys = shards.keys()
-    generated = _open_generated(config.generated, shards, keys) if config.generated else None
-    # The evaluated images: every image, or the generated file's subset (in its order).
-    selection = generated.indices if generated is not None else torch.arange(shards.num_samples)
-    texts = _evaluated_texts(shards, keys, selection, config.dedupe_captions)
-    image_features, cosine = _image_features(
-        shards, keys, head, selection, generated, features, config, budget
+    sweep = read_sweep(config.generated) if config.generated and Path(config.generated).is_dir() else None
+    files = (
+        [s["path"] for s in sweep["settings"]] if sweep else [config.generated] if config.generated else []
     )
-    results = {}
-    for name in features:
-        emb = image_features[name][texts.scored]
-        logger.info("recall of %s: %d images x %d texts", name, emb.shape[0], texts.emb.shape[0])
-        result = retrieval_recall(
-            emb,
+    generated = [_open_generated(f, shards, keys) for f in files]
+    if len(generated) > 1 and any(not torch.equal(g.indices, generated[0].indices) for g in generated[1:]):
+        raise InputError(f"{config.generated}: the sweep's files hold different images")
+    # The evaluated images: every image, or the generated file's subset (in its order).
+    selection = generated[0].indices if generated else torch.arange(shards.num_samples)
+    texts = _evaluated_texts(shards, keys, selection, config.dedupe_captions)
+    image_features, cosine, reference = _reference_features(
+        shards, keys, head, selection, features, generated, config, budget
+    )
+
+    def score(name: str, emb: torch.Tensor) -> dict[str, Any]:
+        logger.info("recall of %s: %d images x %d texts", name, len(texts.scored), texts.emb.shape[0])
+        return retrieval_recall(
+            emb[texts.scored],
             texts.emb,
             texts.pair_image,
             texts.pair_text,
@@ -102,9 +123,23 @@ def evaluate_recall(config: RecallConfig) -> dict[str, Any]:
             normalize=True,
             max_memory_bytes=budget,
             device=config.device,
+        ).to_dict()
+
+    # Every generated file is read (and checked) before any recall is computed.
+    read = [_generated_features(gen, shards, head, reference, config.batch_size, budget) for gen in generated]
+    results = {name: score(name, image_features[name]) for name in features if name != "generated"}
+    rows = []
+    for gen, (gen_global, gen_cosine) in zip(generated, read, strict=True):
+        gen_cosine["generated_global_vs_baseline"] = mean_cosine(
+            gen_global, image_features["baseline"], max_memory_bytes=budget
         )
-        results[name] = result.to_dict()
-    return {
+        gen_cosine["generated_global_vs_gt_pooled"] = mean_cosine(
+            gen_global, image_features["gt-pooled"], max_memory_bytes=budget
+        )
+        label = "generated" if sweep is None else f"generated ({_setting_label(gen.metadata)})"
+        result = score(label, gen_global) if "generated" in features else {}
+        rows.append({**_setting(gen), "file": str(gen.path), **result, "cosine": gen_cosine})
+    report: dict[str, Any] = {
         "dir": str(root),
         "index_sha256": shards.index_sha256,
         "generated": str(config.generated) if config.generated else None,
@@ -115,11 +150,176 @@ def evaluate_recall(config: RecallConfig) -> dict[str, Any]:
         "num_images": int(len(texts.scored)),
         "num_texts": int(texts.emb.shape[0]),
         "num_captions": texts.num_captions,
-        "num_pairs": next(iter(results.values()))["num_pairs"] if results else 0,
+        "num_pairs": texts.num_pairs,
         "images_without_captions": texts.without,
         "features": results,
         "cosine": cosine,
     }
+    if generated:
+        report["generated_training_images"] = _training_images(generated[0], config.generated)
+        best = best_setting(rows, report["ks"]) if "generated" in features else rows[0]
+        report["features"]["generated"] = {
+            k: v for k, v in best.items() if k not in _SETTING_KEYS + ("file", "cosine")
+        }
+        if "generated" not in features:
+            del report["features"]["generated"]
+        report["cosine"] = {**best["cosine"], **cosine}
+        if sweep is not None:
+            report["sweep"] = rows
+            report["best"] = {k: best[k] for k in _SETTING_KEYS + ("file",)}
+            report["best_rule"] = BEST_RULE
+            report["checkpoint"] = sweep.get("checkpoint")
+    return report
+
+
+_SETTING_KEYS = ("steps", "cfg_scale", "solver", "shift")
+
+
+def _setting(gen: _Generated) -> dict[str, Any]:
+    """The sampling setting a generated file records (None where it does not say)."""
+    meta = gen.metadata
+
+    def number(key: str, cast):
+        try:
+            return cast(meta[key])
+        except (KeyError, ValueError):
+            return None
+
+    return {
+        "steps": number("steps", int),
+        "cfg_scale": number("cfg_scale", float),
+        "solver": meta.get("solver"),
+        "shift": number("shift", float),
+    }
+
+
+def _setting_label(meta: dict[str, str]) -> str:
+    return f"steps {meta.get('steps', '?')}, cfg {meta.get('cfg_scale', '?')}"
+
+
+def best_setting(rows: list[dict[str, Any]], ks: list[int]) -> dict[str, Any]:
+    """The best row of a sweep (BEST_RULE)."""
+
+    def key(row: dict[str, Any]):
+        recall = [row["i2t"][f"R@{k}"] for k in ks] + [row["t2i"][f"R@{k}"] for k in ks]
+        steps = row["steps"] or 0
+        cfg = row["cfg_scale"] if row["cfg_scale"] is not None else 1.0
+        cost = steps * (1 if cfg == 1.0 else 2)
+        return (*recall, -cost, -abs(cfg - 1.0))
+
+    return max(rows, key=key)
+
+
+def read_sweep(path: str | Path) -> dict[str, Any]:
+    """The sweep.json of a `blip sample` sweep directory, with each setting's file as an absolute
+    "path"; refuses an unfinished or foreign directory."""
+    directory = Path(path)
+    manifest = directory / SWEEP_FILE
+    if not manifest.is_file():
+        raise InputError(
+            f"{directory}: not a blip sample sweep (no {SWEEP_FILE}; an interrupted sweep has none)",
+            hint="pass a generated-features file, or a directory written by blip sample with several settings",
+        )
+    try:
+        sweep = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{manifest}: unreadable ({exc})") from exc
+    if not isinstance(sweep, dict) or sweep.get("format") != SWEEP_FORMAT:
+        raise InputError(
+            f"{manifest}: not a sweep manifest (format {sweep.get('format') if isinstance(sweep, dict) else None!r})"
+        )
+    if int(sweep.get("version", 0)) > SWEEP_VERSION:
+        raise InputError(f"{manifest}: version {sweep['version']} is newer than this toolkit reads")
+    settings = sweep.get("settings")
+    if not isinstance(settings, list) or not settings:
+        raise InputError(f"{manifest}: lists no settings")
+    for setting in settings:
+        if not isinstance(setting, dict) or "file" not in setting:
+            raise InputError(f"{manifest}: a setting without its file")
+        setting["path"] = str(directory / setting["file"])
+    return sweep
+
+
+def tuned_defaults(report: dict[str, Any]) -> tuple[str, int, float, dict[str, Any]]:
+    """(checkpoint, steps, cfg_scale, evidence) to make a sweep's best setting the run's sampling
+    default (`dit.sample.set_sample_defaults`). Refused unless the report scored a sweep of held-out
+    images."""
+    if "sweep" not in report:
+        raise UsageError(
+            "--update-run needs a sweep: --generated DIR written by blip sample with several --steps / --cfg-scale"
+        )
+    training = report.get("generated_training_images")
+    if training is None or training > 0:
+        raise UsageError(
+            f"--update-run: the sweep holds {'possibly ' if training is None else f'{training} '}training images "
+            "of the run; tune on held-out images",
+            hint="sample the run's held-out split (the default on its own embeddings) or other embeddings",
+        )
+    best = report["best"]
+    if best["steps"] is None or best["cfg_scale"] is None:
+        raise InputError(f"{best['file']}: records no steps / cfg_scale")
+    ks = report["ks"]
+    evidence = {
+        "by": "eval-recall",
+        "data": report["dir"],
+        "index_sha256": report["index_sha256"],
+        "sweep": report["generated"],
+        "rule": BEST_RULE,
+        "num_images": report["num_images"],
+        "table": [
+            {
+                "steps": row["steps"],
+                "cfg_scale": row["cfg_scale"],
+                **{f"i2t R@{k}": row["i2t"][f"R@{k}"] for k in ks},
+                **{f"t2i R@{k}": row["t2i"][f"R@{k}"] for k in ks},
+            }
+            for row in report["sweep"]
+        ],
+    }
+    return report["checkpoint"], int(best["steps"]), float(best["cfg_scale"]), evidence
+
+
+def _training_images(gen: _Generated, where: str) -> int | None:
+    """How many of the file's images trained the DiT that generated them (0: none; None: cannot
+    tell), with a warning when some may have."""
+    meta = gen.metadata
+    if "training_images" in meta:
+        count = int(meta["training_images"])
+        if count:
+            logger.warning(
+                "%s: %d of its %d image(s) are training images of the DiT (blip sample --split %s): their recall "
+                "is not a held-out number",
+                where,
+                count,
+                gen.file.num,
+                meta.get("split", "?"),
+            )
+        return count
+    # A file from before blip sample recorded it: compare with the run's record, if it is readable.
+    record = None
+    checkpoint = Path(meta.get("checkpoint", ""))
+    for name in ("config.json", "trainer_state.json"):
+        try:
+            loaded = json.loads((checkpoint / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        record = loaded.get("export", loaded) if name == "trainer_state.json" else loaded
+        break
+    if not isinstance(record, dict) or not meta.get("checkpoint"):
+        return None
+    data = record.get("data", {})
+    if data.get("index_sha256") != gen.file.index_sha256:
+        return 0  # generated for other embeddings than the run's training data
+    if meta.get("split") == "eval" and data.get("eval_kind") == "held-out":
+        return 0
+    logger.warning(
+        "%s: generated from the DiT's own training embeddings (split %s of a run holding out %s): it may "
+        "hold training images, whose recall is not a held-out number",
+        where,
+        meta.get("split", "?"),
+        data.get("eval_kind", "?"),
+    )
+    return None
 
 
 @dataclass
@@ -133,6 +333,10 @@ class _Texts:
     scored: torch.Tensor
     num_captions: int
     without: int
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.pair_image.shape[0])
 
 
 def _evaluated_texts(
@@ -164,35 +368,33 @@ def _evaluated_texts(
     return _Texts(text_emb, remap[pair_image], pair_text, scored, int(keep.sum()), without)
 
 
-def _image_features(shards, keys, head, selection, generated, features, config: RecallConfig, budget: int):
-    """({feature name: [n, E] float32 for the selection}, the cosine report)."""
+def _reference_features(
+    shards, keys, head, selection, features, generated, config: RecallConfig, budget: int
+):
+    """({"baseline", "gt-pooled": [n, E] float32 for the selection, as needed}, the cosine report of
+    those two, the standardiser of the selection's ground-truth tokens or None)."""
     root = shards.root
     selected_keys = [keys[i] for i in selection.tolist()]
     image_features: dict[str, torch.Tensor] = {}
-    if "baseline" in features or generated is not None:
+    reference = None
+    if "baseline" in features or generated:
         baseline = shards.column("target_global")[selection]
         _check_finite(baseline, f"{root}: baseline (target_global)", selected_keys)
         image_features["baseline"] = baseline
-    if "gt-pooled" in features or generated is not None:
-        gt = _pooled_targets(shards, head, selection, config.batch_size)
+    if "gt-pooled" in features or generated:
+        has_cls = shards.encoders.get("target", {}).get("tokens") == "cls+patch"
+        stats = LayoutStatistics(shards.dims["target_dim"], has_cls) if generated else None
+        gt = _pooled_targets(shards, head, selection, config.batch_size, stats)
         _check_finite(gt, f"{root}: gt-pooled (head of the target tokens)", selected_keys)
         image_features["gt-pooled"] = gt
+        if stats is not None and len(selection) >= 2:  # one image has no spread to standardise by
+            reference = TokenNormalizer.from_statistics("standardize", stats)
     cosine: dict[str, float] = {}
-    if generated is not None:
-        gen_global, token_cosine = _generated_features(generated, shards, head, config.batch_size, budget)
-        image_features["generated"] = gen_global
-        cosine["generated_tokens_vs_target"] = token_cosine
-        cosine["generated_global_vs_baseline"] = mean_cosine(
-            gen_global, image_features["baseline"], max_memory_bytes=budget
-        )
-        cosine["generated_global_vs_gt_pooled"] = mean_cosine(
-            gen_global, image_features["gt-pooled"], max_memory_bytes=budget
-        )
     if "baseline" in image_features and "gt-pooled" in image_features:
         cosine["gt_pooled_vs_baseline"] = mean_cosine(
             image_features["gt-pooled"], image_features["baseline"], max_memory_bytes=budget
         )
-    return image_features, cosine
+    return image_features, cosine, reference
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -203,6 +405,10 @@ class _Generated:
     path: Path
     file: GeneratedFeatures
     indices: torch.Tensor  # [n] int64: global image index of each generated row
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.file.metadata
 
 
 def _open_generated(path: str, shards, keys: list[str]) -> _Generated:
@@ -259,12 +465,15 @@ def _texts(texts, keep, caption_pos, dedupe: bool):
     return emb[first], pair_image, pair_text, [strings[i] for i in first]
 
 
-def _pooled_targets(shards, head, selection, batch_size: int):
-    """head(target tokens) [n, E] float32 for the selected images, one shard at a time."""
+def _pooled_targets(shards, head, selection, batch_size: int, stats: LayoutStatistics | None = None):
+    """head(target tokens) [n, E] float32 for the selected images, one shard at a time (and their
+    token statistics into `stats`, when given)."""
     out = torch.empty(len(selection), shards.dims["embed_dim"], dtype=torch.float32)
     for info, rows, where in _by_shard(shards, selection):
-        tokens = shards.read_shard(info.index, ("target",))["target"]  # [s, N, Dt]
-        out[where] = head.embed(tokens[rows], batch_size=batch_size)
+        tokens = shards.read_shard(info.index, ("target",))["target"][rows]  # [s, N, Dt]
+        out[where] = head.embed(tokens, batch_size=batch_size)
+        if stats is not None:
+            stats.update(tokens)
     return out
 
 
@@ -279,22 +488,33 @@ def _by_shard(shards, selection):
             yield info, sorted_idx[lo:hi] - info.offset, order[lo:hi]
 
 
-def _generated_features(gen: _Generated, shards, head, batch_size: int, budget: int):
-    """(generated globals [n, E] float32, mean cosine of generated vs ground-truth tokens).
+def _generated_features(gen: _Generated, shards, head, reference, batch_size: int, budget: int):
+    """(generated globals [n, E] float32, {"generated_tokens_vs_target": mean token cosine of generated
+    vs ground-truth tokens standardised by `reference` (None without one), "..._raw": the raw one}).
     Reads the generated tokens and the target tokens one shard's worth at a time."""
     n = gen.file.num
     global_emb = torch.empty(n, shards.dims["embed_dim"], dtype=torch.float32)
-    total, count = 0.0, 0
+    raw = standardised = 0.0
+    count = 0
     for info, rows, where in _by_shard(shards, gen.indices):
         lo, hi = int(where.min()), int(where.max()) + 1
         tokens = gen.file.tokens(lo, hi)[where - lo]  # [s, N, Dt] generated rows of this shard
         _check_finite(tokens, f"{gen.path}: generated tokens", [gen.file.keys[i] for i in where.tolist()])
         target = shards.read_shard(info.index, ("target",))["target"][rows]  # [s, N, Dt]
-        total += mean_cosine(tokens, target, max_memory_bytes=budget) * len(rows)
+        raw += mean_cosine(tokens, target, max_memory_bytes=budget) * len(rows)
+        if reference is not None:
+            standardised += mean_cosine(
+                reference.encode(tokens.float()), reference.encode(target.float()), max_memory_bytes=budget
+            ) * len(rows)
         count += len(rows)
         if not gen.file.has_global:
             global_emb[where] = head.embed(tokens, batch_size=batch_size)
     if gen.file.has_global:
         global_emb = gen.file.global_emb().float()
     _check_finite(global_emb, f"{gen.path}: generated global embeddings", gen.file.keys)
-    return global_emb, total / max(count, 1)
+    count = max(count, 1)
+    cosine = {
+        "generated_tokens_vs_target": standardised / count if reference is not None else None,
+        "generated_tokens_vs_target_raw": raw / count,
+    }
+    return global_emb, cosine

@@ -39,13 +39,19 @@ def write_embeddings(
     dtype: torch.dtype = torch.float16,
     captions: int = 1,
     caption_text=None,
+    cls: bool = False,
 ) -> Path:
     """Write an embeddings directory of `samples` images in shards of `shard_size`; returns `root`.
 
     caption_text(image, c) -> str names caption c of an image (default "caption {image} {c}": all
-    distinct)."""
+    distinct). cls: the target tokens are laid out `cls+patch` (dims["target_tokens"] patches plus a
+    CLS token first, whose distribution differs from the patches': another mean and scale, as CLIP's
+    does) and the head pools the CLS token."""
     caption_text = caption_text or (lambda image, c: f"caption {image} {c}")
     dims = dict(DIMS, **(dims or {}))
+    patches = dims["target_tokens"]
+    if cls:
+        dims["target_tokens"] = patches + 1
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -57,12 +63,12 @@ def write_embeddings(
     fixed = torch.Generator().manual_seed(1234)
     w_1 = torch.randn(dc, 32, generator=fixed) / dc**0.5
     w_2 = torch.randn(32, dt, generator=fixed) / 32**0.5
-    mix = torch.randn(n, m, generator=fixed) / m**0.5
+    mix = torch.randn(patches, m, generator=fixed) / m**0.5
     head = TargetHead(
         hidden_size=dt,
         embed_dim=e,
-        pooling="mean",
-        has_cls=False,
+        pooling="cls" if cls else "mean",
+        has_cls=cls,
         projection=True,
         info={"source": "synthetic-target"},
     )
@@ -78,6 +84,10 @@ def write_embeddings(
         # target token i = mix of the conditioning tokens -> tanh MLP, scaled to unit RMS, plus an offset
         target = torch.tanh(torch.einsum("nm,bmd->bnd", mix, cond) @ w_1) @ w_2  # [n, N, Dt]
         target = target / target.square().mean(-1, keepdim=True).sqrt() * 2.0 + 0.5
+        if cls:  # a summary of the patches, on its own scale and offset
+            target = torch.cat(
+                [3.0 * target.mean(dim=1, keepdim=True) - 4.0, target], dim=1
+            )  # [n, 1 + P, Dt]
         target_global = head(target).detach()  # [n, E]
         text = target_global.repeat_interleave(captions, 0)
         text = text + 0.05 * text.norm(dim=-1, keepdim=True) * torch.randn(text.shape, generator=gen) / e**0.5
@@ -98,12 +108,13 @@ def write_embeddings(
         }
         records.append(write_shard(root, f"shard-{number:05d}", tensors, rows))
     encoder = {"family": "synthetic", "tokens": "patch", "pool": None}
+    target_encoder = {**encoder, "tokens": "cls+patch" if cls else "patch"}
     info = {
         "toolkit_version": "test",
         "source": {"kind": "synthetic", "spec": [], "items": samples},
         "encoders": {
             "cond": {"source": "synthetic-cond", **encoder, "num_tokens": m},
-            "target": {"source": "synthetic-target", **encoder, "num_tokens": n},
+            "target": {"source": "synthetic-target", **target_encoder, "num_tokens": n},
         },
         "dims": dims,
         "dtype": storage,
@@ -111,8 +122,8 @@ def write_embeddings(
         "head": {
             "file": HEAD_FILE,
             "sha256": sha256_file(root / HEAD_FILE),
-            "pooling": "mean",
-            "has_cls": False,
+            "pooling": head.pooling,
+            "has_cls": cls,
         },
     }
     index = build_index(records=records, info=info)

@@ -11,6 +11,8 @@ import torch
 
 from blip_toolkit.dit.config import FlowConfig
 from blip_toolkit.dit.data import (
+    DEFAULT_EVAL_FRACTION,
+    STREAM_SPLIT,
     IndexStream,
     TrainStream,
     batch_iterator,
@@ -64,10 +66,38 @@ def test_split(emb):
     frac = split_indices(shards, eval_fraction=0.25, split_seed=1)
     assert sorted(frac.train.tolist() + frac.eval.tolist()) == list(range(24)) and 1 <= len(frac.eval) < 24
     assert frac.eval.tolist() == split_indices(shards, eval_fraction=0.25, split_seed=1).eval.tolist()
-    none = split_indices(shards)
-    assert none.kind == "train" and none.eval.tolist() == none.train.tolist() == list(range(24))
+    # No split configured: DEFAULT_EVAL_FRACTION of the images is held out, seeded, never evaluated on
+    # training images; the recorded settings give the same split again.
+    default = split_indices(shards)
+    assert default.kind == "held-out" and default.default and len(default.eval) >= 1
+    assert not set(default.eval.tolist()) & set(default.train.tolist())
+    assert sorted(default.train.tolist() + default.eval.tolist()) == list(range(24))
+    assert default.settings == {
+        "eval_shards": 0,
+        "eval_fraction": DEFAULT_EVAL_FRACTION,
+        "split_seed": 0,
+        "overfit": 0,
+    }
+    again = split_indices(shards, **default.settings)
+    assert again.eval.tolist() == default.eval.tolist() and not again.default
+    # The same draw as an explicit fraction: each image held out with probability f from (seed, split).
+    rng = np.random.default_rng([0, STREAM_SPLIT])
+    mask = rng.random(24) < DEFAULT_EVAL_FRACTION
+    if not mask.any():
+        mask[rng.integers(24)] = True
+    assert default.eval.tolist() == np.flatnonzero(mask).tolist()
+    other_seed = split_indices(shards, split_seed=3)
+    assert other_seed.settings["split_seed"] == 3
+    nothing = split_indices(shards, eval_fraction=0.0)
+    assert nothing.kind == "none" and nothing.train.tolist() == list(range(24)) and len(nothing.eval) == 0
     over = split_indices(shards, eval_shards=1, overfit=5)
     assert over.kind == "overfit" and over.train.tolist() == over.eval.tolist() == list(range(5))
+    # --overfit alone holds nothing out: any image may be memorised, and only those are evaluated.
+    over_all = split_indices(shards, overfit=24)
+    assert over_all.kind == "overfit" and over_all.eval.tolist() == list(range(24))
+    assert over_all.settings["eval_fraction"] == 0.0
+    with pytest.raises(ConfigError, match="not both"):
+        split_indices(shards, eval_shards=1, eval_fraction=0.1)
     with pytest.raises(ConfigError, match="no training shard"):
         split_indices(shards, eval_shards=3)
     with pytest.raises(ConfigError, match="only 16"):
@@ -153,18 +183,45 @@ def test_eval_set_holds_its_images_and_their_captions(tmp_path):
     assert torch.equal(eval_set.text_emb, expected)
 
 
-def test_normaliser_fit_split_across_processes_merges_to_the_whole(tmp_path):
+@pytest.mark.parametrize("cls", [False, True])
+def test_normaliser_fit_split_across_processes_merges_to_the_whole(tmp_path, cls):
     from blip_toolkit.dit.data import merge_statistics, pack_statistics, token_statistics
 
-    emb = write_embeddings(tmp_path / "emb", samples=30, shard_size=7, dtype=torch.float32)
+    emb = write_embeddings(tmp_path / "emb", samples=30, shard_size=7, dtype=torch.float32, cls=cls)
     shards = EmbeddingShards(emb)
     train = np.arange(30)
-    whole = token_statistics(shards, train)
-    parts = torch.stack([pack_statistics(token_statistics(shards, train, part=p, parts=3)) for p in range(3)])
-    merged = merge_statistics(parts)
-    assert merged.count == whole.count == 30 * 16
-    torch.testing.assert_close(merged.mean, whole.mean, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(merged.variance(), whole.variance(), rtol=1e-10, atol=1e-12)
-    assert merged.mean_norm == pytest.approx(whole.mean_norm, rel=1e-12)
-    single = merge_statistics(pack_statistics(whole)[None])  # one process: exactly its own statistics
-    assert torch.equal(single.mean, whole.mean) and torch.equal(single.m2, whole.m2)
+    whole = token_statistics(shards, train, has_cls=cls)
+    parts = torch.stack(
+        [pack_statistics(token_statistics(shards, train, has_cls=cls, part=p, parts=3)) for p in range(3)]
+    )
+    merged = merge_statistics(parts, has_cls=cls)
+    assert merged.count == whole.count == 30 * (17 if cls else 16)
+    for got, want in zip(merged.classes(), whole.classes(), strict=True):
+        assert got.count == want.count
+        torch.testing.assert_close(got.mean, want.mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.variance(), want.variance(), rtol=1e-10, atol=1e-12)
+        assert got.mean_norm == pytest.approx(want.mean_norm, rel=1e-12)
+    single = merge_statistics(pack_statistics(whole)[None], has_cls=cls)  # one process: its own statistics
+    for got, want in zip(single.classes(), whole.classes(), strict=True):
+        assert torch.equal(got.mean, want.mean) and torch.equal(got.m2, want.m2)
+
+
+def test_cls_token_statistics_are_its_own(tmp_path):
+    """With cls+patch targets the normaliser's CLS statistics are those of position 0 alone and the
+    patch statistics those of the other positions (torch.mean / torch.std over the stored tokens)."""
+    emb = write_embeddings(tmp_path / "emb", samples=20, shard_size=6, dtype=torch.float32, cls=True)
+    shards = EmbeddingShards(emb)
+    train = np.arange(0, 20, 2)
+    fitted = fit_normalizer(shards, train, "standardize", has_cls=True, chunk=4)
+    tokens = torch.stack([shards[int(i)]["target"] for i in train]).double()  # [n, 17, 16]
+    torch.testing.assert_close(fitted.cls_mean.double(), tokens[:, 0].mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fitted.cls_std.double(), tokens[:, 0].std(0), rtol=1e-5, atol=1e-6)
+    patches = tokens[:, 1:].reshape(-1, 16)
+    torch.testing.assert_close(fitted.mean.double(), patches.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fitted.std.double(), patches.std(0), rtol=1e-5, atol=1e-6)
+    assert fitted.count == 10 * 16 and fitted.cls_count == 10
+    # The synthetic CLS sits far from the patches: one set of statistics would leave it off N(0, I).
+    encoded = fitted.encode(tokens.float())
+    assert float(encoded[:, 0].mean().abs()) < 1e-4 and float(encoded[:, 1:].mean().abs()) < 1e-4
+    shared = fit_normalizer(shards, train, "standardize")
+    assert float(shared.encode(tokens.float())[:, 0].mean().abs()) > 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,15 +139,19 @@ def test_info_nce_matches_brute_force():
     assert abs(float(info_nce(a, b, 0.1)) - brute_force_info_nce(a, b, 0.1)) < 1e-9
 
 
-def test_contrastive_term_uses_predicted_clean_tokens_of_kept_samples():
+def test_contrastive_term_compares_the_head_of_predicted_and_true_tokens_of_kept_samples():
+    """InfoNCE between head(predicted clean tokens) and head(ground-truth tokens): the same pooled,
+    projected quantity on both sides, the one eval-recall ranks (head(generated) vs gt-pooled). With a
+    perfect velocity model both sides are the same embeddings."""
     gen = torch.Generator().manual_seed(0)
     batch, n, dt, e = 6, 4, 3, 5
     x_1 = torch.randn(batch, n, dt, generator=gen, dtype=torch.float64)
     cond = torch.randn(batch, 2, 2, generator=gen, dtype=torch.float64)
-    global_target = torch.randn(batch, e, generator=gen, dtype=torch.float64)
     head = torch.nn.Linear(dt, e).double()
+    seen = []
 
     def project(tokens):
+        seen.append(tokens.detach().clone())
         return head(tokens.mean(dim=1))  # mean-pool + linear, [B, E]
 
     # A perfect velocity model (it knows x_1): x_1_hat = x_t + (1 - t) v is exactly x_1.
@@ -156,31 +161,30 @@ def test_contrastive_term_uses_predicted_clean_tokens_of_kept_samples():
     cfg = FlowConfig(cond_dropout=0.3, contrastive_weight=0.5, contrastive_temperature=0.2)
     model = RecordingModel(oracle)
     loss, parts = flow_loss(
-        model,
-        x_1,
-        cond,
-        cfg,
-        generator=torch.Generator().manual_seed(5),
-        project=project,
-        global_target=global_target,
+        model, x_1, cond, cfg, generator=torch.Generator().manual_seed(5), project=project, target_tokens=x_1
     )
     keep = ~model.calls[0]["drop"]
     assert 2 <= int(keep.sum()) < batch
+    assert len(seen) == 2  # the ground truth's head and the prediction's head, kept samples only
+    for tokens in seen:
+        torch.testing.assert_close(tokens, x_1[keep])
     with torch.no_grad():
-        expected = brute_force_info_nce(project(x_1[keep]), global_target[keep], 0.2)
+        embedded = project(x_1[keep])
+        expected = brute_force_info_nce(embedded, embedded, 0.2)
     assert abs(float(parts["contrastive"]) - expected) < 1e-6
     assert float(parts["mse"]) < 1e-12
     assert abs(float(loss.detach()) - 0.5 * expected) < 1e-6
-    loss.backward()
+    loss.backward()  # the prediction side carries the gradient
     assert head.weight.grad is not None and float(head.weight.grad.abs().sum()) > 0
 
 
 def test_contrastive_term_decodes_normalised_tokens():
+    """The prediction is decoded to the target encoder's space before the head, the ground truth is
+    given there: both reach the head as the raw tokens."""
     gen = torch.Generator().manual_seed(0)
     x_1 = torch.randn(4, 3, 2, generator=gen, dtype=torch.float64) * 3 + 1
     normalizer = TokenNormalizer.fit("standardize", [x_1])
     x_1_norm = normalizer.encode(x_1)
-    global_target = torch.randn(4, 2, generator=gen, dtype=torch.float64)
     seen = []
 
     def project(tokens):
@@ -197,10 +201,51 @@ def test_contrastive_term_decodes_normalised_tokens():
         x_1,
         cfg,
         project=project,
-        global_target=global_target,
+        target_tokens=x_1,
         normalizer=normalizer,
+        generator=torch.Generator().manual_seed(3),
     )
+    assert len(seen) == 2
     torch.testing.assert_close(seen[0], x_1)
+    # the prediction went through the oracle's division by 1 - t and the normaliser's float32 statistics
+    torch.testing.assert_close(seen[1], x_1, rtol=1e-5, atol=1e-6)
+
+
+def test_contrastive_positive_is_what_eval_recall_calls_gt_pooled(tmp_path):
+    """On shards in the real format the positive of each image is the run's target head of its stored
+    tokens, computed as eval-recall computes its gt-pooled feature (`TargetHead.embed`), and the
+    prediction side is the same head of the decoded prediction, as `blip sample` writes "global"."""
+    from blip_toolkit.embeddings.shards import EmbeddingShards
+    from blip_toolkit.testing.embeddings import write_embeddings
+
+    shards = EmbeddingShards(write_embeddings(tmp_path / "emb", samples=6, shard_size=6, dtype=torch.float32))
+    head = shards.head()
+    target = shards.rows(np.arange(6), "target")  # [6, 16, 16]
+    normalizer = TokenNormalizer.fit("standardize", [target])
+    x_1 = normalizer.encode(target)
+    embedded = []
+
+    def project(tokens):
+        embedded.append(head(tokens))
+        return embedded[-1]
+
+    def oracle(x_t, t):
+        return (x_1 - x_t) / (1 - t[:, None, None])
+
+    cfg = FlowConfig(cond_dropout=0.0, contrastive_weight=1.0, contrastive_temperature=0.1)
+    flow_loss(
+        RecordingModel(oracle),
+        x_1,
+        torch.zeros(6, 1, 1),
+        cfg,
+        project=project,
+        target_tokens=target,
+        normalizer=normalizer,
+        generator=torch.Generator().manual_seed(0),
+    )
+    positive, predicted = embedded  # the ground truth first (no gradient), then the prediction
+    torch.testing.assert_close(positive, head.embed(target))  # eval-recall's gt-pooled
+    torch.testing.assert_close(predicted, head(normalizer.decode(x_1)), rtol=1e-5, atol=1e-5)
 
 
 def test_contrastive_without_head_is_a_config_error():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from blip_toolkit.dit.normalize import TokenNormalizer, TokenStatistics
+from blip_toolkit.dit.normalize import LayoutStatistics, TokenNormalizer, TokenStatistics
 from blip_toolkit.errors import ConfigError, InputError
 
 
@@ -111,3 +111,71 @@ def test_constant_dimension_and_errors():
         TokenNormalizer.fit("standardize", [])
     with pytest.raises(InputError):
         TokenStatistics(3).update(torch.randn(2, 4))
+
+
+def cls_tokens(seed: int = 5, batch: int = 6, patches: int = 9, dim: int = 8) -> torch.Tensor:
+    """[B, 1 + P, D]: a CLS token on another scale and offset than the patches (as CLIP's is)."""
+    gen = torch.Generator().manual_seed(seed)
+    patch = torch.randn(batch, patches, dim, generator=gen) * 2 + 1
+    cls = torch.randn(batch, 1, dim, generator=gen) * 10 - 30
+    return torch.cat([cls, patch], dim=1)
+
+
+def test_cls_token_is_standardised_with_its_own_statistics():
+    tokens = cls_tokens()
+    normalizer = TokenNormalizer.fit("standardize", [tokens[:2], tokens[2:]], has_cls=True)
+    cls, patches = tokens[:, 0], tokens[:, 1:].reshape(-1, 8)
+    torch.testing.assert_close(normalizer.cls_mean, cls.mean(0))
+    torch.testing.assert_close(normalizer.cls_std, cls.std(0))
+    torch.testing.assert_close(normalizer.mean, patches.mean(0))
+    torch.testing.assert_close(normalizer.std, patches.std(0))
+    encoded = normalizer.encode(tokens)
+    torch.testing.assert_close(encoded[:, 0], (cls - cls.mean(0)) / cls.std(0))
+    torch.testing.assert_close(encoded[:, 1:], (tokens[:, 1:] - patches.mean(0)) / patches.std(0))
+    torch.testing.assert_close(normalizer.decode(encoded), tokens, rtol=1e-5, atol=1e-4)
+    with pytest.raises(InputError, match="N >= 2"):
+        normalizer.encode(torch.randn(3, 1, 8))
+
+
+def test_l2_decodes_the_cls_token_to_its_own_mean_norm():
+    tokens = cls_tokens(6)
+    normalizer = TokenNormalizer.fit("l2", [tokens], has_cls=True)
+    decoded = normalizer.decode(normalizer.encode(tokens))
+    torch.testing.assert_close(
+        decoded[:, 0].norm(dim=-1), torch.full((6,), float(tokens[:, 0].norm(dim=-1).mean()))
+    )
+    torch.testing.assert_close(
+        decoded[:, 1:].norm(dim=-1), torch.full((6, 9), float(tokens[:, 1:].norm(dim=-1).mean()))
+    )
+
+
+@pytest.mark.parametrize("method", ["l2", "standardize"])
+def test_cls_statistics_survive_export_and_old_exports_still_load(method, tmp_path):
+    tokens = cls_tokens(7)
+    normalizer = TokenNormalizer.fit(method, [tokens], has_cls=True)
+    tensors, metadata = normalizer.export()
+    save_file(tensors or {"unused": torch.zeros(1)}, str(tmp_path / "n.safetensors"))
+    restored = TokenNormalizer.from_export(
+        load_file(str(tmp_path / "n.safetensors")), json.loads(json.dumps(metadata))
+    )
+    assert restored.has_cls
+    torch.testing.assert_close(restored.encode(tokens), normalizer.encode(tokens))
+    torch.testing.assert_close(restored.decode(tokens), normalizer.decode(tokens))
+    # An export written before CLS statistics existed: no has_cls / cls_* entries, one class of tokens.
+    single = TokenNormalizer.fit(method, [tokens])
+    old_tensors, old_metadata = single.export()
+    old_tensors = {k: v for k, v in old_tensors.items() if "cls" not in k}
+    old_metadata = {k: v for k, v in old_metadata.items() if "cls" not in k}
+    old = TokenNormalizer.from_export(old_tensors, old_metadata)
+    assert not old.has_cls
+    torch.testing.assert_close(old.encode(tokens), single.encode(tokens))
+    torch.testing.assert_close(old.decode(tokens), single.decode(tokens))
+
+
+def test_layout_statistics_split_position_zero_from_the_rest():
+    tokens = cls_tokens(8).double()
+    stats = LayoutStatistics(8, has_cls=True)
+    stats.update(tokens)
+    assert stats.cls.count == 6 and stats.patch.count == 54 and stats.count == 60
+    torch.testing.assert_close(stats.cls.mean, tokens[:, 0].mean(0))
+    torch.testing.assert_close(stats.patch.std(), tokens[:, 1:].reshape(-1, 8).std(0))

@@ -41,22 +41,35 @@ def test_sample_file_is_read_by_eval_recall(cli, run, emb, tmp_path):
     result = cli("sample", "--checkpoint", run, "--data", emb, "--out", out, "--format", "json")
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
-    # the run's own sampling defaults apply
+    # the run's own sampling defaults apply, and on its own embeddings its held-out images (the last shard)
     assert (
-        summary["samples"] == 24 and summary["steps"] == 5 and summary["cfg_scale"] == 2.0 and summary["ema"]
+        summary["samples"] == 8 and summary["steps"] == 5 and summary["cfg_scale"] == 2.0 and summary["ema"]
     )
+    assert summary["split"] == "eval" and summary["training_images"] == 0
     generated = read_generated(out)
     shards = EmbeddingShards(emb)
     assert (
-        generated.keys == shards.keys()
+        generated.keys == shards.keys()[16:]
         and generated.has_global
         and generated.index_sha256 == shards.index_sha256
     )
     assert generated.tokens().dtype == torch.float16  # the embeddings' storage dtype
     assert generated.metadata["ema"] == "true" and generated.metadata["step"] == "25"
+    assert generated.metadata["split"] == "eval" and generated.metadata["training_images"] == "0"
     report = cli("eval-recall", emb, "--generated", out, "--format", "json")
     assert report.code == 0, report.stderr
-    assert json.loads(report.stdout)["features"]["generated"]["num_images"] == 24
+    parsed = json.loads(report.stdout)
+    assert parsed["features"]["generated"]["num_images"] == 8 and parsed["generated_training_images"] == 0
+    assert "training images" not in report.stderr
+
+    # Training images only on request, and then every consumer says so.
+    everything = tmp_path / "all.safetensors"
+    result = cli("sample", "--checkpoint", run, "--data", emb, "--out", everything, "--split", "all")
+    assert result.code == 0 and "16 of the 24 sampled image(s) are training images" in result.stderr
+    assert read_generated(everything).metadata["training_images"] == "16"
+    report = cli("eval-recall", emb, "--generated", everything, "--format", "json")
+    assert report.code == 0 and json.loads(report.stdout)["generated_training_images"] == 16
+    assert "16 of its 24 image(s) are training images of the DiT" in report.stderr
 
     trained = tmp_path / "trained.safetensors"
     assert cli("sample", "--checkpoint", run, "--data", emb, "--out", trained, "--no-ema").code == 0
@@ -71,7 +84,22 @@ def test_sample_file_is_read_by_eval_recall(cli, run, emb, tmp_path):
 def test_noise_is_per_image(cli, run, emb, tmp_path):
     """An image's tokens depend on the seed and the image, not on the batch size or the split."""
     whole, part, other_seed = (tmp_path / f"{n}.safetensors" for n in ("whole", "part", "seed"))
-    assert cli("sample", "--checkpoint", run, "--data", emb, "--out", whole, "--batch-size", "7").code == 0
+    assert (
+        cli(
+            "sample",
+            "--checkpoint",
+            run,
+            "--data",
+            emb,
+            "--out",
+            whole,
+            "--batch-size",
+            "7",
+            "--split",
+            "all",
+        ).code
+        == 0
+    )
     assert (
         cli(
             "sample",
@@ -90,7 +118,19 @@ def test_noise_is_per_image(cli, run, emb, tmp_path):
     )
     assert (
         cli(
-            "sample", "--checkpoint", run, "--data", emb, "--out", other_seed, "--seed", "1", "--limit", "4"
+            "sample",
+            "--checkpoint",
+            run,
+            "--data",
+            emb,
+            "--out",
+            other_seed,
+            "--seed",
+            "1",
+            "--limit",
+            "4",
+            "--split",
+            "all",
         ).code
         == 0
     )
@@ -118,7 +158,12 @@ def test_python_api_matches_the_command(run, emb, tmp_path, cli):
     x_0 = sample_noise(torch.arange(3), 0, (16, 16))
     tokens = normalizer.decode(integrate(guided_velocity(model, cond, cfg_scale=2.0), x_0, steps=5))
     path = tmp_path / "s.safetensors"
-    assert cli("sample", "--checkpoint", run, "--data", emb, "--out", path, "--limit", "3").code == 0
+    assert (
+        cli(
+            "sample", "--checkpoint", run, "--data", emb, "--out", path, "--limit", "3", "--split", "train"
+        ).code
+        == 0
+    )
     torch.testing.assert_close(read_generated(path).tokens().float(), tokens, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(
         read_generated(path).global_emb(),
@@ -197,3 +242,212 @@ def test_a_run_without_a_final_model_samples_from_its_latest_checkpoint(emb, tmp
     )
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["step"] == 2 and "latest checkpoint step-2" in result.stderr
+
+
+def test_sweep_writes_one_file_per_setting_equal_to_single_runs(cli, run, emb, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli(
+        "sample",
+        "--checkpoint",
+        run,
+        "--data",
+        emb,
+        "--out",
+        sweep,
+        "--cfg-scale",
+        "1",
+        "2.5",
+        "--steps",
+        "2",
+        "3",
+        "--format",
+        "json",
+    )
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    settings = [(s["steps"], s["cfg_scale"]) for s in summary["sweep"]]
+    assert settings == [(2, 1.0), (2, 2.5), (3, 1.0), (3, 2.5)]  # steps-major
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    assert manifest["format"] == "blip-generated-sweep" and manifest["split"] == "eval"
+    assert [s["file"] for s in manifest["settings"]] == [
+        "steps-2_cfg-1.safetensors",
+        "steps-2_cfg-2.5.safetensors",
+        "steps-3_cfg-1.safetensors",
+        "steps-3_cfg-2.5.safetensors",
+    ]
+    single = tmp_path / "single.safetensors"
+    assert (
+        cli(
+            "sample",
+            "--checkpoint",
+            run,
+            "--data",
+            emb,
+            "--out",
+            single,
+            "--cfg-scale",
+            "2.5",
+            "--steps",
+            "3",
+        ).code
+        == 0
+    )
+    swept = read_generated(sweep / "steps-3_cfg-2.5.safetensors")
+    assert (
+        torch.equal(swept.tokens(), read_generated(single).tokens())
+        and swept.keys == read_generated(single).keys
+    )
+    assert swept.metadata["steps"] == "3" and float(swept.metadata["cfg_scale"]) == 2.5
+    again = cli("sample", "--checkpoint", run, "--data", emb, "--out", sweep, "--cfg-scale", "1", "2")
+    assert again.code == 1 and "--overwrite" in again.stderr
+    twice = cli(
+        "sample", "--checkpoint", run, "--data", emb, "--out", tmp_path / "x", "--cfg-scale", "1", "1"
+    )
+    assert twice.code == 2 and "twice" in twice.stderr
+
+
+def test_eval_recall_scores_a_sweep_and_sets_the_run_default(cli, run, emb, tmp_path):
+    """One row per setting, each equal to eval-recall on that file alone; the best row by the
+    documented rule; --update-run makes it the run's sampling default, which blip sample then uses."""
+    import shutil
+
+    from blip_toolkit.embeddings.recall_report import best_setting
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    sweep = tmp_path / "sweep"
+    args = [
+        "--checkpoint",
+        copy,
+        "--data",
+        emb,
+        "--out",
+        sweep,
+        "--cfg-scale",
+        "0",
+        "1",
+        "3",
+        "--steps",
+        "1",
+        "4",
+    ]
+    assert cli("sample", *args).code == 0
+    result = cli("eval-recall", emb, "--generated", sweep, "--k", "1", "5", "--format", "json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["sweep"]) == 6 and report["generated_training_images"] == 0
+    for row in report["sweep"]:
+        alone = json.loads(
+            cli("eval-recall", emb, "--generated", row["file"], "--k", "1", "5", "--format", "json").stdout
+        )
+        assert (
+            row["i2t"] == alone["features"]["generated"]["i2t"]
+            and row["t2i"] == alone["features"]["generated"]["t2i"]
+        )
+        assert row["cosine"]["generated_tokens_vs_target"] == pytest.approx(
+            alone["cosine"]["generated_tokens_vs_target"]
+        )
+
+    # the rule by hand: highest (i2t R@1, R@5, t2i R@1, R@5), then fewest evaluations, then cfg nearest 1
+    def key(row):
+        cost = row["steps"] * (1 if row["cfg_scale"] == 1 else 2)
+        return (
+            row["i2t"]["R@1"],
+            row["i2t"]["R@5"],
+            row["t2i"]["R@1"],
+            row["t2i"]["R@5"],
+            -cost,
+            -abs(row["cfg_scale"] - 1),
+        )
+
+    expected = max(report["sweep"], key=key)
+    assert best_setting(report["sweep"], [1, 5]) == expected
+    assert (report["best"]["steps"], report["best"]["cfg_scale"]) == (
+        expected["steps"],
+        expected["cfg_scale"],
+    )
+    assert report["features"]["generated"]["i2t"] == expected["i2t"]
+    text = cli("eval-recall", emb, "--generated", sweep, "--k", "1", "5")
+    assert text.code == 0 and "guidance / steps sweep" in text.stdout and "best: steps" in text.stdout
+
+    updated = cli(
+        "eval-recall", emb, "--generated", sweep, "--k", "1", "5", "--update-run", "--format", "json"
+    )
+    assert updated.code == 0, updated.stderr
+    record = json.loads((copy / "config.json").read_text())
+    assert (
+        record["sample"]["steps"] == expected["steps"]
+        and record["sample"]["cfg_scale"] == expected["cfg_scale"]
+    )
+    assert record["sample_tuning"]["by"] == "eval-recall" and len(record["sample_tuning"]["table"]) == 6
+    now = cli(
+        "sample", "--checkpoint", copy, "--data", emb, "--out", tmp_path / "d.safetensors", "--format", "json"
+    )
+    summary = json.loads(now.stdout)
+    assert (summary["steps"], summary["cfg_scale"]) == (expected["steps"], expected["cfg_scale"])
+
+
+def test_update_run_refuses_training_images_and_single_files(cli, run, emb, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [
+        "--checkpoint",
+        run,
+        "--data",
+        emb,
+        "--out",
+        sweep,
+        "--cfg-scale",
+        "1",
+        "2",
+        "--steps",
+        "1",
+        "--split",
+        "all",
+    ]
+    assert cli("sample", *args).code == 0
+    refused = cli("eval-recall", emb, "--generated", sweep, "--update-run")
+    assert refused.code == 2 and "training images" in refused.stderr
+    single = sweep / "steps-1_cfg-1.safetensors"
+    refused = cli("eval-recall", emb, "--generated", single, "--update-run")
+    assert refused.code == 2 and "needs a sweep" in refused.stderr
+    (sweep / "sweep.json").unlink()  # an interrupted sweep
+    broken = cli("eval-recall", emb, "--generated", sweep)
+    assert broken.code == 1 and "not a blip sample sweep" in broken.stderr
+
+
+def test_multi_value_options_spread_only_where_they_are_lists():
+    from blip_toolkit.cli.main import expand_multi_value_options
+
+    assert expand_multi_value_options(
+        ["sample", "--cfg-scale", "1", "1.5", ".5", "--steps", "10", "30", "-o", "x"]
+    ) == [
+        "sample",
+        "--cfg-scale",
+        "1",
+        "--cfg-scale",
+        "1.5",
+        "--cfg-scale",
+        ".5",
+        "--steps",
+        "10",
+        "--steps",
+        "30",
+        "-o",
+        "x",
+    ]
+    # train-dit's --steps takes one value: a stray number stays a (refused) extra argument
+    assert expand_multi_value_options(["train-dit", "--steps", "10", "30"]) == [
+        "train-dit",
+        "--steps",
+        "10",
+        "30",
+    ]
+    assert expand_multi_value_options(["-v", "eval-recall", "d", "--k", "1", "5"]) == [
+        "-v",
+        "eval-recall",
+        "d",
+        "--k",
+        "1",
+        "--k",
+        "5",
+    ]

@@ -263,7 +263,7 @@ def test_eval_metrics_equal_a_direct_recomputation(cli, emb, tmp_path):
         )
     )
     last = [r for r in run.history if r["type"] == "eval"][-1]
-    assert set(last) >= {"val_loss", "vel_cos", "patch_cos", "global_cos", "est_r@1"}
+    assert set(last) >= {"val_loss", "vel_cos", "patch_cos", "patch_cos_raw", "global_cos", "est_r@1"}
     samples = tmp_path / "eval.safetensors"
     result = cli(
         "sample",
@@ -293,7 +293,19 @@ def test_eval_metrics_equal_a_direct_recomputation(cli, emb, tmp_path):
     truth = torch.stack([shards[int(i)]["target"] for i in held]).float()
     # the file stores tokens in the storage dtype (float16): compare the globals it stores, in float32
     tokens = generated.tokens().float()
-    assert mean_cosine(tokens, truth) == pytest.approx(last["patch_cos"], abs=2e-3)
+    assert mean_cosine(tokens, truth) == pytest.approx(last["patch_cos_raw"], abs=2e-3)
+    # patch_cos: both standardised by the held-out ground truth's per-dimension mean and std
+    flat = truth.reshape(-1, truth.shape[-1])
+    mean, std = flat.mean(dim=0), flat.std(dim=0)
+    assert mean_cosine((tokens - mean) / std, (truth - mean) / std) == pytest.approx(
+        last["patch_cos"], abs=2e-3
+    )
+    # eval-recall's token cosine of the same file is the same number
+    report = cli("eval-recall", emb, "--generated", samples, "--format", "json")
+    assert report.code == 0, report.stderr
+    cosine = json.loads(report.stdout)["cosine"]
+    assert cosine["generated_tokens_vs_target"] == pytest.approx(last["patch_cos"], abs=2e-3)
+    assert cosine["generated_tokens_vs_target_raw"] == pytest.approx(last["patch_cos_raw"], abs=2e-3)
     globals_ = generated.global_emb()
     truth_global = info["head"](truth)
     assert mean_cosine(globals_, truth_global) == pytest.approx(last["global_cos"], abs=1e-5)
@@ -407,3 +419,101 @@ def test_est_recall_treats_identical_captions_as_one_text(cli, tmp_path):
     assert report["features"]["generated"]["num_texts"] == 4
     assert last["est_r@1"] == pytest.approx(report["features"]["generated"]["i2t"]["R@1"])
     assert last["est_r@1"] > 0
+
+
+def test_default_split_holds_out_images_and_sample_uses_them(cli, emb, tmp_path, caplog):
+    """No split configured: a seeded 5% of the images is held out, recorded in the run, evaluated on
+    (never a training image), and `blip sample` on the same embeddings samples exactly those."""
+    import logging
+
+    from blip_toolkit.dit.data import DEFAULT_EVAL_FRACTION, split_indices
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="blip"):
+        result = run_train_dit(tiny_config(emb, out, **{"train.steps": 3, "eval.every": 3}))
+    assert "no split configured: holding out" in caplog.text
+    record = json.loads((out / "blip_run.json").read_text())["data"]
+    assert record["split"] == {
+        "eval_shards": 0,
+        "eval_fraction": DEFAULT_EVAL_FRACTION,
+        "split_seed": 0,
+        "overfit": 0,
+    }
+    assert record["split_default"] and record["eval_kind"] == "held-out"
+    split = split_indices(EmbeddingShards(emb))
+    assert len(split.eval) >= 1 and not set(split.eval.tolist()) & set(split.train.tolist())
+    assert result.eval_kind == "held-out" and result.train_samples == len(split.train)
+    assert result.eval_samples == len(split.eval) and [r for r in result.history if r["type"] == "eval"]
+    export = json.loads((out / "config.json").read_text())["data"]
+    assert export["split"] == record["split"]
+
+    samples = tmp_path / "s.safetensors"
+    sampled = cli("sample", "--checkpoint", out, "--data", emb, "--out", samples, "--steps", "2")
+    assert sampled.code == 0, sampled.stderr
+    keys = EmbeddingShards(emb).keys()
+    assert read_generated(samples).keys == [keys[i] for i in split.eval.tolist()]
+    assert read_generated(samples).metadata["training_images"] == "0"
+    train = tmp_path / "train.safetensors"
+    assert (
+        cli(
+            "sample", "--checkpoint", out, "--data", emb, "--out", train, "--split", "train", "--steps", "2"
+        ).code
+        == 0
+    )
+    assert read_generated(train).keys == [keys[i] for i in split.train.tolist()]
+
+
+def test_nothing_held_out_means_no_evaluation(cli, emb, tmp_path, caplog):
+    import logging
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="blip"):
+        result = run_train_dit(
+            tiny_config(emb, out, **{"train.steps": 2, "eval.every": 1, "data.eval_fraction": 0})
+        )
+    assert "nothing held out (data.eval_fraction = 0)" in caplog.text and "no evaluation" in caplog.text
+    assert result.eval_kind == "none" and result.train_samples == 24 and result.eval_samples == 0
+    assert not [r for r in result.history if r["type"] == "eval"]
+    refused = cli("sample", "--checkpoint", out, "--data", emb, "--out", tmp_path / "s.safetensors")
+    assert refused.code == 2 and "held out no images" in refused.stderr and "--split all" in refused.stderr
+    allowed = cli(
+        "sample",
+        "--checkpoint",
+        out,
+        "--data",
+        emb,
+        "--out",
+        tmp_path / "a.safetensors",
+        "--split",
+        "all",
+        "--steps",
+        "2",
+        "--format",
+        "json",
+    )
+    assert allowed.code == 0 and json.loads(allowed.stdout)["training_images"] == 24
+
+
+def test_cls_targets_get_their_own_normaliser_statistics_and_contrastive_training_runs(tmp_path):
+    """cls+patch targets: the export's normaliser holds CLS statistics of the training images' CLS
+    tokens (load_dit restores them); the contrastive term trains on the same data."""
+    from blip_toolkit.dit.checkpoint import load_dit
+    from blip_toolkit.dit.data import split_indices
+
+    from .helpers import write_embeddings
+
+    emb = write_embeddings(tmp_path / "emb", samples=16, shard_size=8, dtype=torch.float32, cls=True)
+    out = tmp_path / "run"
+    changes = {"train.steps": 3, "flow.contrastive_weight": 0.1, "data.eval_shards": 1}
+    result = run_train_dit(tiny_config(emb, out, **changes))
+    assert all(np.isfinite(r["loss"]) for r in result.history if r["type"] == "train")
+    _, normalizer, info = load_dit(out)
+    assert normalizer.has_cls and info["record"]["normalizer"]["has_cls"]
+    shards = EmbeddingShards(emb)
+    train = split_indices(shards, eval_shards=1).train
+    tokens = shards.rows(train, "target").double()  # [8, 17, 16]
+    torch.testing.assert_close(normalizer.cls_mean.double(), tokens[:, 0].mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(normalizer.cls_std.double(), tokens[:, 0].std(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        normalizer.mean.double(), tokens[:, 1:].reshape(-1, 16).mean(0), rtol=1e-5, atol=1e-5
+    )

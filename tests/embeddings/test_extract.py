@@ -30,11 +30,28 @@ def _config(enc, source, out, **kwargs) -> ExtractConfig:
     )
 
 
+def _centre_squares(images):
+    """Each image's centred square, cut by transformers' own `center_crop` (what --crop center, the
+    default, gives both encoders)."""
+    import numpy as np
+    from PIL import Image
+    from transformers.image_transforms import center_crop
+
+    out = []
+    for image in images:
+        side = min(image.size)
+        array = center_crop(np.asarray(image), (side, side), input_data_format="channels_last")
+        out.append(Image.fromarray(array))
+    return out
+
+
 def _references(enc, image_paths, captions):
-    """Direct transformers calls: CLIP tokens / baseline / text, BLIP-2 vision tokens."""
+    """Direct transformers calls on the centre-cropped images: CLIP tokens / baseline / text, BLIP-2
+    vision tokens."""
     from transformers import AutoProcessor, Blip2ForConditionalGeneration, CLIPModel
 
-    images = [open_image(p) for p in image_paths]
+    images = _centre_squares([open_image(p) for p in image_paths])
+    assert any(open_image(p).size[0] != open_image(p).size[1] for p in image_paths)  # the crop matters
     clip = CLIPModel.from_pretrained(enc["clip"]).eval()
     clip_proc = AutoProcessor.from_pretrained(enc["clip"], backend="pil")
     blip2 = Blip2ForConditionalGeneration.from_pretrained(enc["blip2-opt"]).eval()

@@ -97,7 +97,18 @@ def test_generated_features_and_cosines(cli, reference_run, tmp_path):
     pairs = (texts.caption_image, torch.arange(len(texts.captions)))
     _same(report["features"]["generated"], retrieval_recall(gen_global, texts.text_emb, *pairs).to_dict())
     cosine = report["cosine"]
-    assert cosine["generated_tokens_vs_target"] == pytest.approx(mean_cosine(generated, tokens), abs=1e-6)
+    assert cosine["generated_tokens_vs_target_raw"] == pytest.approx(mean_cosine(generated, tokens), abs=1e-6)
+    # standardised by the ground truth's per-dimension mean and std, the CLS token (cls+patch) by its own
+
+    def standardise(x):
+        cls, patches = tokens[:, 0], tokens[:, 1:].reshape(-1, tokens.shape[-1])
+        first = (x[:, :1] - cls.mean(0)) / cls.std(0)
+        return torch.cat([first, (x[:, 1:] - patches.mean(0)) / patches.std(0)], dim=1)
+
+    assert cosine["generated_tokens_vs_target"] == pytest.approx(
+        mean_cosine(standardise(generated), standardise(tokens)), abs=1e-5
+    )
+    assert report["generated_training_images"] is None  # a file without blip sample's metadata
     assert cosine["generated_global_vs_baseline"] == pytest.approx(
         mean_cosine(gen_global, shards.column("target_global")), abs=1e-6
     )
@@ -138,6 +149,7 @@ def test_generated_subset_scores_every_feature_on_the_subset(reference_run, tmp_
         report["features"]["generated"], retrieval_recall(own_global, texts.text_emb[keep], *pairs).to_dict()
     )
     assert report["cosine"]["generated_tokens_vs_target"] == pytest.approx(1.0, abs=1e-6)
+    assert report["cosine"]["generated_tokens_vs_target_raw"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_mismatched_generated_files_are_rejected(cli, reference_run, tmp_path):
@@ -221,3 +233,34 @@ def test_parse_bytes():
         and parse_bytes("512MiB") == 512 * 2**20
         and parse_bytes("1e6") == 10**6
     )
+
+
+def test_files_from_before_the_training_image_count_are_checked_against_the_run(cli, reference_run, tmp_path):
+    """A generated file without `training_images` (older blip sample): eval-recall reads the run's
+    config.json named in its metadata; on the run's own embeddings it warns unless the file is the
+    held-out split of a run that held images out."""
+    shards = EmbeddingShards(reference_run)
+    _, tokens = _by_hand(shards)
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def check(split: str, index_sha256: str, eval_kind: str):
+        record = {"format": "blip-dit", "data": {"index_sha256": index_sha256, "eval_kind": eval_kind}}
+        (run / "config.json").write_text(json.dumps(record))
+        path = write_generated(
+            tmp_path / f"{split}-{eval_kind}-{index_sha256[:4]}.safetensors",
+            tokens,
+            shards.keys(),
+            index_sha256=shards.index_sha256,
+            metadata={"checkpoint": str(run), "split": split},
+        )
+        result = cli("eval-recall", reference_run, "--generated", path, "--format", "json")
+        assert result.code == 0, result.stderr
+        return json.loads(result.stdout)[
+            "generated_training_images"
+        ], "may hold training images" in result.stderr
+
+    assert check("all", shards.index_sha256, "held-out") == (None, True)
+    assert check("eval", shards.index_sha256, "train") == (None, True)  # an old run that held nothing out
+    assert check("eval", shards.index_sha256, "held-out") == (0, False)
+    assert check("all", "f" * 64, "held-out") == (0, False)  # trained on other embeddings
