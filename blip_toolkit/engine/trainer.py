@@ -171,6 +171,8 @@ class Trainer:
                 flag=self.output_flag,
                 quiet=("resume", "overwrite", "output_dir"),
             )
+        # Every process checks the directory as the user left it before the main one changes it.
+        self.accelerator.wait_for_everyone()
         if self.main:
             prepare_output_dir(
                 self.out,
