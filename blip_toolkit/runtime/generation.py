@@ -5,6 +5,8 @@ What each family's `generate` returns before the new tokens (the prefix we strip
 - BLIP VQA: the [DEC] start token;
 - BLIP-2 with a decoder-only LM (OPT): every input id (the <image> placeholders, bos, the prompt);
 - BLIP-2 with an encoder-decoder LM (T5): the decoder start token.
+InstructBLIP returns what BLIP-2 with the same kind of language model returns; its Q-Former also reads
+the prompt (the instruction), and without `--prompt` it is given its family's default instruction.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.runtime.batching import InOrder, check_text, length_buckets, load_images, prefetched
+from blip_toolkit.runtime.quantize import empty_output_error
 
 
 @dataclass
@@ -56,6 +59,10 @@ def forbidden_tokens(loaded) -> list[str]:
     """Special-token strings that must not appear in user text (BLIP-2's <image>, [DEC], </s>, ...)."""
     tokenizer = loaded.tokenizer
     tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    # InstructBLIP: the Q-Former's own tokenizer reads the same text ([DEC], [SEP], ...).
+    tokens |= set(
+        getattr(getattr(loaded.processor, "qformer_tokenizer", None), "all_special_tokens", []) or []
+    )
     image_token = getattr(loaded.processor, "image_token", None)
     if image_token is not None:
         tokens.add(str(getattr(image_token, "content", image_token)))
@@ -73,7 +80,8 @@ def generate(loaded, images: list, prompts: list[str] | None, options: Generatio
     if family.is_blip2 and not prompts:
         # BLIP-2's generate cannot build its own start tokens for T5 (no bos); an empty prompt through
         # the processor gives the <image> placeholders plus the LM's own special tokens, as LAVIS does.
-        prompts = [""] * len(images)
+        # InstructBLIP gets its default instruction (its Q-Former needs text too).
+        prompts = [family.default_prompt or ""] * len(images)
     if prompts:
         inputs = processor(images=images, text=prompts, return_tensors="pt")
     else:
@@ -95,11 +103,15 @@ def generate(loaded, images: list, prompts: list[str] | None, options: Generatio
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def prompt_length(loaded, text: str | None) -> int:
+def prompt_length(loaded, text: str | None) -> int | tuple[int, int]:
     """Token length of a prompt as the processor will encode it (for grouping equal lengths)."""
     if not text:
         return 0
-    return len(loaded.tokenizer(text)["input_ids"])
+    length = len(loaded.tokenizer(text)["input_ids"])
+    if loaded.family.instruct:
+        # The Q-Former reads the text too: equal lengths there as well, so nothing is padded.
+        return (length, len(loaded.processor.qformer_tokenizer(text)["input_ids"]))
+    return length
 
 
 def run_jobs(
@@ -142,4 +154,8 @@ def run_jobs(
             lambda model, images=batch.images, prompts=prompts: generate(model, images, prompts, options)
         )
         for job, text in zip(batch.jobs, texts):
+            if not text and loaded.quantize:
+                job.error = f"{job.image_path}: {empty_output_error(loaded.quantize)}"
+                yield from ordered.add(job.index, error_of(job))
+                continue
             yield from ordered.add(job.index, record_of(job, text))

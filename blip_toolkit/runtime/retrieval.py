@@ -5,6 +5,9 @@ Scores, per family:
   BLIP-2 takes the max over its query embeddings), `itm` (the image-text matching head's "match"
   logit), or `itm+itc` (their sum: LAVIS's re-ranking score, the default).
 - Generative BLIP-2 (OPT, Flan-T5): the mean token log-likelihood of the text given the image.
+- InstructBLIP (Flan-T5, Vicuna): the same, given the image and the captioning instruction, which
+  both the Q-Former and the language model read (LAVIS's InstructBLIP ranks candidates this way:
+  `predict_class` in blip2_vicuna_instruct.py / blip2_t5_instruct.py).
 
 `probability` is the softmax of the scores over the candidate texts of one image.
 
@@ -179,23 +182,39 @@ def _score_itm(loaded, images, texts, score_kind, cache, *, pair_batch: int) -> 
 
 
 def _score_blip2_likelihood(loaded, images, texts, score_kind, cache, *, pair_batch: int) -> list[dict]:
-    """Generative BLIP-2: mean log-likelihood per text token, given the image. The image features
-    (Q-Former output projected into the LM) are computed once per image and reused for every text."""
+    """Generative BLIP-2 and InstructBLIP: mean log-likelihood per text token, given the image (and,
+    for InstructBLIP, its instruction). The image features (Q-Former output projected into the LM)
+    are computed once per image and reused for every text."""
     model = loaded.model
     processor = loaded.processor
+    instruction = loaded.family.default_prompt if loaded.family.instruct else None
     rows = []
     with torch.inference_mode():
-        features = model.get_image_features(pixel_values=_pixels(loaded, images), return_dict=True)
+        features = _image_features(loaded, images, instruction)
         for i, image in enumerate(images):
             scores = torch.empty(len(texts))
             for start in range(0, len(texts), pair_batch):
                 chunk = texts[start : start + pair_batch]
                 image_features = _expand_features(features, i, len(chunk))
                 scores[start : start + len(chunk)] = _mean_log_likelihood(
-                    model, processor, image, chunk, image_features, loaded.device
+                    model, processor, image, chunk, image_features, loaded.device, instruction=instruction
                 )
             rows.append({"score": scores})
     return rows
+
+
+def _image_features(loaded, images, instruction: str | None):
+    """The language model's image inputs; InstructBLIP's Q-Former reads the instruction as well."""
+    pixel_values = _pixels(loaded, images)
+    if instruction is None:
+        return loaded.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    qformer = loaded.processor.qformer_tokenizer([instruction] * len(images), return_tensors="pt")
+    return loaded.model.get_image_features(
+        pixel_values=pixel_values,
+        qformer_input_ids=qformer["input_ids"].to(loaded.device),
+        qformer_attention_mask=qformer["attention_mask"].to(loaded.device),
+        return_dict=True,
+    )
 
 
 def _expand_features(features, index: int, n: int):
@@ -203,11 +222,20 @@ def _expand_features(features, index: int, n: int):
     return BaseModelOutputWithVisionQformerOutputs(pooler_output=pooled, last_hidden_state=None)
 
 
-def _mean_log_likelihood(model, processor, image, texts, image_features, device):
-    """Mean log p(text token | image, previous tokens) over each text's own tokens."""
+def _mean_log_likelihood(model, processor, image, texts, image_features, device, *, instruction=None):
+    """Mean log p(text token | image, instruction, previous tokens) over each text's own tokens."""
+    # InstructBLIP's forward takes the Q-Former text positionally; the features are given already.
+    extra = {"qformer_input_ids": None} if instruction is not None else {}
     if model.config.use_decoder_only_language_model:
-        # <image> x Q, bos, text: the processor builds it; the image is not re-processed per text.
-        encoded = processor(images=[image], text=texts, padding=True, return_tensors="pt")
+        # <image> x Q, bos, (instruction,) text: the processor builds it, right-padded (the text
+        # positions below count from the left); the image is not re-processed per text.
+        prefix_length = (
+            len(processor.tokenizer(instruction)["input_ids"]) if instruction else 1
+        )  # bos (+ instruction)
+        joined = [f"{instruction} {t}" for t in texts] if instruction else texts
+        encoded = processor(
+            images=[image], text=joined, padding=True, padding_side="right", return_tensors="pt"
+        )
         input_ids = encoded["input_ids"].to(device)
         attention_mask = encoded["attention_mask"].to(device)
         logits = model(
@@ -215,16 +243,17 @@ def _mean_log_likelihood(model, processor, image, texts, image_features, device)
             attention_mask=attention_mask,
             pixel_values=None,
             mm_encoder_outputs={"image": image_features},
+            **extra,
         ).logits.float()
         targets = input_ids[:, 1:]
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        # Score only the text: not the <image> placeholders, not the bos, not the padding.
-        text_start = model.config.num_query_tokens + 1
+        # Score only the text: not the <image> placeholders, the bos, the instruction or the padding.
+        text_start = model.config.num_query_tokens + prefix_length
         positions = torch.arange(targets.shape[1], device=device) + 1
         mask = (attention_mask[:, 1:] == 1) & (positions >= text_start).unsqueeze(0)
     else:
-        # Encoder: <image> x Q (+ </s>); decoder: the text, scored as labels.
-        encoded = processor(images=[image], text=[""] * len(texts), return_tensors="pt")
+        # Encoder: <image> x Q (+ instruction) (+ </s>); decoder: the text, scored as labels.
+        encoded = processor(images=[image], text=[instruction or ""] * len(texts), return_tensors="pt")
         labels = processor.tokenizer(texts, padding=True, return_tensors="pt")
         label_ids = labels["input_ids"].to(device)
         mask = labels["attention_mask"].to(device) == 1
@@ -235,6 +264,7 @@ def _mean_log_likelihood(model, processor, image, texts, image_features, device)
             pixel_values=None,
             mm_encoder_outputs={"image": image_features},
             labels=label_ids,
+            **extra,
         ).logits.float()
         log_probs = (
             torch.log_softmax(logits, dim=-1).gather(-1, label_ids.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -247,4 +277,6 @@ _SCORERS = {
     "blip2-itm": _score_itm,
     "blip2-opt": _score_blip2_likelihood,
     "blip2-t5": _score_blip2_likelihood,
+    "instructblip-t5": _score_blip2_likelihood,
+    "instructblip-vicuna": _score_blip2_likelihood,
 }
