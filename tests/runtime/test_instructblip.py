@@ -90,11 +90,15 @@ def test_caption_with_the_default_instruction_equals_direct_call(
 ):
     processor, model = direct[kind]
     runner = open_runner(str(tiny_models[kind]), "caption", device="cpu")
-    options = CaptionOptions(batch_size=3, generation=GenerationOptions(max_new_tokens=6, num_beams=num_beams))
+    options = CaptionOptions(
+        batch_size=3, generation=GenerationOptions(max_new_tokens=6, num_beams=num_beams)
+    )
     images = sample_images[:5]
     ours = [r["caption"] for r in caption_images(runner, [InputItem(str(p)) for p in images], options)]
     expected = [
-        direct_generate(processor, model, open_image(p), DEFAULT_INSTRUCTION, max_new_tokens=6, num_beams=num_beams)
+        direct_generate(
+            processor, model, open_image(p), DEFAULT_INSTRUCTION, max_new_tokens=6, num_beams=num_beams
+        )
         for p in images
     ]
     assert ours == expected
@@ -117,7 +121,9 @@ def test_prompt_is_the_instruction_and_is_not_repeated(tiny_models, direct, samp
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_vqa_equals_direct_call_and_batching_does_not_change_answers(tiny_models, direct, sample_images, kind):
+def test_vqa_equals_direct_call_and_batching_does_not_change_answers(
+    tiny_models, direct, sample_images, kind
+):
     processor, model = direct[kind]
     # Questions whose language-model token counts tie while their Q-Former token counts differ
     # ("what color is the car?" / "what digit is this?" for T5, "how many dogs are there?" / "is it a
@@ -139,7 +145,9 @@ def test_vqa_equals_direct_call_and_batching_does_not_change_answers(tiny_models
     one_by_one = [
         r["answer"]
         for item, q in zip(items, questions)
-        for r in answer_questions(runner, [item], [q], VqaOptions(batch_size=1, generation=options.generation))
+        for r in answer_questions(
+            runner, [item], [q], VqaOptions(batch_size=1, generation=options.generation)
+        )
     ]
     assert batched == one_by_one
     expected = [
@@ -157,7 +165,9 @@ def test_retrieval_ranks_by_the_likelihood_a_direct_forward_gives(tiny_models, d
     texts = ["a cat", "a dog on a couch", "two cats laying on a couch"]
     images = sample_images[:3]
     runner = open_runner(str(tiny_models[kind]), "retrieval", device="cpu")
-    records = list(rank_texts(runner, [InputItem(str(p)) for p in images], texts, RetrievalOptions(batch_size=2)))
+    records = list(
+        rank_texts(runner, [InputItem(str(p)) for p in images], texts, RetrievalOptions(batch_size=2))
+    )
     qformer = processor.qformer_tokenizer([DEFAULT_INSTRUCTION], return_tensors="pt")
     for record, path in zip(records, images):
         image = open_image(path)
@@ -165,7 +175,9 @@ def test_retrieval_ranks_by_the_likelihood_a_direct_forward_gives(tiny_models, d
         for text in texts:
             if model.config.use_decoder_only_language_model:
                 inputs = processor(images=image, text=f"{DEFAULT_INSTRUCTION} {text}", return_tensors="pt")
-                prefix = model.config.num_query_tokens + len(processor.tokenizer(DEFAULT_INSTRUCTION)["input_ids"])
+                prefix = model.config.num_query_tokens + len(
+                    processor.tokenizer(DEFAULT_INSTRUCTION)["input_ids"]
+                )
                 labels = inputs["input_ids"].clone()
                 labels[:, :prefix] = -100
             else:
