@@ -16,6 +16,7 @@ from blip_toolkit.cli.options import (
     MaxPixelsOpt,
     ModelOpt,
     OutputFormat,
+    QuantizeOpt,
     TrustRemoteCodeOpt,
 )
 from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
@@ -64,7 +65,7 @@ def caption(
         str | None,
         typer.Option(
             "--prompt",
-            help="Conditional captioning: the caption continues this text (which is not repeated in the output).",
+            help="Conditional captioning: the caption continues this text (which is not repeated in the output); InstructBLIP: the instruction [default: 'A short image caption.'].",
         ),
     ] = None,
     batch_size: BatchSizeOpt = 8,
@@ -79,11 +80,12 @@ def caption(
     seed: GenSeedOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     trust_remote_code: TrustRemoteCodeOpt = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
-    """Caption images with a BLIP or BLIP-2 checkpoint.
+    """Caption images with a BLIP, BLIP-2 or InstructBLIP checkpoint.
 
     Text output is [bold]path<TAB>caption[/] per image; json/jsonl give {"image", "caption"} or
     {"image", "error"}. Bad images are reported and skipped (exit 3).
@@ -111,6 +113,7 @@ def caption(
         device=device,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        quantize=quantize and quantize.value,
     )
     emit_all(
         caption_images(runner, items, options),
@@ -151,11 +154,12 @@ def vqa(
     seed: GenSeedOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     trust_remote_code: TrustRemoteCodeOpt = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
-    """Answer questions about images (BLIP VQA or BLIP-2).
+    """Answer questions about images (BLIP VQA, BLIP-2 or InstructBLIP).
 
     Text output is [bold]path<TAB>question<TAB>answer[/] per pair; json/jsonl give
     {"image", "question", "answer"} or {..., "error"}.
@@ -190,7 +194,12 @@ def vqa(
         items, _ = image_items([image], None)
         questions = [question] * len(items)
     runner = open_runner(
-        model or DEFAULT_MODELS["vqa"], "vqa", device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        model or DEFAULT_MODELS["vqa"],
+        "vqa",
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        quantize=quantize and quantize.value,
     )
     emit_all(
         answer_questions(runner, items, questions, options),
@@ -231,11 +240,12 @@ def retrieval(
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     trust_remote_code: TrustRemoteCodeOpt = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
-    """Rank candidate texts for each image (ITM/ITC, or likelihood for generative BLIP-2).
+    """Rank candidate texts for each image (ITM/ITC, or likelihood for generative BLIP-2 / InstructBLIP).
 
     Every text gets a score, a probability (softmax over the candidates) and a rank. Text output is
     [bold]path<TAB>rank<TAB>score<TAB>probability<TAB>text[/]; json/jsonl give one object per image.
@@ -281,6 +291,7 @@ def retrieval(
         device=device,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        quantize=quantize and quantize.value,
     )
 
     def shown(records):

@@ -23,21 +23,19 @@ from __future__ import annotations
 
 import importlib
 import logging
-import typing
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import BitsAndBytesConfig
 from transformers.quantizers.base import HfQuantizer
 
+from blip_toolkit.config import QUANTIZE_MODES
 from blip_toolkit.errors import UsageError
 
 logger = logging.getLogger("blip")
 
-Quantize = Literal["int8", "4bit"]
-QUANTIZE_MODES: tuple[str, ...] = typing.get_args(Quantize)
 EXTRA_HINT = "pip install 'blip-toolkit[quantize]'"
 
 
@@ -84,17 +82,22 @@ def _bitsandbytes(mode: str, device):
     return bnb
 
 
-def loading_kwargs(mode: str | None, device, dtype) -> dict[str, Any]:
+def loading_kwargs(mode: str | None, device, dtype, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Extra `from_pretrained` arguments: bitsandbytes quantizes while the weights load (CUDA, and
-    4-bit on CPU); the CPU int8 path quantizes after loading (`quantize_model`)."""
+    4-bit on CPU); the CPU int8 path quantizes after loading (`quantize_model`). `skip`: module
+    names kept in full precision instead of transformers' default list."""
     device = torch.device(device)
     if mode is None or (device.type == "cpu" and mode == "int8"):
         return {}
+    skip_modules = list(skip) or None
     if mode == "int8":
-        config = BitsAndBytesConfig(load_in_8bit=True)
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     else:
         config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=skip_modules,
         )
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -103,11 +106,12 @@ def loading_kwargs(mode: str | None, device, dtype) -> dict[str, Any]:
     return {"quantization_config": config, "device_map": {"": index}}
 
 
-def quantize_model(model: nn.Module, mode: str | None, device) -> nn.Module:
-    """Quantize a loaded model in place where the loading did not (CPU int8); returns the model."""
+def quantize_model(model: nn.Module, mode: str | None, device, *, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Quantize a loaded model in place where the loading did not (CPU int8); returns the model.
+    `skip`: module names kept in full precision instead of transformers' default list."""
     if mode != "int8" or torch.device(device).type != "cpu":
         return model
-    names = linear_layers(model)
+    names = linear_layers(model, skip=skip)
     with warnings.catch_warnings():
         # torch marks its eager quantization API deprecated in favour of torchao (see module docstring).
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -120,10 +124,11 @@ def quantize_model(model: nn.Module, mode: str | None, device) -> nn.Module:
     return model
 
 
-def linear_layers(model: nn.Module) -> list[str]:
+def linear_layers(model: nn.Module, *, skip: tuple[str, ...] = ()) -> list[str]:
     """Qualified names of the `nn.Linear` layers to quantize: all but those transformers keeps in
-    full precision for bitsandbytes (output layer, tied weights, `_keep_in_fp32_modules`)."""
-    skip = set(_kept_in_full_precision(model))
+    full precision for bitsandbytes (output layer, tied weights, `_keep_in_fp32_modules`), or all
+    but `skip` when given (as bitsandbytes' `llm_int8_skip_modules`)."""
+    skip = set(_kept_in_full_precision(model, skip))
     out = []
     for name, module in model.named_modules():
         if type(module) is not nn.Linear:
@@ -136,12 +141,14 @@ def linear_layers(model: nn.Module) -> list[str]:
     return out
 
 
-def _kept_in_full_precision(model: nn.Module) -> list[str]:
+def _kept_in_full_precision(model: nn.Module, skip: tuple[str, ...]) -> list[str]:
+    """What transformers' bitsandbytes quantizers leave unquantized (the same rule, so CPU and CUDA
+    quantize the same layers)."""
     keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     try:
-        return HfQuantizer.get_modules_to_not_convert(model, None, keep)
+        return HfQuantizer.get_modules_to_not_convert(model, list(skip) or None, keep)
     except Exception:  # noqa: BLE001 - a bare vision tower has no output embeddings
-        return keep
+        return keep + list(skip)
 
 
 def is_quantized(model: nn.Module) -> bool:
