@@ -70,6 +70,12 @@ class ModelSize:
     projection: int = 16
     num_query_tokens: int = 4
     max_text_positions: int = 64
+    # BLIP-2 / InstructBLIP: the Q-Former's width and depth (default: the text width and depth) and
+    # the language model's feed-forward width (default: `intermediate`), so a large language model
+    # can sit behind a small Q-Former, as in the real checkpoints.
+    qformer_hidden: int | None = None
+    qformer_layers: int | None = None
+    lm_intermediate: int | None = None
     # BLIP's vision config defaults to initializer_range=1e-10, which leaves a from-scratch vision
     # tower at ~zero output and unable to learn; use a normal ViT initialisation instead.
     initializer_range: float = 0.02
@@ -81,6 +87,10 @@ class ModelSize:
     @property
     def text_depth(self) -> int:
         return self.text_layers or self.layers
+
+    @property
+    def lm_ffn(self) -> int:
+        return self.lm_intermediate or self.intermediate
 
 
 def _seed(seed: int) -> None:
@@ -176,8 +186,8 @@ def build_blip2(
     )
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     qformer = dict(
-        hidden_size=size.text_width,
-        num_hidden_layers=size.text_depth,
+        hidden_size=size.qformer_hidden or size.text_width,
+        num_hidden_layers=size.qformer_layers or size.text_depth,
         num_attention_heads=size.heads,
         intermediate_size=size.intermediate,
         encoder_hidden_size=size.hidden,
@@ -221,7 +231,7 @@ def _opt_config(size: ModelSize, tokenizer) -> OPTConfig:
         vocab_size=len(tokenizer),
         hidden_size=size.text_width,
         num_hidden_layers=size.text_depth,
-        ffn_dim=size.intermediate,
+        ffn_dim=size.lm_ffn,
         num_attention_heads=size.heads,
         max_position_embeddings=128,
         word_embed_proj_dim=size.text_width,
@@ -237,7 +247,7 @@ def _t5_config(size: ModelSize, tokenizer) -> T5Config:
         vocab_size=len(tokenizer),
         d_model=size.text_width,
         d_kv=max(size.text_width // size.heads, 4),
-        d_ff=size.intermediate,
+        d_ff=size.lm_ffn,
         num_layers=size.text_depth,
         num_decoder_layers=size.text_depth,
         num_heads=size.heads,
@@ -255,7 +265,7 @@ def _llama_config(size: ModelSize, tokenizer) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=size.text_width,
-        intermediate_size=size.intermediate,
+        intermediate_size=size.lm_ffn,
         num_hidden_layers=size.text_depth,
         num_attention_heads=size.heads,
         num_key_value_heads=size.heads,
@@ -300,8 +310,8 @@ def build_instructblip(
         vision_config=_blip_vision(size),
         qformer_config=dict(
             vocab_size=len(qformer_tokenizer),
-            hidden_size=size.text_width,
-            num_hidden_layers=size.text_depth,
+            hidden_size=size.qformer_hidden or size.text_width,
+            num_hidden_layers=size.qformer_layers or size.text_depth,
             num_attention_heads=size.heads,
             intermediate_size=size.intermediate,
             encoder_hidden_size=size.hidden,
