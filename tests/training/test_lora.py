@@ -201,3 +201,28 @@ def test_half_precision_keeps_the_vision_tower_and_adapters_in_float32(checkpoin
         dtypes.setdefault(part, set()).add(param.dtype)
     assert dtypes["language_model"] == {torch.bfloat16}
     assert dtypes["vision_model"] == dtypes["qformer"] == dtypes["lora"] == {torch.float32}
+
+
+@pytest.mark.parametrize("kind", ["blip2-t5", "blip-caption"])
+def test_merged_state_dict_is_what_merge_and_unload_gives(checkpoint, kind):
+    """The export's merge (tensor by tensor, the live model untouched) against peft's own
+    merge_and_unload() of a copy, with non-zero adapters."""
+    import copy
+
+    from blip_toolkit.training.lora import merged_state_dict
+
+    loaded = load_model(str(checkpoint(kind)), None)
+    peft_model = apply_lora(
+        loaded.model, loaded.family, r=2, alpha=6, dropout=0.0, targets=resolve_targets(loaded.family, None)
+    )
+    torch.manual_seed(0)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    reference = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    merged = merged_state_dict(peft_model)
+    assert merged.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(merged[key], value.float()), key
+    assert all(torch.equal(before[k], v) for k, v in peft_model.state_dict().items())  # untouched
