@@ -27,6 +27,9 @@ C = TypeVar("C")
 # Choices shared by several configs, declared once (the CLI derives its option choices from these).
 MixedPrecision = Literal["no", "fp16", "bf16"]
 MIXED_PRECISION: tuple[str, ...] = typing.get_args(MixedPrecision)
+# `--quantize` of caption / vqa / retrieval / extract-embeddings (runtime/quantize.py).
+Quantize = Literal["int8", "4bit"]
+QUANTIZE_MODES: tuple[str, ...] = typing.get_args(Quantize)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

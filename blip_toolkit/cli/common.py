@@ -35,6 +35,7 @@ def run_inference(
     what: str,
     question: str | None = None,
     manifest_schema: str = "images",
+    quantize: str | None = None,
 ) -> None:
     """The tail shared by `caption`, `vqa` and `retrieval`: records to stdout, or the resumable
     (multi-process) run into `--output` and its summary; exit 3 when some items failed."""
@@ -44,7 +45,7 @@ def run_inference(
     source = open_inputs(
         inputs, manifest, text=question, manifest_schema=manifest_schema, allow_pipe=allow_pipe
     )
-    loading = dict(model=model, dtype=dtype, trust_remote_code=trust_remote_code)
+    loading = dict(model=model, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
     if output is None:
         if resume or overwrite:
             raise UsageError("--resume and --overwrite apply to --output FILE")
@@ -65,13 +66,6 @@ def run_inference(
             f"{summary.failed} of {summary.records} {what}(s) failed (each recorded in {output} with its "
             "error); the rest finished"
         )
-
-
-def item_name(record: dict) -> str:
-    """How a record names its input on a text line: the path, or shard/key for webdataset."""
-    if "image" in record:
-        return str(record["image"])
-    return f"{record.get('shard')}/{record.get('key') if record.get('key') is not None else ''}"
 
 
 def read_texts_file(path: Path) -> list[str]:

@@ -14,6 +14,7 @@ from blip_toolkit.cli.options import (
     MaxPixelsOpt,
     OutputFormat,
     OverwriteOpt,
+    QuantizeOpt,
     ResumeOpt,
     TrustRemoteCodeOpt,
     choice_enum,
@@ -118,6 +119,7 @@ def extract_embeddings(
             help="Dtype the encoders run in: auto (float32 on CPU, float16 on CUDA), float32, float16, bfloat16.",
         ),
     ] = "auto",
+    quantize: QuantizeOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 32,
     shard_size: Annotated[
@@ -183,6 +185,7 @@ def extract_embeddings(
         crop=crop.value,
         dtype=dtype.value,
         encoder_dtype=encoder_dtype,
+        quantize=quantize.value if quantize else None,
         device=device,
         batch_size=batch_size,
         shard_size=shard_size,

@@ -144,6 +144,42 @@ def finetune(
         int | None,
         unset_option("--save-every", help="Checkpoint and validate every N steps. \\[default: each epoch]"),
     ] = None,
+    lora: Annotated[
+        bool,
+        typer.Option(
+            "--lora",
+            help="LoRA (peft): train low-rank adapters on the attention projections, freeze everything else; "
+            "the output is the merged model. Needs the lora extra.",
+        ),
+    ] = False,
+    lora_r: Annotated[
+        int | None, unset_option("--lora-r", help=f"LoRA rank. \\[default: {_D.lora_r}]")
+    ] = None,
+    lora_alpha: Annotated[
+        float | None,
+        unset_option(
+            "--lora-alpha", help=f"LoRA scale numerator (scale = alpha / r). \\[default: {_D.lora_alpha:g}]"
+        ),
+    ] = None,
+    lora_dropout: Annotated[
+        float | None,
+        unset_option("--lora-dropout", help=f"Dropout on the LoRA input. \\[default: {_D.lora_dropout:g}]"),
+    ] = None,
+    lora_targets: Annotated[
+        list[str] | None,
+        unset_option(
+            "--lora-targets",
+            help="Module-name suffixes that get adapters (repeat or comma-separate), e.g. q_proj,v_proj. "
+            "\\[default: the language model's and the Q-Former's attention projections; BLIP: the text model's]",
+        ),
+    ] = None,
+    keep_adapter: Annotated[
+        bool,
+        typer.Option(
+            "--keep-adapter",
+            help="With --lora: also write the adapter alone to DIR/adapter (usable as --model on top of the base).",
+        ),
+    ] = False,
     skip_missing: Annotated[
         bool,
         typer.Option(
@@ -172,7 +208,7 @@ def finetune(
     print_config: PrintConfigOpt = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
-    """Fine-tune a BLIP or BLIP-2 checkpoint for captioning, VQA or retrieval.
+    """Fine-tune a BLIP, BLIP-2 or InstructBLIP checkpoint for captioning, VQA or retrieval.
 
     Manifests are TSV: [bold]image<TAB>caption[/] (caption), [bold]image<TAB>question<TAB>answer[/]
     (vqa), [bold]image<TAB>text[/] (retrieval). The output directory works as --model for every other
@@ -183,6 +219,7 @@ def finetune(
 
       blip finetune train.tsv --task caption --model Salesforce/blip-image-captioning-base -o runs/cap --val-manifest val.tsv
       blip finetune qa.tsv --task vqa --model Salesforce/blip2-opt-2.7b -o runs/vqa --mixed-precision bf16
+      blip finetune train.tsv --task caption --model Salesforce/blip2-opt-2.7b -o runs/lora --lora --keep-adapter --mixed-precision bf16
       blip finetune pairs.tsv --task retrieval --model Salesforce/blip-itm-base-coco -o runs/itm --resume
       accelerate launch --multi_gpu --num_processes 2 -m blip_toolkit finetune train.tsv --task caption -m MODEL -o runs/cap
     """
@@ -211,6 +248,12 @@ def finetune(
         "prompt": prompt,
         "template": template,
         "save_every": save_every,
+        "lora": lora or None,
+        "lora_r": lora_r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "lora_targets": lora_targets,
+        "keep_adapter": keep_adapter or None,
         "log_with": log_with,
         # False = not given: a config file's `true` stays.
         "skip_missing": skip_missing or None,

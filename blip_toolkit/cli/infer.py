@@ -17,6 +17,7 @@ from blip_toolkit.cli.options import (
     ModelOpt,
     OutputFormat,
     OverwriteOpt,
+    QuantizeOpt,
     ResumeOpt,
     TrustRemoteCodeOpt,
 )
@@ -91,7 +92,7 @@ def caption(
         str | None,
         typer.Option(
             "--prompt",
-            help="Conditional captioning: the caption continues this text (which is not repeated in the output).",
+            help="Conditional captioning: the caption continues this text (which is not repeated in the output); InstructBLIP: the instruction [default: 'A short image caption.'].",
         ),
     ] = None,
     batch_size: BatchSizeOpt = 8,
@@ -111,11 +112,12 @@ def caption(
     allow_pipe: AllowPipeOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     trust_remote_code: TrustRemoteCodeOpt = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
-    """Caption images with a BLIP or BLIP-2 checkpoint.
+    """Caption images with a BLIP, BLIP-2 or InstructBLIP checkpoint.
 
     Text output is [bold]path<TAB>caption[/] per image; json/jsonl give {"image", "caption"} or
     {"image", "error"} (webdataset: {"shard", "key", ...}). With --output the records go to the file
@@ -128,8 +130,9 @@ def caption(
       blip caption 'shards/{00000..00099}.tar' --output captions.parquet --resume
       find shots -name '*.png' | blip caption - --model Salesforce/blip2-opt-2.7b --prompt "a photo of"
     """
-    from blip_toolkit.cli.common import item_name, run_inference
+    from blip_toolkit.cli.common import run_inference
     from blip_toolkit.runtime.caption import CaptionOptions, caption_task
+    from blip_toolkit.runtime.records import item_name
 
     options = CaptionOptions(
         prompt=prompt,
@@ -146,6 +149,7 @@ def caption(
         device=device,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        quantize=quantize and quantize.value,
         options=options,
         make_task=lambda runner: caption_task(runner, options),
         fingerprint=options.fingerprint(),
@@ -204,11 +208,12 @@ def vqa(
     allow_pipe: AllowPipeOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     trust_remote_code: TrustRemoteCodeOpt = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
-    """Answer questions about images (BLIP VQA or BLIP-2).
+    """Answer questions about images (BLIP VQA, BLIP-2 or InstructBLIP).
 
     Text output is [bold]path<TAB>question<TAB>answer[/] per pair; json/jsonl give
     {"image", "question", "answer"} or {..., "error"}.
@@ -220,8 +225,9 @@ def vqa(
       blip vqa 'shards/{000..009}.tar' --question "how many people?" --output answers.jsonl
       blip vqa photo.jpg "how many dogs?" --model Salesforce/blip2-flan-t5-xl
     """
-    from blip_toolkit.cli.common import item_name, run_inference
+    from blip_toolkit.cli.common import run_inference
     from blip_toolkit.errors import UsageError
+    from blip_toolkit.runtime.records import item_name
     from blip_toolkit.runtime.vqa import VqaOptions, vqa_task
 
     options = VqaOptions(
@@ -250,6 +256,7 @@ def vqa(
         device=device,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        quantize=quantize and quantize.value,
         options=options,
         make_task=lambda runner: vqa_task(runner, options),
         fingerprint={**options.fingerprint(), "question": question},
@@ -299,11 +306,12 @@ def retrieval(
     allow_pipe: AllowPipeOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     trust_remote_code: TrustRemoteCodeOpt = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
-    """Rank candidate texts for each image (ITM/ITC, or likelihood for generative BLIP-2).
+    """Rank candidate texts for each image (ITM/ITC, or likelihood for generative BLIP-2 / InstructBLIP).
 
     Every text gets a score, a probability (softmax over the candidates) and a rank. Text output is
     [bold]path<TAB>rank<TAB>score<TAB>probability<TAB>text[/]; json/jsonl give one object per image.
@@ -315,8 +323,9 @@ def retrieval(
       blip retrieval 'shards/{000..009}.tar' --texts-file labels.txt --top 5 --output ranked.parquet
       blip retrieval photo.jpg "a red car" "a bus" --model Salesforce/blip2-itm-vit-g --score itc
     """
-    from blip_toolkit.cli.common import item_name, read_texts_file, run_inference
+    from blip_toolkit.cli.common import read_texts_file, run_inference
     from blip_toolkit.errors import UsageError
+    from blip_toolkit.runtime.records import item_name
     from blip_toolkit.runtime.retrieval import RetrievalOptions, RetrievalTask
 
     options = RetrievalOptions(
@@ -348,6 +357,7 @@ def retrieval(
         device=device,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        quantize=quantize and quantize.value,
         options=options,
         make_task=lambda runner: RetrievalTask(runner, texts, options),
         fingerprint=options.fingerprint(texts),

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from blip_toolkit.config import MIXED_PRECISION
+from blip_toolkit.config import MIXED_PRECISION, QUANTIZE_MODES
 
 
 class OutputFormat(str, Enum):
@@ -23,6 +23,7 @@ def choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
 
 
 MixedPrecision = choice_enum("MixedPrecision", MIXED_PRECISION)
+Quantize = choice_enum("Quantize", QUANTIZE_MODES)
 
 
 def unset_option(*names: str, help: str, **kwargs):
@@ -80,5 +81,14 @@ LogWithOpt = Annotated[
     unset_option(
         "--log-with",
         help="Accelerate trackers, comma-separated: tensorboard, wandb, ... (must be installed).",
+    ),
+]
+QuantizeOpt = Annotated[
+    Quantize | None,
+    typer.Option(
+        "--quantize",
+        help="Quantized weights: int8 or 4bit (CUDA: bitsandbytes; CPU: int8 = torch dynamic int8, "
+        "4bit = bitsandbytes' CPU backend). Needs the quantize extra for bitsandbytes.",
+        show_default=False,
     ),
 ]

@@ -38,6 +38,7 @@ from blip_toolkit.errors import ModelLoadError, UsageError
 from blip_toolkit.log import quiet_transformers
 from blip_toolkit.runtime.itm import BlipItmOps
 from blip_toolkit.runtime.loading import resolve_source
+from blip_toolkit.runtime.quantize import check_quantize, loading_kwargs, quantize_model
 
 logger = logging.getLogger("blip")
 
@@ -50,8 +51,8 @@ TARGET_FAMILIES_TEXT = (
 @dataclass(frozen=True)
 class AdapterSpec:
     """One family of checkpoints. `matches(config_dict)` recognises its config.json; `load(resolved,
-    role, device, dtype, trust_remote_code)` returns an adapter; `target_refusal`, when set, is why
-    this family cannot be a target."""
+    role, device, dtype, trust_remote_code, quantize)` returns an adapter; `target_refusal`, when set,
+    is why this family cannot be a target."""
 
     name: str
     label: str
@@ -294,14 +295,22 @@ class BlipItmTarget(TargetAdapter):
 
 
 def _vision_only(
-    class_name: str, resolved, *, device, dtype, trust_remote_code: bool, key_mapping: dict | None
+    class_name: str,
+    resolved,
+    *,
+    device,
+    dtype,
+    trust_remote_code: bool,
+    key_mapping: dict | None,
+    quantize: str | None = None,
 ):
     """Load just the vision tower class from a full or vision-only checkpoint. The config class picks
     `vision_config` out of a full config; `key_mapping` strips the full model's `vision_model.` prefix
     where the tower class has none (BLIP, BLIP-2). Missing weights are an error: transformers would
-    otherwise initialise them randomly with only a log line."""
+    otherwise initialise them randomly with only a log line. `quantize`: runtime/quantize.py."""
     model_class = getattr(transformers, class_name)
     kwargs = {"key_mapping": key_mapping} if key_mapping else {}
+    kwargs.update(loading_kwargs(quantize, device, dtype))
     try:
         model, info = model_class.from_pretrained(
             resolved.path,
@@ -314,11 +323,16 @@ def _vision_only(
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{resolved.name}: cannot load the vision tower ({_first_line(exc)})") from exc
     _check_loading(resolved.name, class_name, info)
-    return model.to(device).eval()
+    return _placed(model, device, quantize, "quantization_config" in kwargs)
 
 
-def _full_model(class_name: str, resolved, *, device, dtype, trust_remote_code: bool):
+def _full_model(
+    class_name: str, resolved, *, device, dtype, trust_remote_code: bool, quantize: str | None = None
+):
+    """The whole model (targets). Quantized, its projections and pooling heads stay in full
+    precision: the target head saved beside the shards is built from them."""
     model_class = getattr(transformers, class_name)
+    kwargs = loading_kwargs(quantize, device, dtype, skip=_HEAD_MODULES)
     try:
         model, info = model_class.from_pretrained(
             resolved.path,
@@ -326,11 +340,23 @@ def _full_model(class_name: str, resolved, *, device, dtype, trust_remote_code: 
             local_files_only=resolved.local_only,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
+            **kwargs,
         )
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{resolved.name}: cannot load {class_name} ({_first_line(exc)})") from exc
     _check_loading(resolved.name, class_name, info)
-    return model.to(device).eval()
+    return _placed(model, device, quantize, bool(kwargs), skip=_HEAD_MODULES)
+
+
+# Projections and pooling heads of the target families (CLIP, SigLIP, BLIP ITM): never quantized.
+_HEAD_MODULES = ("visual_projection", "text_projection", "head", "vision_proj", "text_proj", "itm_head")
+
+
+def _placed(model, device, quantize: str | None, quantized_at_load: bool, *, skip: tuple[str, ...] = ()):
+    """On `device` (bitsandbytes has placed a model it quantized), CPU int8 applied, in eval mode."""
+    if not quantized_at_load:
+        model.to(device)
+    return quantize_model(model, quantize, device, skip=skip).eval()
 
 
 def _check_loading(source: str, class_name: str, info: dict) -> None:
@@ -381,7 +407,16 @@ def _loader(
 ):
     """Build the `load` function of a family: vision tower only for cond, (class, adapter) for target."""
 
-    def load(spec: AdapterSpec, resolved, role: str, *, device, dtype, trust_remote_code: bool = False):
+    def load(
+        spec: AdapterSpec,
+        resolved,
+        role: str,
+        *,
+        device,
+        dtype,
+        trust_remote_code: bool = False,
+        quantize: str | None = None,
+    ):
         processor = _image_processor(resolved, trust_remote_code)
         if role == "cond" or target is None:
             vision = _vision_only(
@@ -391,6 +426,7 @@ def _loader(
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,
                 key_mapping=key_mapping,
+                quantize=quantize,
             )
             return EncoderAdapter(
                 source=resolved.name,
@@ -404,7 +440,12 @@ def _loader(
             )
         class_name, adapter_class = target
         model = _full_model(
-            class_name, resolved, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+            class_name,
+            resolved,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            quantize=quantize,
         )
         tokenizer = _tokenizer(resolved, trust_remote_code)
         config = model.config
@@ -536,20 +577,35 @@ def check_role(spec: AdapterSpec, role: str, source: str) -> None:
 
 
 def load_encoder(
-    source: str, role: str, *, device=None, dtype=None, trust_remote_code: bool = False
+    source: str,
+    role: str,
+    *,
+    device=None,
+    dtype=None,
+    trust_remote_code: bool = False,
+    quantize: str | None = None,
 ) -> EncoderAdapter:
     """Load `source` as a conditioning (`role="cond"`) or target (`role="target"`) encoder on `device`
-    in `dtype` (default CPU float32). Targets are `TargetAdapter`s."""
+    in `dtype` (default CPU float32), `quantize`d ("int8" / "4bit", runtime/quantize.py) when asked:
+    the towers' layers are, a target's projections and heads are not. Targets are `TargetAdapter`s."""
     resolved, spec = inspect_encoder(source)
     check_role(spec, role, source)
+    if resolved.adapter is not None:
+        raise UsageError(
+            f"{source}: a LoRA adapter directory; pass the merged model (the output directory of "
+            "blip finetune that holds the adapter) as an encoder"
+        )
+    device = device or torch.device("cpu")
+    check_quantize(quantize, device)
     quiet_transformers()
     return spec.load(
         spec,
         resolved,
         role,
-        device=device or torch.device("cpu"),
+        device=device,
         dtype=dtype or torch.float32,
         trust_remote_code=trust_remote_code,
+        quantize=quantize,
     )
 
 

@@ -82,6 +82,7 @@ DATA_KEYS = (
     "head_pool",
     "dtype",
     "encoder_dtype",
+    "quantize",
     "shard_size",
     "max_pixels",
     "crop",
@@ -104,6 +105,7 @@ class ExtractConfig:
     crop: str = "center"  # center: both encoders see the image's centred square; none: each its own view
     dtype: str = "float16"  # storage
     encoder_dtype: str = "auto"
+    quantize: str | None = None  # int8 | 4bit: quantized encoders (runtime/quantize.py)
     device: str = "auto"
     batch_size: int = 32
     shard_size: int = 256
@@ -314,7 +316,12 @@ def _load_encoders(config: ExtractConfig, state) -> _Encoders:
     else:
         device = resolve_device(config.device)
     encoder_dtype = resolve_dtype(config.encoder_dtype, device)
-    kwargs = dict(device=device, dtype=encoder_dtype, trust_remote_code=config.trust_remote_code)
+    kwargs = dict(
+        device=device,
+        dtype=encoder_dtype,
+        trust_remote_code=config.trust_remote_code,
+        quantize=config.quantize,
+    )
     cond = load_encoder(config.cond_encoder, "cond", **kwargs)
     target = load_encoder(config.target_encoder, "target", **kwargs)
     target_layout = token_layout(target, config.tokens, config.pool, flag="--tokens")

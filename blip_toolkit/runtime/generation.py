@@ -5,6 +5,8 @@ What each family's `generate` returns before the new tokens (the prefix we strip
 - BLIP VQA: the [DEC] start token;
 - BLIP-2 with a decoder-only LM (OPT): every input id (the <image> placeholders, bos, the prompt);
 - BLIP-2 with an encoder-decoder LM (T5): the decoder start token.
+InstructBLIP returns what BLIP-2 with the same kind of language model returns; its Q-Former also reads
+the prompt (the instruction), and without `--prompt` it is given its family's default instruction.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 
 from blip_toolkit.errors import UsageError
 from blip_toolkit.runtime.batching import check_text
+from blip_toolkit.runtime.quantize import empty_output_error
+from blip_toolkit.runtime.records import item_name
 
 
 @dataclass
@@ -67,6 +71,10 @@ def forbidden_tokens(loaded) -> list[str]:
     """Special-token strings that must not appear in user text (BLIP-2's <image>, [DEC], </s>, ...)."""
     tokenizer = loaded.tokenizer
     tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    # InstructBLIP: the Q-Former's own tokenizer reads the same text ([DEC], [SEP], ...).
+    tokens |= set(
+        getattr(getattr(loaded.processor, "qformer_tokenizer", None), "all_special_tokens", []) or []
+    )
     image_token = getattr(loaded.processor, "image_token", None)
     if image_token is not None:
         tokens.add(str(getattr(image_token, "content", image_token)))
@@ -80,8 +88,11 @@ def generation_inputs(processor, family, images: list, prompts: list[str] | None
     the image tokens and the LM's BOS, as `model.generate(pixel_values=...)` does, whether or not
     the tokenizer adds a BOS to text by itself (an empty prompt through the processor gets one only
     if it does). Flan-T5 has no BOS (transformers' `generate(pixel_values=...)` raises on it), so
-    its encoder gets the image tokens and the tokenized empty prompt (`</s>`), as LAVIS does."""
-    if not prompts and family.is_blip2 and not family.decoder_only:
+    its encoder gets the image tokens and the tokenized empty prompt (`</s>`), as LAVIS does.
+    InstructBLIP gets its family's default instruction (its Q-Former reads text too)."""
+    if not prompts and family.instruct:
+        prompts = [family.default_prompt] * len(images)
+    elif not prompts and family.is_blip2 and not family.decoder_only:
         prompts = [""] * len(images)
     if prompts:
         return dict(processor(images=images, text=prompts, return_tensors="pt"))
@@ -119,11 +130,15 @@ def generate(loaded, images: list, prompts: list[str] | None, options: Generatio
     return generate_from_inputs(loaded, inputs, options)
 
 
-def prompt_length(loaded, text: str | None) -> int:
+def prompt_length(loaded, text: str | None) -> int | tuple[int, int]:
     """Token length of a prompt as the processor will encode it (for grouping equal lengths)."""
     if not text:
         return 0
-    return len(loaded.tokenizer(text)["input_ids"])
+    length = len(loaded.tokenizer(text)["input_ids"])
+    if loaded.family.instruct:
+        # The Q-Former reads the text too: equal lengths there as well, so nothing is padded.
+        return (length, len(loaded.processor.qformer_tokenizer(text)["input_ids"]))
+    return length
 
 
 class GenerationEncoder:
@@ -172,14 +187,24 @@ class GenerationTask:
         if self.options.seed is not None:
             torch.manual_seed(self.options.seed)
 
-    def group(self, item) -> int:
-        ids = item.inputs.get("input_ids")
-        return 0 if ids is None else int(ids.shape[1])
+    def group(self, item) -> tuple[int, int]:
+        # Equal token lengths (InstructBLIP: in the Q-Former too), so nothing is padded.
+        ids, qformer_ids = item.inputs.get("input_ids"), item.inputs.get("qformer_input_ids")
+        return tuple(0 if t is None else int(t.shape[1]) for t in (ids, qformer_ids))
 
     def run(self, runner, items: list) -> list[dict]:
         inputs = {k: torch.cat([item.inputs[k] for item in items]) for k in items[0].inputs}
         texts = runner.run(lambda loaded: generate_from_inputs(loaded, inputs, self.options))
-        return [self._fields(item) | {self.result_key: text} for item, text in zip(items, texts)]
+        quantize = runner.loaded.quantize
+        return [
+            self._fields(item)
+            | (
+                {"error": f"{item_name(item.fields)}: {empty_output_error(quantize)}"}
+                if quantize and not text
+                else {self.result_key: text}
+            )
+            for item, text in zip(items, texts)
+        ]
 
     def error_fields(self, item) -> dict:
         return self._fields(item)

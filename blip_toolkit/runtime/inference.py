@@ -480,12 +480,21 @@ def _check_complete(source: Source, journal: JournalState, output: Path) -> None
 # ----------------------------------------------------------------------------- a command's run
 
 
-def loader(task: str, model: str | None, *, dtype: str = "auto", trust_remote_code: bool = False):
+def loader(
+    task: str,
+    model: str | None,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    quantize: str | None = None,
+):
     """(model source, `load(device)`): the task's default checkpoint when `model` is None."""
     source = model or DEFAULT_MODELS[task]
 
     def load(device: str):
-        return open_runner(source, task, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        return open_runner(
+            source, task, device=device, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize
+        )
 
     return source, load
 
@@ -500,11 +509,12 @@ def stream_records(
     device="auto",
     dtype="auto",
     trust_remote_code=False,
+    quantize: str | None = None,
 ) -> Iterator[dict]:
     """The records of `source` in input order, without an output file (`blip caption ...` to stdout)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("several processes need --output FILE (process 0 merges their results there)")
-    _, load = loader(task, model, dtype=dtype, trust_remote_code=trust_remote_code)
+    _, load = loader(task, model, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
     runner = load(device)
     return infer_records(runner, make_task(runner), source, options.settings(), progress=True)
 
@@ -520,12 +530,14 @@ def run_to_file(
     model: str | None = None,
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    quantize: str | None = None,
 ) -> Summary:
     """`--output FILE`: the resumable, multi-process run, with the fingerprint of everything that
     defines its records (the task's options, the model and its config, the inputs)."""
-    name, load = loader(task, model, dtype=dtype, trust_remote_code=trust_remote_code)
+    name, load = loader(task, model, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
     fingerprint = {
         **fingerprint,
+        **({"quantize": quantize} if quantize else {}),
         **model_fingerprint(name),
         "max_pixels": options.max_pixels,
         "inputs": source.describe(),

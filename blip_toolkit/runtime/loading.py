@@ -1,13 +1,16 @@
 """From a `--model` source (hub id or local directory) to a family, a model and a processor.
 
 The family is detected from the checkpoint's `config.json` (model_type and architectures), so a
-fine-tuned directory works exactly like the hub checkpoint it came from. Offline, an uncached hub
-id fails in well under 10 seconds with a message that says how to pass a local directory (the hub
-client would otherwise spend ~25 s retrying).
+fine-tuned directory works exactly like the hub checkpoint it came from. A LoRA adapter directory
+(`adapter_config.json` + `adapter_model.safetensors`, as `blip finetune --lora --keep-adapter` writes
+it) is resolved to its base model, named in the adapter's config, and merged into it when loaded.
+Offline, an uncached hub id fails in well under 10 seconds with a message that says how to pass a
+local directory (the hub client would otherwise spend ~25 s retrying).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -25,14 +28,22 @@ from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
 from transformers import AutoProcessor
 
-from blip_toolkit.errors import ModelLoadError, TaskNotSupportedError
+from blip_toolkit.errors import ModelLoadError, TaskNotSupportedError, UsageError
 from blip_toolkit.log import quiet_transformers
 from blip_toolkit.runtime.device import FallbackRunner, resolve_device, resolve_dtype
 from blip_toolkit.runtime.fast_attention import use_fused_vision_attention
+from blip_toolkit.runtime.quantize import check_quantize, loading_kwargs, quantize_model
 
 logger = logging.getLogger("blip")
 
 TASKS = ("caption", "vqa", "retrieval")
+
+# InstructBLIP's captioning instruction when `--prompt` is not given: LAVIS's COCO captioning
+# evaluation of InstructBLIP (lavis/projects/instructblip/caption_coco_*_eval_*.yaml, `prompt:`).
+DEFAULT_INSTRUCTION = "A short image caption."
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 DEFAULT_MODELS = {
     "caption": "Salesforce/blip-image-captioning-base",
@@ -49,8 +60,10 @@ class Family:
     label: str
     class_name: str
     tasks: tuple[str, ...]
-    is_blip2: bool = False
-    decoder_only: bool = False  # BLIP-2 with a decoder-only language model (OPT)
+    is_blip2: bool = False  # a Q-Former and a language model: BLIP-2 and InstructBLIP
+    decoder_only: bool = False  # the language model is decoder-only (OPT, Vicuna / LLaMA)
+    instruct: bool = False  # InstructBLIP: the Q-Former reads the instruction too
+    default_prompt: str | None = None  # captioning without --prompt uses this instruction
 
     def model_class(self):
         return getattr(transformers, self.class_name)
@@ -84,10 +97,32 @@ FAMILIES = {
             ("retrieval",),
             is_blip2=True,
         ),
+        Family(
+            "instructblip-t5",
+            "InstructBLIP (Flan-T5)",
+            "InstructBlipForConditionalGeneration",
+            ("caption", "vqa", "retrieval"),
+            is_blip2=True,
+            instruct=True,
+            default_prompt=DEFAULT_INSTRUCTION,
+        ),
+        Family(
+            "instructblip-vicuna",
+            "InstructBLIP (Vicuna / LLaMA)",
+            "InstructBlipForConditionalGeneration",
+            ("caption", "vqa", "retrieval"),
+            is_blip2=True,
+            decoder_only=True,
+            instruct=True,
+            default_prompt=DEFAULT_INSTRUCTION,
+        ),
         Family("clip", "CLIP", "CLIPModel", ()),
         Family("siglip", "SigLIP", "SiglipModel", ()),
     )
 }
+
+
+_T5_TYPES = ("t5", "mt5", "umt5")
 
 
 def detect_family(config: dict[str, Any], source: str = "checkpoint") -> Family:
@@ -108,7 +143,11 @@ def detect_family(config: dict[str, Any], source: str = "checkpoint") -> Family:
             return FAMILIES["blip2-itm"]
         if arch in ("Blip2ForConditionalGeneration", "Blip2Model", ""):
             text_type = (config.get("text_config") or {}).get("model_type", "opt")
-            return FAMILIES["blip2-t5" if text_type in ("t5", "mt5", "umt5") else "blip2-opt"]
+            return FAMILIES["blip2-t5" if text_type in _T5_TYPES else "blip2-opt"]
+    elif model_type == "instructblip":
+        if arch in ("InstructBlipForConditionalGeneration", ""):
+            text_type = (config.get("text_config") or {}).get("model_type", "opt")
+            return FAMILIES["instructblip-t5" if text_type in _T5_TYPES else "instructblip-vicuna"]
     elif model_type in ("clip", "siglip", "siglip2"):
         return FAMILIES["siglip" if model_type.startswith("siglip") else "clip"]
     what = f"model_type={model_type!r}" + (f", architecture {arch}" if arch else "")
@@ -131,12 +170,15 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 @dataclass(frozen=True)
 class ResolvedSource:
-    """Where a checkpoint lives: `path` is what from_pretrained gets; `local_only` forbids network."""
+    """Where a checkpoint lives: `path` is what from_pretrained gets; `local_only` forbids network.
+    For a LoRA adapter directory, `path` and `config` are its base model's and `adapter` is the
+    adapter directory (merged into the base when loaded)."""
 
     name: str
     path: str
     config: dict[str, Any]
     local_only: bool
+    adapter: str | None = None
 
 
 def resolve_source(source: str) -> ResolvedSource:
@@ -145,6 +187,8 @@ def resolve_source(source: str) -> ResolvedSource:
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
+            if (path / ADAPTER_CONFIG).is_file():
+                return _resolve_adapter(source, path)
             raise ModelLoadError(
                 f"{source}: no config.json here; not a checkpoint directory "
                 "(point --model at the folder written by save_pretrained)"
@@ -185,6 +229,40 @@ def resolve_source(source: str) -> ResolvedSource:
     except Exception as exc:  # noqa: BLE001 - network trouble of any kind
         raise ModelLoadError(f"{source}: cannot download ({type(exc).__name__})", hint=hint) from exc
     return ResolvedSource(source, source, _read_config(Path(config_path)), local_only=False)
+
+
+def _resolve_adapter(source: str, path: Path) -> ResolvedSource:
+    """A LoRA adapter directory: its base model comes from `base_model_name_or_path` of its
+    adapter_config.json (a hub id or a directory, resolved like any --model)."""
+    adapter = _read_config(path / ADAPTER_CONFIG)
+    base = adapter.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base.strip():
+        raise ModelLoadError(f"{path / ADAPTER_CONFIG}: names no base model (base_model_name_or_path)")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise ModelLoadError(
+            f"{source}: an adapter directory without {ADAPTER_WEIGHTS} "
+            "(only safetensors adapters are loaded: no pickle)"
+        )
+    if (Path(base).expanduser() / ADAPTER_CONFIG).is_file() and not (
+        Path(base).expanduser() / "config.json"
+    ).is_file():
+        raise ModelLoadError(f"{source}: its base model {base} is itself an adapter; merge that one first")
+    try:
+        resolved = resolve_source(base)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{source}: the adapter's base model: {exc.message}", hint=exc.hint) from exc
+    return ResolvedSource(source, resolved.path, resolved.config, resolved.local_only, adapter=str(path))
+
+
+def require_extra(module: str, extra: str, what: str):
+    """Import an optional dependency, or say which extra installs it (UsageError, exit 2)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise UsageError(
+            f"{what} needs {module.split('.')[0]}, which is not installed",
+            hint=f"pip install 'blip-toolkit[{extra}]'",
+        ) from exc
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -242,6 +320,7 @@ class LoadedModel:
     processor: Any
     device: Any
     dtype: Any
+    quantize: str | None = None  # "int8" / "4bit" when the weights are quantized
 
     @property
     def tokenizer(self):
@@ -277,29 +356,55 @@ def load_model(
     trust_remote_code: bool = False,
     resolved: ResolvedSource | None = None,
     family: Family | None = None,
+    quantize: str | None = None,
 ) -> LoadedModel:
-    """Load `source` for `task` (None: any task) on `device` in `dtype` (default: CPU, float32)."""
+    """Load `source` for `task` (None: any task) on `device` in `dtype` (default: CPU, float32),
+    `quantize`d ("int8" / "4bit", see runtime/quantize.py) when asked. A LoRA adapter directory is
+    merged into its base model (peft's `merge_and_unload`)."""
     if resolved is None or family is None:
         resolved, family = inspect_source(source)
     if task is not None:
         require_task(family, task, source)
     device = device or torch.device("cpu")
     dtype = dtype or torch.float32
+    check_quantize(quantize, device)
     quiet_transformers()
     processor = load_processor(resolved, trust_remote_code=trust_remote_code)
+    # bitsandbytes quantizes while the weights load; the CPU int8 path quantizes afterwards.
+    at_load = loading_kwargs(quantize, device, dtype)
+    if at_load and resolved.adapter is not None:
+        raise UsageError(
+            f"--quantize {quantize} on {device.type} quantizes while loading, before a LoRA adapter "
+            "could be merged; pass the merged model (the output directory of blip finetune)"
+        )
     try:
         model = family.model_class().from_pretrained(
             resolved.path,
             dtype=dtype,
             local_files_only=resolved.local_only,
             trust_remote_code=trust_remote_code,
+            **at_load,
         )
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{source}: cannot load the model ({_first_line(exc)})") from exc
+    if resolved.adapter is not None:
+        model = merge_adapter(model, resolved.adapter, source)
     if not family.is_blip2:
         use_fused_vision_attention(model)
-    model.to(device).eval()
-    return LoadedModel(source, family, model, processor, device, dtype)
+    if not at_load:  # bitsandbytes has placed the weights already
+        model.to(device)
+    quantize_model(model, quantize, device)
+    model.eval()
+    return LoadedModel(source, family, model, processor, device, dtype, quantize)
+
+
+def merge_adapter(model, adapter_dir: str, source: str):
+    """`model` with the LoRA adapter of `adapter_dir` merged into its weights (a plain model again)."""
+    peft = require_extra("peft", "lora", f"{source} (a LoRA adapter)")
+    try:
+        return peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{source}: cannot apply the adapter ({_first_line(exc)})") from exc
 
 
 def open_runner(
@@ -309,10 +414,13 @@ def open_runner(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    quantize: str | None = None,
 ):
-    """Resolve and load `source` for `task` behind a FallbackRunner (CUDA faults fall back to CPU)."""
+    """Resolve and load `source` for `task` behind a FallbackRunner (CUDA faults fall back to CPU,
+    quantized the same way when `quantize` is set)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    check_quantize(quantize, torch_device)  # refused before anything loads
     resolved, family = inspect_source(source)
     if task is not None:
         require_task(family, task, source)
@@ -326,6 +434,7 @@ def open_runner(
             trust_remote_code=trust_remote_code,
             resolved=resolved,
             family=family,
+            quantize=quantize,
         )
 
     return FallbackRunner(load, torch_device, torch_dtype)

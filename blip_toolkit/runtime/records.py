@@ -396,3 +396,10 @@ def read_output(path: Path) -> list[dict]:
     lines = path.read_text(encoding="utf-8").splitlines()
     header = lines[0].split("\t")
     return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+
+
+def item_name(record: dict) -> str:
+    """How a record names its input on a text line: the path, or shard/key for webdataset."""
+    if "image" in record:
+        return str(record["image"])
+    return f"{record.get('shard')}/{record.get('key') if record.get('key') is not None else ''}"

@@ -5,6 +5,9 @@ Scores, per family:
   BLIP-2 takes the max over its query embeddings), `itm` (the image-text matching head's "match"
   logit), or `itm+itc` (their sum: LAVIS's re-ranking score, the default).
 - Generative BLIP-2 (OPT, Flan-T5): the mean token log-likelihood of the text given the image.
+- InstructBLIP (Flan-T5, Vicuna): the same, given the image and the captioning instruction, which
+  both the Q-Former and the language model read (LAVIS's InstructBLIP ranks candidates this way:
+  `predict_class` in blip2_vicuna_instruct.py / blip2_t5_instruct.py).
 
 `probability` is the softmax of the scores over the candidate texts of one image.
 
@@ -238,24 +241,48 @@ def _score_itm(loaded, pixel_values, texts, score_kind, cache, *, pair_batch: in
 
 
 def _score_blip2_likelihood(loaded, pixel_values, texts, score_kind, cache, *, pair_batch: int) -> list[dict]:
-    """Generative BLIP-2: mean log-likelihood per text token, given the image. The image features
-    (Q-Former output projected into the LM) are computed once per image and reused for every text;
-    the text inputs are built once per run."""
+    """Generative BLIP-2 and InstructBLIP: mean log-likelihood per text token, given the image (and,
+    for InstructBLIP, its instruction). The image features (Q-Former output projected into the LM)
+    are computed once per image and reused for every text; the text inputs are built once per run."""
     model = loaded.model
+    instruction = loaded.family.default_prompt if loaded.family.instruct else None
     if cache.get("model") is not model:
         cache.clear()
         chunks = [texts[start : start + pair_batch] for start in range(0, len(texts), pair_batch)]
-        cache.update(model=model, chunks=[(c, _text_inputs(loaded.processor, model, c)) for c in chunks])
+        cache.update(
+            model=model, chunks=[(c, _text_inputs(loaded.processor, model, c, instruction)) for c in chunks]
+        )
     rows = []
     with torch.inference_mode():
-        features = model.get_image_features(pixel_values=_pixels(loaded, pixel_values), return_dict=True)
+        features = _image_features(loaded, pixel_values, instruction)
         for i in range(pixel_values.shape[0]):
             parts = [
-                _mean_log_likelihood(model, inputs, _expand_features(features, i, len(chunk)), loaded.device)
+                _mean_log_likelihood(
+                    model,
+                    inputs,
+                    _expand_features(features, i, len(chunk)),
+                    loaded.device,
+                    instruct=instruction is not None,
+                )
                 for chunk, inputs in cache["chunks"]
             ]
             rows.append({"score": torch.cat(parts)})
     return rows
+
+
+def _image_features(loaded, pixel_values, instruction: str | None):
+    """The language model's image inputs; InstructBLIP's Q-Former reads the instruction as well."""
+    count = pixel_values.shape[0]
+    pixel_values = _pixels(loaded, pixel_values)
+    if instruction is None:
+        return loaded.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    qformer = loaded.processor.qformer_tokenizer([instruction] * count, return_tensors="pt")
+    return loaded.model.get_image_features(
+        pixel_values=pixel_values,
+        qformer_input_ids=qformer["input_ids"].to(loaded.device),
+        qformer_attention_mask=qformer["attention_mask"].to(loaded.device),
+        return_dict=True,
+    )
 
 
 def _expand_features(features, index: int, n: int):
@@ -263,17 +290,27 @@ def _expand_features(features, index: int, n: int):
     return BaseModelOutputWithVisionQformerOutputs(pooler_output=pooled, last_hidden_state=None)
 
 
-def _text_inputs(processor, model, texts: list[str]) -> dict:
-    """The token inputs of the likelihood pass for `texts`; they do not depend on the image. The
-    processor lays out the <image> placeholders only when it is given an image, so it gets a 1x1
-    one whose pixels are not used (the image features come from the real image)."""
+def _text_inputs(processor, model, texts: list[str], instruction: str | None = None) -> dict:
+    """The token inputs of the likelihood pass for `texts` (after InstructBLIP's `instruction`); they
+    do not depend on the image. The processor lays out the <image> placeholders only when it is given
+    an image, so it gets a 1x1 one whose pixels are not used (the features come from the real image)."""
     placeholder = Image.new("RGB", (1, 1))
     if model.config.use_decoder_only_language_model:
-        # <image> x Q, bos, text, built by the processor.
-        encoded = processor(images=[placeholder], text=texts, padding=True, return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-    # Encoder: <image> x Q (+ </s>); decoder: the text, scored as labels.
-    encoded = processor(images=[placeholder], text=[""] * len(texts), return_tensors="pt")
+        # <image> x Q, bos, (instruction,) text, right-padded: the text positions count from the left.
+        joined = [f"{instruction} {t}" for t in texts] if instruction else texts
+        encoded = processor(
+            images=[placeholder], text=joined, padding=True, padding_side="right", return_tensors="pt"
+        )
+        prefix = (
+            len(processor.tokenizer(instruction)["input_ids"]) if instruction else 1
+        )  # bos (+ instruction)
+        return {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "text_start": model.config.num_query_tokens + prefix,
+        }
+    # Encoder: <image> x Q (+ instruction) (+ </s>); decoder: the text, scored as labels.
+    encoded = processor(images=[placeholder], text=[instruction or ""] * len(texts), return_tensors="pt")
     labels = processor.tokenizer(texts, padding=True, return_tensors="pt")
     return {
         "input_ids": encoded["input_ids"],
@@ -283,8 +320,10 @@ def _text_inputs(processor, model, texts: list[str]) -> dict:
     }
 
 
-def _mean_log_likelihood(model, inputs: dict, image_features, device):
-    """Mean log p(text token | image, previous tokens) over each text's own tokens."""
+def _mean_log_likelihood(model, inputs: dict, image_features, device, *, instruct: bool = False):
+    """Mean log p(text token | image, instruction, previous tokens) over each text's own tokens."""
+    # InstructBLIP's forward takes the Q-Former text positionally; the features are given already.
+    extra = {"qformer_input_ids": None} if instruct else {}
     input_ids = inputs["input_ids"].to(device)
     attention_mask = inputs["attention_mask"].to(device)
     if model.config.use_decoder_only_language_model:
@@ -293,11 +332,12 @@ def _mean_log_likelihood(model, inputs: dict, image_features, device):
             attention_mask=attention_mask,
             pixel_values=None,
             mm_encoder_outputs={"image": image_features},
+            **extra,
         ).logits.float()
         targets = input_ids[:, 1:]
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        # Score only the text: not the <image> placeholders, not the bos, not the padding.
-        text_start = model.config.num_query_tokens + 1
+        # Score only the text: not the <image> placeholders, the bos, the instruction or the padding.
+        text_start = inputs["text_start"]
         positions = torch.arange(targets.shape[1], device=device) + 1
         mask = (attention_mask[:, 1:] == 1) & (positions >= text_start).unsqueeze(0)
     else:
@@ -309,6 +349,7 @@ def _mean_log_likelihood(model, inputs: dict, image_features, device):
             pixel_values=None,
             mm_encoder_outputs={"image": image_features},
             labels=label_ids,
+            **extra,
         ).logits.float()
         log_probs = (
             torch.log_softmax(logits, dim=-1).gather(-1, label_ids.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -321,4 +362,6 @@ _SCORERS = {
     "blip2-itm": _score_itm,
     "blip2-opt": _score_blip2_likelihood,
     "blip2-t5": _score_blip2_likelihood,
+    "instructblip-t5": _score_blip2_likelihood,
+    "instructblip-vicuna": _score_blip2_likelihood,
 }

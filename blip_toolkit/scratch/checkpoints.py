@@ -27,6 +27,10 @@ from transformers import (
     CLIPConfig,
     CLIPModel,
     CLIPProcessor,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
+    LlamaConfig,
     OPTConfig,
     T5Config,
 )
@@ -35,7 +39,20 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from blip_toolkit.scratch import tokenizers as toks
 
-KINDS = ("blip-caption", "blip-vqa", "blip-itm", "blip2-opt", "blip2-t5", "blip2-itm", "clip")
+KINDS = (
+    "blip-caption",
+    "blip-vqa",
+    "blip-itm",
+    "blip2-opt",
+    "blip2-t5",
+    "blip2-itm",
+    "clip",
+    "instructblip-t5",
+    "instructblip-vicuna",
+)
+# Words of InstructBLIP's instructions (the default captioning instruction, the VQA template), so the
+# instruction tokenizers spell them in whole words.
+INSTRUCTION_CORPUS = ["A short image caption.", "Question: what is it? Short Answer:"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,12 @@ class ModelSize:
     projection: int = 16
     num_query_tokens: int = 4
     max_text_positions: int = 64
+    # BLIP-2 / InstructBLIP: the Q-Former's width and depth (default: the text width and depth) and
+    # the language model's feed-forward width (default: `intermediate`), so a large language model
+    # can sit behind a small Q-Former, as in the real checkpoints.
+    qformer_hidden: int | None = None
+    qformer_layers: int | None = None
+    lm_intermediate: int | None = None
     # BLIP's vision config defaults to initializer_range=1e-10, which leaves a from-scratch vision
     # tower at ~zero output and unable to learn; use a normal ViT initialisation instead.
     initializer_range: float = 0.02
@@ -64,6 +87,10 @@ class ModelSize:
     @property
     def text_depth(self) -> int:
         return self.text_layers or self.layers
+
+    @property
+    def lm_ffn(self) -> int:
+        return self.lm_intermediate or self.intermediate
 
 
 def _seed(seed: int) -> None:
@@ -159,8 +186,8 @@ def build_blip2(
     )
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     qformer = dict(
-        hidden_size=size.text_width,
-        num_hidden_layers=size.text_depth,
+        hidden_size=size.qformer_hidden or size.text_width,
+        num_hidden_layers=size.qformer_layers or size.text_depth,
         num_attention_heads=size.heads,
         intermediate_size=size.intermediate,
         encoder_hidden_size=size.hidden,
@@ -181,35 +208,9 @@ def build_blip2(
             word_embed_proj_dim=8,
         )  # unused by the retrieval model, but the config needs one
     elif kind == "blip2-opt":
-        text_config = OPTConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=size.text_width,
-            num_hidden_layers=size.text_depth,
-            ffn_dim=size.intermediate,
-            num_attention_heads=size.heads,
-            max_position_embeddings=128,
-            word_embed_proj_dim=size.text_width,
-            bos_token_id=tokenizer.bos_token_id,
-            init_std=size.initializer_range,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        text_config = _opt_config(size, tokenizer)
     else:
-        text_config = T5Config(
-            vocab_size=len(tokenizer),
-            d_model=size.text_width,
-            d_kv=max(size.text_width // size.heads, 4),
-            d_ff=size.intermediate,
-            num_layers=size.text_depth,
-            num_decoder_layers=size.text_depth,
-            num_heads=size.heads,
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-            initializer_factor=size.initializer_range / 0.02,
-            decoder_start_token_id=tokenizer.pad_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        text_config = _t5_config(size, tokenizer)
     config = Blip2Config(
         vision_config=vision,
         qformer_config=qformer,
@@ -222,6 +223,110 @@ def build_blip2(
     model_class = Blip2ForImageTextRetrieval if kind == "blip2-itm" else Blip2ForConditionalGeneration
     _seed(seed)
     model = model_class(config)
+    return _save(model, processor, out_dir)
+
+
+def _opt_config(size: ModelSize, tokenizer) -> OPTConfig:
+    return OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.text_width,
+        num_hidden_layers=size.text_depth,
+        ffn_dim=size.lm_ffn,
+        num_attention_heads=size.heads,
+        max_position_embeddings=128,
+        word_embed_proj_dim=size.text_width,
+        bos_token_id=tokenizer.bos_token_id,
+        init_std=size.initializer_range,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _t5_config(size: ModelSize, tokenizer) -> T5Config:
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=size.text_width,
+        d_kv=max(size.text_width // size.heads, 4),
+        d_ff=size.lm_ffn,
+        num_layers=size.text_depth,
+        num_decoder_layers=size.text_depth,
+        num_heads=size.heads,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        initializer_factor=size.initializer_range / 0.02,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def _llama_config(size: ModelSize, tokenizer) -> LlamaConfig:
+    """A LLaMA (Vicuna) language model: RMSNorm, rotary positions, SwiGLU, untied output layer."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.text_width,
+        intermediate_size=size.lm_ffn,
+        num_hidden_layers=size.text_depth,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=256,
+        initializer_range=size.initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def build_instructblip(
+    kind: str,
+    out_dir: str | Path,
+    *,
+    size: ModelSize | None = None,
+    corpus: list[str] | None = None,
+    seed: int = 0,
+) -> Path:
+    """InstructBLIP with a Flan-T5 (`instructblip-t5`) or Vicuna / LLaMA (`instructblip-vicuna`)
+    language model: BLIP-2's layout plus an instruction-aware Q-Former, whose own BERT tokenizer
+    (`qformer_tokenizer`, with `[DEC]`) the processor carries beside the language model's."""
+    size = size or ModelSize()
+    words = (corpus or toks.DEFAULT_CORPUS) + INSTRUCTION_CORPUS
+    if kind == "instructblip-t5":
+        # Flan-T5's tokenizer as InstructBLIP uses it: truncation from the left.
+        tokenizer = toks.t5_tokenizer(words, truncation_side="left")
+    elif kind == "instructblip-vicuna":
+        tokenizer = toks.vicuna_tokenizer(words)
+    else:
+        raise ValueError(f"unknown InstructBLIP kind {kind!r}")
+    qformer_tokenizer = toks.qformer_tokenizer(words)
+    processor = InstructBlipProcessor(
+        image_processor=_blip_image_processor(size),
+        tokenizer=tokenizer,
+        qformer_tokenizer=qformer_tokenizer,
+        num_query_tokens=size.num_query_tokens,
+    )
+    text_config = _t5_config(size, tokenizer) if kind == "instructblip-t5" else _llama_config(size, tokenizer)
+    config = InstructBlipConfig(
+        vision_config=_blip_vision(size),
+        qformer_config=dict(
+            vocab_size=len(qformer_tokenizer),
+            hidden_size=size.qformer_hidden or size.text_width,
+            num_hidden_layers=size.qformer_layers or size.text_depth,
+            num_attention_heads=size.heads,
+            intermediate_size=size.intermediate,
+            encoder_hidden_size=size.hidden,
+            cross_attention_frequency=1,
+            max_position_embeddings=size.max_text_positions,
+            pad_token_id=qformer_tokenizer.pad_token_id,
+            initializer_range=size.initializer_range,
+        ),
+        text_config=text_config.to_dict(),
+        num_query_tokens=size.num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        initializer_range=size.initializer_range,
+    )
+    _seed(seed)
+    model = InstructBlipForConditionalGeneration(config)
     return _save(model, processor, out_dir)
 
 
@@ -274,6 +379,8 @@ def build_checkpoint(
     """Build one checkpoint of `kind` (one of KINDS) into `out_dir`."""
     if kind.startswith("blip2-"):
         return build_blip2(kind, out_dir, size=size, corpus=corpus, seed=seed)
+    if kind.startswith("instructblip-"):
+        return build_instructblip(kind, out_dir, size=size, corpus=corpus, seed=seed)
     if kind.startswith("blip-"):
         return build_blip(kind, out_dir, size=size, corpus=corpus, seed=seed)
     if kind == "clip":

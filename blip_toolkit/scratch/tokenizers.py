@@ -5,6 +5,12 @@ checkpoints they stand in for:
   `[DEC]` as bos (the decoder's start token) and `[ENC]` as an extra special token.
 - OPT (BLIP-2 OPT): GPT-2 byte-level BPE with <s>=0 <pad>=1 </s>=2 <unk>=3 and `</s>` prepended as bos.
 - Flan-T5 (BLIP-2 T5): a Unigram (sentencepiece-style) model, <pad>=0 </s>=1 <unk>=2, `</s>` appended.
+- Vicuna (InstructBLIP Vicuna): LLaMA's sentencepiece-style BPE with byte fallback, <unk>=0 <s>=1 </s>=2,
+  then, as the InstructBLIP checkpoints were converted (transformers' convert_instructblip_original_to_pytorch:
+  `LlamaTokenizerFast(..., bos_token="</s>", unk_token="</s>")` plus a `[PAD]` token), `</s>` as bos
+  (prepended) and unk, `[PAD]` appended to the vocabulary; truncation from the left.
+- The InstructBLIP Q-Former's own tokenizer (`qformer_tokenizer`): BERT WordPiece with `[DEC]` as bos
+  (LAVIS `init_tokenizer`), truncation from the left, as in that conversion script.
 - CLIP: byte-level BPE with the `</w>` end-of-word suffix, <|startoftext|> and <|endoftext|>.
 """
 
@@ -14,7 +20,7 @@ import json
 import string
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import BertTokenizer, CLIPTokenizer, GPT2Tokenizer, T5Tokenizer
+from transformers import BertTokenizer, CLIPTokenizer, GPT2Tokenizer, LlamaTokenizer, T5Tokenizer
 
 # Enough text for tokenizers that can spell the captions and questions tests and the demo use.
 DEFAULT_CORPUS = [
@@ -108,8 +114,9 @@ def opt_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600, *, add
     )
 
 
-def t5_tokenizer(corpus: list[str] | None = None, vocab_size: int = 300):
-    """A Unigram tokenizer with T5's conventions (<pad>=0, </s>=1, <unk>=2; </s> appended)."""
+def t5_tokenizer(corpus: list[str] | None = None, vocab_size: int = 300, **kwargs):
+    """A Unigram tokenizer with T5's conventions (<pad>=0, </s>=1, <unk>=2; </s> appended). `kwargs`
+    go to the tokenizer (InstructBLIP's Flan-T5 truncates from the left)."""
     unigram = Tokenizer(models.Unigram())
     unigram.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     # Single letters are seeded so any lower-case text can be spelled.
@@ -123,7 +130,7 @@ def t5_tokenizer(corpus: list[str] | None = None, vocab_size: int = 300):
     )
     unigram.train_from_iterator(text, trainer)
     pieces = [tuple(p) for p in json.loads(unigram.to_str())["model"]["vocab"]]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
+    return T5Tokenizer(vocab=pieces, extra_ids=0, **kwargs)
 
 
 def clip_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600):
@@ -133,3 +140,45 @@ def clip_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600):
         [c.lower() for c in (corpus or DEFAULT_CORPUS)], vocab_size, special, suffix="</w>"
     )
     return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def qformer_tokenizer(corpus: list[str] | None = None):
+    """InstructBLIP's Q-Former tokenizer: BERT WordPiece (uncased) with `[DEC]` as bos, truncating
+    from the left (the instruction's end is kept)."""
+    tokenizer = wordpiece_tokenizer(corpus, blip_decoder=False)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.truncation_side = "left"
+    tokenizer.init_kwargs["truncation_side"] = "left"
+    return tokenizer
+
+
+def vicuna_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600):
+    """LLaMA-style BPE (sentencepiece conventions: `\u2581` for spaces, byte fallback `<0x00>`..`<0xFF>`)
+    with <unk>=0 <s>=1 </s>=2, and InstructBLIP Vicuna's changes: `</s>` is bos (prepended) and unk,
+    `[PAD]` is added last, truncation from the left."""
+    metaspace = Tokenizer(models.BPE())
+    # Trained word by word (sentencepiece never merges across a space); LlamaTokenizer reads it unsplit.
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first", split=True
+    )
+    alphabet = list(string.ascii_letters + string.digits + string.punctuation)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[], initial_alphabet=alphabet + ["\u2581"], show_progress=False
+    )
+    metaspace.train_from_iterator((corpus or DEFAULT_CORPUS) + alphabet, trainer)
+    state = json.loads(metaspace.to_str())
+    learned = sorted(state["model"]["vocab"], key=state["model"]["vocab"].get)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + learned
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in state["model"]["merges"]]
+    tokenizer = LlamaTokenizer(
+        vocab=vocab,
+        merges=merges,
+        bos_token="</s>",
+        eos_token="</s>",
+        unk_token="</s>",
+        truncation_side="left",
+        add_bos_token=True,
+    )
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return tokenizer

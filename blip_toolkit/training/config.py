@@ -30,6 +30,11 @@ RESUME_LOCKED = (
     "max_length",
     "seed",
     "ema_decay",
+    "lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
 )
 # The old spellings, still accepted in config files and --set.
 ALIASES = {"lr": "learning_rate", "out": "output_dir", "steps": "max_steps"}
@@ -76,6 +81,14 @@ class FinetuneConfig:
     overwrite: bool = False
     cpu: bool = False  # force CPU even when a GPU is present
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # LoRA (peft): adapters of rank lora_r on lora_targets (module-name suffixes; None: the family's
+    # attention projections, see training/lora.py), scaled by lora_alpha / lora_r; all else frozen.
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None
+    keep_adapter: bool = False  # also write the adapter alone (DIR/adapter/) beside the merged model
 
     def __post_init__(self) -> None:
         problems = []
@@ -149,6 +162,30 @@ class FinetuneConfig:
             "must contain exactly one {} for the question",
             self.template,
         )
+        need(self.lora_r >= 1, "--lora-r", "must be at least 1", self.lora_r)
+        need(
+            math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
+            "--lora-alpha",
+            "must be positive",
+            self.lora_alpha,
+        )
+        need(0 <= self.lora_dropout < 1, "--lora-dropout", "must be in [0, 1)", self.lora_dropout)
+        if self.lora_targets is not None:
+            self.lora_targets = [
+                t.strip() for item in self.lora_targets for t in item.split(",") if t.strip()
+            ]
+            if not self.lora_targets:
+                problems.append("--lora-targets is empty")
+        if not self.lora:
+            changed = [
+                f"--{name.replace('_', '-')}"
+                for name in ("lora_targets", "keep_adapter")
+                if getattr(self, name) not in (None, False)
+            ]
+            if changed:
+                problems.append(f"{' and '.join(changed)} need --lora")
+        elif self.freeze is not None:
+            problems.append("--freeze does not apply with --lora (everything but the LoRA weights is frozen)")
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite cannot be combined")
         if self.prompt is not None and self.task not in (None, "caption"):

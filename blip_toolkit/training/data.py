@@ -66,7 +66,8 @@ def make_examples(
     for i, row in enumerate(records):
         image_id = ids.setdefault(row["image"], len(ids))
         if task == "caption":
-            prefix, target = prompt or "", row["caption"]
+            # InstructBLIP without --prompt: its default instruction, as `blip caption` gives it.
+            prefix, target = prompt or family.default_prompt or "", row["caption"]
         elif task == "vqa":
             prefix, target = format_question(family, row["question"], template), row["answer"]
         else:
@@ -154,6 +155,8 @@ class Collator:
             batch = self._blip2_decoder_only(images, examples)
         else:
             batch = self._blip2_seq2seq(images, examples)
+        if self.family.instruct and self.task != "retrieval":
+            batch.update(self._qformer_inputs(examples))
         batch["index"] = torch.tensor([e.index for e in examples])
         batch["image_id"] = torch.tensor([e.image_id for e in examples])
         batch["text_id"] = torch.tensor([e.text_id for e in examples])
@@ -299,6 +302,19 @@ class Collator:
             "attention_mask": enc["attention_mask"],
             "labels": labels,
         }
+
+    def _qformer_inputs(self, examples) -> dict[str, Any]:
+        """InstructBLIP: the Q-Former reads the instruction (prompt / formatted question) only, as at
+        inference, where the processor gives it the same text the language model continues
+        (LAVIS blip2_t5_instruct / blip2_vicuna_instruct: `text_input` to the Q-Former)."""
+        enc = self.processor.qformer_tokenizer(
+            [e.prefix for e in examples],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {"qformer_input_ids": enc["input_ids"], "qformer_attention_mask": enc["attention_mask"]}
 
     # -- retrieval
 

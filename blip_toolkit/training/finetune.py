@@ -10,6 +10,7 @@ under `accelerate launch`).
 The output directory is usable as `--model` by every other command:
 
     DIR/config.json, model.safetensors, processor files   the final model (save_pretrained)
+    DIR/adapter/                                          --lora --keep-adapter: the LoRA adapter alone
     DIR/best/                                             the best model by validation loss
     DIR/blip_run.json                                     resolved config, status, summary
     DIR/metrics.jsonl                                     one JSON record per step / evaluation
@@ -43,9 +44,23 @@ from blip_toolkit.errors import InputError, TrainingError, UsageError
 from blip_toolkit.fsutil import sha256_file
 from blip_toolkit.runtime.batching import check_text
 from blip_toolkit.runtime.generation import forbidden_tokens
-from blip_toolkit.runtime.loading import Family, LoadedModel, inspect_source, load_model, load_processor
+from blip_toolkit.runtime.loading import (
+    Family,
+    LoadedModel,
+    inspect_source,
+    load_model,
+    load_processor,
+    require_extra,
+)
 from blip_toolkit.training.config import ALIASES, TASKS, FinetuneConfig, check_required, resume_free
 from blip_toolkit.training.data import Collator, EpochSampler, ManifestDataset, make_examples
+from blip_toolkit.training.lora import (
+    apply_lora,
+    base_reference,
+    export_lora,
+    resolve_targets,
+    store_frozen_language_model,
+)
 from blip_toolkit.training.modules import build_module, check_trainable, resolve_frozen
 from blip_toolkit.training.validation import exact_match, recall_at_1
 
@@ -154,6 +169,7 @@ class FinetuneInputs:
     processor: Any
     frozen: list[str]
     log_with: list  # the trackers, checked
+    lora_targets: list[str] | None = None  # --lora: the module-name suffixes that get adapters
 
 
 def check_inputs(config: FinetuneConfig) -> FinetuneInputs:
@@ -177,11 +193,22 @@ def check_inputs(config: FinetuneConfig) -> FinetuneInputs:
     log_with = check_trackers(config.log_with)
     resolved, family = inspect_source(config.model)
     check_trainable(family, config.task, config.model)
-    frozen = resolve_frozen(family, config.freeze)
+    # --lora: peft freezes everything but its adapters (TaskModule keeps those parts in eval mode).
+    frozen = [] if config.lora else resolve_frozen(family, config.freeze)
+    lora_targets = None
+    if config.lora:
+        require_extra("peft", "lora", "--lora")
+        lora_targets = resolve_targets(family, config.lora_targets)
+        if config.keep_adapter and resolved.adapter is not None:
+            raise UsageError(
+                f"--keep-adapter: --model {config.model} is an adapter itself; an adapter trained on "
+                "top of it would need both to load",
+                hint="start from the merged model (the output directory that holds it) instead",
+            )
     processor = load_processor(resolved)
     _check_reserved_tokens(config, family, processor, [m for m in (train_manifest, val) if m is not None])
     check_output_dir(config.output_dir, overwrite=config.overwrite, resume=config.resume, kind=RUN_KIND)
-    return FinetuneInputs(train_manifest, val, resolved, family, processor, frozen, log_with)
+    return FinetuneInputs(train_manifest, val, resolved, family, processor, frozen, log_with, lora_targets)
 
 
 def _check_reserved_tokens(config: FinetuneConfig, family, processor, manifests) -> None:
@@ -272,12 +299,14 @@ class FinetuneTrainer(Trainer):
         if Path(data["model"]).expanduser().is_dir():
             data["model"] = str(Path(data["model"]).expanduser().resolve())
         data["freeze"] = self.inputs.frozen
+        data["lora_targets"] = self.inputs.lora_targets
         return data
 
     def run_fields(self) -> dict[str, Any]:
         return {
             "family": self.family.name,
             "frozen_parts": self.inputs.frozen,
+            "lora": self._lora_record(),
             "train_manifest_sha256": self.manifest_sha256,
             "train_examples": len(self.inputs.train),
         }
@@ -294,9 +323,20 @@ class FinetuneTrainer(Trainer):
             resolved=inputs.resolved,
             family=self.family,
         )
+        model = loaded.model
+        if config.lora:
+            store_frozen_language_model(model, self.family, config.mixed_precision)
+            model = apply_lora(
+                model,
+                self.family,
+                r=config.lora_r,
+                alpha=config.lora_alpha,
+                dropout=config.lora_dropout,
+                targets=inputs.lora_targets,
+            )
         module = build_module(
             config.task,
-            loaded.model,
+            model,
             self.family,
             frozen_parts=inputs.frozen,
             label_smoothing=config.label_smoothing,
@@ -501,9 +541,30 @@ class FinetuneTrainer(Trainer):
             )
 
     def export(self, directory: Path, model: nn.Module) -> None:
-        """save_pretrained (safetensors) + the processor: a checkpoint of the class it came from."""
-        model.model.save_pretrained(directory)
+        """save_pretrained (safetensors) + the processor: a checkpoint of the class it came from.
+        With --lora the adapter is merged into it; --keep-adapter also writes the adapter alone."""
+        if self.config.lora:
+            export_lora(
+                model.model,
+                directory,
+                keep_adapter=self.config.keep_adapter,
+                base_model=base_reference(self.config.model),
+            )
+        else:
+            model.model.save_pretrained(directory)
         self.processor.save_pretrained(directory)
+
+    def _lora_record(self) -> dict[str, Any] | None:
+        config = self.config
+        if not config.lora:
+            return None
+        return {
+            "r": config.lora_r,
+            "alpha": config.lora_alpha,
+            "dropout": config.lora_dropout,
+            "targets": self.inputs.lora_targets,
+            "keep_adapter": config.keep_adapter,
+        }
 
     def finish_fields(self) -> dict[str, Any]:
         return {
@@ -530,6 +591,14 @@ class FinetuneTrainer(Trainer):
             count_label(self.frozen_count),
             f" (frozen: {', '.join(inputs.frozen)})" if inputs.frozen else "",
         )
+        if config.lora:
+            logger.info(
+                "LoRA r=%d alpha=%g dropout=%g on %s",
+                config.lora_r,
+                config.lora_alpha,
+                config.lora_dropout,
+                ", ".join(inputs.lora_targets),
+            )
         logger.info(
             "%d step(s) of %d example(s) (%d per process x %d process(es) x %d accumulation) on %s, "
             "%d epoch(s), mixed precision %s",

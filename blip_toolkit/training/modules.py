@@ -19,6 +19,8 @@ What is trained, per family (following LAVIS / the BLIP and BLIP-2 papers):
   The loss is taken on the last `labels.size(1)` logits (as `Blip2ForConditionalGeneration` does).
 - BLIP-2 with Flan-T5: the encoder gets `<image> x Q, prefix, </s>`; the decoder is trained on
   `target </s>` (LAVIS `blip2_t5.py`).
+- InstructBLIP (Flan-T5 or Vicuna): as BLIP-2 with the same kind of language model, and the Q-Former
+  also reads the prefix (the instruction; LAVIS `blip2_t5_instruct.py`, `blip2_vicuna_instruct.py`).
 - Retrieval (`blip-itm`, `blip2-itm`): image-text contrastive loss (symmetric cross-entropy of
   in-batch similarities divided by a temperature; HF's ITM models have no learnable temperature,
   so it is a config value, 0.07 by default as in BLIP/BLIP-2's initial value) plus the image-text
@@ -65,6 +67,7 @@ PARTS: dict[str, dict[str, tuple[str, ...]]] = {
         "text": ("embeddings",),
     },
 }
+PARTS["instructblip-t5"] = PARTS["instructblip-vicuna"] = PARTS["blip2-opt"]
 
 # BLIP-2 keeps the image encoder and the LLM frozen and trains the Q-Former, its query tokens and
 # the projection into the LLM (BLIP-2 paper, sec. 3; LAVIS freeze_vit=True, the OPT/T5 weights
@@ -76,11 +79,14 @@ DEFAULT_FROZEN: dict[str, tuple[str, ...]] = {
     "blip2-opt": ("vision", "language-model"),
     "blip2-t5": ("vision", "language-model"),
     "blip2-itm": ("vision",),
+    # InstructBLIP as BLIP-2: frozen image encoder and LLM (InstructBLIP paper, sec. 2.3).
+    "instructblip-t5": ("vision", "language-model"),
+    "instructblip-vicuna": ("vision", "language-model"),
 }
 
 TRAINABLE = {
-    "caption": ("blip-caption", "blip2-opt", "blip2-t5"),
-    "vqa": ("blip-vqa", "blip2-opt", "blip2-t5"),
+    "caption": ("blip-caption", "blip2-opt", "blip2-t5", "instructblip-t5", "instructblip-vicuna"),
+    "vqa": ("blip-vqa", "blip2-opt", "blip2-t5", "instructblip-t5", "instructblip-vicuna"),
     "retrieval": ("blip-itm", "blip2-itm"),
 }
 
@@ -207,11 +213,13 @@ class TaskModule(nn.Module):
         self._frozen_modules: list[nn.Module] = []
         for part in self.frozen_parts:
             for attr in PARTS[family.name][part]:
+                getattr(model, attr).requires_grad_(False)
+        # Every part left without a trainable parameter (frozen above, or by LoRA, which freezes all
+        # but its adapters) is kept in eval mode.
+        for attrs in PARTS[family.name].values():
+            for attr in attrs:
                 target = getattr(model, attr)
-                if isinstance(target, nn.Parameter):
-                    target.requires_grad_(False)
-                else:
-                    target.requires_grad_(False)
+                if isinstance(target, nn.Module) and not any(p.requires_grad for p in target.parameters()):
                     self._frozen_modules.append(target)
 
     def train(self, mode: bool = True):
@@ -258,6 +266,7 @@ class CaptionLikeModule(TaskModule):
                 pixel_values=batch["pixel_values"],
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
+                **_qformer_text(batch),
             ).logits
             logits = logits[:, -labels.size(1) :, :]  # the LM output aligned with the labels
             total, count = token_loss(logits, labels, label_smoothing=self.label_smoothing)
@@ -269,9 +278,15 @@ class CaptionLikeModule(TaskModule):
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 decoder_input_ids=decoder_input_ids,
+                **_qformer_text(batch),
             ).logits
             total, count = token_loss(logits, labels, label_smoothing=self.label_smoothing, shift=False)
         return {"example_loss": total, "example_count": count}
+
+
+def _qformer_text(batch: dict[str, Any]) -> dict[str, Any]:
+    """InstructBLIP's Q-Former text inputs (the instruction), when the batch has them."""
+    return {k: batch[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch}
 
 
 def retrieval_positives(image_ids, text_ids, other_image_ids, other_text_ids):
