@@ -126,6 +126,21 @@ def markdown(doc: dict) -> str:
             "",
             "Mean cosine similarity: " + ", ".join(f"{k} {v:.3f}" for k, v in recall["cosine"].items()) + ".",
         ]
+    dit = m["dit"]
+    if dit.get("guidance_sweep"):
+        lines += [
+            "",
+            f"Guidance scale chosen before the test pairs were sampled: `blip sample --cfg-scale ...` on the "
+            f"DiT run's {dit['sweep_images']} held-out training pairs, `eval-recall --update-run` "
+            f"({dit['sample_steps']} Euler steps; the test pairs were then sampled at {dit['cfg_scale']:g}):",
+            "",
+            "| cfg scale | i2t R@1 | i2t R@5 |",
+            "| ---: | ---: | ---: |",
+            *(
+                f"| {row['cfg_scale']:g} | {row['i2t_r1']:.1%} | {row['i2t_r5']:.1%} |"
+                for row in dit["guidance_sweep"]
+            ),
+        ]
     lines += [
         "",
         "## Figures",

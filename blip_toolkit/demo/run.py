@@ -28,9 +28,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from blip_toolkit.data.images import InputItem
 from blip_toolkit.demo.data import (
@@ -42,11 +44,11 @@ from blip_toolkit.demo.data import (
     write_dataset,
 )
 from blip_toolkit.demo.report import write_report
-from blip_toolkit.dit.sample import SampleConfig, run_sample
+from blip_toolkit.dit.sample import SampleConfig, run_sample, set_sample_defaults
 from blip_toolkit.dit.train import run_train_dit
 from blip_toolkit.dit.train_config import load_train_config
 from blip_toolkit.embeddings.extract import ExtractConfig, extract_embeddings
-from blip_toolkit.embeddings.recall_report import RecallConfig, evaluate_recall
+from blip_toolkit.embeddings.recall_report import RecallConfig, evaluate_recall, tuned_defaults
 from blip_toolkit.engine.outputs import RunRecord, prepare_output_dir
 from blip_toolkit.eval.caption_eval import evaluate_caption
 from blip_toolkit.eval.evaluate import CaptionEvalConfig, RetrievalEvalConfig, VqaEvalConfig
@@ -86,15 +88,15 @@ class Plan:
 
 PLANS = {
     "full": Plan(
-        train_pairs=4000, test_per_combo=4, caption_epochs=8, vqa_epochs=4, retrieval_epochs=8, dit_steps=800
+        train_pairs=4000, test_per_combo=4, caption_epochs=8, vqa_epochs=3, retrieval_epochs=4, dit_steps=800
     ),
     "quick": Plan(
         train_pairs=1500,
         test_per_combo=1,
         caption_epochs=4,
-        vqa_epochs=2,
-        retrieval_epochs=4,
-        dit_steps=200,
+        vqa_epochs=1,
+        retrieval_epochs=2,
+        dit_steps=150,
         val_pairs=40,
         sample_steps=10,
     ),
@@ -116,7 +118,10 @@ MODEL_SIZE = dict(
 )
 FINETUNE = dict(batch_size=32, learning_rate=1e-3, warmup_steps=20, weight_decay=0.01, max_length=16)
 DIT = dict(hidden=128, layers=4, heads=4, kv_heads=2, batch_size=64, learning_rate=2e-3, warmup_steps=50)
+SAFETENSORS_FILE = "model.safetensors"
+VISION_PREFIX = "vision_model."
 GRID = 16  # test pairs shown in the report's grid
+GUIDANCE_SWEEP = (1.0, 1.5, 2.0, 3.0)  # classifier-free guidance scales tried on held-out pairs
 
 
 @dataclass
@@ -270,6 +275,21 @@ def _finetune(state: dict, task: str, epochs: int) -> Any:
     return result
 
 
+def _start_from_captioner(state: dict, task: str) -> None:
+    """Give the `task` model's initial checkpoint the trained captioner's vision tower, as BLIP's VQA
+    and retrieval models start from a pretrained image encoder: the digits are learned once, by the
+    stage that learns them fastest."""
+    init = Path(state["initial"][task]) / SAFETENSORS_FILE
+    tensors = load_file(init)
+    trained = load_file(Path(state["trained"]["caption"]) / SAFETENSORS_FILE)
+    vision = {k: v for k, v in trained.items() if k.startswith(VISION_PREFIX)}
+    missing = [k for k in tensors if k.startswith(VISION_PREFIX) and k not in vision]
+    if not vision or missing:
+        raise RuntimeError(f"the captioner's vision tower does not fit the {task} model ({len(missing)} missing)")
+    tensors.update({k: vision[k] for k in tensors if k.startswith(VISION_PREFIX)})
+    save_file(tensors, init, metadata={"format": "pt"})
+
+
 def _predict(state: dict, task: str, source, options, make_task, name: str) -> list[dict]:
     """Dataset inference as `blip caption|vqa ... --output predictions/NAME.jsonl` runs it."""
     path = state["out"] / "predictions" / f"{name}.jsonl"
@@ -314,6 +334,7 @@ def _stage_caption(state: dict) -> dict:
 
 def _stage_vqa(state: dict) -> dict:
     data: DemoData = state["data"]
+    _start_from_captioner(state, "vqa")
     _finetune(state, "vqa", state["plan"].vqa_epochs)
     options = VqaOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=4), num_workers=0)
     source = open_inputs(None, data.manifests["test"]["vqa"], manifest_schema="questions")
@@ -340,6 +361,7 @@ def _stage_vqa(state: dict) -> dict:
 
 def _stage_retrieval(state: dict) -> dict:
     data: DemoData = state["data"]
+    _start_from_captioner(state, "retrieval")
     _finetune(state, "retrieval", state["plan"].retrieval_epochs)
     report = evaluate_retrieval(
         RetrievalEvalConfig(
@@ -424,6 +446,24 @@ def _stage_dit(state: dict) -> dict:
     )
     with _quiet():
         trained = run_train_dit(config)
+        # Guidance tuned on held-out recall, as a user does: sweep the run's held-out training images
+        # (`blip sample` defaults to them), make the best setting the run's default
+        # (`eval-recall --update-run`), then sample the test pairs with it.
+        sweep = run_sample(
+            SampleConfig(
+                checkpoint=str(run_dir),
+                data=str(emb["train"]),
+                out=str(out / "guidance-sweep"),
+                cfg_scale=list(GUIDANCE_SWEEP),
+                seed=state["seed"],
+                device="cpu",
+            )
+        )
+        tuning = evaluate_recall(
+            RecallConfig(dir=str(emb["train"]), generated=sweep.path, ks=[1, 5], dedupe_captions=True)
+        )
+        checkpoint, steps, scale, evidence = tuned_defaults(tuning)
+        set_sample_defaults(checkpoint, steps=steps, cfg_scale=scale, evidence=evidence)
         sampled = run_sample(
             SampleConfig(
                 checkpoint=str(run_dir),
@@ -446,10 +486,17 @@ def _stage_dit(state: dict) -> dict:
         "train_steps": trained.steps,
         "parameters": trained.num_parameters,
         "sample_steps": sampled.steps,
+        "cfg_scale": sampled.cfg_scale,
+        "guidance_sweep": [
+            {"cfg_scale": row["cfg_scale"], "i2t_r1": row["i2t"]["R@1"], "i2t_r5": row["i2t"]["R@5"]}
+            for row in tuning["sweep"]
+        ],
+        "sweep_images": tuning["num_images"],
         "recall": recall,
         "texts": report["num_texts"],
         "summary": f"generated R@1 {generated:.1%} vs the target encoder's own {base:.1%} "
-        f"({recall['generated_over_baseline_r1']:.0%} of it) among {report['num_texts']} captions",
+        f"({recall['generated_over_baseline_r1']:.0%} of it) among {report['num_texts']} captions; "
+        f"guidance {sampled.cfg_scale:g} chosen on {tuning['num_images']} held-out training pairs",
     }
 
 
