@@ -157,7 +157,7 @@ def speed(data: Path, tmp: Path, steps: int, window: int) -> dict:
     from blip_toolkit.dit.normalize import TokenNormalizer
     from blip_toolkit.dit.train import run_train_dit
     from blip_toolkit.dit.train_config import load_train_config
-    from blip_toolkit.embeddings.shards import EmbeddingShards
+    from blip_toolkit.embeddings.shard_reader import EmbeddingShards
     from blip_toolkit.engine.optim import build_optimizer
 
     batch = 32

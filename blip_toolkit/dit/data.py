@@ -39,7 +39,7 @@ import torch
 from blip_toolkit.dit.config import FlowConfig
 from blip_toolkit.dit.flow import sample_t
 from blip_toolkit.dit.normalize import LayoutStatistics, TokenNormalizer
-from blip_toolkit.embeddings.shards import EmbeddingShards
+from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.engine.seeding import mix_seed
 from blip_toolkit.errors import ConfigError, InputError
 

@@ -39,7 +39,8 @@ from blip_toolkit.dit.data import sample_noise, split_indices
 from blip_toolkit.dit.solver import generate
 from blip_toolkit.embeddings.format import STORAGE_DTYPES, SWEEP_FILE, SWEEP_FORMAT, SWEEP_VERSION
 from blip_toolkit.embeddings.generated import write_generated
-from blip_toolkit.embeddings.shards import TORCH_DTYPES, EmbeddingShards
+from blip_toolkit.embeddings.shard_reader import EmbeddingShards
+from blip_toolkit.embeddings.shards import TORCH_DTYPES
 from blip_toolkit.engine.outputs import RunRecord, check_output_dir, check_output_file, prepare_output_dir
 from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.fsutil import write_json

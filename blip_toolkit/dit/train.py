@@ -61,7 +61,7 @@ from blip_toolkit.dit.flow import flow_loss
 from blip_toolkit.dit.model import DiT
 from blip_toolkit.dit.normalize import TENSOR_PREFIX, TokenNormalizer
 from blip_toolkit.dit.train_config import RESUME_FREE, RUN_KIND, TrainDiTConfig
-from blip_toolkit.embeddings.shards import EmbeddingShards
+from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.engine.accelerate import check_mixed_precision
 from blip_toolkit.engine.metrics import check_trackers, count_label
 from blip_toolkit.engine.outputs import check_output_dir

@@ -44,7 +44,7 @@ from blip_toolkit.config import parse_bytes
 from blip_toolkit.dit.normalize import LayoutStatistics, TokenNormalizer
 from blip_toolkit.embeddings.format import SWEEP_FILE, SWEEP_FORMAT, SWEEP_VERSION
 from blip_toolkit.embeddings.generated import GeneratedFeatures, read_generated
-from blip_toolkit.embeddings.shards import EmbeddingShards
+from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.eval.recall import mean_cosine, merge_identical_captions, retrieval_recall
 

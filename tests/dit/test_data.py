@@ -22,7 +22,7 @@ from blip_toolkit.dit.data import (
     split_indices,
 )
 from blip_toolkit.dit.normalize import TokenNormalizer
-from blip_toolkit.embeddings.shards import EmbeddingShards
+from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.errors import ConfigError
 
 from .helpers import write_embeddings

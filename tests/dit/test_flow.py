@@ -215,7 +215,7 @@ def test_contrastive_positive_is_what_eval_recall_calls_gt_pooled(tmp_path):
     """On shards in the real format the positive of each image is the run's target head of its stored
     tokens, computed as eval-recall computes its gt-pooled feature (`TargetHead.embed`), and the
     prediction side is the same head of the decoded prediction, as `blip sample` writes "global"."""
-    from blip_toolkit.embeddings.shards import EmbeddingShards
+    from blip_toolkit.embeddings.shard_reader import EmbeddingShards
     from blip_toolkit.testing.embeddings import write_embeddings
 
     shards = EmbeddingShards(write_embeddings(tmp_path / "emb", samples=6, shard_size=6, dtype=torch.float32))

@@ -11,7 +11,7 @@ import torch
 
 from blip_toolkit.dit.train import run_train_dit
 from blip_toolkit.embeddings.generated import read_generated
-from blip_toolkit.embeddings.shards import EmbeddingShards
+from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 
 from .conftest import tiny_config
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from blip_toolkit.dit.train import run_train_dit
 from blip_toolkit.embeddings.generated import read_generated
-from blip_toolkit.embeddings.shards import EmbeddingShards
+from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.errors import OutputExistsError, UsageError
 from blip_toolkit.eval.recall import mean_cosine, retrieval_recall
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from blip_toolkit.embeddings.extract import ExtractConfig, extract_embeddings
 from blip_toolkit.embeddings.reading import Preprocess, center_square, square_coverage
-from blip_toolkit.embeddings.shards import EmbeddingShards
+from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.errors import UsageError
 
 WIDTH, HEIGHT = 240, 90  # 8:3, far from square

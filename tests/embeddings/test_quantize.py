@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from blip_toolkit.embeddings.adapters import load_encoder
-from blip_toolkit.embeddings.shards import EmbeddingShards
+from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 
 
 def test_quantized_encoders_keep_the_target_head_in_float(enc, sample_images):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from blip_toolkit.embeddings.generated import read_generated, write_generated
-from blip_toolkit.embeddings.shards import EmbeddingShards
+from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.errors import InputError, OutputExistsError
 
 
