@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, InputItem
 from blip_toolkit.runtime.datasets import Source, list_source
 from blip_toolkit.runtime.generation import GenerationOptions, GenerationTask
-from blip_toolkit.runtime.inference import RunSettings, infer_records
+from blip_toolkit.runtime.stream import RunSettings, infer_records
 
 
 @dataclass

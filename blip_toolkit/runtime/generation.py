@@ -165,7 +165,7 @@ class GenerationEncoder:
 
 
 class GenerationTask:
-    """Captioning or VQA over prepared items (see runtime/inference.py for the protocol): batches of
+    """Captioning or VQA over prepared items (see runtime/stream.py for the protocol): batches of
     equal prompt length, so batched results equal one-at-a-time ones."""
 
     def __init__(self, runner, options: GenerationOptions, *, task: str, prompt=None, template=None):

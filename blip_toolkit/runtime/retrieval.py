@@ -31,8 +31,8 @@ from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.runtime.batching import check_text
 from blip_toolkit.runtime.datasets import Source, list_source
 from blip_toolkit.runtime.generation import forbidden_tokens
-from blip_toolkit.runtime.inference import RunSettings, infer_records
 from blip_toolkit.runtime.itm import ITM_OPS, itm_input_ids
+from blip_toolkit.runtime.stream import RunSettings, infer_records
 
 ITM_SCORES = ("itm+itc", "itm", "itc")
 
@@ -92,7 +92,7 @@ class RetrievalEncoder:
 
 
 class RetrievalTask:
-    """Ranking of the candidate texts for each prepared image (see runtime/inference.py)."""
+    """Ranking of the candidate texts for each prepared image (see runtime/stream.py)."""
 
     name = "retrieval"
 

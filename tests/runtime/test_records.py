@@ -10,7 +10,6 @@ import pytest
 
 from blip_toolkit.errors import InputError
 from blip_toolkit.runtime import records
-from blip_toolkit.runtime.inference import Progress
 from blip_toolkit.runtime.records import (
     JournalWriter,
     columns_for,
@@ -20,6 +19,7 @@ from blip_toolkit.runtime.records import (
     read_output,
     write_output,
 )
+from blip_toolkit.runtime.stream import Progress
 
 
 def _journal(tmp_path, attempt, rank, positions):
