@@ -2,9 +2,9 @@
 
 `Trainer.run` reads top to bottom: seed, output directory and run record, resume point, the task's
 model, optimizer / schedule / EMA, resume, trackers, the loop, the export. A task subclasses
-`Trainer` and supplies only what is its own: the model (`build`), the micro-batches from a position
-(`micro_batches`), the loss (`loss`), the evaluation (`evaluate`), what else a checkpoint holds, and
-the export (`export`). Everything else is here, once: gradient accumulation and clipping on
+`Trainer` and supplies only what is its own, the hooks of `TrainingTask` (engine/task.py): the model
+(`build`), the micro-batches from a position (`micro_batches`), the loss (`loss`), the evaluation
+(`evaluate`), what else a checkpoint holds, and the export (`export`). Everything else is here, once: gradient accumulation and clipping on
 Accelerate, the learning-rate schedule, the EMA, metrics.jsonl and trackers, the NaN guard,
 evaluation and checkpoint schedules, the best model, exact resume, failure marking, the final export.
 
@@ -18,10 +18,8 @@ Run directory:
     DIR/<export files>       the final export, written file by file with config.json last
     DIR/trackers/            tensorboard / wandb files when `log_with` asks for them
 
-Exact resume: the data position is the number of micro-batches consumed; a task's `micro_batches`
-must give the same batches from any position as an uninterrupted run does (its order may depend
-only on the seed and the position), and random streams other than the global ones are declared
-in `generators` so their states are saved per process.
+Exact resume: the data position is the number of micro-batches consumed (engine/task.py says what
+that asks of a task).
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +57,7 @@ from blip_toolkit.engine.outputs import (
 )
 from blip_toolkit.engine.run import LoopSettings
 from blip_toolkit.engine.seeding import seed_everything
+from blip_toolkit.engine.task import TrainingTask
 from blip_toolkit.fsutil import replace_dir, write_json
 
 logger = logging.getLogger("blip")
@@ -81,16 +80,8 @@ class _Step:
     epoch: float | int
 
 
-class Trainer:
-    """The skeleton; subclasses fill in the hooks below `# ---- task hooks`."""
-
-    kind = ""  # blip_run.json "kind", e.g. "blip-finetune"
-    output_flag = "--output-dir"
-    resume_free: tuple[str, ...] = ()  # config keys a --resume may change ("section." frees a section)
-    best_metric: str | None = None  # lower is better; the best evaluation's export goes to best/
-    eval_at_epoch_end = False
-    checkpoint_at_epoch_end = False  # when save_every is 0
-    nan_hint: str | None = None
+class Trainer(TrainingTask):
+    """The skeleton; subclasses fill in the hooks of `TrainingTask`."""
 
     def __init__(
         self,
@@ -454,90 +445,6 @@ class Trainer:
             self.record.finish(
                 steps=self.step, final_loss=self.final_loss, eval=self.last_eval, **self.finish_fields()
             )
-
-    # ------------------------------------------------------------------------------------ task hooks
-
-    def config_record(self) -> dict[str, Any]:
-        """The resolved config (blip_run.json "config"; compared on --resume)."""
-        raise NotImplementedError
-
-    def run_fields(self) -> dict[str, Any]:
-        """More fields of blip_run.json (what the run trains on)."""
-        return {}
-
-    def check_previous_run(self, previous: dict[str, Any]) -> None:
-        """Refuse to resume a run whose blip_run.json says it trained on other data (UsageError)."""
-
-    def build(self, checkpoint: Path | None) -> nn.Module:
-        """The model to train (not yet prepared), built on every process with the same weights.
-        `checkpoint`: the checkpoint being resumed from, if any (its weights are loaded later)."""
-        raise NotImplementedError
-
-    def resolve_total_steps(self) -> int:
-        raise NotImplementedError
-
-    def micro_batches(self, start: int) -> Iterator[tuple[Any, bool]]:
-        """(batch, last micro-batch of an epoch?) from micro-batch `start` on, the same batches an
-        uninterrupted run gets from there."""
-        raise NotImplementedError
-
-    def loss(self, batch: Any) -> torch.Tensor:
-        """The loss of one micro-batch on this process (`self.model` is the prepared model). Its mean
-        over processes is what is recorded."""
-        raise NotImplementedError
-
-    def batch_samples(self, batch: Any) -> int:
-        """Samples in this process's micro-batch (for samples/s)."""
-        raise NotImplementedError
-
-    def epoch_value(self) -> float | int:
-        return 0
-
-    def eval_enabled(self) -> bool:
-        return False
-
-    def evaluate(self, model: nn.Module) -> dict[str, Any] | None:
-        """Metrics of `model` (in eval mode, under no_grad, global RNG restored afterwards); called on
-        every process, returns the metrics on the main process (None elsewhere)."""
-        return None
-
-    def export(self, directory: Path, model: nn.Module) -> None:
-        """Write the usable model into `directory` (config.json is moved last when published)."""
-        raise NotImplementedError
-
-    def checkpoint_modules(self) -> dict[str, nn.Module]:
-        """Extra modules saved in every checkpoint (not restored: `build` reads them if needed)."""
-        return {}
-
-    def generators(self) -> dict[str, torch.Generator]:
-        """Random generators of the task whose states are saved per process."""
-        return {}
-
-    def data_state(self) -> dict[str, Any]:
-        """What the checkpoint's data position refers to (checked by `check_resumed_state`)."""
-        return {}
-
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def check_resumed_state(self, state: dict[str, Any], path: Path) -> None:
-        """Refuse a checkpoint whose data no longer matches (raise TrainingError)."""
-
-    def legacy_micro_batches(self, state: dict[str, Any]) -> int:
-        """The data position of a checkpoint that predates `micro_batches`."""
-        return 0
-
-    def after_checkpoint(self, path: Path) -> None:
-        """Main process, after a checkpoint is complete."""
-
-    def describe_start(self) -> None:
-        """Log what is about to be trained."""
-
-    def finish_fields(self) -> dict[str, Any]:
-        return {}
-
-    def result(self, elapsed: float) -> Any:
-        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------ helpers
 
