@@ -7,7 +7,8 @@ a task on the training engine (engine/trainer.py: one CPU, one GPU, or many proc
     config = load_train_config("configs/dit-blip3o.toml", {"data.dir": "emb/", "output_dir": "runs/dit"})
     result = run_train_dit(config)          # result.history: every metrics record
 
-The run directory is the engine's (blip_run.json, metrics.jsonl, checkpoints/step-N) plus the DiT
+What the run is given (embeddings, split, model dims, output policy) is checked on every process
+before anything is built or written (dit/train_inputs.py). The run directory is the engine's (blip_run.json, metrics.jsonl, checkpoints/step-N) plus the DiT
 export at its top level and in every checkpoint (config.json, model / ema / normalizer / target_head
 .safetensors: dit/checkpoint.py), which `blip sample --checkpoint RUN` reads.
 
@@ -18,9 +19,7 @@ ends with the weights of an uninterrupted one, and 2 processes give the losses o
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -43,9 +42,7 @@ from blip_toolkit.dit.checkpoint import (
     read_record,
     write_export,
 )
-from blip_toolkit.dit.config import DiTConfig
 from blip_toolkit.dit.data import (
-    DataSplit,
     IndexStream,
     TrainStream,
     batch_iterator,
@@ -53,7 +50,6 @@ from blip_toolkit.dit.data import (
     merge_statistics,
     normalizer_from_statistics,
     pack_statistics,
-    split_indices,
     token_statistics,
 )
 from blip_toolkit.dit.evaluate import evaluate_dit
@@ -61,13 +57,12 @@ from blip_toolkit.dit.flow import flow_loss
 from blip_toolkit.dit.model import DiT
 from blip_toolkit.dit.normalize import TENSOR_PREFIX, TokenNormalizer
 from blip_toolkit.dit.train_config import RESUME_FREE, RUN_KIND, TrainDiTConfig
+from blip_toolkit.dit.train_inputs import DiTInputs, check_inputs, describe_split
 from blip_toolkit.embeddings.shard_reader import EmbeddingShards
-from blip_toolkit.engine.accelerate import check_mixed_precision
-from blip_toolkit.engine.metrics import check_trackers, count_label
-from blip_toolkit.engine.outputs import check_output_dir
+from blip_toolkit.engine.metrics import count_label
 from blip_toolkit.engine.run import LoopSettings, RunSummary, train
 from blip_toolkit.engine.trainer import Trainer
-from blip_toolkit.errors import ConfigError, TrainingError, UsageError
+from blip_toolkit.errors import TrainingError, UsageError
 from blip_toolkit.fsutil import write_json
 
 logger = logging.getLogger("blip")
@@ -142,76 +137,6 @@ def loop_settings(config: TrainDiTConfig, *, log_with: list | None = None) -> Lo
     )
 
 
-# ----------------------------------------------------------------------------- inputs (no writes)
-
-
-@dataclass
-class DiTInputs:
-    shards: EmbeddingShards
-    split: DataSplit
-    model_config: DiTConfig
-    log_with: list  # the trackers, checked
-
-
-def check_inputs(config: TrainDiTConfig) -> DiTInputs:
-    """What can be checked before anything is built or written (on every process, so all stop
-    together): required options, the embeddings, the split, the model dims, trackers, output policy."""
-    problems = []
-    if not config.data.dir:
-        problems.append("--data is required (an extract-embeddings directory)")
-    if not config.output_dir:
-        problems.append("--output-dir is required (the run directory)")
-    if problems:
-        raise UsageError("; ".join(problems))
-    shards = EmbeddingShards(config.data.dir, verify=config.data.verify, max_open=config.data.max_open_shards)
-    data = config.data
-    split = split_indices(
-        shards,
-        eval_shards=data.eval_shards,
-        eval_fraction=data.eval_fraction,
-        split_seed=data.split_seed,
-        overfit=data.overfit,
-    )
-    model_config = _model_config(config.model, shards)
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
-    if config.train.batch_size % world:
-        raise ConfigError(
-            f"train.batch_size {config.train.batch_size} (the global batch) is not divisible by the {world} "
-            "processes",
-            hint="each process takes an equal slice of every global batch",
-        )
-    if config.flow.contrastive_weight > 0 and config.train.batch_size < 2:
-        raise ConfigError("flow.contrastive_weight > 0 needs train.batch_size >= 2 (in-batch negatives)")
-    check_mixed_precision(config.train.mixed_precision, config.train.cpu)
-    log_with = check_trackers(config.train.log_with)
-    check_output_dir(config.output_dir, overwrite=config.overwrite, resume=config.resume, kind=RUN_KIND)
-    return DiTInputs(shards, split, model_config, log_with)
-
-
-def _model_config(model: DiTConfig, shards: EmbeddingShards) -> DiTConfig:
-    """The DiTConfig with the data's dims and token layouts; dims set in the config must match."""
-    dims = shards.dims
-    data = {
-        "target_dim": dims["target_dim"],
-        "cond_dim": dims["cond_dim"],
-        "num_tokens": dims["target_tokens"],
-        "num_cond_tokens": dims["cond_tokens"],
-    }
-    conflicts = [
-        f"model.{k} = {getattr(model, k)} but {shards.root} has {v}"
-        for k, v in data.items()
-        if getattr(model, k) and getattr(model, k) != v
-    ]
-    if conflicts:
-        raise ConfigError("; ".join(conflicts), hint="leave the data dims at 0 (taken from the embeddings)")
-    encoders = shards.encoders
-    layout = {
-        "has_cls": encoders.get("target", {}).get("tokens") == "cls+patch",
-        "cond_has_cls": encoders.get("cond", {}).get("tokens") == "cls+patch",
-    }
-    return dataclasses.replace(model, **data, **layout).resolved()
-
-
 # ----------------------------------------------------------------------------- the task
 
 
@@ -225,6 +150,7 @@ class DiTTrainer(Trainer):
     ):
         super().__init__(settings, accelerator, callback)
         self.config = config
+        self.inputs = inputs
         self.shards = inputs.shards
         self.split = inputs.split
         self.model_config = inputs.model_config
@@ -240,33 +166,7 @@ class DiTTrainer(Trainer):
         return data
 
     def run_fields(self) -> dict[str, Any]:
-        return {"data": self.data_record()}
-
-    def data_record(self) -> dict[str, Any]:
-        """The embeddings the run trains on (blip_run.json and every export's config.json)."""
-        shards = self.shards
-        return {
-            "dir": str(Path(shards.root).resolve()),
-            "index_sha256": shards.index_sha256,
-            "dims": shards.dims,
-            "dtype": shards.index.get("dtype"),
-            "encoders": {
-                side: {
-                    k: v
-                    for k, v in shards.encoders.get(side, {}).items()
-                    if isinstance(v, (str, int, float, bool)) or v is None
-                }
-                for side in ("cond", "target")
-            },
-            "num_samples": len(shards),
-            "train_samples": len(self.split.train),
-            "eval_samples": len(self.split.eval),
-            "eval_kind": self.split.kind,
-            # split_indices(shards, **split) gives the split again (`blip sample` defaults to its
-            # held-out images); the default fraction is written out.
-            "split": dict(self.split.settings),
-            "split_default": self.split.default,
-        }
+        return {"data": self.inputs.data_record()}
 
     def check_previous_run(self, previous: dict[str, Any]) -> None:
         if previous.get("data", {}).get("index_sha256") not in (None, self.shards.index_sha256):
@@ -438,7 +338,7 @@ class DiTTrainer(Trainer):
             "dit": self.model_config.to_dict(),
             "flow": asdict(self.config.flow),
             "normalizer": normalizer_meta,
-            "data": self.data_record(),
+            "data": self.inputs.data_record(),
             "head": {"config": self.head.config(), "source": self.shards.index.get("head", {})},
             "ema": {"decay": self.config.train.ema_decay, "present": self.ema is not None},
             "sample": asdict(self.config.sample),
@@ -501,34 +401,7 @@ class DiTTrainer(Trainer):
             train.mixed_precision,
             config.flow.target_norm,
         )
-        self._describe_split()
-
-    def _describe_split(self) -> None:
-        split, data, every = self.split, self.config.data, self.config.eval.every
-        evaluated = min(len(split.eval), self.config.eval.max_samples)
-        if split.kind == "overfit":
-            logger.info(
-                "--overfit %d: evaluating on those training images (a memorisation check)", data.overfit
-            )
-        elif split.kind == "none":
-            logger.info(
-                "nothing held out (data.eval_fraction = 0): every image trains%s",
-                "; no evaluation (it would only see training images; --overfit N evaluates on them)"
-                if every
-                else "",
-            )
-        elif split.default:
-            logger.info(
-                "no split configured: holding out %d image(s) (each with probability %g, data.split_seed %d; "
-                "set data.eval_fraction or data.eval_shards to choose); evaluating on %d of them%s",
-                len(split.eval),
-                split.settings["eval_fraction"],
-                split.settings["split_seed"],
-                evaluated,
-                "" if every else " (eval.every = 0: not evaluated)",
-            )
-        elif every:
-            logger.info("evaluating on %d held-out image(s) of %d", evaluated, len(split.eval))
+        describe_split(self.split, self.config)
 
     def result(self, elapsed: float) -> TrainDiTResult:
         return TrainDiTResult(
