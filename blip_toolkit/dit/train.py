@@ -8,9 +8,10 @@ a task on the training engine (engine/trainer.py: one CPU, one GPU, or many proc
     result = run_train_dit(config)          # result.history: every metrics record
 
 What the run is given (embeddings, split, model dims, output policy) is checked on every process
-before anything is built or written (dit/train_inputs.py). The run directory is the engine's (blip_run.json, metrics.jsonl, checkpoints/step-N) plus the DiT
-export at its top level and in every checkpoint (config.json, model / ema / normalizer / target_head
-.safetensors: dit/checkpoint.py), which `blip sample --checkpoint RUN` reads.
+before anything is built or written (dit/train_inputs.py). The run directory is the engine's
+(blip_run.json, metrics.jsonl, checkpoints/step-N) plus the DiT export at its top level and in every
+checkpoint (config.json, model / ema / normalizer / target_head .safetensors: dit/checkpoint.py),
+which `blip sample --checkpoint RUN` reads.
 
 Training is deterministic for a seed on CPU, and independent of the number of processes for the same
 global batch (`train.batch_size` is the GLOBAL micro-batch; dit/data.py explains how): a resumed run
