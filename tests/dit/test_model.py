@@ -16,11 +16,13 @@ from blip_toolkit.dit.model import (
     DiT,
     RMSNorm,
     SelfAttention,
-    apply_rope,
     attention,
+    rms_norm,
+)
+from blip_toolkit.dit.rope import (
+    apply_rope,
     grid_positions,
     grid_rope_angles,
-    rms_norm,
     rope_axis_pairs,
     rope_table,
     sequence_rope_angles,
