@@ -121,7 +121,8 @@ def process_chunks(runner, task, chunks: Iterator[Chunk], batch_size: int) -> It
 
 
 def share_chunks(source: Source, task, settings: RunSettings, *, rank=0, world=1, journal=None):
-    """(this process's chunks in input order, the number of its items still to do or None)."""
+    """(the chunks of process `rank` of `world` in input order, without what `journal` holds, the
+    number of its items still to do or None)."""
     journal = journal or JournalState()
     chunk_size = settings.batch_size
     if isinstance(source, FileSource):
