@@ -331,7 +331,7 @@ def test_trackers_receive_the_config_and_the_records(emb, tmp_path, monkeypatch)
     """--log-with wiring, with a custom Accelerate tracker standing in for tensorboard / wandb."""
     from accelerate.tracking import GeneralTracker
 
-    import blip_toolkit.dit.train as train_module
+    import blip_toolkit.dit.train_inputs as train_inputs_module
 
     class Recorder(GeneralTracker):
         name = "recorder"
@@ -353,7 +353,7 @@ def test_trackers_receive_the_config_and_the_records(emb, tmp_path, monkeypatch)
             self.logged.append((step, values))
 
     recorder = Recorder()
-    monkeypatch.setattr(train_module, "check_trackers", lambda names: [recorder] if names else [])
+    monkeypatch.setattr(train_inputs_module, "check_trackers", lambda names: [recorder] if names else [])
     run_train_dit(
         tiny_config(
             emb, tmp_path / "run", **{"train.log_with": ["recorder"], "train.steps": 4, "eval.every": 2}
