@@ -29,13 +29,8 @@ import torch
 from blip_toolkit import __version__
 from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
 from blip_toolkit.data.sources import ItemSource, WdsSource, open_source
-from blip_toolkit.embeddings.adapters import (
-    EncoderAdapter,
-    TargetAdapter,
-    check_role,
-    inspect_encoder,
-    load_encoder,
-)
+from blip_toolkit.embeddings.adapter_base import EncoderAdapter, TargetAdapter
+from blip_toolkit.embeddings.adapters import check_role, inspect_encoder, load_encoder
 from blip_toolkit.embeddings.format import (
     CROP_MODES,
     DEFAULT_COND,
