@@ -122,7 +122,8 @@ def pipeline_seconds(
 ) -> tuple[float, float]:
     """(time of extract_embeddings without checkpoint loading, loading time)."""
     from blip_toolkit.embeddings.adapters import load_encoder
-    from blip_toolkit.embeddings.extract import ExtractConfig, extract_embeddings
+    from blip_toolkit.embeddings.extract import extract_embeddings
+    from blip_toolkit.embeddings.extract_config import ExtractConfig
 
     start = time.perf_counter()
     load_encoder(str(cond_path), "cond")
@@ -152,7 +153,8 @@ def _cpu_seconds() -> float:
 
 def memory_worker(args: argparse.Namespace) -> dict:
     """One extraction over `--images` images in this process; report peak RSS."""
-    from blip_toolkit.embeddings.extract import ExtractConfig, extract_embeddings
+    from blip_toolkit.embeddings.extract import extract_embeddings
+    from blip_toolkit.embeddings.extract_config import ExtractConfig
 
     root = Path(args.root)
     folder = make_images(root / f"images-{args.images}", args.images)

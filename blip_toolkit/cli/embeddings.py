@@ -168,8 +168,8 @@ def extract_embeddings(
     # number of processes at no measured cost. Read when MKL initialises: before torch is imported.
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     from blip_toolkit.cli.output import Emitter
-    from blip_toolkit.embeddings.extract import ExtractConfig
     from blip_toolkit.embeddings.extract import extract_embeddings as run
+    from blip_toolkit.embeddings.extract_config import ExtractConfig
     from blip_toolkit.errors import PartialFailure
 
     config = ExtractConfig(

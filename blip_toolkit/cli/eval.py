@@ -18,7 +18,7 @@ from blip_toolkit.cli.options import (
     OverwriteOpt,
     TrustRemoteCodeOpt,
 )
-from blip_toolkit.data.images import DEFAULT_MAX_PIXELS
+from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
     name="eval",

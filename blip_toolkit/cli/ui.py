@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from blip_toolkit.cli.options import DeviceOpt, DtypeOpt, MaxPixelsOpt, ModelOpt, TrustRemoteCodeOpt
-from blip_toolkit.data.images import DEFAULT_MAX_PIXELS
+from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
 
 EXTRA_HINT = "blip ui needs the ui extra: pip install 'blip-toolkit[ui]'"
 

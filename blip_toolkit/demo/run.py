@@ -15,10 +15,13 @@ same library functions the commands call, and scores them with `blip eval`:
                per question type)
 5. retrieval   finetune --task retrieval, `blip eval retrieval` among the 100 canonical captions
                (ITC shortlist + ITM re-rank, R@1/5/10 both ways)
+               (the VQA and retrieval models start from the trained captioner's vision tower, as
+               BLIP's task models start from a pretrained image encoder)
 6. embeddings  extract-embeddings: conditioning = the captioning model's vision tower, target = the
                retrieval model (its vision tokens, projected image embedding, text embeddings)
-7. dit         train-dit on the training pairs' shards, sample the test pairs' target tokens,
-               eval-recall --dedupe-captions of the generated features among the 100 captions
+7. dit         train-dit on the training pairs' shards (5% held out), a guidance sweep on the held-out
+               pairs (sample --cfg-scale ..., eval-recall --update-run), sample the test pairs' target
+               tokens with the chosen scale, eval-recall --dedupe-captions among the 100 captions
 then a report (report.md, report.json, PNG figures).
 """
 
@@ -47,7 +50,8 @@ from blip_toolkit.demo.report import write_report
 from blip_toolkit.dit.sample import SampleConfig, run_sample, set_sample_defaults
 from blip_toolkit.dit.train import run_train_dit
 from blip_toolkit.dit.train_config import load_train_config
-from blip_toolkit.embeddings.extract import ExtractConfig, extract_embeddings
+from blip_toolkit.embeddings.extract import extract_embeddings
+from blip_toolkit.embeddings.extract_config import ExtractConfig
 from blip_toolkit.embeddings.recall_report import RecallConfig, evaluate_recall, tuned_defaults
 from blip_toolkit.engine.outputs import RunRecord, prepare_output_dir
 from blip_toolkit.eval.caption_eval import evaluate_caption
@@ -285,7 +289,9 @@ def _start_from_captioner(state: dict, task: str) -> None:
     vision = {k: v for k, v in trained.items() if k.startswith(VISION_PREFIX)}
     missing = [k for k in tensors if k.startswith(VISION_PREFIX) and k not in vision]
     if not vision or missing:
-        raise RuntimeError(f"the captioner's vision tower does not fit the {task} model ({len(missing)} missing)")
+        raise RuntimeError(
+            f"the captioner's vision tower does not fit the {task} model ({len(missing)} missing)"
+        )
     tensors.update({k: vision[k] for k in tensors if k.startswith(VISION_PREFIX)})
     save_file(tensors, init, metadata={"format": "pt"})
 

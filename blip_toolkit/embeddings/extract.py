@@ -20,194 +20,23 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from blip_toolkit import __version__
-from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
 from blip_toolkit.data.sources import ItemSource, WdsSource, open_source
-from blip_toolkit.embeddings.adapters import (
-    EncoderAdapter,
-    TargetAdapter,
-    check_role,
-    inspect_encoder,
-    load_encoder,
-)
-from blip_toolkit.embeddings.format import (
-    CROP_MODES,
-    DEFAULT_COND,
-    DEFAULT_TARGET,
-    ERRORS_FILE,
-    HEAD_FILE,
-    HEAD_POOLINGS,
-    INDEX_FILE,
-    RUN_KIND,
-    STORAGE_DTYPES,
-    TOKEN_LAYOUTS,
-)
-from blip_toolkit.embeddings.layout import TokenLayout, token_layout
-from blip_toolkit.embeddings.reading import (
-    ItemChunks,
-    Preprocess,
-    TarChunks,
-    Unit,
-    identity,
-    item_units,
-    part_name,
-    square_coverage,
-    tar_records,
-    wds_units,
-)
-from blip_toolkit.embeddings.shards import TORCH_DTYPES, build_index, read_done, write_shard
+from blip_toolkit.embeddings.adapters import check_role, inspect_encoder
+from blip_toolkit.embeddings.encode import Encoders, encode_shards, load_encoders
+from blip_toolkit.embeddings.extract_config import DATA_KEYS, ExtractConfig, ExtractSummary
+from blip_toolkit.embeddings.format import ERRORS_FILE, HEAD_FILE, INDEX_FILE, RUN_KIND
+from blip_toolkit.embeddings.layout import TokenLayout
+from blip_toolkit.embeddings.reading import Unit, item_units, square_coverage, tar_records, wds_units
+from blip_toolkit.embeddings.shards import build_index, read_done
 from blip_toolkit.engine.accelerate import process_state
 from blip_toolkit.engine.outputs import RunRecord, check_output_dir, check_resume_settings, prepare_output_dir
-from blip_toolkit.errors import InputError, UsageError
+from blip_toolkit.errors import InputError
 from blip_toolkit.fsutil import atomic_write, sha256_file, write_json
-from blip_toolkit.log import track
-from blip_toolkit.runtime.device import resolve_device, resolve_dtype
 
 logger = logging.getLogger("blip")
-
-# Settings that define the data: a resumed run must use the same ones.
-DATA_KEYS = (
-    "cond_encoder",
-    "target_encoder",
-    "tokens",
-    "pool",
-    "cond_tokens",
-    "cond_pool",
-    "head_pool",
-    "dtype",
-    "encoder_dtype",
-    "quantize",
-    "shard_size",
-    "max_pixels",
-    "crop",
-)
-
-
-@dataclass
-class ExtractConfig:
-    """Options of `extract-embeddings` (see the command's help for each)."""
-
-    source: list[str]
-    out: str
-    cond_encoder: str = DEFAULT_COND
-    target_encoder: str = DEFAULT_TARGET
-    tokens: str = "patch"  # target token layout: patch | cls+patch
-    pool: int | None = None  # average-pool the target's patch grid to pool x pool
-    cond_tokens: str | None = None  # None: same as tokens
-    cond_pool: int | None = None  # None: same as pool; 0: no pooling
-    head_pool: str | None = None  # cls | mean | map; None: cls for cls+patch, mean for patch (SigLIP: map)
-    crop: str = "center"  # center: both encoders see the image's centred square; none: each its own view
-    dtype: str = "float16"  # storage
-    encoder_dtype: str = "auto"
-    quantize: str | None = None  # int8 | 4bit: quantized encoders (runtime/quantize.py)
-    device: str = "auto"
-    batch_size: int = 32
-    shard_size: int = 256
-    num_workers: int = 2
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    allow_pipe: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    trust_remote_code: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.source, str):
-            self.source = [self.source]
-        if self.tokens not in TOKEN_LAYOUTS:
-            raise UsageError(f"--tokens {self.tokens!r}: use one of {', '.join(TOKEN_LAYOUTS)}")
-        if self.cond_tokens is not None and self.cond_tokens not in TOKEN_LAYOUTS:
-            raise UsageError(f"--cond-tokens {self.cond_tokens!r}: use one of {', '.join(TOKEN_LAYOUTS)}")
-        if self.pool is not None and self.pool < 1:
-            raise UsageError("--pool must be at least 1")
-        if self.cond_pool is not None and self.cond_pool < 0:
-            raise UsageError("--cond-pool must be 0 (no pooling) or more")
-        if self.head_pool is not None and self.head_pool not in HEAD_POOLINGS:
-            raise UsageError(f"--head-pool {self.head_pool!r}: use one of {', '.join(HEAD_POOLINGS)}")
-        if self.crop not in CROP_MODES:
-            raise UsageError(f"--crop {self.crop!r}: use one of {', '.join(CROP_MODES)}")
-        if self.dtype not in STORAGE_DTYPES:
-            raise UsageError(f"--dtype {self.dtype!r}: use one of {', '.join(STORAGE_DTYPES)}")
-        if self.batch_size < 1 or self.shard_size < 1:
-            raise UsageError("--batch-size and --shard-size must be at least 1")
-        if self.num_workers < 0:
-            raise UsageError("--num-workers must be 0 or more")
-        if self.resume and self.overwrite:
-            raise UsageError("--resume and --overwrite exclude each other")
-
-
-@dataclass
-class ExtractSummary:
-    """What a run produced (read back from index.json on the main process)."""
-
-    out: str
-    samples: int
-    captions: int
-    shards: int
-    errors: int
-    skipped_shards: int = 0  # finished by an earlier run (--resume)
-    seconds: float = 0.0
-    is_main: bool = True
-    errors_file: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class _Encoders:
-    """Both encoders with their token layouts and the target head."""
-
-    cond: EncoderAdapter
-    target: TargetAdapter
-    cond_layout: TokenLayout
-    target_layout: TokenLayout
-    head: Any  # TargetHead
-    encoder_dtype: str
-
-
-class _ShardBuffer:
-    """One shard's outputs, preallocated in the storage dtype (the memory bound of the job)."""
-
-    def __init__(
-        self, capacity: int, cond_shape: tuple[int, int], target_shape: tuple[int, int], embed_dim: int, dtype
-    ):
-        self.cond = torch.empty(capacity, *cond_shape, dtype=dtype)
-        self.target = torch.empty(capacity, *target_shape, dtype=dtype)
-        self.target_global = torch.empty(capacity, embed_dim, dtype=dtype)
-        self.text: list = []
-        self.caption_image: list[int] = []
-        self.rows: list[dict] = []
-        self.errors: list[dict] = []
-        self.dtype = dtype
-        self.embed_dim = embed_dim
-
-    def add(self, cond, target, target_global, rows: list[dict], text_emb) -> None:
-        n, b = len(self.rows), len(rows)
-        self.cond[n : n + b] = cond
-        self.target[n : n + b] = target
-        self.target_global[n : n + b] = target_global
-        for local, row in enumerate(rows):
-            self.caption_image.extend([n + local] * len(row["captions"]))
-        if text_emb is not None and len(text_emb):
-            self.text.append(text_emb.to(self.dtype))
-        self.rows.extend(rows)
-
-    def tensors(self) -> dict:
-        n = len(self.rows)
-        text = torch.cat(self.text) if self.text else torch.empty(0, self.embed_dim, dtype=self.dtype)
-        return {
-            "cond": self.cond[:n],
-            "target": self.target[:n],
-            "target_global": self.target_global[:n],
-            "text_emb": text,
-            "caption_image": torch.tensor(self.caption_image, dtype=torch.int64),
-        }
 
 
 # ----------------------------------------------------------------------------- the job
@@ -228,7 +57,7 @@ def extract_embeddings(
     out = Path(config.out)
     spec = _data_spec(config, source)
     _check_output(out, config, spec)
-    encoders = _load_encoders(config, state)
+    encoders = load_encoders(config, state)
     # Nothing is written before every check has passed (encoders, layouts, head).
     state.wait_for_everyone()  # everyone has checked the directory before rank 0 changes it
     if state.is_main_process:
@@ -239,7 +68,7 @@ def extract_embeddings(
     todo, skipped = _remaining(out, units[state.process_index :: state.num_processes])
     if state.is_main_process:
         _log_plan(config, source, out, units, todo, encoders, state.num_processes)
-    for record in _extract(config, source, out, units, todo, encoders):
+    for record in encode_shards(config, source, out, units, todo, encoders):
         if after_shard is not None:
             after_shard(record)
 
@@ -299,7 +128,7 @@ def _check_output(out: Path, config: ExtractConfig, spec: dict) -> None:
         check_resume_settings(before, spec, free=(), where=str(out), flag="--out")
 
 
-def _prepare_output(out: Path, config: ExtractConfig, spec: dict, encoders: _Encoders) -> None:
+def _prepare_output(out: Path, config: ExtractConfig, spec: dict, encoders: Encoders) -> None:
     record = RunRecord(out, RUN_KIND)
     previous = record.read() if config.resume else None
     prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume, kind=RUN_KIND, flag="--out")
@@ -307,39 +136,6 @@ def _prepare_output(out: Path, config: ExtractConfig, spec: dict, encoders: _Enc
         (out / stale).unlink(missing_ok=True)
     record.start({"config": spec}, previous=previous)
     encoders.head.save(out / HEAD_FILE)
-
-
-def _load_encoders(config: ExtractConfig, state) -> _Encoders:
-    """Both encoders on this process's device, their token layouts and the target head."""
-    if config.device == "auto" and state.num_processes > 1 and state.device is not None:
-        device = state.device
-    else:
-        device = resolve_device(config.device)
-    encoder_dtype = resolve_dtype(config.encoder_dtype, device)
-    kwargs = dict(
-        device=device,
-        dtype=encoder_dtype,
-        trust_remote_code=config.trust_remote_code,
-        quantize=config.quantize,
-    )
-    cond = load_encoder(config.cond_encoder, "cond", **kwargs)
-    target = load_encoder(config.target_encoder, "target", **kwargs)
-    target_layout = token_layout(target, config.tokens, config.pool, flag="--tokens")
-    cond_pool = config.pool if config.cond_pool is None else (config.cond_pool or None)
-    cond_layout = token_layout(cond, config.cond_tokens or config.tokens, cond_pool, flag="--cond-tokens")
-    pooling = config.head_pool or target.default_pooling(target_layout.keep_cls)
-    head = target.head(
-        pooling,
-        has_cls=target_layout.keep_cls,
-        info={
-            "source": target.source,
-            "family": target.spec.name,
-            "tokens": target_layout.name,
-            "pool": target_layout.pool,
-            "grid": target.grid,
-        },
-    )
-    return _Encoders(cond, target, cond_layout, target_layout, head, str(encoder_dtype).replace("torch.", ""))
 
 
 def _remaining(out: Path, mine: list[Unit]) -> tuple[list[Unit], int]:
@@ -359,7 +155,7 @@ def _remaining(out: Path, mine: list[Unit]) -> tuple[list[Unit], int]:
 
 
 def _log_plan(
-    config, source, out: Path, units: list[Unit], todo: list[Unit], encoders: _Encoders, world: int
+    config, source, out: Path, units: list[Unit], todo: list[Unit], encoders: Encoders, world: int
 ) -> None:
     webdataset = source.kind == "webdataset"
     logger.info(
@@ -394,97 +190,6 @@ def _log_plan(
         )
 
 
-def _loader(config: ExtractConfig, source, todo: list[Unit], encoders: _Encoders):
-    """(DataLoader of decoded chunks, number of chunks or None for webdataset)."""
-    preprocess = Preprocess((encoders.cond.image_processor, encoders.target.image_processor), config.crop)
-    if source.kind == "webdataset":
-        dataset = TarChunks(todo, config.shard_size, config.batch_size, preprocess, config.max_pixels)
-        total, workers = None, min(config.num_workers, len(todo))
-    else:
-        chunks = []
-        for unit in todo:
-            starts = list(range(0, len(unit.items), config.batch_size))
-            chunks.extend(
-                (unit.number, unit.items[s : s + config.batch_size], s == starts[-1]) for s in starts
-            )
-        dataset = ItemChunks(chunks, preprocess, config.max_pixels)
-        total, workers = len(chunks), min(config.num_workers, len(chunks))
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=workers,
-        collate_fn=identity,
-        prefetch_factor=2 if workers else None,
-        persistent_workers=False,
-    )
-    return loader, total
-
-
-def _extract(
-    config: ExtractConfig, source, out: Path, units: list[Unit], todo: list[Unit], encoders: _Encoders
-):
-    """Encode this rank's chunks and write each shard when its last chunk is in; yields the done
-    records."""
-    storage = TORCH_DTYPES[config.dtype]
-    cond, target = encoders.cond, encoders.target
-    cond_shape = (encoders.cond_layout.num_tokens, cond.hidden_size)
-    target_shape = (encoders.target_layout.num_tokens, target.hidden_size)
-    names = {u.number: u.name for u in units}
-    inputs = {u.number: u.url for u in units}
-    buffers: dict[tuple[int, Any], _ShardBuffer] = {}
-    loader, total = _loader(config, source, todo, encoders)
-    for chunk in track(loader, total=total, description="extracting"):
-        key = (chunk["unit"], chunk["part"])
-        buffer = buffers.get(key)
-        if buffer is None:
-            buffer = buffers[key] = _ShardBuffer(
-                config.shard_size, cond_shape, target_shape, target.embed_dim, storage
-            )
-        for error in chunk["errors"]:
-            logger.warning("%s", error["error"])
-        buffer.errors.extend(chunk["errors"])
-        if chunk["rows"]:
-            cond_pixels, target_pixels = chunk["pixels"]
-            cond_tokens = encoders.cond_layout.apply(cond.tokens(cond_pixels))  # [b, M, Dc]
-            target_tokens, target_global = target.encode_image(target_pixels)  # [b, T, Dt], [b, E]
-            target_tokens = encoders.target_layout.apply(target_tokens)  # [b, N, Dt]
-            captions = [c for row in chunk["rows"] for c in row["captions"]]
-            text = target.encode_text(captions, batch_size=max(config.batch_size, 1)) if captions else None
-            buffer.add(
-                cond_tokens.to(storage),
-                target_tokens.to(storage),
-                target_global.to(storage),
-                chunk["rows"],
-                text,
-            )
-        if chunk["part_end"]:
-            yield _write(out, buffers.pop(key), chunk, names, inputs, storage)
-
-
-def _write(out: Path, buffer: _ShardBuffer, chunk: dict, names: dict, inputs: dict, storage) -> dict:
-    unit, part = chunk["unit"], chunk["part"]
-    tensors = buffer.tensors()
-    for name in ("cond", "target", "target_global", "text_emb"):
-        if tensors[name].numel() and not torch.isfinite(tensors[name]).all():
-            logger.warning(
-                "shard of %s: %s has NaN/Inf values (out of the %s range?)", names[unit], name, storage
-            )
-    if part is None:
-        name, extra = names[unit], {}
-    else:
-        name = part_name(names[unit], part)
-        extra = {"input": inputs[unit], "part": part, "last": bool(chunk["tar_end"])}
-    record = write_shard(out, name, tensors, buffer.rows, errors=buffer.errors, extra=extra)
-    logger.debug(
-        "wrote %s: %d images, %d captions, %d errors",
-        name,
-        record["samples"],
-        record["captions"],
-        len(buffer.errors),
-    )
-    return record
-
-
 def _wait_for_all(out: Path, units: list[Unit], world: int, poll: float = 2.0) -> list[dict]:
     """Every shard's done record in dataset order. With several processes, wait for the others by
     polling the file system (a barrier would time out when one rank has hours more work)."""
@@ -517,7 +222,7 @@ def _wait_for_all(out: Path, units: list[Unit], world: int, poll: float = 2.0) -
     return [record for unit in units for record in found[unit.number]]
 
 
-def _write_index(out: Path, config: ExtractConfig, source, encoders: _Encoders, records: list[dict]) -> dict:
+def _write_index(out: Path, config: ExtractConfig, source, encoders: Encoders, records: list[dict]) -> dict:
     """errors.jsonl and index.json from the done records (main process, last); returns the counts."""
     with atomic_write(out / ERRORS_FILE) as handle:
         for record in records:
@@ -529,7 +234,7 @@ def _write_index(out: Path, config: ExtractConfig, source, encoders: _Encoders, 
     return index["counts"]
 
 
-def _index_info(config: ExtractConfig, source, encoders: _Encoders, head_path: Path) -> dict:
+def _index_info(config: ExtractConfig, source, encoders: Encoders, head_path: Path) -> dict:
     def encoder(adapter, layout: TokenLayout) -> dict:
         return {
             **adapter.describe(),

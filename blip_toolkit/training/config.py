@@ -14,6 +14,7 @@ from blip_toolkit.config import MixedPrecision
 from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
 from blip_toolkit.errors import UsageError
 
+RUN_KIND = "blip-finetune"
 Task = Literal["caption", "vqa", "retrieval"]
 TASKS: tuple[str, ...] = typing.get_args(Task)
 DEFAULT_TEMPLATE = "Question: {} Answer:"

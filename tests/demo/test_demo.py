@@ -92,7 +92,10 @@ def test_quick_demo_numbers_match_its_own_files(quick):
 
     truth = {Path(image).name: digits_in(caption) for image, caption in rows("retrieval-test.tsv")}
     captions = {Path(r["image"]).name: r["caption"] for r in records("captions.jsonl")}
-    assert captions.keys() == truth.keys() and len(truth) == m["data"]["pairs"]["test"] == m["caption"]["test_pairs"]
+    assert (
+        captions.keys() == truth.keys()
+        and len(truth) == m["data"]["pairs"]["test"] == m["caption"]["test_pairs"]
+    )
     in_order = sum(digits_in(captions[k])[:2] == truth[k] for k in truth) / len(truth)
     assert m["caption"]["both_digits_in_order"] == in_order
 
@@ -110,7 +113,10 @@ def test_quick_demo_writes_report_and_figures(quick):
     markdown = (out / "report.md").read_text()
     m = report["metrics"]
     assert f"{m['caption']['both_digits_in_order']:.1%}" in markdown
-    assert f"{m['caption']['eval']['CIDEr']:.1f}" in markdown and f"{m['vqa']['eval']['overall']:.1f}" in markdown
+    assert (
+        f"{m['caption']['eval']['CIDEr']:.1f}" in markdown
+        and f"{m['vqa']['eval']['overall']:.1f}" in markdown
+    )
     assert set(report["stage_seconds"]) == {
         "data",
         "build",

@@ -162,7 +162,8 @@ def wds_expected_captions(sample_images) -> list[list[str]]:
 def reference_run(enc, photo_tsv, tmp_path_factory) -> Path:
     """One float32 extraction (TSV source, cls+patch, no pooling, shard size 3, batch 2), reused by
     the reader and eval tests."""
-    from blip_toolkit.embeddings.extract import ExtractConfig, extract_embeddings
+    from blip_toolkit.embeddings.extract import extract_embeddings
+    from blip_toolkit.embeddings.extract_config import ExtractConfig
 
     out = tmp_path_factory.mktemp("ref") / "emb"
     extract_embeddings(

@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from blip_toolkit.embeddings.extract import ExtractConfig, extract_embeddings
+from blip_toolkit.embeddings.extract import extract_embeddings
+from blip_toolkit.embeddings.extract_config import ExtractConfig
 from blip_toolkit.embeddings.reading import Preprocess, center_square, square_coverage
 from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.errors import UsageError

@@ -14,10 +14,10 @@ from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.eval.recall import (
     DEFAULT_TIE_TOLERANCE,
     RecallResult,
-    _plan_blocks,
     mean_cosine,
     retrieval_recall,
 )
+from blip_toolkit.eval.recall_blocks import plan_blocks
 
 # --- reference -------------------------------------------------------------------------------------------
 
@@ -136,13 +136,13 @@ def test_matches_brute_force(num_images, num_texts, dim, budget, dtype):
 
 def test_small_budgets_really_tile():
     """The budgets above do force many ragged tiles and several cached super-blocks."""
-    plan = _plan_blocks(111, 37, 16, 1_500)  # (streamed side, cached side, dim, budget)
+    plan = plan_blocks(111, 37, 16, 1_500)  # (streamed side, cached side, dim, budget)
     assert len(plan.a_bounds) - 1 > 10 and len(plan.cache_bounds) - 1 == 2
     sizes = {b - a for a, b in zip(plan.b_bounds, plan.b_bounds[1:])}
     assert sizes == {18, 19}  # 37 rows do not split evenly: ragged blocks
-    plan = _plan_blocks(400, 150, 8, 3_000)
+    plan = plan_blocks(400, 150, 8, 3_000)
     assert len(plan.cache_bounds) - 1 == 3 and len(plan.b_bounds) - 1 == 6
-    plan = _plan_blocks(120, 45, 8, 2_000)
+    plan = plan_blocks(120, 45, 8, 2_000)
     assert len(plan.a_bounds) - 1 > 10 and len(plan.b_bounds) - 1 == 2
 
 
