@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,13 +287,22 @@ def fit_normalizer(
     has_cls: bool = False,
     max_samples: int = 0,
     chunk: int = 256,
+    part: int = 0,
+    parts: int = 1,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TokenNormalizer:
     """Fit the target normaliser on the target tokens of `indices` (see `token_statistics`) in one
-    streaming pass."""
+    streaming pass. With several processes each reads its `part` of `parts`; `gather` collects every
+    process's packed statistics [1, K] into [P, K] in rank order, which are merged the same way on
+    every process (with one process the merge of the one row is exact)."""
     if method == "none":
         return TokenNormalizer("none")
-    stats = token_statistics(shards, indices, has_cls=has_cls, max_samples=max_samples, chunk=chunk)
-    return normalizer_from_statistics(method, stats, where=str(shards.root))
+    stats = token_statistics(
+        shards, indices, has_cls=has_cls, max_samples=max_samples, chunk=chunk, part=part, parts=parts
+    )
+    packed = pack_statistics(stats)[None]  # [1, K (2 + 2D)]
+    merged = merge_statistics(gather(packed) if gather is not None else packed, has_cls=has_cls)
+    return normalizer_from_statistics(method, merged, where=str(shards.root))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -47,11 +47,8 @@ from blip_toolkit.dit.data import (
     IndexStream,
     TrainStream,
     batch_iterator,
+    fit_normalizer,
     load_eval_set,
-    merge_statistics,
-    normalizer_from_statistics,
-    pack_statistics,
-    token_statistics,
 )
 from blip_toolkit.dit.evaluate import evaluate_dit
 from blip_toolkit.dit.flow import flow_loss
@@ -203,24 +200,23 @@ class DiTTrainer(Trainer):
             record = read_record(checkpoint)
             tensors = {TENSOR_PREFIX + k: v for k, v in load_file(str(checkpoint / NORMALIZER_FILE)).items()}
             return TokenNormalizer.from_export(tensors, record["normalizer"])
-        if method == "none":
-            return TokenNormalizer("none")
         acc = self.accelerator
         started = time.perf_counter()
         has_cls = self.model_config.has_cls
-        stats = token_statistics(
+        normalizer = fit_normalizer(
             self.shards,
             self.split.train,
+            method,
             has_cls=has_cls,
             max_samples=self.config.data.stats_samples,
             part=acc.process_index,
             parts=acc.num_processes,
+            gather=lambda packed: (
+                acc.gather(packed.to(acc.device)).cpu() if acc.num_processes > 1 else packed
+            ),
         )
-        packed = pack_statistics(stats)[None]  # [1, K (2 + 2D)]
-        if acc.num_processes > 1:
-            packed = acc.gather(packed.to(acc.device)).cpu()  # [P, K (2 + 2D)], rank order
-        merged = merge_statistics(packed, has_cls=has_cls)
-        normalizer = normalizer_from_statistics(method, merged, where=str(self.shards.root))
+        if method == "none":
+            return normalizer
         logger.info(
             "%s target normalisation fitted on %d tokens%s in %.1f s",
             method,
