@@ -299,3 +299,41 @@ def _fmt(value) -> str:
     if isinstance(value, dict):
         return json.dumps(value, default=str)
     return str(value)
+
+
+def demo_caption_task(root: Path, quick: bool) -> dict:
+    """The demo's caption task (its pairs of digits, from-scratch model size, recipe and epochs):
+    {"manifest", "init", "images", "truth" [(left, right)], "epochs", "finetune"}; --quick shrinks it."""
+    from blip_toolkit.demo.data import CORPUS, write_dataset
+    from blip_toolkit.demo.run import PLANS
+    from blip_toolkit.demo.stages import FINETUNE, MODEL_SIZE
+    from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
+
+    plan = PLANS["full"]
+    pairs, epochs = (200, 1) if quick else (plan.train_pairs, plan.caption_epochs)
+    data = write_dataset(root / "digits", train=pairs, val=10, test_per_combo=1, seed=0)
+    init = build_checkpoint("blip-caption", root / "digits-init", size=ModelSize(**MODEL_SIZE), corpus=CORPUS)
+    return {
+        "manifest": str(data.manifests["train"]["caption"]),
+        "init": str(init),
+        "images": [str(p) for p in data.images("test")],
+        "truth": [(p.left, p.right) for p in data.pairs["test"]],
+        "epochs": epochs,
+        "finetune": dict(FINETUNE),
+    }
+
+
+def caption_in_order(model_dir: str, images: list[str], truth: list, quantize: str | None = None) -> list:
+    """Caption the demo's test pairs; per pair the caption, or None for an error, and whether it names
+    both digits in order (the demo's caption measure)."""
+    from blip_toolkit.data.images import InputItem
+    from blip_toolkit.demo.data import digits_in
+    from blip_toolkit.runtime.caption import CaptionOptions, caption_images
+    from blip_toolkit.runtime.generation import GenerationOptions
+    from blip_toolkit.runtime.loading import open_runner
+
+    runner = open_runner(model_dir, "caption", device="cpu", quantize=quantize)
+    options = CaptionOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=16), num_workers=0)
+    records = caption_images(runner, [InputItem(p) for p in images], options)
+    texts = [r.get("caption") for r in records]
+    return [(t, t is not None and digits_in(t)[:2] == list(pair)) for t, pair in zip(texts, truth)]

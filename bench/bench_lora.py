@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import parse_args, peak_rss_mb, rate_range, report, target
+from _common import caption_in_order, demo_caption_task, parse_args, peak_rss_mb, rate_range, report, target
 
 HERE = Path(__file__).resolve().parent
 SAMPLES = HERE.parent / "data" / "samples"
@@ -122,58 +122,44 @@ def build(root: Path, quick: bool) -> tuple[Path, Path, int]:
 
 def demo_learning(root: Path, quick: bool) -> list[dict]:
     """LoRA and the demo's full fine-tuning of its caption model from the same from-scratch
-    checkpoint; test accuracy = the right digit word in the caption (the demo's measure)."""
+    checkpoint; test accuracy = both digits of the pair named in order (the demo's measure)."""
     import torch
 
-    from blip_toolkit.data.images import InputItem
-    from blip_toolkit.demo.data import CORPUS, DIGIT_WORDS, write_dataset
-    from blip_toolkit.demo.run import FINETUNE, MODEL_SIZE, PLANS
     from blip_toolkit.log import setup_logging
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_images
-    from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.runtime.loading import open_runner
-    from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
     from blip_toolkit.training.config import FinetuneConfig
     from blip_toolkit.training.finetune import run_finetune
 
     setup_logging(-1)
     torch.set_num_threads(1)  # a 128-wide model: one thread is fastest (and steady on a shared machine)
-    epochs = 2 if quick else PLANS["full"].caption_epochs
-    data = write_dataset(root / "digits", seed=0, limit=40 if quick else None)
-    init = build_checkpoint("blip-caption", root / "digits-init", size=ModelSize(**MODEL_SIZE), corpus=CORPUS)
-    items = [InputItem(str(p)) for p in data.split_images("test")]
-    labels = data.split_labels("test")
+    task = demo_caption_task(root, quick)
     rows = []
     for name, settings in (("LoRA", DEMO_LORA), ("full (the demo's recipe)", {})):
         out = root / f"digits-{len(rows)}"
         started = time.perf_counter()
         result = run_finetune(
             FinetuneConfig(
-                manifest=str(data.manifests["caption"]["train"]),
+                manifest=task["manifest"],
                 task="caption",
-                model=str(init),
+                model=task["init"],
                 output_dir=str(out),
-                epochs=epochs,
+                epochs=task["epochs"],
                 seed=0,
                 log_every=10_000,
-                **{**FINETUNE, **settings},
+                **{**task["finetune"], **settings},
             )
         )
         seconds = time.perf_counter() - started
-        runner = open_runner(str(out), "caption", device="cpu")
-        options = CaptionOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=8))
-        texts = [r.get("caption", "") for r in caption_images(runner, items, options)]
-        right = sum(DIGIT_WORDS[y] in t.split() for t, y in zip(texts, labels))
+        scored = caption_in_order(str(out), task["images"], task["truth"])
         rows.append(
             {
                 "digits caption run": name,
                 "trainable params": result.trainable_parameters,
-                "epochs": epochs,
-                "learning rate": settings.get("learning_rate", FINETUNE["learning_rate"]),
+                "epochs": task["epochs"],
+                "learning rate": settings.get("learning_rate", task["finetune"]["learning_rate"]),
                 "train samples/s": result.train_samples_per_second,
                 "seconds": seconds,
-                "test accuracy": right / len(labels),
-                "test images": len(labels),
+                "test accuracy (both digits in order)": sum(ok for _, ok in scored) / len(scored),
+                "test pairs": len(scored),
             }
         )
     return rows
@@ -215,7 +201,7 @@ def main() -> None:
     full_s = statistics.median(s for r in runs["full"] for s in r["step_seconds"])
     memory = rows[0]["peak RSS MB"] / rows[1]["peak RSS MB"]
     share = runs["lora"][0]["trainable"] / runs["full"][0]["trainable"]
-    lora_accuracy = learning[0]["test accuracy"]
+    lora_accuracy = learning[0]["test accuracy (both digits in order)"]
     report(
         "lora",
         rows + learning,
@@ -226,8 +212,13 @@ def main() -> None:
             target(
                 "LoRA samples/s vs full (median step times)", full_s / lora_s, ">= 1", full_s / lora_s >= 1
             ),
+            # LoRA adapts a from-scratch (random) model here, the hardest case for it; 10x chance (1 in
+            # 100 ordered pairs) says it learned the composition, the full run's figure is in the table.
             target(
-                "LoRA test caption accuracy on the digits", lora_accuracy, ">= 0.85", lora_accuracy >= 0.85
+                "LoRA test caption accuracy on the digit pairs (both in order)",
+                lora_accuracy,
+                ">= 0.10",
+                lora_accuracy >= 0.10,
             ),
         ],
         notes={
