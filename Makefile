@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install test demo demo-quick bench lint clean
+.PHONY: install test test-e2e test-all demo demo-quick bench lint clean
 
 install: $(STAMP)
 
@@ -18,8 +18,15 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
+# The unit and integration suite (under 5 minutes on 2 cores); the end-to-end tier (`blip demo --quick`
+# with its floors, multi-process runs equal to one process) is `make test-e2e`; CI runs both.
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not e2e" $(PYTEST_ARGS)
+
+test-e2e: install
+	$(PY) -m pytest -q -n 2 --dist loadfile -m e2e $(PYTEST_ARGS)
+
+test-all: test test-e2e
 
 demo: install
 	$(VENV)/bin/blip demo --out demo-output --overwrite

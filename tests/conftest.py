@@ -145,3 +145,10 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"CPU seconds: {sum(_CPU.values()):.1f} in all; the most expensive tests:")
     for nodeid, seconds in sorted(_CPU.items(), key=lambda kv: -kv[1])[:40]:
         terminalreporter.write_line(f"{seconds:8.1f}  {nodeid}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Multi-process tests belong to the end-to-end tier (`make test-e2e`)."""
+    for item in items:
+        if item.get_closest_marker("distributed") is not None:
+            item.add_marker(pytest.mark.e2e)

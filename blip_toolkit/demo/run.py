@@ -89,6 +89,7 @@ class DemoConfig:
     quick: bool = False
     seed: int = 0
     overwrite: bool = False
+    java: bool = True  # caption metrics through pycocoevalcap's Java tools (False: --no-java)
     plan: Plan | None = None  # Python API only: a custom plan (tests use a tiny one)
 
 
@@ -139,7 +140,7 @@ def run_demo(config: DemoConfig, *, progress: Callable[[str], None] | None = Non
     record = RunRecord(out, RUN_KIND)
     record.start({"config": {**asdict(config), "plan": asdict(plan)}})
     torch.manual_seed(config.seed)
-    state: dict[str, Any] = {"out": out, "plan": plan, "seed": config.seed}
+    state: dict[str, Any] = {"out": out, "plan": plan, "seed": config.seed, "java": config.java}
     steps = [
         ("data", stage_data),
         ("build", stage_build),

@@ -160,6 +160,7 @@ def stage_caption(state: dict) -> dict:
             annotations=str(data.eval_files["test"]["captions"]),
             images=str(data.root / "images"),
             predictions=str(state["out"] / "predictions" / "captions.jsonl"),
+            java=state.get("java", True),
         )
     )
     state["captions"] = [r.get("caption", "") for r in records[:GRID]]

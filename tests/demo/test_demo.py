@@ -49,6 +49,7 @@ def quick(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.e2e
 def test_quick_demo_learns_every_task(quick):
     out, proc = quick
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,6 +78,7 @@ def test_quick_demo_learns_every_task(quick):
     assert "[1/8]" in proc.stderr and "[8/8]" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_quick_demo_numbers_match_its_own_files(quick):
     """Counts recomputed from the prediction files and the test manifests (an independent count)."""
     out, proc = quick
@@ -106,6 +108,7 @@ def test_quick_demo_numbers_match_its_own_files(quick):
     assert m["vqa"]["eval"]["exact_match"] == pytest.approx(100 * hits / len(expected))
 
 
+@pytest.mark.e2e
 def test_quick_demo_writes_report_and_figures(quick):
     out, proc = quick
     assert proc.returncode == 0
@@ -166,12 +169,16 @@ def tiny_plan():
 
 
 def test_a_fixed_seed_gives_the_same_numbers(tmp_path):
+    """Two runs of a tiny plan, without Java (--no-java: the caption metrics of `blip eval caption
+    --no-java`, and a report that says they are not comparable to published numbers)."""
     from blip_toolkit.demo.run import DemoConfig, run_demo
 
-    first = run_demo(DemoConfig(out=str(tmp_path / "a"), seed=3, plan=tiny_plan()))
-    second = run_demo(DemoConfig(out=str(tmp_path / "b"), seed=3, plan=tiny_plan()))
+    first = run_demo(DemoConfig(out=str(tmp_path / "a"), seed=3, plan=tiny_plan(), java=False))
+    second = run_demo(DemoConfig(out=str(tmp_path / "b"), seed=3, plan=tiny_plan(), java=False))
     assert first.mode == "custom" and first.metrics["data"]["pairs"] == {"train": 60, "val": 10, "test": 140}
     assert first.metrics == second.metrics
+    assert "METEOR" not in first.metrics["caption"]["eval"] and "CIDEr" in first.metrics["caption"]["eval"]
+    assert "not comparable to published numbers" in Path(first.report_md).read_text()
     for name in ("captions.jsonl", "answers.jsonl"):
         assert (tmp_path / "a" / "predictions" / name).read_text().replace("/a/", "/b/") == (
             tmp_path / "b" / "predictions" / name
