@@ -71,7 +71,7 @@ PLANS = {
         train_pairs=4000, test_per_combo=4, caption_epochs=8, vqa_epochs=3, retrieval_epochs=4, dit_steps=800
     ),
     "quick": Plan(
-        train_pairs=1200,
+        train_pairs=1000,
         test_per_combo=1,
         caption_epochs=4,
         vqa_epochs=1,
