@@ -27,21 +27,9 @@ def load_vision_tower(
     `vision_config` out of a full config; `key_mapping` strips the full model's `vision_model.` prefix
     where the tower class has none (BLIP, BLIP-2). Missing weights are an error: transformers would
     otherwise initialise them randomly with only a log line. `quantize`: runtime/quantize.py."""
-    model_class = getattr(transformers, class_name)
     kwargs = {"key_mapping": key_mapping} if key_mapping else {}
     kwargs.update(loading_kwargs(quantize, device, dtype))
-    try:
-        model, info = model_class.from_pretrained(
-            resolved.path,
-            dtype=dtype,
-            local_files_only=resolved.local_only,
-            trust_remote_code=trust_remote_code,
-            output_loading_info=True,
-            **kwargs,
-        )
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"{resolved.name}: cannot load the vision tower ({_first_line(exc)})") from exc
-    _check_loading(resolved.name, class_name, info)
+    model = _from_pretrained(class_name, resolved, "the vision tower", dtype, trust_remote_code, kwargs)
     return _placed(model, device, quantize, "quantization_config" in kwargs)
 
 
@@ -50,10 +38,15 @@ def load_full_model(
 ):
     """The whole model (targets). Quantized, its projections and pooling heads stay in full
     precision: the target head saved beside the shards is built from them."""
-    model_class = getattr(transformers, class_name)
     kwargs = loading_kwargs(quantize, device, dtype, skip=_HEAD_MODULES)
+    model = _from_pretrained(class_name, resolved, class_name, dtype, trust_remote_code, kwargs)
+    return _placed(model, device, quantize, bool(kwargs), skip=_HEAD_MODULES)
+
+
+def _from_pretrained(class_name: str, resolved, what: str, dtype, trust_remote_code: bool, kwargs: dict):
+    """`from_pretrained` of a transformers class; a failure or missing weights name `what`."""
     try:
-        model, info = model_class.from_pretrained(
+        model, info = getattr(transformers, class_name).from_pretrained(
             resolved.path,
             dtype=dtype,
             local_files_only=resolved.local_only,
@@ -62,9 +55,9 @@ def load_full_model(
             **kwargs,
         )
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"{resolved.name}: cannot load {class_name} ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{resolved.name}: cannot load {what} ({_first_line(exc)})") from exc
     _check_loading(resolved.name, class_name, info)
-    return _placed(model, device, quantize, bool(kwargs), skip=_HEAD_MODULES)
+    return model
 
 
 # Projections and pooling heads of the target families (CLIP, SigLIP, BLIP ITM): never quantized.
