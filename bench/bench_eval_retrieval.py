@@ -46,10 +46,9 @@ def current_rss_mb() -> float:
 
 def make_data(root: Path, num_images: int, captions_per_image: int = 5) -> tuple[Path, Path, Path]:
     """Images, a Karpathy-style annotation file and the tiny BLIP ITM checkpoint under `root`."""
-    from blip_toolkit.testing.checkpoints import TEST_SIZE
     from PIL import Image
 
-    from blip_toolkit.testing import build_checkpoint
+    from blip_toolkit.testing import TEST_SIZE, build_checkpoint
 
     rng = random.Random(0)
     images = root / "images"
