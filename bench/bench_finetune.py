@@ -107,7 +107,8 @@ def run_ours(model_dir: str, manifest: str, steps: int, out: str) -> dict:
             grad_clip=1.0,
             save_every=10**9,
             keep_checkpoints=1,
-            log_every=10**9,
+            # Records are stamped when the trainer flushes them: flush every step to time each step.
+            log_every=1,
             cpu=True,
         )
     )
