@@ -37,6 +37,7 @@ from transformers import (
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from blip_toolkit.log import quiet_transformers
 from blip_toolkit.scratch import tokenizers as toks
 
 KINDS = (
@@ -389,6 +390,7 @@ def build_checkpoint(
 
 
 def _save(model, processor, out_dir: str | Path) -> Path:
+    quiet_transformers()  # save_pretrained draws a "Writing model shards" bar on stderr otherwise
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
