@@ -165,12 +165,12 @@ def main() -> None:
         )
     )
     report(
-        "eval_retrieval" + ("_quick" if args.quick else ""),
+        "eval_retrieval",
         rows,
+        quick=args.quick,
         targets=targets,
         notes={
             "model": "tiny BLIP ITM (blip_toolkit.testing TEST_SIZE), 1 thread",
-            "quick": args.quick,
             "columns": "seconds: evaluate_retrieval wall time (model load, encoding, ITC, ITM); encode_s: "
             "texts + images; peak_mb: peak RSS over the RSS after a first model load; itm_pairs: pairs "
             "through the ITM head; lavis_passes: (I+T)*k, what LAVIS scores; all_pairs_itm_s: ITM on all "

@@ -142,6 +142,7 @@ def main() -> None:
     report(
         "ui",
         [batched["row"], single["row"]],
+        quick=args.quick,
         targets=[
             target("images/s, batched / batching off", ratio, ">= 1.2", ratio >= 1.2),
             target("captions identical with and without batching", float(same), "1", same),
