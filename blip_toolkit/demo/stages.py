@@ -271,6 +271,9 @@ def stage_dit(state: dict) -> dict:
             "model.num_kv_heads": DIT["kv_heads"],
             "flow.target_norm": "standardize",
             "flow.cond_dropout": 0.1,
+            # InfoNCE between head(predicted clean tokens) and head(true tokens): what recall ranks
+            # (0.1 took the full demo's generated R@1 from 89% to 92% of the target's own).
+            "flow.contrastive_weight": 0.1,
             "train.max_steps": plan.dit_steps,
             "train.batch_size": DIT["batch_size"],
             "train.learning_rate": DIT["learning_rate"],
