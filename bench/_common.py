@@ -176,8 +176,15 @@ def target(
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (Linux ru_maxrss is in kB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process image so far, in MB: VmHWM from /proc/self/status.
+    Not ru_maxrss where VmHWM exists: Linux keeps ru_maxrss across execve, so a child started from a
+    large benchmark process would report at least the parent's size at fork time."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 # ----------------------------------------------------------------------------------------------------

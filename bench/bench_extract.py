@@ -176,17 +176,8 @@ def memory_worker(args: argparse.Namespace) -> dict:
         "images": args.images,
         "samples": summary.samples,
         "seconds": time.perf_counter() - start,
-        "peak_rss_mb": _vm_hwm_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
-
-
-def _vm_hwm_mb() -> float:
-    """Peak RSS of this process image. Not ru_maxrss: Linux keeps that across execve, so a worker
-    started from the (large) benchmark process would report the parent's size at fork time."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return peak_rss_mb()
 
 
 def spawn_memory(root: Path, images: int, num_workers: int) -> dict:

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import interleaved_rounds, parse_args, rate_range, ratio_target, report, target
+from _common import interleaved_rounds, parse_args, peak_rss_mb, rate_range, ratio_target, report, target
 from bench_caption import build_model, make_photos
 
 REPO = Path(__file__).resolve().parent.parent
@@ -218,14 +218,6 @@ def write_tars(folder: Path, items: int, per_tar: int = 1000) -> str:
     return str(folder / f"{{00000..{tars - 1:05d}}}.tar")
 
 
-def _vm_hwm_mb() -> float:
-    """Peak RSS of this process image (not ru_maxrss, which Linux keeps across execve)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def memory_worker(args: argparse.Namespace) -> dict:
     from blip_toolkit.runtime.caption import CaptionOptions, caption_task
     from blip_toolkit.runtime.datasets import open_inputs
@@ -249,7 +241,7 @@ def memory_worker(args: argparse.Namespace) -> dict:
     return {
         "items": summary.records,
         "seconds": time.perf_counter() - start,
-        "peak_rss_mb": _vm_hwm_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import parse_args, rate_range, ratio_target, report, target
+from _common import parse_args, peak_rss_mb, rate_range, ratio_target, report, target
 
 HERE = Path(__file__).resolve().parent
 
@@ -103,9 +103,7 @@ def child(data: str, out: str, steps: int, batch: int, threads: int) -> None:
         },
     )
     result = run_train_dit(config)
-    status = Path("/proc/self/status").read_text()
-    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    print(json.dumps({"vmhwm_mb": hwm / 1024, "samples_per_second": result.train_samples_per_second}))
+    print(json.dumps({"vmhwm_mb": peak_rss_mb(), "samples_per_second": result.train_samples_per_second}))
 
 
 def memory_run(data: Path, out: Path, steps: int, batch: int, threads: int) -> dict:
