@@ -30,7 +30,7 @@ def load_vision_tower(
     kwargs = {"key_mapping": key_mapping} if key_mapping else {}
     kwargs.update(loading_kwargs(quantize, device, dtype))
     model = _from_pretrained(class_name, resolved, "the vision tower", dtype, trust_remote_code, kwargs)
-    return _placed(model, device, quantize, "quantization_config" in kwargs)
+    return _placed(model, device, dtype, quantize, "quantization_config" in kwargs)
 
 
 def load_full_model(
@@ -40,7 +40,7 @@ def load_full_model(
     precision: the target head saved beside the shards is built from them."""
     kwargs = loading_kwargs(quantize, device, dtype, skip=_HEAD_MODULES)
     model = _from_pretrained(class_name, resolved, class_name, dtype, trust_remote_code, kwargs)
-    return _placed(model, device, quantize, bool(kwargs), skip=_HEAD_MODULES)
+    return _placed(model, device, dtype, quantize, bool(kwargs), skip=_HEAD_MODULES)
 
 
 def _from_pretrained(class_name: str, resolved, what: str, dtype, trust_remote_code: bool, kwargs: dict):
@@ -64,11 +64,14 @@ def _from_pretrained(class_name: str, resolved, what: str, dtype, trust_remote_c
 _HEAD_MODULES = ("visual_projection", "text_projection", "head", "vision_proj", "text_proj", "itm_head")
 
 
-def _placed(model, device, quantize: str | None, quantized_at_load: bool, *, skip: tuple[str, ...] = ()):
-    """On `device` (bitsandbytes has placed a model it quantized), CPU int8 applied, in eval mode."""
+def _placed(
+    model, device, dtype, quantize: str | None, quantized_at_load: bool, *, skip: tuple[str, ...] = ()
+):
+    """On `device` (bitsandbytes has placed a model it quantized on CUDA), CPU quantization applied,
+    in eval mode."""
     if not quantized_at_load:
         model.to(device)
-    return quantize_model(model, quantize, device, skip=skip).eval()
+    return quantize_model(model, quantize, device, dtype=dtype, skip=skip).eval()
 
 
 def _check_loading(source: str, class_name: str, info: dict) -> None:

@@ -370,7 +370,7 @@ def load_model(
     check_quantize(quantize, device)
     quiet_transformers()
     processor = load_processor(resolved, trust_remote_code=trust_remote_code)
-    # bitsandbytes quantizes while the weights load; the CPU int8 path quantizes afterwards.
+    # On CUDA bitsandbytes quantizes while the weights load; on CPU quantize_model does afterwards.
     at_load = loading_kwargs(quantize, device, dtype)
     if at_load and resolved.adapter is not None:
         raise UsageError(
@@ -393,7 +393,7 @@ def load_model(
         use_fused_vision_attention(model)
     if not at_load:  # bitsandbytes has placed the weights already
         model.to(device)
-    quantize_model(model, quantize, device)
+    quantize_model(model, quantize, device, dtype=dtype)
     model.eval()
     return LoadedModel(source, family, model, processor, device, dtype, quantize)
 

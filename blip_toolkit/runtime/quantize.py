@@ -11,8 +11,16 @@ in bench/bench_quantize.py):
   with per-channel weight scales): int8 weights, activations quantized per batch, fbgemm / oneDNN int8
   GEMMs. Nothing to install. bitsandbytes' CPU LLM.int8() casts activations to float16 (emulated on
   most CPUs) and was slower and larger here; torchao was left out (see bench/bench_quantize.py).
-- CPU, `4bit`: bitsandbytes' CPU backend (NF4). Refused with one line when bitsandbytes is missing or
-  its CPU backend cannot quantize here.
+- CPU, `4bit`: bitsandbytes' NF4 (`Linear4bit` / `Params4bit`, with the settings of the same
+  `BitsAndBytesConfig`). Refused with one line when bitsandbytes is missing or its CPU backend cannot
+  quantize here.
+
+How, on CPU: the model loads lazily (its weights are views of the memory-mapped checkpoint, read
+only when used), then its Linear layers are quantized a parent module at a time, and the checkpoint
+pages of each float weight just quantized are given back (runtime/mapped_pages.py). The float model
+is never resident as a whole, so quantized runs peak below float32 ones. (Quantizing inside
+transformers' loading, as on CUDA, leaves every float page resident: the quantized model then ended
+up larger than the float one.)
 
 Which layers: every `nn.Linear` except the ones transformers keeps in full precision for
 bitsandbytes too (the output layer / tied embeddings, and the model's `_keep_in_fp32_modules`, such
@@ -33,6 +41,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from blip_toolkit.config import QUANTIZE_MODES
 from blip_toolkit.errors import UsageError
+from blip_toolkit.runtime.mapped_pages import CheckpointMappings, release, shared_storages
 
 logger = logging.getLogger("blip")
 
@@ -83,45 +92,101 @@ def _bitsandbytes(mode: str, device):
 
 
 def loading_kwargs(mode: str | None, device, dtype, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Extra `from_pretrained` arguments: bitsandbytes quantizes while the weights load (CUDA, and
-    4-bit on CPU); the CPU int8 path quantizes after loading (`quantize_model`). `skip`: module
-    names kept in full precision instead of transformers' default list."""
+    """Extra `from_pretrained` arguments: on CUDA bitsandbytes quantizes while the weights load; on
+    CPU nothing (`quantize_model` quantizes after the lazy load). `skip`: module names kept in full
+    precision instead of transformers' default list."""
     device = torch.device(device)
-    if mode is None or (device.type == "cpu" and mode == "int8"):
+    if mode is None or device.type == "cpu":
         return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"quantization_config": bitsandbytes_config(mode, dtype, skip), "device_map": {"": index}}
+
+
+def bitsandbytes_config(mode: str, dtype, skip: tuple[str, ...] = ()) -> BitsAndBytesConfig:
+    """The transformers config of bitsandbytes' `int8` (LLM.int8()) or `4bit` (NF4) in `dtype`."""
     skip_modules = list(skip) or None
     if mode == "int8":
-        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
-    else:
-        config = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=skip_modules,
-        )
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-    else:
-        index = "cpu"
-    return {"quantization_config": config, "device_map": {"": index}}
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=skip_modules,
+    )
 
 
-def quantize_model(model: nn.Module, mode: str | None, device, *, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Quantize a loaded model in place where the loading did not (CPU int8); returns the model.
-    `skip`: module names kept in full precision instead of transformers' default list."""
-    if mode != "int8" or torch.device(device).type != "cpu":
+def quantize_model(
+    model: nn.Module, mode: str | None, device, *, dtype=torch.float32, skip: tuple[str, ...] = ()
+) -> nn.Module:
+    """Quantize a lazily loaded model in place where the loading did not (CPU); returns the model.
+    Layer by layer, each float weight's checkpoint pages given back once it is quantized (module
+    docstring). `skip`: module names kept in full precision instead of transformers' default list."""
+    if mode is None or torch.device(device).type != "cpu":
         return model
     names = linear_layers(model, skip=skip)
+    convert = _int8_layers if mode == "int8" else _nf4_layers(bitsandbytes_config(mode, dtype))
+    mappings = CheckpointMappings.current()
+    tied = shared_storages(model)
+    released = 0
+    for parent_name, children in _by_parent(names).items():
+        parent = model.get_submodule(parent_name)
+        weights = [getattr(parent, child).weight for child in children]
+        convert(parent, children)
+        unused = [w for w in weights if w.untyped_storage().data_ptr() not in tied]
+        released += release(unused, mappings)
+    logger.debug("quantized %d linear layers to %s; %.0f MB of float weights released", len(names), mode,
+                 released / 2**20)  # fmt: skip
+    return model
+
+
+def _by_parent(names: list[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        groups.setdefault(parent, []).append(child)
+    return groups
+
+
+def _int8_layers(parent: nn.Module, children: list[str]) -> None:
+    """torch's dynamic int8 quantization (per-channel weight scales) of `parent`'s Linear `children`."""
     with warnings.catch_warnings():
         # torch marks its eager quantization API deprecated in favour of torchao (see module docstring).
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
         torch.ao.quantization.quantize_dynamic(
-            model, {name: qconfig for name in names}, dtype=torch.qint8, inplace=True
+            parent, dict.fromkeys(children, qconfig), dtype=torch.qint8, inplace=True
         )
-    logger.debug("quantized %d linear layers to int8 (dynamic, per channel)", len(names))
-    return model
+
+
+def _nf4_layers(config: BitsAndBytesConfig):
+    """A converter replacing Linear children by bitsandbytes' `Linear4bit`, quantized the way
+    transformers' bitsandbytes integration does it (its `replace_with_bnb_linear` module, then
+    `Params4bit(weight, **module.weight.__dict__).to(device)`), with `config`'s settings."""
+    bnb = importlib.import_module("bitsandbytes")
+
+    def convert(parent: nn.Module, children: list[str]) -> None:
+        for child in children:
+            linear = getattr(parent, child)
+            with torch.device("meta"):
+                layer = bnb.nn.Linear4bit(
+                    linear.in_features,
+                    linear.out_features,
+                    linear.bias is not None,
+                    config.bnb_4bit_compute_dtype,
+                    compress_statistics=config.bnb_4bit_use_double_quant,
+                    quant_type=config.bnb_4bit_quant_type,
+                    quant_storage=config.bnb_4bit_quant_storage,
+                )
+            weight = linear.weight.detach()
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, **layer.weight.__dict__).to(
+                weight.device
+            )
+            layer.bias = linear.bias
+            layer.requires_grad_(False)
+            setattr(parent, child, layer)
+
+    return convert
 
 
 def linear_layers(model: nn.Module, *, skip: tuple[str, ...] = ()) -> list[str]:
@@ -149,12 +214,6 @@ def _kept_in_full_precision(model: nn.Module, skip: tuple[str, ...]) -> list[str
         return HfQuantizer.get_modules_to_not_convert(model, list(skip) or None, keep)
     except Exception:  # noqa: BLE001 - a bare vision tower has no output embeddings
         return keep + list(skip)
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_quantized", False)) or any(
-        type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()
-    )
 
 
 def empty_output_error(mode: str) -> str:

@@ -118,12 +118,41 @@ def test_the_adapter_directory_works_as_model_on_top_of_its_base(straight, sampl
     options = CaptionOptions(generation=GenerationOptions(max_new_tokens=6))
 
     def captions(model):
-        return [
-            r["caption"]
-            for r in caption_images(open_runner(str(model), "caption", device="cpu"), items, options)
-        ]
+        runner = open_runner(str(model), "caption", device="cpu")
+        return [r["caption"] for r in caption_images(runner, items, options)]
 
     assert captions(out / "adapter") == captions(out)
+
+
+@pytest.mark.parametrize("mode", ["int8", "4bit"])
+def test_a_quantized_adapter_directory_is_the_quantized_merged_model(straight, mode):
+    """On CPU the adapter is merged before quantizing: the quantized weights equal those of the
+    merged checkpoint quantized."""
+    if mode == "4bit":
+        pytest.importorskip("bitsandbytes")
+    _, out, _ = straight
+    merged = quantized_weights(load_model(str(out), "caption", quantize=mode).model)
+    from_adapter = quantized_weights(load_model(str(out / "adapter"), "caption", quantize=mode).model)
+    assert merged.keys() == from_adapter.keys() and any("quantized" in k for k in merged)
+    for key, value in merged.items():
+        assert torch.equal(from_adapter[key], value), key
+
+
+def quantized_weights(model) -> dict[str, torch.Tensor]:
+    """Every weight of `model` as stored: int8 values and scales of torch's dynamic int8 layers, packed
+    4-bit values and block scales of bitsandbytes' layers, and the plain parameters."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+            weight = module.weight()
+            out[f"{name} quantized int8"] = weight.int_repr()
+            out[f"{name} quantized scales"] = weight.q_per_channel_scales()
+        elif type(module).__name__ == "Linear4bit":
+            out[f"{name} quantized 4bit"] = module.weight.data
+            out[f"{name} quantized absmax"] = module.weight.quant_state.absmax
+    for name, param in model.named_parameters():
+        out.setdefault(name, param.detach())
+    return out
 
 
 def test_resumed_lora_run_equals_uninterrupted_run(straight, tmp_path):
