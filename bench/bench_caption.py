@@ -47,8 +47,10 @@ def build_model(folder: Path, quick: bool) -> Path:
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
+    from blip_toolkit.log import quiet_transformers
     from blip_toolkit.scratch.tokenizers import wordpiece_tokenizer
 
+    quiet_transformers()  # no "Writing model shards" bar on stderr
     tokenizer = wordpiece_tokenizer()
     text = dict(bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id, pad_token_id=0)
     vision = {"initializer_range": 0.02}
