@@ -81,6 +81,16 @@ def test_4bit_on_cpu_is_bitsandbytes_nf4(cli, tiny_models, sample_images):
     reference = transformers.BlipForConditionalGeneration.from_pretrained(
         path, quantization_config=config, device_map={"": "cpu"}
     ).eval()
+    # The same layers, with bit-identical packed weights and block scales.
+    ours = load_model(str(path), "caption", quantize="4bit").model
+    packed = {n: m for n, m in reference.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert packed and packed.keys() == {
+        n for n, m in ours.named_modules() if type(m).__name__ == "Linear4bit"
+    }
+    for name, layer in packed.items():
+        mine = ours.get_submodule(name).weight
+        assert torch.equal(mine.data, layer.weight.data), name
+        assert torch.equal(mine.quant_state.absmax, layer.weight.quant_state.absmax), name
     processor = transformers.AutoProcessor.from_pretrained(path, backend="pil")
     images = sample_images[:3]
     result, records = captions(cli, path, images, "--quantize", "4bit")
