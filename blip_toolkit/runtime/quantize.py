@@ -13,7 +13,12 @@ in bench/bench_quantize.py):
   most CPUs) and was slower and larger here; torchao was left out (see bench/bench_quantize.py).
 - CPU, `4bit`: bitsandbytes' NF4 (`Linear4bit` / `Params4bit`, with the settings of the same
   `BitsAndBytesConfig`). Refused with one line when bitsandbytes is missing or its CPU backend cannot
-  quantize here.
+  quantize here. On CPUs with AVX512-BF16 bitsandbytes repacks each weight at its first forward for a
+  fused bf16 kernel, which only takes layers with out_features % 32 == 0 and in_features a multiple of
+  the block size (64); any other layer crashed inside bitsandbytes (`shape '[96, 0]' is invalid`).
+  Such layers keep bitsandbytes' generic path (dequantize, then a matmul in the compute dtype), with
+  one log line saying which and why. `BLIP_4BIT_CPU_PACKED=0` keeps every layer on the generic path
+  (the tests compare both paths on CPUs that have the fused one).
 
 How, on CPU: the model loads lazily (its weights are views of the memory-mapped checkpoint, read
 only when used), then its Linear layers are quantized a parent module at a time, and the checkpoint
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import warnings
 from typing import Any
 
@@ -134,6 +140,8 @@ def quantize_model(
         convert(parent, children)
         unused = [w for w in weights if w.untyped_storage().data_ptr() not in tied]
         released += release(unused, mappings)
+    if mode == "4bit":
+        guard_cpu_packing(model)
     logger.debug("quantized %d linear layers to %s; %.0f MB of float weights released", len(names), mode,
                  released / 2**20)  # fmt: skip
     return model
@@ -157,6 +165,52 @@ def _int8_layers(parent: nn.Module, children: list[str]) -> None:
         torch.ao.quantization.quantize_dynamic(
             parent, dict.fromkeys(children, qconfig), dtype=torch.qint8, inplace=True
         )
+
+
+# bitsandbytes' fused CPU kernel (functional._convert_weight_packed_for_cpu) packs weights in blocks of
+# 32 output rows and reshapes the block scales to [out_features, in_features // blocksize].
+CPU_PACK_ROWS = 32
+
+
+def cpu_packing_problem(out_features: int, in_features: int, blocksize: int) -> str | None:
+    """Why bitsandbytes' AVX512-BF16 packed path cannot take a [out_features, in_features] NF4 weight
+    quantized in blocks of `blocksize`, or None when it can."""
+    if out_features % CPU_PACK_ROWS:
+        return f"out_features {out_features} is not a multiple of {CPU_PACK_ROWS}"
+    if in_features % blocksize:
+        return f"in_features {in_features} is not a multiple of the block size {blocksize}"
+    return None
+
+
+def cpu_packing_enabled() -> bool:
+    """Whether bitsandbytes may use its fused CPU path at all (`BLIP_4BIT_CPU_PACKED=0` turns it off)."""
+    return os.environ.get("BLIP_4BIT_CPU_PACKED", "").strip() not in ("0", "false", "no")
+
+
+def guard_cpu_packing(model: nn.Module) -> list[str]:
+    """Keep every bitsandbytes `Linear4bit` of `model` that the fused AVX512-BF16 CPU path cannot take
+    (or all of them, with BLIP_4BIT_CPU_PACKED=0) on bitsandbytes' generic path; returns their names.
+    A no-op on CPUs without that path (the flag is already off there)."""
+    enabled = cpu_packing_enabled()
+    kept: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        blocksize = getattr(state, "blocksize", 64)
+        problem = cpu_packing_problem(module.out_features, module.in_features, blocksize)
+        if problem or not enabled:
+            module.support_avx512bf16_for_cpu = False
+            kept[name] = problem or "BLIP_4BIT_CPU_PACKED=0"
+    if kept:
+        first = next(iter(kept.items()))
+        logger.info(
+            "4bit on CPU: %d layer(s) use bitsandbytes' generic path instead of its AVX512-BF16 packed "
+            "one (e.g. %s: %s)",
+            len(kept),
+            *first,
+        )
+    return list(kept)
 
 
 def _nf4_layers(config: BitsAndBytesConfig):

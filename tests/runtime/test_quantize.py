@@ -72,8 +72,53 @@ def test_int8_on_cpu_is_torch_dynamic_int8_of_the_layers_bitsandbytes_would_quan
     assert [r["caption"] for r in records] == direct_captions(reference, processor, images)
 
 
-def test_4bit_on_cpu_is_bitsandbytes_nf4(cli, tiny_models, sample_images):
+@pytest.mark.parametrize(
+    "shape", [(96, 48), (64, 64), (96, 128), (40, 128), (128, 96), (32, 192), (33, 64), (64, 32)]
+)
+def test_the_packing_rule_is_the_one_bitsandbytes_packs_by(shape):
+    """Our rule for which layers bitsandbytes' AVX512-BF16 path can take, checked against its own
+    packing function (plain torch, so this runs on every CPU, with or without the flags)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from blip_toolkit.runtime.quantize import cpu_packing_problem
+
+    out_features, in_features = shape
+    weight = torch.randn(out_features, in_features)
+    packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4")
+    try:
+        _convert_weight_packed_for_cpu(packed, state)
+        packs = True
+    except (RuntimeError, AssertionError):
+        packs = False
+    assert (cpu_packing_problem(out_features, in_features, state.blocksize) is None) == packs
+
+
+def _has_packed_path() -> bool:
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+@pytest.mark.parametrize(
+    "packed",
+    [
+        pytest.param(True, id="packed-where-the-cpu-has-it"),
+        pytest.param(False, id="generic-path-forced"),
+    ],
+)
+def test_4bit_on_cpu_is_bitsandbytes_nf4(cli, tiny_models, sample_images, monkeypatch, packed):
+    """NF4 weights bit-identical to transformers' at-load bitsandbytes quantization, and the same
+    captions. On a CPU with AVX512-BF16, bitsandbytes packs weights for its fused bf16 kernel (which
+    crashed on the tiny model's 48-wide layers before guard_cpu_packing); both that path and the generic
+    one are compared there. Elsewhere both cases run the generic path."""
     pytest.importorskip("bitsandbytes")
+    from blip_toolkit.runtime.quantize import guard_cpu_packing
+
+    if not packed:
+        monkeypatch.setenv("BLIP_4BIT_CPU_PACKED", "0")
     path = tiny_models["blip-caption"]
     config = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
@@ -81,16 +126,27 @@ def test_4bit_on_cpu_is_bitsandbytes_nf4(cli, tiny_models, sample_images):
     reference = transformers.BlipForConditionalGeneration.from_pretrained(
         path, quantization_config=config, device_map={"": "cpu"}
     ).eval()
+    # The reference takes the same per-layer path as ours: transformers' own load would crash on the
+    # packed path's unsupported shapes exactly as we did.
+    kept = guard_cpu_packing(reference)
+    if _has_packed_path():
+        assert kept, "the tiny model has layers the packed path cannot take"
+        if packed:
+            # Some layers do take the packed path, so it is really exercised here.
+            assert any(
+                getattr(m, "support_avx512bf16_for_cpu", False) for m in reference.modules()
+            ), "no layer on the packed path"
     # The same layers, with bit-identical packed weights and block scales.
     ours = load_model(str(path), "caption", quantize="4bit").model
-    packed = {n: m for n, m in reference.named_modules() if type(m).__name__ == "Linear4bit"}
-    assert packed and packed.keys() == {
+    packed_layers = {n: m for n, m in reference.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert packed_layers and packed_layers.keys() == {
         n for n, m in ours.named_modules() if type(m).__name__ == "Linear4bit"
     }
-    for name, layer in packed.items():
-        mine = ours.get_submodule(name).weight
-        assert torch.equal(mine.data, layer.weight.data), name
-        assert torch.equal(mine.quant_state.absmax, layer.weight.quant_state.absmax), name
+    for name, layer in packed_layers.items():
+        mine = ours.get_submodule(name)
+        assert torch.equal(mine.weight.data, layer.weight.data), name
+        assert torch.equal(mine.weight.quant_state.absmax, layer.weight.quant_state.absmax), name
+        assert mine.support_avx512bf16_for_cpu == layer.support_avx512bf16_for_cpu, name
     processor = transformers.AutoProcessor.from_pretrained(path, backend="pil")
     images = sample_images[:3]
     result, records = captions(cli, path, images, "--quantize", "4bit")
