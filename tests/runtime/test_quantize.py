@@ -133,9 +133,9 @@ def test_4bit_on_cpu_is_bitsandbytes_nf4(cli, tiny_models, sample_images, monkey
         assert kept, "the tiny model has layers the packed path cannot take"
         if packed:
             # Some layers do take the packed path, so it is really exercised here.
-            assert any(
-                getattr(m, "support_avx512bf16_for_cpu", False) for m in reference.modules()
-            ), "no layer on the packed path"
+            assert any(getattr(m, "support_avx512bf16_for_cpu", False) for m in reference.modules()), (
+                "no layer on the packed path"
+            )
     # The same layers, with bit-identical packed weights and block scales.
     ours = load_model(str(path), "caption", quantize="4bit").model
     packed_layers = {n: m for n, m in reference.named_modules() if type(m).__name__ == "Linear4bit"}
