@@ -11,6 +11,7 @@ import io
 import os
 import random
 import socket
+import subprocess
 import sys
 import tarfile
 
@@ -283,6 +284,25 @@ def test_wrong_credentials_are_one_line_without_the_secret(s3, monkeypatch):
         s3fs.S3FileSystem.clear_instance_cache()
 
 
+def test_no_credentials_is_one_line(s3, monkeypatch):
+    bucket = s3.create_bucket()
+    url = s3.upload(bucket, "a.bin", b"data")
+    # the fixture's AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE do not exist and IMDS is off
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(InputError) as checked:
+            remote.check_readable(url)
+        assert str(checked.value) == (
+            f"{url}: no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        )
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
 # ----------------------------------------------------------------------------- S3: a read cut half way
 
 
@@ -505,3 +525,15 @@ def test_missing_remote_extra_names_the_install_command(monkeypatch):
     )
     with pytest.raises(InputError, match=r"unknown protocol nosuchproto://"):
         remote.url_to_fs("nosuchproto://x/y")
+
+
+def test_a_process_started_by_a_test_reaches_the_server_through_the_environment(s3):
+    """The CLI tests run `blip` in subprocesses: the fixture's environment alone must lead them to the
+    server (through the proxy, so their reads can be cut too)."""
+    bucket = s3.create_bucket()
+    data = payload(50_000, seed=6)
+    url = s3.upload(bucket, "sub/a.bin", data)
+    code = "import sys, fsspec; sys.stdout.write(fsspec.open(sys.argv[1], 'rb').open().read().hex())"
+    out = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, check=True)
+    assert bytes.fromhex(out.stdout) == data
+    assert s3.proxy.endpoint == os.environ["AWS_ENDPOINT_URL_S3"]
