@@ -56,8 +56,8 @@ def tiny_model(root: Path) -> Path:
 
 def caption_file(runner, folder: Path, out: Path, *, batch_size: int, max_new_tokens: int, num_workers):
     """What `blip caption FOLDER --output OUT` runs once the model is loaded."""
+    from blip_toolkit.pipeline.sources import open_inputs
     from blip_toolkit.runtime.caption import CaptionOptions, caption_task
-    from blip_toolkit.runtime.datasets import open_inputs
     from blip_toolkit.runtime.generation import GenerationOptions
     from blip_toolkit.runtime.inference import OutputJob, infer_to_file
 
@@ -84,8 +84,8 @@ def overhead(root: Path, quick: bool) -> tuple[list[dict], list[dict], dict]:
     import torch
 
     from blip_toolkit.data.images import open_image
+    from blip_toolkit.pipeline.outputs import read_output
     from blip_toolkit.runtime.loading import open_runner
-    from blip_toolkit.runtime.records import read_output
 
     rounds, per_round = (2, 16) if quick else (4, 128)
     max_new_tokens, batch = (8 if quick else 20), 8
@@ -219,8 +219,8 @@ def write_tars(folder: Path, items: int, per_tar: int = 1000) -> str:
 
 
 def memory_worker(args: argparse.Namespace) -> dict:
+    from blip_toolkit.pipeline.sources import open_inputs
     from blip_toolkit.runtime.caption import CaptionOptions, caption_task
-    from blip_toolkit.runtime.datasets import open_inputs
     from blip_toolkit.runtime.generation import GenerationOptions
     from blip_toolkit.runtime.inference import OutputJob, infer_to_file
     from blip_toolkit.runtime.loading import open_runner

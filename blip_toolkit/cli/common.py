@@ -39,7 +39,7 @@ def run_inference(
 ) -> None:
     """The tail shared by `caption`, `vqa` and `retrieval`: records to stdout, or the resumable
     (multi-process) run into `--output` and its summary; exit 3 when some items failed."""
-    from blip_toolkit.runtime.datasets import open_inputs
+    from blip_toolkit.pipeline.sources import open_inputs
     from blip_toolkit.runtime.inference import OutputJob, run_to_file, stream_records
 
     source = open_inputs(

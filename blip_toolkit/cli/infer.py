@@ -131,8 +131,8 @@ def caption(
       find shots -name '*.png' | blip caption - --model Salesforce/blip2-opt-2.7b --prompt "a photo of"
     """
     from blip_toolkit.cli.common import run_inference
+    from blip_toolkit.pipeline.outputs import item_name
     from blip_toolkit.runtime.caption import CaptionOptions, caption_task
-    from blip_toolkit.runtime.records import item_name
 
     options = CaptionOptions(
         prompt=prompt,
@@ -227,7 +227,7 @@ def vqa(
     """
     from blip_toolkit.cli.common import run_inference
     from blip_toolkit.errors import UsageError
-    from blip_toolkit.runtime.records import item_name
+    from blip_toolkit.pipeline.outputs import item_name
     from blip_toolkit.runtime.vqa import VqaOptions, vqa_task
 
     options = VqaOptions(
@@ -325,7 +325,7 @@ def retrieval(
     """
     from blip_toolkit.cli.common import read_texts_file, run_inference
     from blip_toolkit.errors import UsageError
-    from blip_toolkit.runtime.records import item_name
+    from blip_toolkit.pipeline.outputs import item_name
     from blip_toolkit.runtime.retrieval import RetrievalOptions, RetrievalTask
 
     options = RetrievalOptions(

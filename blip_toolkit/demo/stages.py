@@ -29,12 +29,12 @@ from blip_toolkit.eval.evaluate import CaptionEvalConfig, RetrievalEvalConfig, V
 from blip_toolkit.eval.retrieval_eval import evaluate_retrieval
 from blip_toolkit.eval.vqa_eval import evaluate_vqa
 from blip_toolkit.log import verbosity
+from blip_toolkit.pipeline.outputs import read_output
+from blip_toolkit.pipeline.sources import open_inputs
 from blip_toolkit.runtime.caption import CaptionOptions, caption_task
-from blip_toolkit.runtime.datasets import open_inputs
 from blip_toolkit.runtime.generation import GenerationOptions
 from blip_toolkit.runtime.inference import OutputJob, run_to_file
 from blip_toolkit.runtime.loading import open_runner
-from blip_toolkit.runtime.records import read_output
 from blip_toolkit.runtime.retrieval import RetrievalOptions, rank_texts
 from blip_toolkit.runtime.vqa import VqaOptions, vqa_task
 from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint

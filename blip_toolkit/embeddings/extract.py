@@ -1,16 +1,17 @@
-"""The extraction job behind `blip extract-embeddings`: images (+ captions) -> embedding shards.
+"""The extraction job behind `blip extract-embeddings`: images (+ captions) -> embedding shards, on the
+one dataset pipeline (blip_toolkit/pipeline/: sources -> units -> decoded chunks -> task -> sink).
 
 Per image: the conditioning encoder's tokens, the target encoder's tokens and its own global image
 embedding; per caption: the target encoder's text embedding. Both encoders see the same decoded
 image, each through its own processor; with `crop = "center"` (the default) the image is first cut to
-its centred square, so both token grids cover the same pixels (embeddings/reading.py). How the work is cut, so that results do not depend on the
-number of processes or workers, is in embeddings/reading.py.
+its centred square, so both token grids cover the same pixels (embeddings/preprocess.py).
 
-Bad images are skipped (a shard may hold fewer than `shard_size` images) and reported in
-errors.jsonl. Each shard is written atomically with a done record last; `resume` skips finished
-shards. Under `accelerate launch` every process writes its own shards; rank 0 waits for all of them
-(by their done records, so a long run cannot hit the process-group timeout) and writes index.json.
-Memory is bounded by one shard's outputs (`shard_size` x tokens) plus the DataLoader's prefetch.
+Sources: a folder, a TSV manifest, webdataset tars, Parquet files or save_to_disk directories, local
+or remote (pipeline/sources.py). Bad images are skipped (a shard may hold fewer than `shard_size`
+images) and reported in errors.jsonl. Each shard is written atomically with a done record last;
+`resume` skips finished shards. Under `accelerate launch` unit u belongs to process u % N; process 0
+waits for every process's share marker and writes index.json. Memory is bounded by one shard's
+outputs (`shard_size` x tokens) plus the DataLoader's prefetch.
 """
 
 from __future__ import annotations
@@ -23,18 +24,38 @@ from collections.abc import Callable
 from pathlib import Path
 
 from blip_toolkit import __version__
-from blip_toolkit.data.sources import ItemSource, WdsSource, open_source
 from blip_toolkit.embeddings.adapters import check_role, inspect_encoder
-from blip_toolkit.embeddings.encode import Encoders, encode_shards, load_encoders
+from blip_toolkit.embeddings.encode import (
+    Encoders,
+    ExtractionTask,
+    ShardSink,
+    load_encoders,
+    shards_state,
+    unit_records,
+)
 from blip_toolkit.embeddings.extract_config import DATA_KEYS, ExtractConfig, ExtractSummary
 from blip_toolkit.embeddings.format import ERRORS_FILE, HEAD_FILE, INDEX_FILE, RUN_KIND
 from blip_toolkit.embeddings.layout import TokenLayout
-from blip_toolkit.embeddings.reading import Unit, item_units, square_coverage, tar_records, wds_units
-from blip_toolkit.embeddings.shards import build_index, read_done
+from blip_toolkit.embeddings.preprocess import square_coverage
+from blip_toolkit.embeddings.shards import build_index
 from blip_toolkit.engine.accelerate import process_state
 from blip_toolkit.engine.outputs import RunRecord, check_output_dir, check_resume_settings, prepare_output_dir
 from blip_toolkit.errors import InputError
 from blip_toolkit.fsutil import atomic_write, sha256_file, write_json
+from blip_toolkit.pipeline import remote, tables
+from blip_toolkit.pipeline.resume import ResumeState
+from blip_toolkit.pipeline.run import (
+    local_events,
+    mark_share_done,
+    next_attempt,
+    pending_items,
+    read_shares,
+    run_share,
+    share_units,
+    wait_for_shares,
+)
+from blip_toolkit.pipeline.sources import Source, Unit, open_dataset
+from blip_toolkit.pipeline.stream import RunSettings
 
 logger = logging.getLogger("blip")
 
@@ -49,7 +70,10 @@ def extract_embeddings(
     which one wrote index.json). `after_shard(record)` is called after each shard this process
     writes (tests use it to simulate a kill)."""
     started = time.perf_counter()
-    source = open_source(config.source, allow_pipe=config.allow_pipe)
+    columns = tables.TableColumns(config.image_column, config.key_column, config.text_column)
+    source = open_dataset(
+        config.source, allow_pipe=config.allow_pipe, columns=columns, unit_size=config.shard_size
+    )
     # Refuse an impossible target before anything heavy happens.
     check_role(inspect_encoder(config.target_encoder)[1], "target", config.target_encoder)
     check_role(inspect_encoder(config.cond_encoder)[1], "cond", config.cond_encoder)
@@ -57,6 +81,9 @@ def extract_embeddings(
     out = Path(config.out)
     spec = _data_spec(config, source)
     _check_output(out, config, spec)
+    # Every process numbers the attempt and reads what is done before the barriers, while nobody writes.
+    attempt = next_attempt(out)
+    resume = ResumeState() if config.overwrite else shards_state(out, source.units, config.shard_size)
     encoders = load_encoders(config, state)
     # Nothing is written before every check has passed (encoders, layouts, head).
     state.wait_for_everyone()  # everyone has checked the directory before rank 0 changes it
@@ -64,19 +91,32 @@ def extract_embeddings(
         _prepare_output(out, config, spec, encoders)
     state.wait_for_everyone()
 
-    units = wds_units(source) if source.kind == "webdataset" else item_units(source.items, config.shard_size)
-    todo, skipped = _remaining(out, units[state.process_index :: state.num_processes])
+    rank, world = state.process_index, state.num_processes
+    todo = share_units(source, resume, rank, world)
     if state.is_main_process:
-        _log_plan(config, source, out, units, todo, encoders, state.num_processes)
-    for record in encode_shards(config, source, out, units, todo, encoders):
-        if after_shard is not None:
-            after_shard(record)
+        _log_plan(config, source, out, todo, encoders, world)
+    task = ExtractionTask(encoders, config)
+    sink = ShardSink(out, source.units, config, _dims(encoders), resume, after_shard)
+    settings = RunSettings(config.batch_size, config.num_workers, config.max_pixels)
+    events = local_events(
+        None, task, source, todo, resume, settings, out / f".spool-r{rank:05d}", part_size=config.shard_size
+    )
+    share = run_share(
+        events,
+        sink,
+        total=pending_items(todo, resume),
+        progress=state.is_main_process,
+        every=config.batch_size,
+    )
+    mark_share_done(out, attempt, rank, share)
+    skipped = sum(len(unit_records(out, u)) for u in source.units[rank::world]) - len(sink.records)
 
     if not state.is_main_process:
-        logger.debug("rank %d finished its shards", state.process_index)
+        logger.debug("rank %d finished its shards", rank)
         seconds = time.perf_counter() - started
         return ExtractSummary(str(out), 0, 0, 0, 0, skipped_shards=skipped, seconds=seconds, is_main=False)
-    records = _wait_for_all(out, units, state.num_processes)
+    wait_for_shares(out, attempt, world)
+    records = _collect(out, source, read_shares(out, attempt, world).unread)
     counts = _write_index(out, config, source, encoders, records)
     seconds = time.perf_counter() - started
     logger.info(
@@ -100,21 +140,50 @@ def extract_embeddings(
     )
 
 
-def _data_spec(config: ExtractConfig, source: ItemSource | WdsSource) -> dict:
+def _dims(encoders: Encoders) -> dict:
+    return {
+        "cond_tokens": encoders.cond_layout.num_tokens,
+        "cond_dim": encoders.cond.hidden_size,
+        "target_tokens": encoders.target_layout.num_tokens,
+        "target_dim": encoders.target.hidden_size,
+        "embed_dim": encoders.target.embed_dim,
+    }
+
+
+def _collect(out: Path, source: Source, unread: list[tuple[int, str]]) -> list[dict]:
+    """Every shard's done record in dataset order, or one line naming what did not finish."""
+    records, missing = [], []
+    for unit in source.units:
+        found = unit_records(out, unit)
+        if not found or not (found[-1].get("last") or unit.kind == "files"):
+            missing.append(unit)
+        records.extend(found)
+    if missing:
+        reasons = dict(unread)
+        first = missing[0]
+        why = reasons.get(first.number) or (remote.redact_url(first.url) if first.url else first.name)
+        raise InputError(
+            f"{out}: {len(missing)} unit(s) of the input did not finish (first: {why}); rerun with --resume"
+        )
+    return records
+
+
+def _data_spec(config: ExtractConfig, source: Source) -> dict:
     """The settings that define the data (blip_run.json "config"; a --resume must match them)."""
-    if source.kind == "webdataset":
-        inputs = [u if u.startswith("pipe:") else str(Path(u).resolve()) for u in source.urls]
-        source_id = {"kind": source.kind, "inputs": inputs}
-    else:
+    if source.kind == "files":
         digest = hashlib.sha256(
-            "\n".join(f"{i.key}\t{i.image}" for i in source.items).encode("utf-8")
+            "\n".join(f"{e.key}\t{e.image}" for e in source.entries).encode("utf-8")
         ).hexdigest()
+        spec = source.spec[0]
+        path = spec if remote.is_url(spec) else str(Path(spec).resolve())
         source_id = {
-            "kind": source.kind,
-            "path": str(Path(source.spec).resolve()),
-            "items": len(source.items),
+            "kind": "folder" if not Path(spec).is_file() else "tsv",
+            "path": path,
+            "items": len(source.entries),
             "items_sha256": digest,
         }
+    else:
+        source_id = source.describe()
     return {"source": source_id, **{k: getattr(config, k) for k in DATA_KEYS}}
 
 
@@ -138,34 +207,17 @@ def _prepare_output(out: Path, config: ExtractConfig, spec: dict, encoders: Enco
     encoders.head.save(out / HEAD_FILE)
 
 
-def _remaining(out: Path, mine: list[Unit]) -> tuple[list[Unit], int]:
-    """This rank's units minus the finished ones, and the number of output shards already done."""
-    todo, skipped = [], 0
-    for unit in mine:
-        if unit.url:
-            records = tar_records(out, unit)
-            skipped += len(records) if records is not None else len(unit.done_parts)
-            finished = records is not None
-        else:
-            finished = read_done(out, unit.name) is not None
-            skipped += finished
-        if not finished:
-            todo.append(unit)
-    return todo, skipped
-
-
-def _log_plan(
-    config, source, out: Path, units: list[Unit], todo: list[Unit], encoders: Encoders, world: int
-) -> None:
-    webdataset = source.kind == "webdataset"
+def _log_plan(config, source: Source, out: Path, todo: list[Unit], encoders: Encoders, world: int) -> None:
+    what = {"files": "image(s)", "webdataset": "tar(s)", "table": "table unit(s)"}[source.kind]
+    count = len(source.entries) if source.kind == "files" else len(source.units)
     logger.info(
-        "extracting %s from %s (%s) into %s: %d %s, %d to do%s; cond %s %s, target %s %s, head %s, crop %s",
-        f"{len(source.urls)} tar(s)" if webdataset else f"{len(source.items)} images",
-        ", ".join(config.source),
+        "extracting %d %s from %s (%s) into %s: %d unit(s), %d to do%s; cond %s %s, target %s %s, head %s, crop %s",
+        count,
+        what,
+        ", ".join(remote.redact_url(s) for s in config.source),
         source.kind,
         out,
-        len(units),
-        "tar(s)" if webdataset else "shard(s)",
+        len(source.units),
         len(todo),
         f" by this process (rank 0 of {world})" if world > 1 else "",
         encoders.cond.source,
@@ -188,38 +240,6 @@ def _log_plan(
         logger.info(
             "--crop none: each processor sees the whole image (on non-square images the grids differ)"
         )
-
-
-def _wait_for_all(out: Path, units: list[Unit], world: int, poll: float = 2.0) -> list[dict]:
-    """Every shard's done record in dataset order. With several processes, wait for the others by
-    polling the file system (a barrier would time out when one rank has hours more work)."""
-
-    def collect(unit: Unit) -> list[dict] | None:
-        if unit.url:
-            return tar_records(out, unit)
-        record = read_done(out, unit.name)
-        return [record] if record is not None else None
-
-    found: dict[int, list[dict]] = {}
-    last_log = time.monotonic()
-    while True:
-        for unit in units:
-            if unit.number not in found:
-                records = collect(unit)
-                if records is not None:
-                    found[unit.number] = records
-        missing = [u.name for u in units if u.number not in found]
-        if not missing:
-            break
-        if world == 1:  # nobody else is going to write them
-            raise InputError(
-                f"{out}: {len(missing)} shard(s) did not finish (first: {missing[0]}); rerun with --resume"
-            )
-        if time.monotonic() - last_log > 60:
-            logger.info("waiting for %d shard(s) from the other processes", len(missing))
-            last_log = time.monotonic()
-        time.sleep(poll)
-    return [record for unit in units for record in found[unit.number]]
 
 
 def _write_index(out: Path, config: ExtractConfig, source, encoders: Encoders, records: list[dict]) -> dict:

@@ -33,6 +33,9 @@ DATA_KEYS = (
     "shard_size",
     "max_pixels",
     "crop",
+    "image_column",
+    "key_column",
+    "text_column",
 )
 
 
@@ -59,6 +62,9 @@ class ExtractConfig:
     num_workers: int = 2
     max_pixels: int = DEFAULT_MAX_PIXELS
     allow_pipe: bool = False
+    image_column: str = "image"  # Parquet / Arrow inputs: the image column
+    key_column: str | None = None  # ... the key column (default: the row number within its file)
+    text_column: str | None = None  # ... the captions column (a string or a list of strings)
     resume: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False

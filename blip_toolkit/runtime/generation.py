@@ -19,7 +19,7 @@ import torch
 from blip_toolkit.errors import UsageError
 from blip_toolkit.runtime.batching import check_text
 from blip_toolkit.runtime.quantize import empty_output_error
-from blip_toolkit.runtime.records import item_name
+from blip_toolkit.pipeline.outputs import item_name
 
 
 @dataclass
@@ -165,7 +165,7 @@ class GenerationEncoder:
 
 
 class GenerationTask:
-    """Captioning or VQA over prepared items (see runtime/stream.py for the protocol): batches of
+    """Captioning or VQA over prepared items (see pipeline/stream.py for the protocol): batches of
     equal prompt length, so batched results equal one-at-a-time ones."""
 
     def __init__(self, runner, options: GenerationOptions, *, task: str, prompt=None, template=None):

@@ -1,17 +1,15 @@
-"""The one implementation of `blip caption`, `blip vqa` and `blip retrieval`, from a list of images in
-memory to millions of webdataset samples on several processes.
+"""Dataset inference: `blip caption`, `blip vqa` and `blip retrieval` from a list of images in memory
+to millions of webdataset samples or Parquet rows on several processes, on the one dataset pipeline
+(blip_toolkit/pipeline/):
 
-    source -> records in input order (runtime/stream.py: workers, windows, equal-length batches)
-        -> stdout, or the journal and the final file (runtime/records.py)
+    source -> units -> decoded chunks (DataLoader workers) -> the task's model -> records in input order
+        -> stdout (`stream_records`), or the journal and the final file (`run_to_file`)
 
-A run to stdout streams one process's records (`stream_records`). A run to `--output FILE`
-(`run_to_file`, `infer_to_file`) is resumable and multi-process: every process computes its share
-into a journal of its own, and process 0 waits for all shares, merges them by position and writes
-the file once. A task supplies what runtime/stream.py lists, and for file outputs `ranked_fields`
-(retrieval) and `fingerprint()`.
-
-Results do not depend on the number of processes: a process's share is fixed by position (file item
-i -> rank i % N, tar t -> rank t % N) and process 0 merges the shares by position.
+A run to `--output FILE` is resumable and multi-process: every process computes its share into a
+journal of its own (pipeline/journal.py), and process 0 waits for all shares, merges them by position
+and writes the file once. `--retry-failed` reruns only the records of a finished output that hold an
+error and replaces them in place. A task (GenerationTask for caption / vqa, RetrievalTask) supplies
+what pipeline/stream.py lists, and `ranked_fields` (retrieval).
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,29 +27,44 @@ from pathlib import Path
 from typing import Any
 
 from blip_toolkit.engine.accelerate import process_state
-from blip_toolkit.engine.outputs import RunRecord, check_output_file, check_resume_settings
+from blip_toolkit.engine.outputs import RunRecord, check_resume_settings
 from blip_toolkit.errors import BlipError, InputError, OutputExistsError, UsageError
-from blip_toolkit.runtime.datasets import FileSource, Source, file_position
-from blip_toolkit.runtime.loading import DEFAULT_MODELS, open_runner, resolve_source
-from blip_toolkit.runtime.records import (
-    JournalState,
-    JournalWriter,
-    check_writable,
+from blip_toolkit.pipeline import remote
+from blip_toolkit.pipeline.items import Prepared
+from blip_toolkit.pipeline.journal import (
+    JournalSink,
     clear_journal,
-    columns_for,
-    journal_files,
-    merged_records,
-    output_format,
+    journal_records,
+    last_attempt,
+    read_failed,
     read_journal,
-    sidecar,
+    write_failed,
+)
+from blip_toolkit.pipeline.outputs import (
+    check_writable,
+    columns_for,
+    output_format,
+    rewrite_output,
+    run_directory,
     write_output,
 )
-from blip_toolkit.runtime.stream import Progress, RunSettings, infer_records, process_chunks, share_chunks
+from blip_toolkit.pipeline.resume import ResumeState
+from blip_toolkit.pipeline.run import (
+    SHARES_DIR,
+    local_events,
+    mark_share_done,
+    next_attempt,
+    pending_items,
+    read_shares,
+    run_share,
+    share_units,
+    wait_for_shares,
+)
+from blip_toolkit.pipeline.sources import FILE_UNIT, Source
+from blip_toolkit.pipeline.stream import Progress, RunSettings
+from blip_toolkit.runtime.loading import DEFAULT_MODELS, open_runner, resolve_source
 
 logger = logging.getLogger("blip")
-
-
-# ----------------------------------------------------------------------------- to a file
 
 
 @dataclass
@@ -60,32 +74,38 @@ class OutputJob:
     output: str
     resume: bool = False
     overwrite: bool = False
+    retry_failed: bool = False
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.resume and self.overwrite:
-            raise UsageError("--resume and --overwrite exclude each other")
+        self.output = str(self.output)
+        if sum((self.resume, self.overwrite, self.retry_failed)) > 1:
+            raise UsageError("--resume, --overwrite and --retry-failed exclude each other")
 
 
 @dataclass
 class Summary:
-    """What a run wrote. `failed` records hold an error."""
+    """What a run wrote. `failed` records hold an error; `retried` were rerun by --retry-failed."""
 
     output: str
     records: int
     failed: int
     seconds: float = 0.0
     already_done: int = 0  # written by earlier attempts (--resume)
+    retried: int = 0
     is_main: bool = True
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "output": self.output,
             "records": self.records,
             "failed": self.failed,
             "already_done": self.already_done,
             "seconds": round(self.seconds, 3),
         }
+        if self.retried:
+            out["retried"] = self.retried
+        return out
 
 
 def model_fingerprint(source: str) -> dict:
@@ -100,47 +120,113 @@ def _kind(task_name: str) -> str:
     return f"blip-{task_name}"
 
 
-def check_output(job: OutputJob, fingerprint: dict, task_name: str) -> tuple[Path, dict | None, JournalState]:
-    """The output policy, read-only: an existing output or run state is refused without --resume or
-    --overwrite; --resume needs the run state of the same kind, the same fingerprint and an intact
-    journal. Returns the run directory, the previous run record and the journal (with --resume)."""
-    output = Path(job.output)
-    run_dir = sidecar(output)
+def make_record(task) -> Callable[[Prepared, Any], dict]:
+    """The output record of a stream result: the item's naming fields and the task's result, or its
+    error."""
+
+    def record(item: Prepared, result: Any) -> dict:
+        if result is None:
+            return {**item.fields, **task.error_fields(item), "error": item.error}
+        return {**item.fields, **result}
+
+    return record
+
+
+# ----------------------------------------------------------------------------- the output policy
+
+
+def _exists(output: str) -> bool:
+    return remote.exists(output) if remote.is_url(output) else Path(output).exists()
+
+
+def check_output(job: OutputJob, fingerprint: dict, task_name: str) -> tuple[Path, dict | None]:
+    """The output policy, read-only: an existing output or run state is refused without --resume,
+    --overwrite or --retry-failed; those need the run state of the same kind and fingerprint.
+    Returns the run directory and the previous run record (with --resume / --retry-failed)."""
+    output = job.output
+    shown = remote.redact_url(output)
+    run_dir = run_directory(output)
     output_format(output)
     kind = _kind(task_name)
+    if not remote.is_url(output) and Path(output).is_dir():
+        raise OutputExistsError(f"{output} is a directory; expected a file name")
     if job.overwrite:
-        check_output_file(output, overwrite=True)
         if run_dir.exists() and not (run_dir / "blip_run.json").is_file():
             raise OutputExistsError(f"{run_dir} exists and was not written by blip; refusing to clear it")
-        check_writable(output.parent if str(output.parent) else Path("."))
-        return run_dir, None, JournalState()
-    if not job.resume:
-        check_output_file(output, overwrite=False)
+        _check_destination(output, run_dir)
+        return run_dir, None
+    if not job.resume and not job.retry_failed:
+        if _exists(output):
+            raise OutputExistsError(
+                f"{shown} already exists",
+                hint="pass --overwrite to replace it, or --retry-failed to rerun its failed items",
+            )
         if run_dir.exists():
             raise OutputExistsError(
-                f"{output}: an unfinished run is in {run_dir}",
+                f"{shown}: an unfinished run is in {run_dir}",
                 hint="pass --resume to continue it or --overwrite to start over",
             )
-        check_writable(output.parent if str(output.parent) else Path("."))
-        return run_dir, None, JournalState()
+        _check_destination(output, run_dir)
+        return run_dir, None
     record = RunRecord(run_dir, kind).read() if run_dir.is_dir() else None
+    flag = "--retry-failed" if job.retry_failed else "--resume"
     if record is None:
-        what = "exists but has" if output.exists() else "has"
+        what = "exists but has" if _exists(output) else "has"
         raise OutputExistsError(
-            f"{output} {what} no run state of blip {task_name} beside it ({run_dir}/blip_run.json); "
-            "nothing to resume",
-            hint="start a new run without --resume, or pass --overwrite",
+            f"{shown} {what} no run state of blip {task_name} ({run_dir}/blip_run.json); nothing to "
+            f"{'retry' if job.retry_failed else 'resume'}",
+            hint=f"start a new run without {flag}, or pass --overwrite",
         )
     if record.get("kind") != kind:
         raise OutputExistsError(
             f"{run_dir} is a run of {str(record.get('kind')).removeprefix('blip-')}, not of {task_name}; "
-            "cannot resume it"
+            f"cannot {'retry' if job.retry_failed else 'resume'} it"
         )
-    check_resume_settings(record.get("config", {}), fingerprint, free=(), where=str(output), flag="--output")
-    if record.get("status") == "finished" and not output.is_file():
-        raise InputError(f"{output}: the run finished but the file is gone; start again with --overwrite")
+    check_resume_settings(record.get("config", {}), fingerprint, free=(), where=shown, flag="--output")
+    finished = record.get("status") == "finished"
+    if finished and not _exists(output):
+        raise InputError(f"{shown}: the run finished but the file is gone; start again with --overwrite")
+    if job.retry_failed and not finished:
+        raise OutputExistsError(f"{shown}: the run has not finished", hint="continue it with --resume first")
     check_writable(run_dir)
-    return run_dir, record, read_journal(run_dir)
+    return run_dir, record
+
+
+def _check_destination(output: str, run_dir: Path) -> None:
+    """The output's place can be written (local: its folder; remote: the run directory here, and the
+    bucket or host answers)."""
+    if remote.is_url(output):
+        # The bucket or folder must answer (a missing bucket or a denied prefix is one line now,
+        # not after hours of work); the object itself appears at the end, in one put.
+        remote.check_readable(output.rsplit("/", 1)[0] + "/")
+        check_writable(run_dir.parent)
+        return
+    parent = Path(output).parent
+    check_writable(parent if str(parent) else Path("."))
+
+
+def retry_state(source: Source, run_dir: Path) -> tuple[ResumeState, dict, dict[int, int]]:
+    """What --retry-failed treats as done: every position except the failed ones (units without a
+    failure are complete). Returns it, position -> output row of each failed record, and the ends of
+    their units as the finished run knew them."""
+    rows, ends = read_failed(run_dir)
+    state = ResumeState()
+    failed_units = {pos[0] for pos in rows}
+    for unit in source.units:
+        if unit.number not in failed_units:
+            state.end(unit.number, 0)
+            continue
+        count = ends.get(unit.number, unit.size)
+        if count is None:
+            raise InputError(f"{run_dir}: no end recorded for unit {unit.number}; rerun with --overwrite")
+        for offset in range(count):
+            if (unit.number, offset) not in rows:
+                state.add((unit.number, offset))
+        state.end(unit.number, count)
+    return read_journal(run_dir, state), rows, ends
+
+
+# ----------------------------------------------------------------------------- to a file
 
 
 def infer_to_file(
@@ -156,22 +242,35 @@ def infer_to_file(
     process 0 waits for all shares and writes the final file in input order."""
     started = time.perf_counter()
     state = process_state(cpu=job.device == "cpu")
-    output = Path(job.output)
+    output, shown = job.output, remote.redact_url(job.output)
     fmt = output_format(output)
     task_name = fingerprint["task"]
-    # Every process reads the journal here, before the barriers: nobody appends to it until all have.
-    run_dir, previous, journal = check_output(job, fingerprint, task_name)
+    # Every process reads the run state here, before the barriers: nobody writes it until all have.
+    run_dir, previous = check_output(job, fingerprint, task_name)
     record = RunRecord(run_dir, _kind(task_name), enabled=state.is_main_process)
-    if previous is not None and previous.get("status") == "finished":
+    retry = None
+    if job.retry_failed:
+        resume, rows, ends = retry_state(source, run_dir)
+        retry = (rows, ends)
+        if not rows:
+            logger.info("%s has no failed records; nothing to retry", shown)
+            counts = previous.get("counts", {})
+            return Summary(shown, counts.get("records", 0), 0, is_main=state.is_main_process)
+    elif previous is not None and previous.get("status") == "finished":
         counts = previous.get("counts", {})
-        logger.info("%s is complete (%d records); nothing to do", output, counts.get("records", 0))
+        logger.info("%s is complete (%d records); nothing to do", shown, counts.get("records", 0))
         return Summary(
-            str(output),
+            shown,
             counts.get("records", 0),
             counts.get("failed", 0),
             already_done=counts.get("records", 0),
             is_main=state.is_main_process,
         )
+    else:
+        resume = read_journal(run_dir) if job.resume else ResumeState()
+    earlier = resume.records
+    # Every process numbers the attempt before the barriers, while nobody writes the run directory.
+    attempt = next_attempt(run_dir, last_attempt(run_dir))
 
     device = job.device
     if device == "auto" and state.num_processes > 1 and state.device is not None:
@@ -184,109 +283,139 @@ def infer_to_file(
         if job.overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        record.start({"config": fingerprint, "output": str(output), "format": fmt}, previous=previous)
+        if retry is None:
+            record.start({"config": fingerprint, "output": shown, "format": fmt}, previous=previous)
     state.wait_for_everyone()
-    attempt = journal.last_attempt + 1
 
+    rank, world = state.process_index, state.num_processes
+    units = share_units(source, resume, rank, world)
+    sink = JournalSink(run_dir, attempt, rank, resume, make_record(task))
+    spool = run_dir / f"spool-r{rank:05d}"
     try:
-        counts = _run_share(runner, task, source, settings, journal, run_dir, attempt, state)
+        events = local_events(runner, task, source, units, resume, settings, spool)
+        share = run_share(
+            events,
+            sink,
+            total=pending_items(units, resume),
+            progress=state.is_main_process,
+            every=settings.batch_size,
+        )
+        mark_share_done(run_dir, attempt, rank, share)
     except BaseException as exc:
         record.fail(exc)
         raise
     if not state.is_main_process:
-        return Summary(str(output), counts[0], counts[1], time.perf_counter() - started, is_main=False)
+        return Summary(shown, share.records, share.failed, time.perf_counter() - started, is_main=False)
 
     try:
-        _wait_for_shares(run_dir, attempt, state.num_processes)
-        final = read_journal(run_dir)
-        _check_complete(source, final, output)
+        wait_for_shares(run_dir, attempt, world)
+        shares = read_shares(run_dir, attempt, world)
         columns = columns_for(task_name, source.kind, getattr(task, "ranked_fields", ()))
-        written = write_output(output, fmt, merged_records(journal_files(run_dir)), columns)
+        if retry is None:
+            final = read_journal(run_dir)
+            _check_complete(source, final, shares.unread, shown)
+            written, failed = _write_final(output, fmt, run_dir, columns)
+        else:
+            written, failed = _rewrite_retried(output, fmt, run_dir, columns, source, shares.unread, *retry)
     except BaseException as exc:
         record.fail(exc)
         raise
-    summary = {"records": written, "failed": final.failed}
-    record.finish(counts=summary)
+    counts = {"records": written, "failed": failed}
+    if retry is None:
+        record.finish(counts=counts)
+    else:
+        record.update(status="finished", counts=counts)
     clear_journal(run_dir)
+    shutil.rmtree(run_dir / SHARES_DIR, ignore_errors=True)
     seconds = time.perf_counter() - started
+    done_now = shares.records
+    if retry is None:
+        logger.info(
+            "wrote %d record(s) to %s in %.1f s, %.2f items/s (%d failed%s)",
+            written,
+            shown,
+            seconds,
+            done_now / max(seconds, 1e-9),
+            failed,
+            f"; {earlier} from earlier runs" if earlier else "",
+        )
+        return Summary(shown, written, failed, seconds, already_done=earlier)
     logger.info(
-        "wrote %d record(s) to %s in %.1f s, %.2f items/s (%d failed%s)",
-        written,
-        output,
-        seconds,
-        (written - journal.records) / max(seconds, 1e-9),
-        final.failed,
-        f"; {journal.records} from earlier runs" if journal.records else "",
+        "retried %d failed record(s) of %s in %.1f s: %d still failed", len(retry[0]), shown, seconds, failed
     )
-    return Summary(str(output), written, final.failed, seconds, already_done=journal.records)
+    return Summary(shown, written, failed, seconds, retried=len(retry[0]))
 
 
-def _run_share(
-    runner, task, source, settings, journal: JournalState, run_dir, attempt, state
-) -> tuple[int, int]:
-    """Compute this process's share into its journal file; returns (records, failed) written now."""
-    chunks, total = share_chunks(
-        source, task, settings, rank=state.process_index, world=state.num_processes, journal=journal
-    )
-    writer = JournalWriter(run_dir, attempt, state.process_index)
-    progress = Progress(total, enabled=state.is_main_process)
-    failed = 0
-    try:
-        for kind, a, b in process_chunks(runner, task, chunks, settings.batch_size):
-            if kind == "end":
-                writer.end(a, b)
-                continue
-            is_error = "error" in b
-            if is_error:
-                logger.warning("%s", b["error"])
-            writer.record(a, b)
-            failed += is_error
-            progress.update(is_error)
-            if progress.done % settings.batch_size == 0:
-                writer.flush()
-        writer.finish()
-    except OSError as exc:
-        writer.close()
-        raise BlipError(
-            f"{writer.path}: cannot write ({exc.strerror or exc}); stopped after {writer.written} record(s) "
-            "of this run, which are kept: free space and rerun with --resume"
-        ) from exc
-    finally:
-        writer.close()
-        progress.close()
-    return writer.written, failed
-
-
-def _wait_for_shares(run_dir: Path, attempt: int, world: int, poll: float = 0.5) -> None:
-    """Wait for every process's done marker of this attempt by polling the file system (a barrier
-    would time out when one process has hours more work than another)."""
-    last_log = time.monotonic()
-    while True:
-        missing = [
-            rank
-            for rank in range(world)
-            if not (run_dir / "journal" / f"a{attempt:04d}-r{rank:05d}.done").is_file()
-        ]
-        if not missing:
-            return
-        if time.monotonic() - last_log > 60:
-            logger.info("waiting for %d process(es) to finish their share", len(missing))
-            last_log = time.monotonic()
-        time.sleep(poll)
-
-
-def _check_complete(source: Source, journal: JournalState, output: Path) -> None:
-    if isinstance(source, FileSource):
-        missing = [i for i in range(source.total) if not journal.has(file_position(i))]
-        if missing:
-            raise InputError(
-                f"{output}: {len(missing)} item(s) have no record (first: {source.entries[missing[0]].image}); "
-                "rerun with --resume"
-            )
+def _check_complete(source: Source, journal: ResumeState, unread: list[tuple[int, str]], shown: str) -> None:
+    """Every unit must be complete before the file is written; else one line and exit 1, the journal
+    kept for --resume."""
+    missing = [unit for unit in source.units if not journal.complete(unit.number)]
+    if not missing:
         return
-    for unit, url in enumerate(source.urls):
-        if not journal.complete(unit):
-            raise InputError(f"{output}: {url} did not finish; rerun with --resume")
+    reasons = dict(unread)
+    first = missing[0]
+    why = reasons.get(first.number) or f"{_unit_label(first)} did not finish"
+    raise InputError(
+        f"{shown}: {len(missing)} unit(s) of the input did not finish (first: {why}); the rest is kept: "
+        "rerun with --resume"
+    )
+
+
+def _unit_label(unit) -> str:
+    if unit.kind == "files":
+        return f"items {unit.start}-{unit.start + (unit.size or 0) - 1}"
+    return remote.redact_url(unit.url)
+
+
+def _write_final(output: str, fmt: str, run_dir: Path, columns) -> tuple[int, int]:
+    """The output from the journal in input order, and failed.jsonl (row and position of each failed
+    record, for --retry-failed); returns (records, failed)."""
+    failed_rows: list = []
+    ends = read_journal(run_dir).ends
+
+    def records() -> Iterator[dict]:
+        for row, (pos, record) in enumerate(journal_records(run_dir)):
+            if "error" in record:
+                failed_rows.append((row, pos))
+            yield record
+
+    written = write_output(output, fmt, records(), columns)
+    try:
+        write_failed(run_dir, failed_rows, ends)
+    except OSError as exc:
+        raise BlipError(
+            f"{run_dir}: cannot write the run state ({exc.strerror or exc}); free space and rerun with --resume"
+        ) from exc
+    return written, len(failed_rows)
+
+
+def _rewrite_retried(output, fmt, run_dir, columns, source, unread, rows, ends) -> tuple[int, int]:
+    """--retry-failed: the rerun records replace the failed ones in place; failed.jsonl then lists the
+    ones still failing."""
+    journal = read_journal(run_dir)
+    for unit, count in journal.ends.items():
+        if unit in ends and ends[unit] != count:
+            raise InputError(
+                f"{_unit_label(source.units[unit])} changed since the run ({ends[unit]} positions, now "
+                f"{count}); its records cannot be replaced in place: rerun it with --overwrite"
+            )
+    replacements: dict[int, dict] = {}
+    still: list = []
+    for pos, record in journal_records(run_dir):
+        if pos in rows:
+            replacements[rows[pos]] = record
+            if "error" in record:
+                still.append((rows[pos], pos))
+    missing = [pos for pos in rows if rows[pos] not in replacements]
+    if missing:
+        reasons = dict(unread)
+        why = reasons.get(missing[0][0]) or f"position {missing[0]} was not redone"
+        raise InputError(
+            f"{remote.redact_url(output)}: {len(missing)} failed item(s) were not redone (first: {why}); rerun with --retry-failed"
+        )
+    written = rewrite_output(output, fmt, replacements, columns)
+    write_failed(run_dir, sorted(still), ends)
+    return written, len(still)
 
 
 # ----------------------------------------------------------------------------- a command's run
@@ -309,6 +438,32 @@ def loader(
         )
 
     return source, load
+
+
+def infer_records(
+    runner, task, source: Source, settings: RunSettings, *, progress: bool = False
+) -> Iterator[dict]:
+    """Every record of `source` in input order, in this process (stdout and the Python API). A unit
+    that could not be read (a remote file) is one error record."""
+    record = make_record(task)
+    meter = Progress(source.total, enabled=progress, every=float("inf"))
+    spool = Path(tempfile.mkdtemp(prefix="blip-spool-"))
+    units = source.units
+    try:
+        for kind, a, b in local_events(runner, task, source, units, ResumeState(), settings, spool):
+            if kind == "record":
+                out = record(a, b)
+                meter.update("error" in out)
+                yield out
+            elif kind == "failed":
+                unit = source.units[a]
+                meter.update(True)
+                yield {"shard": unit.name, "key": None, "error": b}
+    finally:
+        meter.close()
+        shutil.rmtree(spool, ignore_errors=True)
+    if progress:
+        logger.info("%s", meter.summary())
 
 
 def stream_records(
@@ -353,5 +508,6 @@ def run_to_file(
         **model_fingerprint(name),
         "max_pixels": options.max_pixels,
         "inputs": source.describe(),
+        "unit_size": FILE_UNIT if source.kind == "files" else None,
     }
     return infer_to_file(load, make_task, source, job, options.settings(), fingerprint)

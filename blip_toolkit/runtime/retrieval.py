@@ -29,10 +29,11 @@ from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVision
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, InputItem
 from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.runtime.batching import check_text
-from blip_toolkit.runtime.datasets import Source, list_source
+from blip_toolkit.pipeline.sources import Source, list_source
+from blip_toolkit.pipeline.stream import RunSettings
 from blip_toolkit.runtime.generation import forbidden_tokens
 from blip_toolkit.runtime.itm import ITM_OPS, itm_input_ids
-from blip_toolkit.runtime.stream import RunSettings, infer_records
+from blip_toolkit.runtime.inference import infer_records
 
 ITM_SCORES = ("itm+itc", "itm", "itc")
 
@@ -92,7 +93,7 @@ class RetrievalEncoder:
 
 
 class RetrievalTask:
-    """Ranking of the candidate texts for each prepared image (see runtime/stream.py)."""
+    """Ranking of the candidate texts for each prepared image (see pipeline/stream.py)."""
 
     name = "retrieval"
 

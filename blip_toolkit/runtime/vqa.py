@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, InputItem
 from blip_toolkit.errors import UsageError
-from blip_toolkit.runtime.datasets import Source, list_source
+from blip_toolkit.pipeline.sources import Source, list_source
+from blip_toolkit.pipeline.stream import RunSettings
 from blip_toolkit.runtime.generation import GenerationOptions, GenerationTask
-from blip_toolkit.runtime.stream import RunSettings, infer_records
+from blip_toolkit.runtime.inference import infer_records
 
 DEFAULT_TEMPLATE = "Question: {} Answer:"
 

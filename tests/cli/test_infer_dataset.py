@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from blip_toolkit.pipeline.journal import JournalSink, journal_files
+from blip_toolkit.pipeline.outputs import read_output
+from blip_toolkit.pipeline.outputs import run_directory as sidecar
 from blip_toolkit.runtime import inference as inference_module
-from blip_toolkit.runtime.records import JournalWriter, journal_files, read_output, sidecar
 
 from ..launch import cpu_env, run_blip
 from ..runtime.wds import photo_tars, write_tar
@@ -113,7 +115,7 @@ def test_full_disk_then_torn_line_then_resume(cli, tiny_models, folder, tmp_path
     args = ["caption", folder, "-m", model, *GEN, "--batch-size", "2", "--num-workers", "0"]
     expected = _jsonl(cli(*args, "-f", "jsonl").stdout)
     out = tmp_path / "c.jsonl"
-    original = JournalWriter._write
+    original = JournalSink._write
     calls = {"n": 0}
 
     def full_disk(self, entry):
@@ -122,9 +124,9 @@ def test_full_disk_then_torn_line_then_resume(cli, tiny_models, folder, tmp_path
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         original(self, entry)
 
-    monkeypatch.setattr(JournalWriter, "_write", full_disk)
+    monkeypatch.setattr(JournalSink, "_write", full_disk)
     stopped = cli(*args, "--output", out)
-    monkeypatch.setattr(JournalWriter, "_write", original)
+    monkeypatch.setattr(JournalSink, "_write", original)
     assert stopped.code == 1 and not out.exists()
     error_lines = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
     assert (
@@ -150,7 +152,7 @@ def test_full_disk_then_torn_line_then_resume(cli, tiny_models, folder, tmp_path
 def test_garbage_in_the_journal_is_refused(cli, tiny_models, folder, tmp_path, monkeypatch):
     out = tmp_path / "c.parquet"
     args = ["caption", folder, "-m", tiny_models["blip-caption"], *GEN, "--output", out]
-    monkeypatch.setattr(inference_module, "_wait_for_shares", _interrupt)
+    monkeypatch.setattr(inference_module, "wait_for_shares", _interrupt)
     assert cli(*args).code == 1  # stopped after the journal was written, before the merge
     monkeypatch.undo()
     [journal] = journal_files(sidecar(out))
@@ -207,8 +209,8 @@ class _Rank:
 def test_two_ranks_split_by_shard_merge_in_input_order(tiny_models, tars, tmp_path, monkeypatch, one_thread):
     """Two ranks (threads with a barrier) over 3 tars: rank 0 does tars 0 and 2, rank 1 tar 1; process
     0 merges them into what one process writes."""
+    from blip_toolkit.pipeline.sources import open_inputs
     from blip_toolkit.runtime.caption import CaptionOptions, caption_task
-    from blip_toolkit.runtime.datasets import open_inputs
     from blip_toolkit.runtime.generation import GenerationOptions
     from blip_toolkit.runtime.inference import OutputJob, infer_to_file
     from blip_toolkit.runtime.loading import open_runner

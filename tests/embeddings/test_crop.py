@@ -19,7 +19,7 @@ from PIL import Image
 
 from blip_toolkit.embeddings.extract import extract_embeddings
 from blip_toolkit.embeddings.extract_config import ExtractConfig
-from blip_toolkit.embeddings.reading import Preprocess, center_square, square_coverage
+from blip_toolkit.embeddings.preprocess import Preprocess, center_square, square_coverage
 from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.errors import UsageError
 
@@ -93,7 +93,8 @@ def test_center_crop_gives_both_encoders_the_same_region_per_token(which, enc):
     side = min(WIDTH, HEIGHT)
     left = (WIDTH - side) // 2
 
-    cond_px, target_px = Preprocess((squash, clip), "center")(image)
+    pixels = Preprocess((squash, clip), "center")(image)
+    cond_px, target_px = pixels["cond_pixels"][0], pixels["target_pixels"][0]
     cond_xy, target_xy = token_centres(cond_px, squash, grid), token_centres(target_px, clip, grid)
     # Every token of both grids sees the same place, and that place is the token's cell of the
     # image's centred square (resampling moves a patch's mean by well under a source pixel).
@@ -102,7 +103,8 @@ def test_center_crop_gives_both_encoders_the_same_region_per_token(which, enc):
 
     # Without the crop the grids disagree: the squashing processor spreads the whole width over its
     # columns, CLIP's keeps the central square. Column 0 of one is ~60 source pixels from the other's.
-    cond_px, target_px = Preprocess((squash, clip), "none")(image)
+    pixels = Preprocess((squash, clip), "none")(image)
+    cond_px, target_px = pixels["cond_pixels"][0], pixels["target_pixels"][0]
     cond_xy, target_xy = token_centres(cond_px, squash, grid), token_centres(target_px, clip, grid)
     torch.testing.assert_close(cond_xy, expected_centres(grid, 0, 0, WIDTH, HEIGHT), atol=0.6, rtol=0)
     # CLIP's own crop of the resized image rounds its offset to whole pixels of the resize (85 px wide at

@@ -11,8 +11,8 @@ import torch
 import transformers
 
 from blip_toolkit.data.images import InputItem, open_image
+from blip_toolkit.pipeline.sources import list_source, open_inputs
 from blip_toolkit.runtime.caption import CaptionOptions, caption_images, caption_source
-from blip_toolkit.runtime.datasets import list_source, open_inputs
 from blip_toolkit.runtime.generation import GenerationOptions
 from blip_toolkit.runtime.loading import open_runner
 from blip_toolkit.runtime.retrieval import RetrievalOptions, rank_source, rank_texts
