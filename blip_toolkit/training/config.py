@@ -31,6 +31,7 @@ RESUME_LOCKED = (
     "max_length",
     "seed",
     "ema_decay",
+    "augment_shift",
     "lora",
     "lora_r",
     "lora_alpha",
@@ -70,6 +71,10 @@ class FinetuneConfig:
     template: str = DEFAULT_TEMPLATE  # BLIP-2 VQA: the prompt around the question
     temperature: float = 0.07  # retrieval: ITC softmax temperature (HF's ITM models have no learnable one)
     label_smoothing: float = 0.0  # caption / VQA token loss (BLIP's original recipe uses 0.1)
+    # Training images only: shift each by a random whole number of pixels in [-N, N] along each axis
+    # (the uncovered border black), drawn per example and epoch from the seed. 0 = off. A translation
+    # keeps left and right (a flip would not) and every object in view for small N.
+    augment_shift: int = 0
     max_new_tokens: int | None = None  # validation generation; default: max_length
     rerank: int = 16  # retrieval validation: ITM re-ranks this many ITC candidates per image
     save_every: int | None = None  # checkpoint + validate every N steps (default: each epoch)
@@ -147,6 +152,7 @@ class FinetuneConfig:
             self.temperature,
         )
         need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)", self.label_smoothing)
+        need(self.augment_shift >= 0, "augment_shift", "must be 0 (off) or more", self.augment_shift)
         need(
             self.max_new_tokens is None or self.max_new_tokens >= 1,
             "max_new_tokens",

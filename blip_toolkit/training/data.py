@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
 from blip_toolkit.engine.seeding import mix_seed
@@ -19,6 +20,7 @@ from blip_toolkit.runtime.vqa import format_question
 logger = logging.getLogger("blip")
 
 IGNORE = -100
+STREAM_AUGMENT = 7  # mixed into the augmentation seeds (mix_seed), apart from every other stream
 
 
 def normalize_text(text: str) -> str:
@@ -80,12 +82,30 @@ def make_examples(
 class ManifestDataset(torch.utils.data.Dataset):
     """Decoded images with their texts. A bad image does not raise inside a DataLoader worker (where
     the message would be wrapped in a traceback): it comes back as `error` and the trainer stops with
-    `manifest:line: problem`."""
+    `manifest:line: problem`.
 
-    def __init__(self, examples: list[Example], manifest: str, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+    augment_shift N > 0: each image is shifted by (dx, dy) drawn uniformly from [-N, N]^2 per
+    (seed, epoch, example), so the augmentation of a run is the same whatever the number of
+    DataLoader workers and a resumed run sees what the interrupted one would have (`set_epoch`)."""
+
+    def __init__(
+        self,
+        examples: list[Example],
+        manifest: str,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        augment_shift: int = 0,
+        seed: int = 0,
+    ):
         self.examples = examples
         self.manifest = manifest
         self.max_pixels = max_pixels
+        self.augment_shift = augment_shift
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -96,7 +116,24 @@ class ManifestDataset(torch.utils.data.Dataset):
             image = open_image(example.image, max_pixels=self.max_pixels)
         except ImageLoadError as exc:
             return {"example": example, "image": None, "error": f"{self.manifest}:{example.line}: {exc}"}
+        if self.augment_shift:
+            image = shift_image(image, *self.shift_of(example.index))
         return {"example": example, "image": image, "error": None}
+
+    def shift_of(self, index: int) -> tuple[int, int]:
+        """(dx, dy) of example `index` in the current epoch."""
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, STREAM_AUGMENT, self.epoch, index))
+        n = self.augment_shift
+        dx, dy = torch.randint(-n, n + 1, (2,), generator=generator).tolist()
+        return dx, dy
+
+
+def shift_image(image: Image.Image, dx: int, dy: int) -> Image.Image:
+    """`image` moved right by dx and down by dy pixels (negative: left / up), same size, the
+    uncovered border black."""
+    shifted = Image.new(image.mode, image.size)
+    shifted.paste(image, (dx, dy))
+    return shifted
 
 
 class EpochSampler(torch.utils.data.Sampler):

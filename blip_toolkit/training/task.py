@@ -154,7 +154,11 @@ class FinetuneTrainer(Trainer):
         config, acc = self.config, self.accelerator
         collator = Collator(config.task, self.family, self.processor, max_length=config.max_length)
         self.train_set = ManifestDataset(
-            self._examples(self.inputs.train), str(self.inputs.train.path), max_pixels=config.max_pixels
+            self._examples(self.inputs.train),
+            str(self.inputs.train.path),
+            max_pixels=config.max_pixels,
+            augment_shift=config.augment_shift,
+            seed=config.seed,
         )
         self.sampler = EpochSampler(len(self.train_set), config.seed)
         # The loader's own generator (worker seeds), so creating an iterator never draws from the
@@ -198,6 +202,7 @@ class FinetuneTrainer(Trainer):
         first_epoch, skip = divmod(start, self.batches_per_epoch)
         for epoch in range(first_epoch, self.num_epochs):
             self.sampler.set_epoch(epoch)
+            self.train_set.set_epoch(epoch)
             self.train_loader.set_epoch(epoch)
             self.loader_generator.manual_seed(mix_seed(self.config.seed, epoch))
             loader = self.train_loader
