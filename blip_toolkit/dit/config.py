@@ -29,6 +29,8 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
 }
 
 T_SAMPLINGS = ("uniform", "logit-normal")
+# What the contrastive term pulls head(predicted tokens) towards (FlowConfig.contrastive_positive).
+CONTRASTIVE_POSITIVES = ("image", "text")
 TARGET_NORMS = ("none", "l2", "standardize")
 SolverName = Literal["euler", "heun"]
 # The images `blip sample` generates for: all, or the run's own train / held-out split.
@@ -192,7 +194,14 @@ class FlowConfig:
     cond_dropout: probability that a sample's condition is replaced by the learned null condition
         (classifier-free guidance at sampling time needs the unconditional model too).
     contrastive_weight / contrastive_temperature: optional symmetric InfoNCE between the pooled,
-        projected predicted clean tokens and the batch's ground-truth global embeddings (0 = off).
+        projected predicted clean tokens (the target head's embedding, what recall ranks) and a
+        positive per image, the rest of the batch the negatives (0 = off).
+    contrastive_positive: image (the target head of the ground-truth tokens: eval-recall's
+        gt-pooled feature; the term can at best reproduce the target encoder's own ranking) or text
+        (the embedding of one of the image's captions, drawn per batch; identical captions in a batch
+        are positives of each other): the generated embedding is pulled towards its text, as the
+        target encoder's own image embedding was in its contrastive training. Needs captions in the
+        embeddings. docs/dit-recipes.md measures both.
     target_norm: none | l2 | standardize, the token normalisation applied to the targets before
         training (see dit/normalize.py); recorded here so sampling decodes the same way. Default
         standardize: CLIP ViT-L's pre-layernorm tokens have a few dimensions of huge magnitude, which
@@ -205,6 +214,7 @@ class FlowConfig:
     cond_dropout: float = 0.1
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.07
+    contrastive_positive: str = "image"
     target_norm: str = "standardize"
 
     def __post_init__(self) -> None:
@@ -221,6 +231,11 @@ class FlowConfig:
         if self.contrastive_temperature <= 0:
             raise ConfigError(
                 f"flow.contrastive_temperature must be positive, got {self.contrastive_temperature}"
+            )
+        if self.contrastive_positive not in CONTRASTIVE_POSITIVES:
+            raise ConfigError(
+                f"flow.contrastive_positive {self.contrastive_positive!r} is unknown "
+                f"(use {' or '.join(CONTRASTIVE_POSITIVES)})"
             )
         if self.target_norm not in TARGET_NORMS:
             raise ConfigError(

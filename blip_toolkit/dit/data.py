@@ -52,6 +52,7 @@ STREAM_EVAL_LOSS = 2
 STREAM_SAMPLE = 3
 STREAM_ORDER = 4
 STREAM_SPLIT = 5
+STREAM_TEXT = 6
 
 # ----------------------------------------------------------------------------------------------------
 # The split
@@ -333,13 +334,52 @@ def sample_noise(indices, seed: int, shape: tuple[int, ...], *, dtype=None, devi
     return out.to(device=device or "cpu", dtype=dtype or torch.float32)
 
 
+class CaptionIndex:
+    """Where each image's captions are: `first` [n] (global caption index of its first caption) and
+    `count` [n] (how many; 0 for an image without captions), from the shards' caption_image columns
+    (integers only: no text embedding is read). A shard stores its captions image by image, in row
+    order, so an image's captions are one contiguous run."""
+
+    def __init__(self, shards: EmbeddingShards):
+        self.shards = shards
+        count = np.zeros(shards.num_samples, dtype=np.int64)
+        for info in shards.shards:
+            if info.captions:
+                owners = shards.views(info.index)["caption_image"].numpy()
+                count[info.offset : info.offset + info.samples] = np.bincount(owners, minlength=info.samples)
+        self.count = count
+        self.first = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+        self.caption_offsets = np.array([info.caption_offset for info in shards.shards], dtype=np.int64)
+        if shards.num_captions == 0:
+            raise InputError(
+                f"{shards.root}: the embeddings hold no captions; flow.contrastive_positive = 'text' needs them",
+                hint="extract with captions (a manifest with a text column), or use contrastive_positive = 'image'",
+            )
+
+    def draw(self, indices: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text [B, E] float32: one caption per image, drawn uniformly with `generator`, zeros for an
+        image without captions; has_text [B] bool)."""
+        u = torch.rand(len(indices), generator=generator, dtype=torch.float64).numpy()
+        count = self.count[indices]
+        caption = self.first[indices] + np.minimum((u * count).astype(np.int64), np.maximum(count - 1, 0))
+        has_text = count > 0
+        out = torch.zeros(len(indices), self.shards.dims["embed_dim"], dtype=torch.float32)
+        shard = np.searchsorted(self.caption_offsets, caption, side="right") - 1
+        for j in np.unique(shard[has_text]).tolist():
+            picked = np.flatnonzero((shard == j) & has_text)
+            rows = torch.from_numpy(caption[picked] - self.caption_offsets[j])
+            out[torch.from_numpy(picked)] = self.shards.views(j)["text_emb"].index_select(0, rows).float()
+        return out, torch.from_numpy(has_text)
+
+
 class TrainStream(torch.utils.data.IterableDataset):
     """This process's (and DataLoader worker's) micro-batches, from global batch `start` on.
 
     Yields dicts: cond [b, M, Dc], x_1 [b, N, Dt] (normalised targets), x_0 [b, N, Dt], t [b],
     drop [b] bool or None, index [b] (global image indices), batch (global micro-batch number), and
-    target [b, N, Dt] (the raw target tokens, for the contrastive term) when `with_target`.
-    b = global_batch / world_size."""
+    target [b, N, Dt] (the raw target tokens, for the contrastive term) when `with_target`, text [b, E]
+    and has_text [b] (one caption embedding per image, drawn per global batch from (seed, batch), for
+    the text-positive contrastive term) when `with_text`. b = global_batch / world_size."""
 
     def __init__(
         self,
@@ -354,6 +394,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         seed: int,
         start: int = 0,
         with_target: bool = False,
+        with_text: bool = False,
     ):
         super().__init__()
         if global_batch % world_size:
@@ -363,6 +404,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.shards, self.order, self.flow, self.normalizer = shards, order, flow, normalizer
         self.global_batch, self.rank, self.world_size, self.seed = global_batch, rank, world_size, seed
         self.start, self.with_target = start, with_target
+        self.captions = CaptionIndex(shards) if with_text else None
         dims = shards.dims
         self.shape = (dims["target_tokens"], dims["target_dim"])
 
@@ -389,6 +431,11 @@ class TrainStream(torch.utils.data.IterableDataset):
             }
             if self.with_target:
                 batch["target"] = target
+            if self.captions is not None:
+                # The whole global batch's draws (then sliced), so they do not depend on the processes.
+                generator = torch.Generator().manual_seed(mix_seed(self.seed, STREAM_TEXT, number))
+                text, has_text = self.captions.draw(indices, generator)
+                batch["text"], batch["has_text"] = text[lo:hi], has_text[lo:hi]
             yield batch
 
 

@@ -76,14 +76,32 @@ def sample_t(
 # The loss
 
 
-def info_nce(predicted: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(
+    predicted: torch.Tensor, target: torch.Tensor, temperature: float, positives: torch.Tensor | None = None
+) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP's loss) between paired embeddings predicted [B, E] and target [B, E]:
-    row i of each is the positive of row i of the other, the rest of the batch the negatives."""
+    row i of each is the positive of row i of the other, the rest of the batch the negatives.
+    positives [B, B] bool (optional, symmetric, true on the diagonal): which (predicted i, target j)
+    pairs are positives; with several per row the loss is -log of their summed softmax probability
+    (an identical caption of another image describes this image too: not a negative)."""
     predicted = F.normalize(predicted, dim=-1)
     target = F.normalize(target, dim=-1)
     logits = predicted @ target.T / temperature  # [B, B]
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    if positives is None:
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    def multi_positive(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hits = scores.masked_fill(~mask, float("-inf")).logsumexp(dim=1)  # [B]
+        return (scores.logsumexp(dim=1) - hits).mean()
+
+    return (multi_positive(logits, positives) + multi_positive(logits.T, positives.T)) / 2
+
+
+def same_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, B] bool: which rows of x [B, E] are identical (the same caption gives the same text
+    embedding)."""
+    return (x[:, None, :] == x[None, :, :]).all(dim=-1)
 
 
 def flow_loss(
@@ -100,6 +118,8 @@ def flow_loss(
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     target_tokens: torch.Tensor | None = None,
     normalizer: TokenNormalizer | None = None,
+    text: torch.Tensor | None = None,
+    has_text: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rectified-flow training loss for one batch (the one `train-dit` optimises).
 
@@ -119,6 +139,11 @@ def flow_loss(
     process's batch under data parallelism). Samples whose condition was dropped are left out of it:
     without a condition the prediction cannot know which image it belongs to.
 
+    With `config.contrastive_positive = "text"` the positive of each image is `text` [B, E] (the
+    embedding of one of its captions, in the target encoder's joint space; `has_text` [B] bool marks
+    the images that have one, the others are left out) instead of project(target_tokens); rows with
+    identical texts are positives of each other (`same_rows`).
+
     Returns (loss, parts) where parts holds detached scalars "loss", "mse" and "contrastive".
     """
     batch = x_1.shape[0]
@@ -134,19 +159,32 @@ def flow_loss(
     loss = mse
     contrastive = torch.zeros((), device=x_1.device)
     if config.contrastive_weight > 0:
-        if project is None or target_tokens is None:
+        by_text = config.contrastive_positive == "text"
+        if project is None or (text if by_text else target_tokens) is None:
+            needed = "the texts (captions' embeddings)" if by_text else "the ground-truth target tokens"
             raise ConfigError(
-                "flow.contrastive_weight > 0 needs the target head and the ground-truth target tokens",
-                hint="pass project= and target_tokens= to flow_loss, or set contrastive_weight = 0",
+                f"flow.contrastive_weight > 0 needs the target head and {needed}",
+                hint="pass project= and "
+                + ("text=" if by_text else "target_tokens=")
+                + " to flow_loss, or set contrastive_weight = 0",
             )
         keep = ~drop if drop is not None else torch.ones(batch, dtype=torch.bool, device=x_1.device)
+        if by_text and has_text is not None:
+            keep = keep & has_text
         if int(keep.sum()) >= 2:  # InfoNCE needs at least one negative
             x_1_hat = predicted_clean(path.x_t[keep], t[keep], v_pred[keep])  # [K, N, Dt]
             if normalizer is not None:
                 x_1_hat = normalizer.decode(x_1_hat)
-            with torch.no_grad():
-                positive = project(target_tokens[keep])  # [K, E]: what recall calls gt-pooled
-            contrastive = info_nce(project(x_1_hat), positive, config.contrastive_temperature)
+            if by_text:
+                predicted = project(x_1_hat)  # [K, E]
+                positive = text[keep].to(predicted.dtype)  # [K, E]
+                contrastive = info_nce(
+                    predicted, positive, config.contrastive_temperature, same_rows(positive)
+                )
+            else:
+                with torch.no_grad():
+                    positive = project(target_tokens[keep])  # [K, E]: what recall calls gt-pooled
+                contrastive = info_nce(project(x_1_hat), positive, config.contrastive_temperature)
             loss = loss + config.contrastive_weight * contrastive
     parts = {"loss": loss.detach(), "mse": mse.detach(), "contrastive": contrastive.detach()}
     return loss, parts

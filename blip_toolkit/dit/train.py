@@ -232,6 +232,7 @@ class DiTTrainer(Trainer):
     def micro_batches(self, start: int) -> Iterator[tuple[dict[str, Any], bool]]:
         config, acc = self.config, self.accelerator
         train = self.split.train
+        contrastive = config.flow.contrastive_weight > 0
         # The training indices of each shard (train is sorted, shards are contiguous ranges).
         bounds = np.searchsorted(train, self.shards.offsets[1:-1])
         order = IndexStream(
@@ -247,7 +248,8 @@ class DiTTrainer(Trainer):
             world_size=acc.num_processes,
             seed=config.train.seed,
             start=start,
-            with_target=config.flow.contrastive_weight > 0,
+            with_target=contrastive and config.flow.contrastive_positive == "image",
+            with_text=contrastive and config.flow.contrastive_positive == "text",
         )
         for batch in batch_iterator(stream, num_workers=config.data.num_workers):
             yield batch, False
@@ -256,6 +258,8 @@ class DiTTrainer(Trainer):
         device = self.accelerator.device
         drop = batch["drop"].to(device) if batch["drop"] is not None else None  # [b]
         target = batch["target"].to(device) if "target" in batch else None  # [b, N, Dt] raw
+        text = batch["text"].to(device) if "text" in batch else None  # [b, E]
+        has_text = batch["has_text"].to(device) if "has_text" in batch else None  # [b]
         loss, _ = flow_loss(
             self.model,
             batch["x_1"].to(device, non_blocking=True),  # [b, N, Dt]
@@ -267,6 +271,8 @@ class DiTTrainer(Trainer):
             project=self.head,
             target_tokens=target,
             normalizer=self.normalizer,
+            text=text,
+            has_text=has_text,
         )
         return loss
 

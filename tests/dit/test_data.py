@@ -13,6 +13,8 @@ from blip_toolkit.dit.config import FlowConfig
 from blip_toolkit.dit.data import (
     DEFAULT_EVAL_FRACTION,
     STREAM_SPLIT,
+    STREAM_TEXT,
+    CaptionIndex,
     IndexStream,
     TrainStream,
     batch_iterator,
@@ -225,3 +227,54 @@ def test_cls_token_statistics_are_its_own(tmp_path):
     assert float(encoded[:, 0].mean().abs()) < 1e-4 and float(encoded[:, 1:].mean().abs()) < 1e-4
     shared = fit_normalizer(shards, train, "standardize")
     assert float(shared.encode(tokens.float())[:, 0].mean().abs()) > 1.0
+
+
+def test_text_draws_are_one_of_each_images_own_captions(tmp_path):
+    """CaptionIndex.draw picks, per image, one of its own captions (uniformly, from the generator);
+    the stream's draws for global batch k come from (seed, k) and are sliced per process."""
+    from blip_toolkit.engine.seeding import mix_seed
+
+    root = write_embeddings(tmp_path / "emb", samples=20, shard_size=6, captions=3, dtype=torch.float32)
+    shards = EmbeddingShards(root)
+    index = CaptionIndex(shards)
+    assert index.count.tolist() == [3] * 20
+    own = {i: shards[i]["text_emb"] for i in range(20)}  # [3, E] each
+    indices = np.array([19, 0, 7, 6, 5, 12, 7])
+    picked = set()
+    for seed in range(40):
+        text, has_text = index.draw(indices, torch.Generator().manual_seed(seed))
+        assert bool(has_text.all())
+        for row, i in enumerate(indices.tolist()):
+            matches = [k for k in range(3) if torch.equal(text[row], own[i][k])]
+            assert len(matches) == 1
+            picked.add((i, matches[0]))
+    assert {k for i, k in picked if i == 7} == {0, 1, 2}  # every caption gets drawn
+    order = IndexStream(groups(20, 6), seed=0, buffer=0)
+    normalizer = TokenNormalizer("none")
+    ranks = [
+        TrainStream(
+            shards,
+            order,
+            flow=FlowConfig(),
+            normalizer=normalizer,
+            global_batch=8,
+            rank=r,
+            world_size=2,
+            seed=4,
+            with_text=True,
+        )
+        for r in range(2)
+    ]
+    first = [next(iter(stream)) for stream in ranks]
+    whole, _ = index.draw(
+        order.batches(8).__next__(), torch.Generator().manual_seed(mix_seed(4, STREAM_TEXT, 0))
+    )
+    torch.testing.assert_close(torch.cat([b["text"] for b in first]), whole)
+
+
+def test_text_positive_needs_captions(tmp_path):
+    from blip_toolkit.errors import InputError
+
+    root = write_embeddings(tmp_path / "emb", samples=4, shard_size=4, captions=0, dtype=torch.float32)
+    with pytest.raises(InputError, match="no captions"):
+        CaptionIndex(EmbeddingShards(root))

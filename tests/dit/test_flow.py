@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from blip_toolkit.dit.config import FlowConfig
-from blip_toolkit.dit.flow import flow_loss, info_nce, interpolate, predicted_clean, sample_t, target_velocity
+from blip_toolkit.dit.flow import (
+    flow_loss,
+    info_nce,
+    interpolate,
+    predicted_clean,
+    same_rows,
+    sample_t,
+    target_velocity,
+)
 from blip_toolkit.dit.normalize import TokenNormalizer
 from blip_toolkit.errors import ConfigError
 
@@ -252,3 +260,89 @@ def test_contrastive_without_head_is_a_config_error():
     cfg = FlowConfig(contrastive_weight=0.1)
     with pytest.raises(ConfigError, match="contrastive"):
         flow_loss(RecordingModel(lambda x_t, t: x_t), torch.randn(2, 3, 4), torch.randn(2, 1, 1), cfg)
+
+
+def brute_force_multi_positive_nce(a, b, positive, temperature):
+    """Symmetric InfoNCE where row i's positives are the j with positive[i][j]: -log of their summed
+    softmax probability, averaged over rows, both directions."""
+    a = a / a.norm(dim=-1, keepdim=True)
+    b = b / b.norm(dim=-1, keepdim=True)
+    n = a.shape[0]
+    total = 0.0
+    for i in range(n):
+        row = [math.exp(float(a[i] @ b[j]) / temperature) for j in range(n)]
+        col = [math.exp(float(a[j] @ b[i]) / temperature) for j in range(n)]
+        total += -math.log(sum(r for j, r in enumerate(row) if positive[i][j]) / sum(row))
+        total += -math.log(sum(c for j, c in enumerate(col) if positive[j][i]) / sum(col))
+    return total / (2 * n)
+
+
+def test_info_nce_with_several_positives_matches_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    b = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    b[3] = b[1]  # rows 1 and 3 share their text, rows 0, 2 and 5 another one
+    b[2] = b[0]
+    b[5] = b[0]
+    positives = same_rows(b)
+    assert positives.sum() == 6 + 2 + 6 and bool(positives[1, 3]) and not bool(positives[1, 2])
+    expected = brute_force_multi_positive_nce(a, b, positives.tolist(), 0.2)
+    assert abs(float(info_nce(a, b, 0.2, positives)) - expected) < 1e-9
+    # one positive per row: the plain loss
+    eye = torch.eye(6, dtype=torch.bool)
+    assert abs(float(info_nce(a, b, 0.2, eye)) - float(info_nce(a, b, 0.2))) < 1e-12
+
+
+def test_text_positive_contrastive_pulls_the_head_towards_each_images_caption():
+    """contrastive_positive = "text": InfoNCE between head(predicted clean tokens) and the images'
+    caption embeddings, identical captions positives of each other, images without a caption (and
+    dropped conditions) left out; the ground-truth tokens are not needed."""
+    gen = torch.Generator().manual_seed(0)
+    batch, n, dt, e = 8, 3, 4, 5
+    x_1 = torch.randn(batch, n, dt, generator=gen, dtype=torch.float64)
+    text = torch.randn(batch, e, generator=gen, dtype=torch.float64)
+    text[4] = text[2]  # two images with the same caption
+    has_text = torch.ones(batch, dtype=torch.bool)
+    has_text[6] = False
+    head = torch.nn.Linear(dt, e).double()
+
+    def project(tokens):
+        return head(tokens.mean(dim=1))
+
+    def oracle(x_t, t):
+        return (x_1 - x_t) / (1 - t[:, None, None])
+
+    cfg = FlowConfig(
+        cond_dropout=0.2, contrastive_weight=0.5, contrastive_temperature=0.3, contrastive_positive="text"
+    )
+    model = RecordingModel(oracle)
+    loss, parts = flow_loss(
+        model,
+        x_1,
+        torch.zeros(batch, 1, 1, dtype=torch.float64),
+        cfg,
+        generator=torch.Generator().manual_seed(2),
+        project=project,
+        text=text,
+        has_text=has_text,
+    )
+    keep = ~model.calls[0]["drop"] & has_text
+    assert 2 <= int(keep.sum()) < batch - 1 and bool(keep[2]) and bool(keep[4])
+    with torch.no_grad():
+        kept_text = text[keep]
+        positives = [
+            [bool((kept_text[i] == kept_text[j]).all()) for j in range(len(kept_text))]
+            for i in range(len(kept_text))
+        ]
+        expected = brute_force_multi_positive_nce(project(x_1[keep]), kept_text, positives, 0.3)
+    assert abs(float(parts["contrastive"]) - expected) < 1e-6
+    assert abs(float(loss.detach()) - float(parts["mse"]) - 0.5 * expected) < 1e-6
+    loss.backward()
+    assert float(head.weight.grad.abs().sum()) > 0
+    with pytest.raises(ConfigError, match="texts"):
+        flow_loss(model, x_1, torch.zeros(batch, 1, 1), cfg, project=project, target_tokens=x_1)
+
+
+def test_contrastive_positive_is_checked():
+    with pytest.raises(ConfigError, match="contrastive_positive"):
+        FlowConfig(contrastive_positive="caption")
