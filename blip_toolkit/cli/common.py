@@ -26,11 +26,13 @@ def run_inference(
     options,
     make_task,
     fingerprint: dict,
-    output: Path | None,
+    output: str | None,
     resume: bool,
     overwrite: bool,
     allow_pipe: bool,
     fmt: str,
+    retry_failed: bool = False,
+    columns: tuple[str, str | None, str | None] = ("image", None, None),
     text_line: Callable[[dict], str | None],
     what: str,
     question: str | None = None,
@@ -40,19 +42,25 @@ def run_inference(
     """The tail shared by `caption`, `vqa` and `retrieval`: records to stdout, or the resumable
     (multi-process) run into `--output` and its summary; exit 3 when some items failed."""
     from blip_toolkit.pipeline.sources import open_inputs
+    from blip_toolkit.pipeline.tables import TableColumns
     from blip_toolkit.runtime.inference import OutputJob, run_to_file, stream_records
 
     source = open_inputs(
-        inputs, manifest, text=question, manifest_schema=manifest_schema, allow_pipe=allow_pipe
+        inputs,
+        manifest,
+        text=question,
+        manifest_schema=manifest_schema,
+        allow_pipe=allow_pipe,
+        columns=TableColumns(*columns),
     )
     loading = dict(model=model, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
     if output is None:
-        if resume or overwrite:
-            raise UsageError("--resume and --overwrite apply to --output FILE")
+        if resume or overwrite or retry_failed:
+            raise UsageError("--resume, --overwrite and --retry-failed apply to --output FILE")
         records = stream_records(task, source, options, make_task, device=device, **loading)
         emit_all(records, fmt, text_line, what=what)
         return
-    job = OutputJob(str(output), resume=resume, overwrite=overwrite, device=device)
+    job = OutputJob(str(output), resume=resume, overwrite=overwrite, retry_failed=retry_failed, device=device)
     summary = run_to_file(task, source, options, make_task, fingerprint, job, **loading)
     if not summary.is_main:
         return

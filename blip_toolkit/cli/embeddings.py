@@ -11,6 +11,8 @@ from blip_toolkit.cli.options import (
     BatchSizeOpt,
     DeviceOpt,
     FormatOpt,
+    ImageColumnOpt,
+    KeyColumnOpt,
     MaxPixelsOpt,
     OutputFormat,
     OverwriteOpt,
@@ -39,7 +41,7 @@ def extract_embeddings(
     source: Annotated[
         list[str],
         typer.Argument(
-            help="A folder of images (captions from same-name .txt files), a TSV manifest (image<TAB>caption), or webdataset .tar shards / brace patterns such as 'data/{000..009}.tar'.",
+            help="A folder of images (captions from same-name .txt files), a TSV manifest (image<TAB>caption), webdataset .tar shards / brace patterns such as 'data/{000..009}.tar', or Parquet files / datasets.save_to_disk directories (captions from --text-column); local or remote (s3://, gs://, hf://, https://).",
             show_default=False,
         ),
     ],
@@ -140,6 +142,15 @@ def extract_embeddings(
     allow_pipe: Annotated[
         bool, typer.Option("--allow-pipe", help="Accept 'pipe:' webdataset URLs (they run shell commands).")
     ] = False,
+    image_column: ImageColumnOpt = "image",
+    key_column: KeyColumnOpt = None,
+    text_column: Annotated[
+        str | None,
+        typer.Option(
+            "--text-column",
+            help="Parquet / Arrow inputs: the column of captions (a string or a list of strings).",
+        ),
+    ] = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -159,6 +170,7 @@ def extract_embeddings(
       blip extract-embeddings photos/ --out emb/ --pool 8
       blip extract-embeddings captions.tsv --out emb/ --tokens cls+patch --target-encoder openai/clip-vit-large-patch14
       blip extract-embeddings 'shards/{000..099}.tar' --out emb/ --resume
+      blip extract-embeddings 'hf://datasets/org/name/data/*.parquet' --text-column caption --out emb/
       accelerate launch --multi_gpu --num_processes 4 -m blip_toolkit extract-embeddings 'shards/{000..099}.tar' --out emb/
     """
     import os
@@ -192,6 +204,9 @@ def extract_embeddings(
         num_workers=num_workers,
         max_pixels=max_pixels,
         allow_pipe=allow_pipe,
+        image_column=image_column,
+        key_column=key_column,
+        text_column=text_column,
         resume=resume,
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,

@@ -12,6 +12,8 @@ from blip_toolkit.cli.options import (
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
+    ImageColumnOpt,
+    KeyColumnOpt,
     ManifestOpt,
     MaxPixelsOpt,
     ModelOpt,
@@ -19,6 +21,7 @@ from blip_toolkit.cli.options import (
     OverwriteOpt,
     QuantizeOpt,
     ResumeOpt,
+    RetryFailedOpt,
     TrustRemoteCodeOpt,
 )
 from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
@@ -35,13 +38,12 @@ TemperatureOpt = Annotated[
     float, typer.Option("--temperature", min=0.0, help="Sampling temperature (with --sample).")
 ]
 OutputOpt = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--output",
         "-o",
-        help="Write the records to FILE (.jsonl, .parquet or .tsv, by extension), resumable, in input "
-        "order; without it they stream to stdout.",
-        dir_okay=False,
+        help="Write the records to FILE (.jsonl, .parquet or .tsv, by extension; local or s3:// / gs:// / "
+        "hf://), resumable, in input order; without it they stream to stdout.",
         show_default=False,
     ),
 ]
@@ -60,8 +62,9 @@ AllowPipeOpt = Annotated[
 InputsArg = Annotated[
     list[str] | None,
     typer.Argument(
-        help="Images: files, directories (recursive), glob patterns, - (paths on stdin), or webdataset "
-        ".tar shards and brace patterns (data/{00000..00099}.tar).",
+        help="Images: files, directories (recursive), glob patterns, - (paths on stdin), webdataset "
+        ".tar shards and brace patterns (data/{00000..00099}.tar), Parquet files or datasets.save_to_disk "
+        "directories; local or remote (s3://, gs://, hf://, https://).",
         show_default=False,
     ),
 ]
@@ -108,8 +111,11 @@ def caption(
     output: OutputOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    retry_failed: RetryFailedOpt = False,
     num_workers: WorkersOpt = None,
     allow_pipe: AllowPipeOpt = False,
+    image_column: ImageColumnOpt = "image",
+    key_column: KeyColumnOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
@@ -128,6 +134,8 @@ def caption(
       blip caption photo.jpg
       blip caption photos/ --batch-size 16 --format jsonl > captions.jsonl
       blip caption 'shards/{00000..00099}.tar' --output captions.parquet --resume
+      blip caption 'hf://datasets/org/name/data/*.parquet' --image-column image --output caps.parquet
+      blip caption s3://bucket/shards/ --output s3://bucket/captions.parquet --retry-failed
       find shots -name '*.png' | blip caption - --model Salesforce/blip2-opt-2.7b --prompt "a photo of"
     """
     from blip_toolkit.cli.common import run_inference
@@ -156,7 +164,9 @@ def caption(
         output=output,
         resume=resume,
         overwrite=overwrite,
+        retry_failed=retry_failed,
         allow_pipe=allow_pipe,
+        columns=(image_column, key_column, None),
         fmt=fmt.value,
         text_line=lambda r: f"{item_name(r)}\t{r['caption']}",
         what="image",
@@ -204,8 +214,15 @@ def vqa(
     output: OutputOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    retry_failed: RetryFailedOpt = False,
     num_workers: WorkersOpt = None,
     allow_pipe: AllowPipeOpt = False,
+    image_column: ImageColumnOpt = "image",
+    key_column: KeyColumnOpt = None,
+    text_column: Annotated[
+        str | None,
+        typer.Option("--text-column", help="Parquet / Arrow inputs: the column holding each row's question."),
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
@@ -223,6 +240,7 @@ def vqa(
       blip vqa photo.jpg "what is the man holding?"
       blip vqa --manifest questions.tsv --format jsonl
       blip vqa 'shards/{000..009}.tar' --question "how many people?" --output answers.jsonl
+      blip vqa questions.parquet --text-column question --output answers.parquet
       blip vqa photo.jpg "how many dogs?" --model Salesforce/blip2-flan-t5-xl
     """
     from blip_toolkit.cli.common import run_inference
@@ -240,7 +258,7 @@ def vqa(
     args = list(args or [])
     if manifest is not None and (args or question is not None):
         raise UsageError("give IMAGE QUESTION, --question with images, or --manifest; not several")
-    if manifest is None and question is None:
+    if manifest is None and question is None and text_column is None:
         if len(args) != 2:
             raise UsageError("give IMAGE and QUESTION (or images with --question, or --manifest FILE.tsv)")
         args, question = args[:1], args[1]
@@ -263,7 +281,9 @@ def vqa(
         output=output,
         resume=resume,
         overwrite=overwrite,
+        retry_failed=retry_failed,
         allow_pipe=allow_pipe,
+        columns=(image_column, key_column, text_column),
         fmt=fmt.value,
         text_line=lambda r: f"{item_name(r)}\t{r['question']}\t{r['answer']}",
         what="question",
@@ -302,8 +322,11 @@ def retrieval(
     output: OutputOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    retry_failed: RetryFailedOpt = False,
     num_workers: WorkersOpt = None,
     allow_pipe: AllowPipeOpt = False,
+    image_column: ImageColumnOpt = "image",
+    key_column: KeyColumnOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
@@ -364,7 +387,9 @@ def retrieval(
         output=output,
         resume=resume,
         overwrite=overwrite,
+        retry_failed=retry_failed,
         allow_pipe=allow_pipe,
+        columns=(image_column, key_column, None),
         fmt=fmt.value,
         text_line=text_line,
         what="image",

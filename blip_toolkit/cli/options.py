@@ -92,3 +92,25 @@ QuantizeOpt = Annotated[
         show_default=False,
     ),
 ]
+ImageColumnOpt = Annotated[
+    str,
+    typer.Option(
+        "--image-column",
+        help="Parquet / Arrow inputs: the column holding each image (bytes, datasets' {bytes, path} "
+        "struct, or a path / URL relative to the file).",
+    ),
+]
+KeyColumnOpt = Annotated[
+    str | None,
+    unset_option(
+        "--key-column",
+        help="Parquet / Arrow inputs: the column naming each row (default: its row number in the file).",
+    ),
+]
+RetryFailedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--retry-failed",
+        help="Rerun only the items recorded with an error in a finished --output, replacing them in place.",
+    ),
+]

@@ -219,12 +219,15 @@ class TableSource:
                 yield self._item(unit, label, row)
                 offset += 1
         except tables.UnitDataError as exc:
-            # Every position of the unit not read yet fails with the unit's error (each gets a record).
+            # Every position of the unit not read yet fails with the unit's error (each gets a record);
+            # its key column cannot be read either, so its key is its row number in the file.
             for rest in range(offset, size):
-                yield None if rest in skip else RawItem(
-                    rest, {"shard": unit.name, "key": str(rest)}, f"{unit.name}/{rest}", label,
-                    text=self.text, error=str(exc),
-                )  # fmt: skip
+                if rest in skip:
+                    yield None
+                    continue
+                key = str(unit.table.start + rest)
+                fields = {"shard": unit.name, "key": key}
+                yield RawItem(rest, fields, f"{unit.name}/{key}", label, text=self.text, error=str(exc))
             return
         while offset < size:
             yield None

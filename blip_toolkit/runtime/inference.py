@@ -196,9 +196,10 @@ def _check_destination(output: str, run_dir: Path) -> None:
     """The output's place can be written (local: its folder; remote: the run directory here, and the
     bucket or host answers)."""
     if remote.is_url(output):
-        # The bucket or folder must answer (a missing bucket or a denied prefix is one line now,
-        # not after hours of work); the object itself appears at the end, in one put.
-        remote.check_readable(output.rsplit("/", 1)[0] + "/")
+        # The bucket must answer (a missing bucket is one line now, not after hours of work); the
+        # object itself appears at the end, in one put.
+        scheme, rest = output.split("://", 1)
+        remote.check_readable(f"{scheme}://{rest.split('/', 1)[0]}/")
         check_writable(run_dir.parent)
         return
     parent = Path(output).parent
