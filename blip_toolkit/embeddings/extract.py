@@ -44,16 +44,7 @@ from blip_toolkit.errors import InputError
 from blip_toolkit.fsutil import atomic_write, sha256_file, write_json
 from blip_toolkit.pipeline import remote, tables
 from blip_toolkit.pipeline.resume import ResumeState
-from blip_toolkit.pipeline.run import (
-    local_events,
-    mark_share_done,
-    next_attempt,
-    pending_items,
-    read_shares,
-    run_share,
-    share_units,
-    wait_for_shares,
-)
+from blip_toolkit.pipeline.run import Job, next_attempt, run_job, share_units
 from blip_toolkit.pipeline.sources import Source, Unit, open_dataset
 from blip_toolkit.pipeline.stream import RunSettings
 
@@ -92,31 +83,20 @@ def extract_embeddings(
     state.wait_for_everyone()
 
     rank, world = state.process_index, state.num_processes
-    todo = share_units(source, resume, rank, world)
     if state.is_main_process:
-        _log_plan(config, source, out, todo, encoders, world)
-    task = ExtractionTask(encoders, config)
+        _log_plan(config, source, out, share_units(source, resume, rank, world), encoders, world)
     sink = ShardSink(out, source.units, config, _dims(encoders), resume, after_shard)
     settings = RunSettings(config.batch_size, config.num_workers, config.max_pixels)
-    events = local_events(
-        None, task, source, todo, resume, settings, out / f".spool-r{rank:05d}", part_size=config.shard_size
+    job = Job(
+        source, ExtractionTask(encoders, config), resume, settings, out, attempt, part_size=config.shard_size
     )
-    share = run_share(
-        events,
-        sink,
-        total=pending_items(todo, resume),
-        progress=state.is_main_process,
-        every=config.batch_size,
-    )
-    mark_share_done(out, attempt, rank, share)
+    shares = run_job(job, sink, state)
     skipped = sum(len(unit_records(out, u)) for u in source.units[rank::world]) - len(sink.records)
-
-    if not state.is_main_process:
+    if shares is None:
         logger.debug("rank %d finished its shards", rank)
         seconds = time.perf_counter() - started
         return ExtractSummary(str(out), 0, 0, 0, 0, skipped_shards=skipped, seconds=seconds, is_main=False)
-    wait_for_shares(out, attempt, world)
-    records = _collect(out, source, read_shares(out, attempt, world).unread)
+    records = _collect(out, source, shares.unread)
     counts = _write_index(out, config, source, encoders, records)
     seconds = time.perf_counter() - started
     logger.info(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -132,6 +133,43 @@ def run_share(
 
 
 # ----------------------------------------------------------------------------- processes of a job
+
+
+@dataclass
+class Job:
+    """One dataset job as the pipeline runs it: what to read, the task, what earlier attempts did, how
+    to run, and where the run state lives (share markers, the spool of remote files)."""
+
+    source: Source
+    task: Any
+    resume: ResumeState
+    settings: RunSettings
+    run_dir: Path
+    attempt: int
+    part_size: int | None = None  # chunks never cross a multiple of it (extract-embeddings' shards)
+
+
+def run_job(job: Job, sink: Sink, state, runner=None) -> ShareResult | None:
+    """This process's share of `job` into `sink`, then its share marker; on process 0, once every
+    process has marked its share, the shares added up (None on the other processes). `state` is the
+    job's process state (rank, world size, main process)."""
+    rank, world = state.process_index, state.num_processes
+    units = share_units(job.source, job.resume, rank, world)
+    spool = job.run_dir / f".spool-r{rank:05d}"
+    events = local_events(
+        runner, job.task, job.source, units, job.resume, job.settings, spool, part_size=job.part_size
+    )
+    total = pending_items(units, job.resume)
+    share = run_share(
+        events, sink, total=total, progress=state.is_main_process, every=job.settings.batch_size
+    )
+    mark_share_done(job.run_dir, job.attempt, rank, share)
+    if not state.is_main_process:
+        return None
+    wait_for_shares(job.run_dir, job.attempt, world)
+    shares = read_shares(job.run_dir, job.attempt, world)
+    shutil.rmtree(job.run_dir / SHARES_DIR, ignore_errors=True)  # every process is done with them
+    return shares
 
 
 def next_attempt(run_dir: Path, *others: int) -> int:

@@ -49,17 +49,7 @@ from blip_toolkit.pipeline.outputs import (
     write_output,
 )
 from blip_toolkit.pipeline.resume import ResumeState
-from blip_toolkit.pipeline.run import (
-    SHARES_DIR,
-    local_events,
-    mark_share_done,
-    next_attempt,
-    pending_items,
-    read_shares,
-    run_share,
-    share_units,
-    wait_for_shares,
-)
+from blip_toolkit.pipeline.run import Job, local_events, next_attempt, run_job
 from blip_toolkit.pipeline.sources import FILE_UNIT, Source
 from blip_toolkit.pipeline.stream import Progress, RunSettings
 from blip_toolkit.runtime.loading import DEFAULT_MODELS, open_runner, resolve_source
@@ -288,29 +278,16 @@ def infer_to_file(
             record.start({"config": fingerprint, "output": shown, "format": fmt}, previous=previous)
     state.wait_for_everyone()
 
-    rank, world = state.process_index, state.num_processes
-    units = share_units(source, resume, rank, world)
-    sink = JournalSink(run_dir, attempt, rank, resume, make_record(task))
-    spool = run_dir / f"spool-r{rank:05d}"
+    sink = JournalSink(run_dir, attempt, state.process_index, resume, make_record(task))
     try:
-        events = local_events(runner, task, source, units, resume, settings, spool)
-        share = run_share(
-            events,
-            sink,
-            total=pending_items(units, resume),
-            progress=state.is_main_process,
-            every=settings.batch_size,
-        )
-        mark_share_done(run_dir, attempt, rank, share)
+        shares = run_job(Job(source, task, resume, settings, run_dir, attempt), sink, state, runner)
     except BaseException as exc:
         record.fail(exc)
         raise
-    if not state.is_main_process:
-        return Summary(shown, share.records, share.failed, time.perf_counter() - started, is_main=False)
+    if shares is None:
+        return Summary(shown, sink.written, 0, time.perf_counter() - started, is_main=False)
 
     try:
-        wait_for_shares(run_dir, attempt, world)
-        shares = read_shares(run_dir, attempt, world)
         columns = columns_for(task_name, source.kind, getattr(task, "ranked_fields", ()))
         if retry is None:
             final = read_journal(run_dir)
@@ -327,7 +304,6 @@ def infer_to_file(
     else:
         record.update(status="finished", counts=counts)
     clear_journal(run_dir)
-    shutil.rmtree(run_dir / SHARES_DIR, ignore_errors=True)
     seconds = time.perf_counter() - started
     done_now = shares.records
     if retry is None:

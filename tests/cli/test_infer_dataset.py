@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from blip_toolkit.pipeline import run as run_module
 from blip_toolkit.pipeline.journal import JournalSink, journal_files
 from blip_toolkit.pipeline.outputs import read_output
 from blip_toolkit.pipeline.outputs import run_directory as sidecar
@@ -152,7 +153,7 @@ def test_full_disk_then_torn_line_then_resume(cli, tiny_models, folder, tmp_path
 def test_garbage_in_the_journal_is_refused(cli, tiny_models, folder, tmp_path, monkeypatch):
     out = tmp_path / "c.parquet"
     args = ["caption", folder, "-m", tiny_models["blip-caption"], *GEN, "--output", out]
-    monkeypatch.setattr(inference_module, "wait_for_shares", _interrupt)
+    monkeypatch.setattr(run_module, "wait_for_shares", _interrupt)
     assert cli(*args).code == 1  # stopped after the journal was written, before the merge
     monkeypatch.undo()
     [journal] = journal_files(sidecar(out))
