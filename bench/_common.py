@@ -19,11 +19,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from tabulate import tabulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+BLIP_VOCAB = 30524  # Salesforce/blip-*'s tokenizer: BERT's 30,522 + [DEC], [ENC]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 STARTED = time.perf_counter()
 QUICK_NOTE = "QUICK run: small sizes, checks that the script works; not comparable with a full run"
@@ -40,7 +43,9 @@ def parse_args(
     )
     if extra:
         extra(parser)
-    return parser.parse_args()
+    args = parser.parse_args()
+    print(machine_line(), flush=True)  # every figure below comes from this machine
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -48,27 +53,42 @@ def parse_args(
 
 
 class MatmulProbe:
-    """A fixed amount of square float32 matmul work (on all threads), calibrated to take about
-    `seconds` now; call it to run it. Timed in the same rounds as the work it is compared with, it
-    gives this machine's matmul rate (the ceiling of achieved FLOP/s) under the same load."""
+    """A fixed amount of square matmul work (on all threads), calibrated to take about `seconds` now;
+    call it to run it. Timed in the same rounds as the work it is compared with, it gives this
+    machine's matmul rate (the ceiling of achieved FLOP/s) under the same load.
 
-    def __init__(self, size: int = 1024, seconds: float = 1.0):
+    `kernel`: "torch" is `a @ b` (float32: MKL's sgemm in torch's x86 builds; bfloat16: oneDNN);
+    "onednn" is the same product through oneDNN with the right-hand side packed once, the kernel
+    blip_toolkit/runtime/fast_linear.py uses (on AMD CPUs MKL's float32 reaches about half of it).
+    `dtype`: torch.float32 (default) or torch.bfloat16."""
+
+    def __init__(self, size: int = 1024, seconds: float = 1.0, *, kernel: str = "torch", dtype=None):
         import torch
 
-        self.a, self.b = torch.randn(size, size), torch.randn(size, size)
+        dtype = dtype or torch.float32
+        self.kernel, self.dtype = kernel, dtype
+        self.a = torch.randn(size, size).to(dtype)
+        self.b = torch.randn(size, size).to(dtype)
+        if kernel == "onednn":
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.b.t().contiguous(), batch_size=8)
+            self._product = lambda: torch.ops.mkldnn._linear_pointwise(self.a, packed, None, "none", [], "")
+        elif kernel == "torch":
+            self._product = lambda: self.a @ self.b
+        else:
+            raise ValueError(f"unknown matmul kernel {kernel!r}")
         for _ in range(3):  # warm-up
-            self.a @ self.b
+            self._product()
         once = float("inf")
         for _ in range(3):  # the fastest of 3 (a burst of load would make the probe too short)
             start = time.perf_counter()
-            self.a @ self.b
+            self._product()
             once = min(once, time.perf_counter() - start)
         self.count = max(1, round(seconds / max(once, 1e-6)))
         self.flops = 2 * size**3 * self.count
 
     def __call__(self) -> None:
         for _ in range(self.count):
-            self.a @ self.b
+            self._product()
 
     def rate(self, seconds: float) -> float:
         """FLOP/s of a run that took `seconds`."""
@@ -196,6 +216,8 @@ def machine() -> dict:
 
     return {
         "cpu": cpu_model(),
+        "cpu flags": cpu_flag_summary(),
+        "torch cpu capability": torch.backends.cpu.get_cpu_capability(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -203,6 +225,24 @@ def machine() -> dict:
         "platform": platform.platform(),
         "load average (1, 5, 15 min)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
+
+
+def cpu_flag_summary() -> str:
+    """The CPU flags that decide matmul speed, each present or absent: 'avx2 yes, ..., amx_tile no'."""
+    from blip_toolkit.runtime.device import CPU_FLAGS, cpu_flags
+
+    flags = cpu_flags()
+    return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
+
+
+def machine_line(info: dict | None = None) -> str:
+    """One line naming the machine a figure comes from (figures of different CPUs differ)."""
+    info = info or machine()
+    return (
+        f"CPU {info.get('cpu', '?')} ({info.get('cpus', '?')} cores; {info.get('cpu flags', 'flags ?')}; "
+        f"torch CPU capability {info.get('torch cpu capability', '?')}), torch {info.get('torch', '?')}, "
+        f"{info.get('threads', '?')} threads"
+    )
 
 
 def cpu_model() -> str:
@@ -226,23 +266,30 @@ def report(
     quick: bool,
     targets: list[dict] | None = None,
     notes: dict | None = None,
+    tables: dict[str, list[dict]] | None = None,
 ) -> dict:
     """Print rows and pass/fail targets as Markdown tables (full width, whatever stdout is) and write
-    the results JSON (`results_path`). A quick run is flagged in both."""
+    the results JSON (`results_path`). A quick run is flagged in both. `tables`: further tables by
+    title (a profile, levers), printed after the notes and kept in the JSON."""
+    info = machine()
     print(f"\n## {name}" + (f" ({QUICK_NOTE})" if quick else "") + "\n")
+    print(f"Measured on: {machine_line(info)}.\n")
     if rows:
         print(markdown_table(rows) + "\n")
     if targets:
         print(markdown_table(target_rows(targets)) + "\n")
     if notes:
         print("\n".join(note_lines(notes)) + "\n")
+    for title, table in (tables or {}).items():
+        print(f"### {title}\n\n{markdown_table(table)}\n")
     result = {
         "name": name,
         "quick": quick,
-        "machine": machine(),
+        "machine": info,
         "rows": rows,
         "targets": targets or [],
         "notes": notes or {},
+        "tables": tables or {},
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall_seconds": round(time.perf_counter() - STARTED, 1),
     }
@@ -306,6 +353,109 @@ def _fmt(value) -> str:
     if isinstance(value, dict):
         return json.dumps(value, default=str)
     return str(value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs and models shared by the BLIP benchmarks
+
+
+def make_photos(folder: Path, count: int) -> list[Path]:
+    """640x480 JPEGs cut from the bundled sample photos (upscaled, varied crops)."""
+    from PIL import Image
+
+    sources = sorted((REPO / "data" / "samples").glob("*.jpg"))
+    paths = []
+    for i in range(count):
+        image = Image.open(sources[i % len(sources)]).convert("RGB").resize((960, 720), Image.BICUBIC)
+        left, top = (i * 37) % 320, (i * 53) % 240
+        path = folder / f"photo-{i:02d}.jpg"
+        image.crop((left, top, left + 640, top + 480)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def blip_tokenizer(vocab_size: int | None = None):
+    """A local WordPiece tokenizer with BLIP's special tokens and `vocab_size` tokens (the corpus's
+    words plus filler words w0, w1, ...), so a random model's captions decode to words."""
+    from blip_toolkit.scratch.tokenizers import DEFAULT_CORPUS, wordpiece_tokenizer
+
+    vocab_size = vocab_size or BLIP_VOCAB
+    base = len(wordpiece_tokenizer())
+    tokenizer = wordpiece_tokenizer(DEFAULT_CORPUS + [f"w{i}" for i in range(max(0, vocab_size - base))])
+    assert len(tokenizer) == vocab_size or vocab_size < base, (len(tokenizer), vocab_size)
+    return tokenizer
+
+
+def build_blip(folder: Path, class_name: str, quick: bool) -> Path:
+    """A BLIP-base-sized checkpoint of `class_name` (BlipForConditionalGeneration,
+    BlipForQuestionAnswering or BlipForImageTextRetrieval) with transformers' default BlipConfig
+    (ViT-B/16 at 384 px, BERT-base text transformer), random weights, and a tokenizer of BLIP's size
+    (`blip_tokenizer`); quick: 2 layers of 128 at 96 px and a small vocabulary."""
+    import torch
+    import transformers
+    from transformers import BlipConfig, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from blip_toolkit.log import quiet_transformers
+
+    quiet_transformers()  # no "Writing model shards" bar on stderr
+    tokenizer = blip_tokenizer(2000 if quick else None)
+    text = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        pad_token_id=0,
+    )
+    vision = {"initializer_range": 0.02}
+    image_processor = BlipImageProcessorPil()
+    if quick:
+        small = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+        text.update(small, encoder_hidden_size=128)
+        vision.update(small, image_size=96, patch_size=16)
+        image_processor = BlipImageProcessorPil(size={"height": 96, "width": 96})
+    torch.manual_seed(0)
+    model = getattr(transformers, class_name)(BlipConfig(text_config=text, vision_config=vision))
+    out = folder / class_name
+    model.save_pretrained(out)
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+def shares(paths: list[str], rounds: int):
+    """An iterator over `rounds` consecutive shares of `paths` (one per round)."""
+    per = len(paths) // rounds
+    return iter([paths[i * per : (i + 1) * per] for i in range(rounds)])
+
+
+def agreement(captions: dict, base: dict) -> float:
+    return sum(captions.get(k) == v for k, v in base.items()) / max(1, len(base))
+
+
+@contextmanager
+def environment(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def timed_calls(module, sink: list):
+    """Append the wall time of every forward call of `module` to `sink`."""
+    starts = []
+    pre = module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+    post = module.register_forward_hook(lambda *_: sink.append(time.perf_counter() - starts.pop()))
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()
 
 
 def demo_caption_task(root: Path, quick: bool) -> dict:

@@ -1,16 +1,30 @@
-"""Caption throughput on CPU: `blip caption` on a folder versus the transformers pipeline
-(`image-text-to-text`, the 5.x successor of `image-to-text`) called one image at a time, on the same
-BLIP-base-sized model (transformers' default BlipConfig, random weights, ~224M parameters), the same
-32 JPEG photos of 640x480 and the same decoding settings (greedy, 20 new tokens).
+"""Caption throughput on CPU against the strongest plain baseline and against the machine's limit.
 
-The photos go in 4 rounds of 8 (one batch of ours), each round captioning its 8 photos with ours,
-then with the pipeline, then running a fixed amount of square matmuls (the probe of this machine's
-float32 matmul rate), so load from other work on the machine falls on all three; the speed-up
-compares the median round times, with the spread of the per-round ratio. Also reports the achieved
-FLOP/s of our run against the matmul rate, and where the time goes (vision encoder, text decoder,
-image decoding and preprocessing).
+`blip caption` (the library call it makes: `caption_images` through `open_runner`, with the CLI's
+default worker setting) on a BLIP-base-sized captioner (transformers' default BlipConfig: ViT-B/16 at
+384 px, BERT-base decoder, 224M parameters, random weights, built with the real class; its
+tokenizer has BLIP's 30,524 tokens, so the captions are real strings to compare), 64 JPEG photos of
+640x480, batch 8, greedy, 20 new tokens, against, in the same rounds:
 
-`--quick`: a 2-layer model at 96 px, 3 rounds of 2 photos, 8 new tokens.
+(a) a hand-written batched transformers loop: the same checkpoint, batch size, dtype and `generate`
+    options, images opened with PIL in the main process, `processor(images=batch)` then
+    `model.generate(**inputs)` then `batch_decode`: what an engineer who knows transformers writes;
+(b) the matmul roofline: the model's FLOPs per image, counted from its shapes (vision tower + the
+    decoding steps actually taken; bench/_flops.py, checked against torch's FlopCounterMode), over
+    this machine's float32 matmul rate measured in the same rounds (the faster of torch's own
+    `a @ b` and oneDNN with a packed operand), so every figure also reads as a fraction of the limit.
+
+Also in the same rounds: `--quantize int8` and `--dtype bfloat16` (with the transformers loop in
+bfloat16 beside it), each with its caption agreement with float32; then BLIP-2 (OPT of 353M, as
+bench_quantize.py builds it) in float32, int8 and bfloat16 against the same kind of loop. Then where
+the time goes (a profile of one batch: preprocessing, vision tower, the decoder's first pass,
+the decoding steps, `generate`'s own Python, the pipeline around it) and each lever's measured gain
+(each turned off, or on, alone; one batch, interleaved rounds).
+
+Rounds: every round gives each run its own share of the photos (so all runs caption all 64) in
+turn, then runs the matmul probes; medians over rounds, with the spread of the per-round ratio.
+
+`--quick`: a 2-layer model at 96 px, 2 rounds of 4 photos, 8 new tokens; tiny BLIP-2.
 """
 
 from __future__ import annotations
@@ -18,162 +32,424 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from _common import MatmulProbe, interleaved_rounds, parse_args, rate_range, ratio_target, report, target
+from _common import (
+    MatmulProbe,
+    agreement,
+    build_blip,
+    environment,
+    interleaved_rounds,
+    make_photos,
+    parse_args,
+    rate_range,
+    ratio_target,
+    report,
+    shares,
+    target,
+    timed_calls,
+)
+from _flops import caption_flops
 
-REPO = Path(__file__).resolve().parent.parent
+BLIP2_350M = dict(
+    image_size=224,
+    patch_size=32,
+    hidden=384,
+    layers=6,
+    heads=16,
+    intermediate=1536,
+    text_hidden=1024,
+    text_layers=28,
+    lm_intermediate=4096,
+    qformer_hidden=768,
+    qformer_layers=6,
+    num_query_tokens=32,
+)  # fmt: skip  (the same BLIP-2 as bench_quantize.py / bench_lora.py)
+QUICK_BLIP2 = dict(image_size=64, patch_size=16, hidden=64, layers=2, heads=4, intermediate=128)
+TARGET = 1.3
 
 
-def make_photos(folder: Path, count: int) -> list[Path]:
-    """640x480 JPEGs cut from the bundled sample photos (upscaled, varied crops)."""
-    from PIL import Image
-
-    sources = sorted((REPO / "data" / "samples").glob("*.jpg"))
-    paths = []
-    for i in range(count):
-        image = Image.open(sources[i % len(sources)]).convert("RGB").resize((960, 720), Image.BICUBIC)
-        left, top = (i * 37) % 320, (i * 53) % 240
-        path = folder / f"photo-{i:02d}.jpg"
-        image.crop((left, top, left + 640, top + 480)).save(path, quality=90)
-        paths.append(path)
-    return paths
+# ----------------------------------------------------------------------------- the runs
 
 
-def build_model(folder: Path, quick: bool) -> Path:
-    """Default BlipConfig (ViT-B/16 at 384 px, BERT-base decoder) with a locally built tokenizer
-    (quick: 2 layers of 128 at 96 px)."""
+class Ours:
+    """`blip caption` through the library: open_runner + caption_images with the CLI's defaults."""
+
+    def __init__(self, model_dir, options, *, dtype="float32", quantize=None, num_workers=None):
+        from blip_toolkit.runtime.loading import open_runner
+
+        self.runner = open_runner(str(model_dir), "caption", device="cpu", dtype=dtype, quantize=quantize)
+        self.options = options
+        self.num_workers = num_workers
+        self.captions: dict[str, str] = {}
+
+    def __call__(self, paths: list[str]) -> None:
+        from dataclasses import replace
+
+        from blip_toolkit.data.images import InputItem
+        from blip_toolkit.runtime.caption import caption_images
+
+        options = replace(self.options, num_workers=self.num_workers)
+        for record in caption_images(self.runner, [InputItem(p) for p in paths], options):
+            self.captions[record["image"]] = record.get("caption", record.get("error"))
+
+
+class Reference:
+    """The hand-written batched transformers loop (reference (a))."""
+
+    def __init__(self, model_dir, kind: str, batch: int, generate_kwargs: dict, dtype=None):
+        import torch
+        import transformers
+
+        self.torch = torch
+        self.processor = transformers.AutoProcessor.from_pretrained(model_dir, backend="pil")
+        cls = getattr(transformers, kind)
+        self.model = cls.from_pretrained(model_dir, dtype=dtype or torch.float32).eval()
+        self.dtype = dtype or torch.float32
+        self.batch, self.kwargs = batch, generate_kwargs
+        self.captions: dict[str, str] = {}
+        self.steps: dict[str, int] = {}  # new tokens decoded for the image's batch
+
+    def __call__(self, paths: list[str]) -> None:
+        from PIL import Image
+
+        for start in range(0, len(paths), self.batch):
+            chunk = paths[start : start + self.batch]
+            images = [Image.open(p).convert("RGB") for p in chunk]
+            inputs = self.processor(images=images, return_tensors="pt")
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            with self.torch.inference_mode():
+                out = self.model.generate(**inputs, **self.kwargs)
+            texts = self.processor.batch_decode(out, skip_special_tokens=True)
+            for path, text in zip(chunk, texts):
+                self.captions[path] = text.strip()
+                self.steps[path] = out.shape[1] - 1  # BLIP: [DEC] + the new tokens
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+@contextmanager
+def timed_generate(model, sink: list):
+    original = model.generate
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            sink.append(time.perf_counter() - start)
+
+    model.generate = wrapper
+    try:
+        yield
+    finally:
+        del model.generate
+
+
+def profile_run(run, model, paths: list[str]) -> dict:
+    """Seconds of one call of `run` on `paths`, split: vision tower, the decoder's first pass
+    (prefill: the prompt and the image keys / values), the later decoding passes, `generate`'s own
+    Python (its loop, logits processing, stopping), and what is around `generate` (preprocessing
+    not overlapped, batching, the pipeline)."""
+    vision, text, generate = [], [], []
+    start = time.perf_counter()
+    with timed_calls(model.vision_model, vision), timed_calls(model.text_decoder, text):
+        with timed_generate(model, generate):
+            run(paths)
+    wall = time.perf_counter() - start
+    return {
+        "vision tower": sum(vision),
+        "decoder first pass (prefill)": text[0] if text else 0.0,
+        "decoding steps": sum(text[1:]),
+        "generate's own Python": sum(generate) - sum(vision) - sum(text),
+        "outside generate (preprocessing, pipeline)": wall - sum(generate),
+        "total": wall,
+        "decoder passes": len(text),
+    }
+
+
+def preprocessing_seconds(model_dir, paths: list[str]) -> float:
+    """Opening and preprocessing `paths` as our workers do (GenerationEncoder), in this thread."""
+    from blip_toolkit.data.images import open_image
+    from blip_toolkit.runtime.generation import GenerationEncoder
+    from blip_toolkit.runtime.loading import inspect_source, load_processor
+
+    resolved, family = inspect_source(str(model_dir))
+    encoder = GenerationEncoder(load_processor(resolved), family, [])
+    start = time.perf_counter()
+    for path in paths:
+        encoder(open_image(path), None)
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- levers
+
+
+def measure_levers(model_dir, options, paths: list[str], rounds: int) -> list[dict]:
+    """Each lever's gain on one batch: `blip caption` as shipped against the same with the lever
+    flipped alone (a fresh model per variant), interleaved rounds."""
     import torch
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    from blip_toolkit.log import quiet_transformers
-    from blip_toolkit.scratch.tokenizers import wordpiece_tokenizer
+    from blip_toolkit.runtime.fast_attention import use_fused_text_attention
 
-    quiet_transformers()  # no "Writing model shards" bar on stderr
-    tokenizer = wordpiece_tokenizer()
-    text = dict(bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id, pad_token_id=0)
-    vision = {"initializer_range": 0.02}
-    image_processor = BlipImageProcessorPil()
-    if quick:
-        small = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
-        text.update(small, encoder_hidden_size=128)
-        vision.update(small, image_size=96, patch_size=16)
-        image_processor = BlipImageProcessorPil(size={"height": 96, "width": 96})
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
-    out = folder / "blip-base"
-    model.save_pretrained(out)
-    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
-    return out
+    def variant(name, **env):
+        with environment(**env):
+            return Ours(model_dir, options, num_workers=0)
+
+    shipped = Ours(model_dir, options, num_workers=0)
+    rows = []
+    threads = torch.get_num_threads()
+
+    def single_thread(paths):
+        torch.set_num_threads(1)
+        try:
+            shipped(paths)
+        finally:
+            torch.set_num_threads(threads)
+
+    text_sdpa = variant("text sdpa")
+    use_fused_text_attention(text_sdpa.runner.loaded.model)
+    workers = Ours(model_dir, options, num_workers=1)
+    levers = [
+        ("oneDNN-packed Linear layers (runtime/fast_linear.py)", "kept", variant("unpacked", BLIP_PACKED_LINEAR="0"),
+         "off: torch's Linear (MKL sgemm)"),
+        ("SDPA vision attention (runtime/fast_attention.py)", "kept", variant("eager", BLIP_EAGER_ATTENTION="1"),
+         "off: transformers' eager attention"),
+        ("SDPA text attention (decoder self- and cross-attention)", "not kept unless it helps", text_sdpa,
+         "on, against shipped (off)"),
+        ("image decoding in a background thread (--num-workers 0)", "measured", workers,
+         "1 DataLoader worker process instead"),
+        (f"{threads} torch threads", "measured", single_thread, "1 thread instead"),
+    ]  # fmt: skip
+    batch = paths[: options.batch_size]
+    for name, status, other, what in levers:
+        times = interleaved_rounds(
+            {"shipped": lambda: shipped(batch), "other": lambda other=other: other(batch)}, rounds
+        )
+        ratio = statistics.median(times["other"]) / statistics.median(times["shipped"])
+        per_round = [o / s for o, s in zip(times["other"], times["shipped"])]
+        rows.append(
+            {
+                "lever": name,
+                "compared with": what,
+                "shipped s / batch": statistics.median(times["shipped"]),
+                "other s / batch": statistics.median(times["other"]),
+                "gain (other time / shipped time)": ratio,
+                "per-round": f"{min(per_round):.3g}-{max(per_round):.3g}",
+                "status": status,
+                "captions equal": all(other.captions.get(p) == shipped.captions.get(p) for p in batch)
+                if hasattr(other, "captions")
+                else True,
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- BLIP-2
+
+
+def blip2_rows(
+    root: Path, photos: list[str], quick: bool, max_new_tokens: int, batch: int
+) -> tuple[list, dict]:
+
+    from blip_toolkit.runtime.caption import CaptionOptions
+    from blip_toolkit.runtime.generation import GenerationOptions
+    from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
+
+    model_dir = build_checkpoint(
+        "blip2-opt", root / "blip2", size=ModelSize(**(QUICK_BLIP2 if quick else BLIP2_350M))
+    )
+    options = CaptionOptions(batch_size=batch, generation=GenerationOptions(max_new_tokens=max_new_tokens))
+    runs = {
+        "blip caption float32": Ours(model_dir, options),
+        "transformers loop float32": Reference(
+            str(model_dir), "Blip2ForConditionalGeneration", batch, options.generation.generate_kwargs()
+        ),
+        "blip caption --quantize int8": Ours(model_dir, options, quantize="int8"),
+        "blip caption --dtype bfloat16": Ours(model_dir, options, dtype="bfloat16"),
+    }
+    rounds = 2
+    count = (len(photos) // rounds) * rounds
+    iterators = {name: shares(photos[:count], rounds) for name in runs}
+    for run in runs.values():
+        run(photos[:1])  # warm-up
+    times = interleaved_rounds(
+        {name: (lambda n=name: runs[n](next(iterators[n]))) for name in runs}, rounds, warmup=0
+    )
+    base = runs["blip caption float32"].captions
+    reference = runs["transformers loop float32"].captions
+    per_round = count // rounds
+    rows = []
+    for name, run in runs.items():
+        rows.append(
+            {
+                "model": "BLIP-2, OPT 353M (405M)" if not quick else "BLIP-2 (tiny)",
+                "run": name,
+                "images/s (slowest-fastest round)": rate_range(times[name], per_round),
+                "vs transformers loop float32": statistics.median(times["transformers loop float32"])
+                / statistics.median(times[name]),
+                "captions = blip float32": agreement(run.captions, base),
+                "captions = transformers float32": agreement(run.captions, reference),
+            }
+        )
+    notes = {
+        "BLIP-2 images": count,
+        "BLIP-2 speed-up over the transformers loop (float32)": round(
+            statistics.median(times["transformers loop float32"])
+            / statistics.median(times["blip caption float32"]),
+            3,
+        ),
+    }
+    runs.clear()
+    return rows, notes
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
-    from transformers import AutoProcessor, BlipForConditionalGeneration, pipeline
+    from transformers import BlipConfig
 
-    from blip_toolkit.data.images import collect_inputs, open_image
     from blip_toolkit.log import setup_logging
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_images
+    from blip_toolkit.runtime.caption import CaptionOptions
     from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.runtime.loading import open_runner
 
     setup_logging(-1)
-    rounds, per_round = (3, 2) if args.quick else (4, 8)
-    count = rounds * per_round
-    max_new_tokens = 8 if args.quick else 20
-    probe = MatmulProbe(*((256, 0.1) if args.quick else (1024, 1.0)))
-    with tempfile.TemporaryDirectory() as tmp:
+    quick = args.quick
+    rounds, count, batch = (2, 8, 4) if quick else (4, 64, 8)
+    max_new_tokens = 8 if quick else 20
+    probe_size, probe_seconds = (256, 0.1) if quick else (1024, 1.0)
+    probes = {
+        "matmul float32 (torch: MKL)": MatmulProbe(probe_size, probe_seconds),
+        "matmul float32 (oneDNN, packed)": MatmulProbe(probe_size, probe_seconds, kernel="onednn"),
+        "matmul bfloat16 (oneDNN, packed)": MatmulProbe(
+            probe_size, probe_seconds, kernel="onednn", dtype=torch.bfloat16
+        ),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-caption-") as tmp:
         tmp = Path(tmp)
-        photos_dir = tmp / "photos"
-        photos_dir.mkdir()
-        make_photos(photos_dir, count)
-        model_dir = build_model(tmp, args.quick)
+        (tmp / "photos").mkdir()
+        photos = [str(p) for p in make_photos(tmp / "photos", count)]
+        model_dir = build_blip(tmp, "BlipForConditionalGeneration", quick)
+        config = BlipConfig.from_pretrained(model_dir)
+        generation = GenerationOptions(max_new_tokens=max_new_tokens)
+        options = CaptionOptions(batch_size=batch, generation=generation)
+        kwargs = generation.generate_kwargs()
+        kind = "BlipForConditionalGeneration"
+        runs = {
+            "blip caption float32": Ours(model_dir, options),
+            "transformers loop float32": Reference(str(model_dir), kind, batch, kwargs),
+            "blip caption --quantize int8": Ours(model_dir, options, quantize="int8"),
+            "blip caption --dtype bfloat16": Ours(model_dir, options, dtype="bfloat16"),
+            "transformers loop bfloat16": Reference(
+                str(model_dir), kind, batch, kwargs, dtype=torch.bfloat16
+            ),
+        }
+        for run in runs.values():
+            run(photos[:2])  # warm-up (also starts and stops the worker machinery once)
+        iterators = {name: shares(photos, rounds) for name in runs}
+        functions = {name: (lambda n=name: runs[n](next(iterators[n]))) for name in runs}
+        times = interleaved_rounds({**functions, **probes}, rounds, warmup=0)
+        per_round = count // rounds
 
-        # Ours: exactly what `blip caption photos/` runs, model loading excluded on both sides.
-        runner = open_runner(str(model_dir), "caption", device="cpu")
-        options = CaptionOptions(batch_size=8, generation=GenerationOptions(max_new_tokens=max_new_tokens))
-        items = collect_inputs([str(photos_dir)])
-        chunks = [items[i * per_round : (i + 1) * per_round] for i in range(rounds)]
-        # Reference: the pipeline, one image at a time, same model weights and decoding settings.
-        processor = AutoProcessor.from_pretrained(model_dir, backend="pil")
-        model = BlipForConditionalGeneration.from_pretrained(model_dir).eval()
-        captioner = pipeline("image-text-to-text", model=model, processor=processor)
-
-        ours_captions, pipe_captions = {}, {}
-        ours_chunks, pipe_chunks = iter(chunks), iter(chunks)
-
-        def ours() -> None:
-            for record in caption_images(runner, next(ours_chunks), options):
-                ours_captions[record["image"]] = record["caption"]
-
-        def theirs() -> None:
-            for item in next(pipe_chunks):
-                out = captioner(images=item.path, text="", max_new_tokens=max_new_tokens)
-                pipe_captions[item.path] = out[0]["generated_text"].strip()
-
-        list(caption_images(runner, items[:2], options))  # warm-up
-        captioner(images=items[0].path, text="", max_new_tokens=max_new_tokens)  # warm-up
-        times = interleaved_rounds({"ours": ours, "pipeline": theirs, "matmul": probe}, rounds, warmup=0)
-        same = ours_captions == pipe_captions and len(ours_captions) == count
-
-        # FLOPs of one image's caption (vision encoder + greedy decoding), counted by torch.
-        inputs = processor(images=[open_image(items[0].path)], return_tensors="pt")
-        with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            runner.loaded.model.generate(**inputs, max_new_tokens=max_new_tokens)
-        flops_per_image = counter.get_total_flops()
-
-        # Where the time goes in our run: decode+preprocess, vision encoder, text decoding.
-        loaded = runner.loaded
-        start = time.perf_counter()
-        pixel_values = processor(images=[open_image(item.path) for item in chunks[0]], return_tensors="pt")[
-            "pixel_values"
-        ]
-        preprocess = time.perf_counter() - start
-        with torch.inference_mode():
-            start = time.perf_counter()
-            loaded.model.vision_model(pixel_values=pixel_values)
-            vision = time.perf_counter() - start
-            start = time.perf_counter()
-            loaded.model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens)
-            total = time.perf_counter() - start
-
-    matmul = probe.flops / statistics.median(times["matmul"])
-    rows = []
-    for name, label in (("ours", "blip caption (batch 8)"), ("pipeline", "pipeline, one at a time")):
-        ips = per_round / statistics.median(times[name])
+        ours, ref = runs["blip caption float32"], runs["transformers loop float32"]
+        same = ours.captions == ref.captions and len(ours.captions) == count
+        # FLOPs per image from the shapes and the decoding steps each batch took (bench/_flops.py).
+        flops = {p: caption_flops(config, ref.steps[p]) for p in photos}
+        per_image = {k: statistics.mean(f[k] for f in flops.values()) for k in ("vision", "decode", "total")}
+        fp32_rate = max(
+            probes[name].flops / statistics.median(times[name])
+            for name in ("matmul float32 (torch: MKL)", "matmul float32 (oneDNN, packed)")
+        )
+        bf16_rate = probes["matmul bfloat16 (oneDNN, packed)"].flops / statistics.median(
+            times["matmul bfloat16 (oneDNN, packed)"]
+        )
+        rows = []
+        for name, run in runs.items():
+            seconds = statistics.median(times[name])
+            ips = per_round / seconds
+            rate = bf16_rate if "bfloat16" in name else fp32_rate
+            rows.append(
+                {
+                    "model": "BLIP-base (224M)" if not quick else "BLIP (tiny)",
+                    "run": name,
+                    "images/s (slowest-fastest round)": rate_range(times[name], per_round),
+                    "vs transformers loop float32": statistics.median(times["transformers loop float32"])
+                    / seconds,
+                    "achieved GFLOP/s": per_image["total"] * ips / 1e9,
+                    "of the matmul roofline": per_image["total"] * ips / rate,
+                    "captions = blip float32": agreement(run.captions, ours.captions),
+                    "captions = transformers float32": agreement(run.captions, ref.captions),
+                }
+            )
         rows.append(
             {
-                "run": label,
-                "images/s": ips,
-                "images/s (slowest-fastest round)": rate_range(times[name], per_round),
-                "seconds (all rounds)": sum(times[name]),
-                "GFLOP/image": flops_per_image / 1e9,
-                "achieved GFLOP/s": flops_per_image * ips / 1e9,
-                "of matmul rate": flops_per_image * ips / matmul,
+                "model": rows[0]["model"],
+                "run": "roofline float32 (FLOPs / the best float32 matmul rate)",
+                "images/s (slowest-fastest round)": fp32_rate / per_image["total"],
+                "of the matmul roofline": 1.0,
             }
         )
-    breakdown = {
-        "rounds": f"{rounds} x {per_round} photos: ours, the pipeline, the matmul probe in turn",
-        f"preprocess {per_round} images (s)": preprocess,
-        f"vision encoder, batch {per_round} (s)": vision,
-        f"text decoding, batch {per_round} (s)": total - vision,
-        "matmul GFLOP/s (slowest-fastest round)": rate_range(times["matmul"], probe.flops / 1e9),
-        "captions identical to the pipeline": same,
+        rows.append(
+            {
+                "model": rows[0]["model"],
+                "run": "roofline bfloat16 (FLOPs / the bfloat16 matmul rate)",
+                "images/s (slowest-fastest round)": bf16_rate / per_image["total"],
+                "of the matmul roofline": 1.0,
+            }
+        )
+
+        # Where the time goes: one batch, ours and the reference.
+        sample = photos[:batch]
+        profile = {
+            "blip caption float32": profile_run(ours, ours.runner.loaded.model, sample),
+            "transformers loop float32": profile_run(ref, ref.model, sample),
+        }
+        profile_rows = [
+            {"run": name, **{k: round(v, 3) if isinstance(v, float) else v for k, v in parts.items()}}
+            for name, parts in profile.items()
+        ]
+        preprocess = preprocessing_seconds(model_dir, sample)
+        runs.clear()  # free the models before the levers load theirs
+        ours = ref = None
+        levers = measure_levers(model_dir, options, photos, 2)
+        blip2, blip2_notes = blip2_rows(tmp, photos[: 8 if quick else 16], quick, max_new_tokens, batch)
+
+    matmul = {name: probes[name].flops / statistics.median(times[name]) / 1e9 for name in probes}
+    notes = {
+        "rounds": f"{rounds} x {per_round} photos (batch {batch}): each run in turn, then the matmul probes",
+        "decoding": f"greedy, at most {max_new_tokens} new tokens; FLOPs count the steps each batch took",
+        "GFLOP per image (vision / decoding / total)": f"{per_image['vision'] / 1e9:.1f} / "
+        f"{per_image['decode'] / 1e9:.2f} / {per_image['total'] / 1e9:.1f}",
+        "matmul GFLOP/s in the rounds (torch MKL fp32 / oneDNN fp32 / oneDNN bf16)": " / ".join(
+            f"{v:.0f}" for v in matmul.values()
+        ),
+        "roofline rate used (fp32, bf16 GFLOP/s)": f"{fp32_rate / 1e9:.0f}, {bf16_rate / 1e9:.0f}",
+        f"preprocessing of {batch} photos in one thread (s)": round(preprocess, 3),
+        "captions identical to the transformers loop (float32)": same,
+        **blip2_notes,
     }
+    result_rows = rows + blip2
     report(
         "caption",
-        rows,
-        quick=args.quick,
+        result_rows,
+        quick=quick,
         targets=[
             ratio_target(
-                "speed-up over the pipeline", times["pipeline"], times["ours"], ">= 1.1", lambda r: r >= 1.1
+                "blip caption float32 vs the batched transformers loop (images/s)",
+                times["transformers loop float32"],
+                times["blip caption float32"],
+                f">= {TARGET}",
+                lambda r: r >= TARGET,
             ),
-            target("captions identical to the pipeline", float(same), "1", same),
+            target("captions identical to the transformers loop (float32)", float(same), "1", same),
         ],
-        notes=breakdown,
+        notes=notes,
+        tables={"where the time goes (one batch, seconds)": profile_rows, "levers (one batch each)": levers},
     )
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import QUICK_NOTE, RESULTS, machine, markdown_table, note_lines, target_rows
+from _common import QUICK_NOTE, RESULTS, machine, machine_line, markdown_table, note_lines, target_rows
 
 HERE = Path(__file__).resolve().parent
 
@@ -113,14 +113,16 @@ def summary(
         info = result.get("machine", {})
         earlier = " (from an earlier run: not re-run this time)" if result["mtime"] < started else ""
         lines += [
-            f"Measured {result.get('time', '?')}{earlier}; torch threads {info.get('threads', '?')}, "
-            f"{result.get('wall_seconds', '?')} s.",
+            f"Measured {result.get('time', '?')}{earlier}, {result.get('wall_seconds', '?')} s, on "
+            f"{machine_line(info)}.",
             "",
         ]
         if result.get("rows"):
             lines += [markdown_table(result["rows"]), ""]
         if result.get("notes"):
             lines += [*note_lines(result["notes"]), ""]
+        for table_title, table in (result.get("tables") or {}).items():
+            lines += [f"### {table_title}", "", markdown_table(table), ""]
     return "\n".join(lines)
 
 

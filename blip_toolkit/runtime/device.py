@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -35,13 +36,54 @@ def resolve_device(spec: str = "auto"):
     return device
 
 
+# The CPU features that decide how fast float32 and bfloat16 matrix multiplies run (benchmarks print
+# them beside every figure): AVX2 / AVX-512 float32 FMAs; AVX512-BF16 (bf16 dot products in AVX-512
+# registers); AMX (Intel's tile unit: bf16 matmul several times float32's).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+# CPUs whose bfloat16 matmul is fast enough for `--dtype auto` to choose bfloat16 (see resolve_dtype).
+FAST_BF16_FLAGS = ("amx_bf16",)
+CPU_AUTO_DTYPE_ENV = "BLIP_CPU_AUTO_DTYPE"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The feature flags of this machine's CPU (Linux /proc/cpuinfo; empty where it is absent)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags") or line.startswith("Features"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_bf16_fast(flags: frozenset[str] | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 matrices fast enough that `--dtype auto` picks bfloat16."""
+    flags = cpu_flags() if flags is None else flags
+    return any(flag in flags for flag in FAST_BF16_FLAGS)
+
+
+def auto_cpu_dtype(flags: frozenset[str] | None = None):
+    """What `--dtype auto` means on CPU: bfloat16 where the CPU has native fast bf16 matmul
+    (`cpu_bf16_fast`), else float32. BLIP_CPU_AUTO_DTYPE=float32|bfloat16 overrides the choice (the
+    test suite pins float32, so results do not depend on the machine)."""
+    override = os.environ.get(CPU_AUTO_DTYPE_ENV, "").strip().lower()
+    if override:
+        if override not in ("float32", "bfloat16"):
+            raise UsageError(f"{CPU_AUTO_DTYPE_ENV}={override!r}: use float32 or bfloat16")
+        return getattr(torch, override)
+    return torch.bfloat16 if cpu_bf16_fast(flags) else torch.float32
+
+
 def resolve_dtype(spec: str, device) -> Any:
-    """auto -> float32 on CPU (bfloat16 is emulated and slow on most CPUs), float16 on CUDA."""
+    """auto -> float16 on CUDA; on CPU `auto_cpu_dtype()` (float32 unless the CPU has fast bf16)."""
     spec = (spec or "auto").strip().lower()
     if spec not in DTYPES:
         raise UsageError(f"--dtype {spec!r}: use one of {', '.join(DTYPES)}")
     if spec == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        return auto_cpu_dtype() if device.type == "cpu" else torch.float32
     return getattr(torch, spec)
 
 

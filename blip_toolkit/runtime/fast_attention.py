@@ -1,4 +1,4 @@
-"""A fused attention kernel for BLIP's vision tower.
+"""Fused attention kernels for BLIP's vision tower and text transformer.
 
 transformers' `BlipAttention` (the ViT of every BLIP checkpoint) only has an eager path: it builds
 the full [B, heads, 577, 577] score matrix at 384 px, scales it in a separate pass, softmaxes it and
@@ -7,6 +7,12 @@ through `torch.nn.functional.scaled_dot_product_attention` uses a fused (flash-s
 never materialises the matrix. The result equals the eager one within float rounding (see
 tests/runtime/test_fast_attention.py); greedy captions are unchanged.
 
+BLIP's text transformer (`BlipTextSelfAttention`: the caption decoder, the VQA question encoder and
+answer decoder, the ITM text encoder) is eager only as well. While decoding, each step's query is one
+token against the 577 cached image keys (cross-attention) and the tokens so far (self-attention):
+eager runs that as two batched matmuls of one row each plus a softmax, SDPA as one fused kernel
+(bench/bench_caption.py measures the gain). The key / value caching is transformers' own, copied.
+
 BLIP-2's vision tower already dispatches through transformers' attention interface (SDPA by
 default), so it needs nothing. Set BLIP_EAGER_ATTENTION=1 to keep transformers' own code path.
 The fused path does not return attention probabilities (nothing in blip asks for them).
@@ -14,11 +20,15 @@ The fused path does not return attention probabilities (nothing in blip asks for
 
 from __future__ import annotations
 
+import math
 import os
 import types
 
+import torch
 import torch.nn.functional as F
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.blip.modeling_blip import BlipAttention
+from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
 
 def _sdpa_forward(self, hidden_states, **kwargs):
@@ -31,14 +41,91 @@ def _sdpa_forward(self, hidden_states, **kwargs):
     return self.projection(context.transpose(1, 2).reshape(batch, length, width)), None
 
 
+def _text_sdpa_forward(
+    self,
+    hidden_states,
+    attention_mask=None,
+    encoder_hidden_states=None,
+    encoder_attention_mask=None,
+    past_key_values=None,
+    **kwargs,
+):
+    """transformers' BlipTextSelfAttention.forward (5.x), with SDPA instead of matmul-softmax-matmul.
+    The masks are the additive ones BlipTextModel builds (or None); SDPA adds them the same way."""
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.attention_head_size)
+    query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, heads, L, head_dim]
+
+    is_cross_attention = encoder_hidden_states is not None
+    attention_mask = encoder_attention_mask if is_cross_attention else attention_mask
+
+    is_updated = False
+    cache = None
+    if past_key_values is not None:
+        if isinstance(past_key_values, EncoderDecoderCache):
+            is_updated = past_key_values.is_updated.get(self.layer_idx)
+            cache = (
+                past_key_values.cross_attention_cache
+                if is_cross_attention
+                else past_key_values.self_attention_cache
+            )
+        else:
+            cache = past_key_values
+
+    current_states = encoder_hidden_states if is_cross_attention else hidden_states
+    if is_cross_attention and past_key_values is not None and is_updated:
+        key = cache.layers[self.layer_idx].keys  # the image keys / values, computed at the first step
+        value = cache.layers[self.layer_idx].values
+    else:
+        kv_shape = (*current_states.shape[:-1], -1, self.attention_head_size)
+        key = self.key(current_states).view(kv_shape).transpose(1, 2)  # [B, heads, S, head_dim]
+        value = self.value(current_states).view(kv_shape).transpose(1, 2)
+        if past_key_values is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+            if is_cross_attention and isinstance(past_key_values, EncoderDecoderCache):
+                past_key_values.is_updated[self.layer_idx] = True
+
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device=query.device)
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.to(query.dtype)
+    context = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=self.dropout.p if self.training else 0.0,
+        scale=1.0 / math.sqrt(self.attention_head_size),
+    )  # [B, heads, L, head_dim]
+    context = context.transpose(1, 2).reshape(*input_shape, self.all_head_size)
+    return context, None
+
+
+def _eager_requested() -> bool:
+    return os.environ.get("BLIP_EAGER_ATTENTION", "").strip() not in ("", "0")
+
+
 def use_fused_vision_attention(model) -> int:
     """Swap the forward of every BlipAttention in `model` for the fused one; returns how many."""
-    if os.environ.get("BLIP_EAGER_ATTENTION", "").strip() not in ("", "0"):
+    if _eager_requested():
         return 0
 
     count = 0
     for module in model.modules():
         if isinstance(module, BlipAttention):
             module.forward = types.MethodType(_sdpa_forward, module)
+            count += 1
+    return count
+
+
+def use_fused_text_attention(model) -> int:
+    """Swap the forward of every BlipTextSelfAttention in `model` (self- and cross-attention of
+    BLIP's text encoder / decoder) for the fused one; returns how many."""
+    if _eager_requested():
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, BlipTextSelfAttention):
+            module.forward = types.MethodType(_text_sdpa_forward, module)
             count += 1
     return count

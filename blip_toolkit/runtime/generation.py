@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from blip_toolkit.errors import UsageError
+from blip_toolkit.pipeline.outputs import item_name
 from blip_toolkit.runtime.batching import check_text
 from blip_toolkit.runtime.quantize import empty_output_error
-from blip_toolkit.pipeline.outputs import item_name
 
 
 @dataclass

@@ -32,6 +32,7 @@ from blip_toolkit.errors import ModelLoadError, TaskNotSupportedError, UsageErro
 from blip_toolkit.log import quiet_transformers
 from blip_toolkit.runtime.device import FallbackRunner, resolve_device, resolve_dtype
 from blip_toolkit.runtime.fast_attention import use_fused_vision_attention
+from blip_toolkit.runtime.fast_linear import pack_linear_layers
 from blip_toolkit.runtime.quantize import check_quantize, loading_kwargs, quantize_model
 
 logger = logging.getLogger("blip")
@@ -426,7 +427,7 @@ def open_runner(
         require_task(family, task, source)
 
     def load(dev, dt):
-        return load_model(
+        loaded = load_model(
             source,
             task,
             device=dev,
@@ -436,6 +437,9 @@ def open_runner(
             family=family,
             quantize=quantize,
         )
+        # A runner only runs inference: its Linear layers can take oneDNN-packed weights (CPU).
+        pack_linear_layers(loaded.model, dev, quantize=quantize)
+        return loaded
 
     return FallbackRunner(load, torch_device, torch_dtype)
 

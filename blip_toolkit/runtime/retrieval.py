@@ -28,12 +28,12 @@ from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVision
 
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, InputItem
 from blip_toolkit.errors import InputError, UsageError
-from blip_toolkit.runtime.batching import check_text
 from blip_toolkit.pipeline.sources import Source, list_source
 from blip_toolkit.pipeline.stream import RunSettings
+from blip_toolkit.runtime.batching import check_text
 from blip_toolkit.runtime.generation import forbidden_tokens
-from blip_toolkit.runtime.itm import ITM_OPS, itm_input_ids
 from blip_toolkit.runtime.inference import infer_records
+from blip_toolkit.runtime.itm import ITM_OPS, itm_input_ids
 
 ITM_SCORES = ("itm+itc", "itm", "itc")
 
@@ -45,10 +45,15 @@ class RetrievalOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     top: int | None = None  # keep the best N texts per image (None: all)
     num_workers: int | None = 0
+    # ITM checkpoints: re-score only each image's `shortlist` texts of highest ITC with the ITM head
+    # (LAVIS's k_test) and list only those; None: ITM on every text.
+    shortlist: int | None = None
 
     def __post_init__(self) -> None:
         if self.top is not None and self.top < 1:
             raise UsageError("--top must be at least 1")
+        if self.shortlist is not None and self.shortlist < 1:
+            raise UsageError("--shortlist must be at least 1")
         if self.score is not None and self.score not in ITM_SCORES + ("likelihood",):
             raise UsageError(f"--score {self.score!r}: use one of {', '.join(ITM_SCORES)} or likelihood")
 
@@ -57,13 +62,16 @@ class RetrievalOptions:
 
     def fingerprint(self, texts: list[str]) -> dict:
         digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
-        return {
+        out = {
             "task": "retrieval",
             "score": self.score,
             "top": self.top,
             "texts": len(texts),
             "texts_sha256": digest,
         }
+        if self.shortlist is not None:  # only when set: fingerprints of earlier runs stay valid
+            out["shortlist"] = self.shortlist
+        return out
 
 
 def resolve_score(family, score: str | None) -> str:
@@ -103,6 +111,11 @@ class RetrievalTask:
         loaded = runner.loaded
         self.texts, self.options = list(texts), options
         self.score_kind = resolve_score(loaded.family, options.score)
+        if options.shortlist is not None and self.score_kind not in ("itm+itc", "itm"):
+            raise UsageError(
+                "--shortlist re-scores the best ITC texts with the ITM head: it needs an ITM checkpoint "
+                "and --score itm+itc or itm"
+            )
         forbidden = forbidden_tokens(loaded)
         for number, text in enumerate(texts, start=1):
             if not text.strip():
@@ -134,6 +147,7 @@ class RetrievalTask:
                 self.score_kind,
                 self._cache,
                 pair_batch=self.options.batch_size * 4,
+                **({"shortlist": self.options.shortlist} if self.options.shortlist is not None else {}),
             )
 
         per_image = runner.run(score)
@@ -146,7 +160,8 @@ class RetrievalTask:
 def rank_texts(runner, items: list[InputItem], texts: list[str], options: RetrievalOptions) -> Iterator[dict]:
     """Yield, per image in input order, `{"image", "results": [...]}` with one entry per text
     (`rank`, `text`, `score`, `probability`, and `itm`/`itc` where they apply), best first (the best
-    `options.top` when set), or `{"image", "error"}`."""
+    `options.top` when set), or `{"image", "error"}`. With `options.shortlist` = k, only the image's
+    k texts of highest ITC are re-scored by ITM and listed (probabilities over those k)."""
     source = list_source([i.path for i in items], errors=[i.error for i in items])
     return rank_source(runner, source, texts, options)
 
@@ -156,10 +171,13 @@ def rank_source(runner, source: Source, texts: list[str], options: RetrievalOpti
 
 
 def _ranked(texts: list[str], columns: dict[str, Any]) -> list[dict]:
+    """Entries of the texts that have a score (all, or a shortlist: NaN elsewhere), best first."""
     scores = columns["score"]
-    probabilities = torch.softmax(scores.double(), dim=0)
+    scored = [i for i in range(len(texts)) if not torch.isnan(scores[i])]
+    probabilities = torch.zeros_like(scores, dtype=torch.float64)
+    probabilities[scored] = torch.softmax(scores[scored].double(), dim=0)
     # Stable sort: equal scores keep the order the texts were given in.
-    order = sorted(range(len(texts)), key=lambda i: -float(scores[i]))
+    order = sorted(scored, key=lambda i: -float(scores[i]))
     out = []
     for rank, i in enumerate(order, start=1):
         entry = {
@@ -209,9 +227,21 @@ def _columns(score_kind: str, itc, itm_logits) -> list[dict]:
     return rows
 
 
-def _score_itm(loaded, pixel_values, texts, score_kind, cache, *, pair_batch: int) -> list[dict]:
+def _shortlist_pairs(itc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image index, text index) of each image's `k` texts of highest ITC ([I, T] -> two [I * k]),
+    pairs of one image together."""
+    k = min(k, itc.shape[1])
+    text_index = itc.topk(k, dim=1).indices  # [I, k]
+    image_index = torch.arange(itc.shape[0]).unsqueeze(1).expand(-1, k)
+    return image_index.reshape(-1), text_index.reshape(-1)
+
+
+def _score_itm(
+    loaded, pixel_values, texts, score_kind, cache, *, pair_batch: int, shortlist: int | None = None
+) -> list[dict]:
     """ITM checkpoints (BLIP and BLIP-2) through the one scorer (runtime/itm.py): text features once
-    per model, image features per batch, the ITM head per (image, text) pair in chunks."""
+    per model, image features per batch, the ITM head per (image, text) pair in chunks: every pair,
+    or each image's `shortlist` texts of highest ITC (the other entries are NaN: not ranked)."""
     ops = ITM_OPS[loaded.family.name]
     model = loaded.model
     n_images = pixel_values.shape[0]
@@ -229,8 +259,16 @@ def _score_itm(loaded, pixel_values, texts, score_kind, cache, *, pair_batch: in
         itc = ops.similarity(image_feat, cache["text_feat"]).float()
         itm = None
         if score_kind != "itc":
-            itm = torch.empty(n_images, len(texts), 2)
-            for img_idx, txt_idx in _pairs(n_images, len(texts), pair_batch):
+            itm = torch.full((n_images, len(texts), 2), float("nan"))
+            if shortlist is None:
+                chunks = _pairs(n_images, len(texts), pair_batch)
+            else:
+                images, chosen = _shortlist_pairs(itc.cpu(), shortlist)
+                chunks = (
+                    (images[i : i + pair_batch], chosen[i : i + pair_batch])
+                    for i in range(0, len(images), pair_batch)
+                )
+            for img_idx, txt_idx in chunks:
                 logits = ops.itm(
                     model,
                     image_embeds[img_idx],
