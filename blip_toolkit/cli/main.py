@@ -2,24 +2,111 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
 import traceback
+from difflib import get_close_matches
 
 import typer
+from typer._click.exceptions import UsageError  # typer 0.2x vendors click: its own UsageError
+from typer.core import TyperCommand, TyperGroup
 
 from blip_toolkit import __version__
 from blip_toolkit.errors import EXIT_ERROR, BlipError
-from blip_toolkit.log import setup_logging
+
+# Every command: the cli module that registers it, and its one-line help (what `blip --help` lists
+# without importing that module; tests/cli/test_startup.py checks each line against the command's own).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "caption": ("infer", "Caption images with a BLIP, BLIP-2 or InstructBLIP checkpoint."),
+    "vqa": ("infer", "Answer questions about images (BLIP VQA, BLIP-2 or InstructBLIP)."),
+    "retrieval": (
+        "infer",
+        "Rank candidate texts for each image (ITM/ITC, or likelihood for generative BLIP-2 / InstructBLIP).",
+    ),
+    "finetune": (
+        "finetune",
+        "Fine-tune a BLIP, BLIP-2 or InstructBLIP checkpoint for captioning, VQA or retrieval.",
+    ),
+    "extract-embeddings": (
+        "embeddings",
+        "Write patch-token embedding shards of two frozen encoders (the training data of train-dit).",
+    ),
+    "eval-recall": ("embeddings", "Recall@K of image features against the target encoder's text embeddings."),
+    "train-dit": (
+        "dit",
+        "Train the CLIP-feature DiT: generate target-encoder tokens from conditioning tokens (rectified flow).",
+    ),
+    "sample": ("dit", "Generate target tokens with a trained DiT for the images of an embeddings directory."),
+    "demo": ("demo", "Run every command on the bundled digits, offline, and report the measured quality."),
+    "ui": ("ui", "Serve captioning, VQA and retrieval as a local web page and API (Gradio)."),
+    "eval": (
+        "eval",
+        "Benchmark scores as the papers compute them: COCO caption metrics (pycocoevalcap), the official "
+        "VQA accuracy, and LAVIS's ITC + ITM re-ranked retrieval recall.",
+    ),
+}
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+class LazyCommands(TyperGroup):
+    """The command group, loading a command's module only when that command runs or shows its own
+    help: `blip --help` lists the commands from COMMANDS (bench/bench_startup.py measures why: building
+    every command's options costs more than the rest of the start-up)."""
+
+    _listing = False
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx, cmd_name: str):
+        if cmd_name not in COMMANDS:
+            return None
+        if self._listing:
+            return TyperCommand(cmd_name, short_help=COMMANDS[cmd_name][1])
+        if cmd_name not in self.commands:
+            self.commands.update(load_commands(COMMANDS[cmd_name][0]))
+        return self.commands.get(cmd_name)
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except UsageError as exc:  # typer suggests among the loaded commands only: among all, then
+            matches = get_close_matches(args[0], list(COMMANDS)) if args else []
+            if matches and "Did you mean" not in exc.message:
+                exc.message = (
+                    f"{exc.message.rstrip('.')}. Did you mean {', '.join(repr(m) for m in matches)}?"
+                )
+            raise
+
+    def format_help(self, ctx, formatter) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+
+def load_commands(module_name: str) -> dict:
+    """{name: click command} of the commands that `blip_toolkit.cli.<module_name>` registers."""
+    module = importlib.import_module(f"blip_toolkit.cli.{module_name}")
+    holder = typer.Typer(
+        rich_markup_mode="rich", pretty_exceptions_enable=False, context_settings=CONTEXT_SETTINGS
+    )
+    module.register(holder)
+    built = typer.main.get_command(holder)
+    return dict(built.commands) if isinstance(built, TyperGroup) else {built.name: built}
+
 
 app = typer.Typer(
     name="blip",
+    cls=LazyCommands,
     help="BLIP / BLIP-2 captioning, VQA, retrieval and fine-tuning; CLIP-feature diffusion.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings=CONTEXT_SETTINGS,
 )
 
 
@@ -44,24 +131,9 @@ def root(
     Results go to stdout (--format text|json|jsonl), logs and progress to stderr. Exit codes: 0 ok,
     1 error, 2 usage error, 3 finished but some items failed. BLIP_DEBUG=1 shows tracebacks.
     """
+    from blip_toolkit.log import setup_logging  # rich's progress machinery: not for --help
+
     setup_logging(-1 if quiet else 1 if verbose else 0)
-
-
-def _register() -> None:
-    # Command modules import only typer at module level; torch and transformers load on use.
-    from blip_toolkit.cli import demo, dit, embeddings, finetune, infer, ui
-    from blip_toolkit.cli import eval as eval_commands
-
-    infer.register(app)
-    finetune.register(app)
-    embeddings.register(app)
-    dit.register(app)
-    demo.register(app)
-    ui.register(app)
-    eval_commands.register(app)
-
-
-_register()
 
 
 def _debug() -> bool:
