@@ -31,6 +31,8 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
 T_SAMPLINGS = ("uniform", "logit-normal")
 # What the contrastive term pulls head(predicted tokens) towards (FlowConfig.contrastive_positive).
 CONTRASTIVE_POSITIVES = ("image", "text")
+# Where the contrastive term compares prediction and positive (FlowConfig.contrastive_space).
+CONTRASTIVE_SPACES = ("head", "tokens")
 TARGET_NORMS = ("none", "l2", "standardize")
 SolverName = Literal["euler", "heun"]
 # The images `blip sample` generates for: all, or the run's own train / held-out split.
@@ -202,6 +204,9 @@ class FlowConfig:
         are positives of each other): the generated embedding is pulled towards its text, as the
         target encoder's own image embedding was in its contrastive training. Needs captions in the
         embeddings. docs/dit-recipes.md measures both.
+    contrastive_space: head (the pooled, projected embedding above) or tokens (every normalised
+        token of the prediction against the ground truth's, flattened into one vector per image;
+        image positives only).
     target_norm: none | l2 | standardize, the token normalisation applied to the targets before
         training (see dit/normalize.py); recorded here so sampling decodes the same way. Default
         standardize: CLIP ViT-L's pre-layernorm tokens have a few dimensions of huge magnitude, which
@@ -215,6 +220,7 @@ class FlowConfig:
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.07
     contrastive_positive: str = "image"
+    contrastive_space: str = "head"
     target_norm: str = "standardize"
 
     def __post_init__(self) -> None:
@@ -236,6 +242,14 @@ class FlowConfig:
             raise ConfigError(
                 f"flow.contrastive_positive {self.contrastive_positive!r} is unknown "
                 f"(use {' or '.join(CONTRASTIVE_POSITIVES)})"
+            )
+        if self.contrastive_space not in CONTRASTIVE_SPACES:
+            raise ConfigError(
+                f"flow.contrastive_space {self.contrastive_space!r} is unknown (use {' or '.join(CONTRASTIVE_SPACES)})"
+            )
+        if self.contrastive_space == "tokens" and self.contrastive_positive == "text":
+            raise ConfigError(
+                "flow.contrastive_space = 'tokens' compares tokens with tokens: it needs contrastive_positive = 'image'"
             )
         if self.target_norm not in TARGET_NORMS:
             raise ConfigError(

@@ -142,7 +142,9 @@ def flow_loss(
     With `config.contrastive_positive = "text"` the positive of each image is `text` [B, E] (the
     embedding of one of its captions, in the target encoder's joint space; `has_text` [B] bool marks
     the images that have one, the others are left out) instead of project(target_tokens); rows with
-    identical texts are positives of each other (`same_rows`).
+    identical texts are positives of each other (`same_rows`). With `config.contrastive_space =
+    "tokens"` the term compares the predicted clean tokens with x_1 in the normalised space, each
+    image's tokens flattened into one vector (no head).
 
     Returns (loss, parts) where parts holds detached scalars "loss", "mse" and "contrastive".
     """
@@ -160,7 +162,8 @@ def flow_loss(
     contrastive = torch.zeros((), device=x_1.device)
     if config.contrastive_weight > 0:
         by_text = config.contrastive_positive == "text"
-        if project is None or (text if by_text else target_tokens) is None:
+        on_tokens = config.contrastive_space == "tokens"
+        if not on_tokens and (project is None or (text if by_text else target_tokens) is None):
             needed = "the texts (captions' embeddings)" if by_text else "the ground-truth target tokens"
             raise ConfigError(
                 f"flow.contrastive_weight > 0 needs the target head and {needed}",
@@ -173,18 +176,22 @@ def flow_loss(
             keep = keep & has_text
         if int(keep.sum()) >= 2:  # InfoNCE needs at least one negative
             x_1_hat = predicted_clean(path.x_t[keep], t[keep], v_pred[keep])  # [K, N, Dt]
-            if normalizer is not None:
-                x_1_hat = normalizer.decode(x_1_hat)
-            if by_text:
-                predicted = project(x_1_hat)  # [K, E]
-                positive = text[keep].to(predicted.dtype)  # [K, E]
-                contrastive = info_nce(
-                    predicted, positive, config.contrastive_temperature, same_rows(positive)
-                )
+            if on_tokens:  # normalised space, one flattened vector per image
+                predicted, positive, positives = x_1_hat.flatten(1), x_1[keep].flatten(1), None
             else:
-                with torch.no_grad():
-                    positive = project(target_tokens[keep])  # [K, E]: what recall calls gt-pooled
-                contrastive = info_nce(project(x_1_hat), positive, config.contrastive_temperature)
+                if normalizer is not None:
+                    x_1_hat = normalizer.decode(x_1_hat)
+                predicted = project(x_1_hat)  # [K, E]
+                if by_text:
+                    positive = text[keep]  # [K, E]
+                    positives = same_rows(positive)
+                else:
+                    with torch.no_grad():
+                        positive = project(target_tokens[keep])  # [K, E]: what recall calls gt-pooled
+                    positives = None
+            contrastive = info_nce(
+                predicted, positive.to(predicted.dtype), config.contrastive_temperature, positives
+            )
             loss = loss + config.contrastive_weight * contrastive
     parts = {"loss": loss.detach(), "mse": mse.detach(), "contrastive": contrastive.detach()}
     return loss, parts

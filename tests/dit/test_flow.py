@@ -346,3 +346,24 @@ def test_text_positive_contrastive_pulls_the_head_towards_each_images_caption():
 def test_contrastive_positive_is_checked():
     with pytest.raises(ConfigError, match="contrastive_positive"):
         FlowConfig(contrastive_positive="caption")
+
+
+def test_token_space_contrastive_compares_flattened_normalised_tokens():
+    """contrastive_space = "tokens": InfoNCE between the predicted clean tokens and x_1, both in the
+    normalised space, each image flattened to one vector; no head is needed."""
+    gen = torch.Generator().manual_seed(3)
+    x_1 = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64)
+
+    def oracle(x_t, t):
+        return (x_1 - x_t) / (1 - t[:, None, None])
+
+    cfg = FlowConfig(
+        cond_dropout=0.0, contrastive_weight=1.0, contrastive_temperature=0.5, contrastive_space="tokens"
+    )
+    _, parts = flow_loss(
+        RecordingModel(oracle), x_1, torch.zeros(5, 1, 1), cfg, generator=torch.Generator().manual_seed(0)
+    )
+    flat = x_1.flatten(1)
+    assert abs(float(parts["contrastive"]) - brute_force_info_nce(flat, flat, 0.5)) < 1e-6
+    with pytest.raises(ConfigError, match="tokens"):
+        FlowConfig(contrastive_space="tokens", contrastive_positive="text")
