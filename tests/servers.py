@@ -24,8 +24,12 @@ import mimetypes
 import os
 import queue
 import re
+import shutil
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -578,3 +582,61 @@ def http_files(root: Path) -> Iterator[HttpServer]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------------- a Ray cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RayCluster:
+    """A local Ray head started with `ray start` on 127.0.0.1 (`address`), for the --engine ray tests."""
+
+    def __init__(self, address: str, temp_dir: Path):
+        self.address, self.temp_dir = address, temp_dir
+
+    def actor_pids(self, class_fragment: str = "ModelActor") -> list[int]:
+        """The PIDs of the live actors whose class name contains `class_fragment`: Ray titles an
+        actor's process `ray::<class>...` (the state API would need the dashboard)."""
+        import psutil
+
+        pids = []
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            title = " ".join(process.info["cmdline"] or [])
+            if title.startswith("ray::") and class_fragment in title:
+                pids.append(process.info["pid"])
+        return sorted(pids)
+
+
+@contextlib.contextmanager
+def ray_head(scratch: Path, *, num_cpus: int = 2) -> Iterator[RayCluster]:
+    """`ray start --head` on 127.0.0.1 with `num_cpus` CPUs, stopped (and its processes gone) at the
+    end; the driver in this process is shut down first."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    port = _free_port()
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    command = [
+        str(ray_bin), "start", "--head", "--port", str(port), "--num-cpus", str(num_cpus),
+        "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--disable-usage-stats",
+        "--temp-dir", str(temp_dir),
+    ]  # fmt: skip
+    started = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    if started.returncode != 0:
+        raise RuntimeError(f"ray start failed: {started.stderr[-2000:]}")
+    address = f"127.0.0.1:{port}"
+    try:
+        yield RayCluster(address, temp_dir)
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
+            shutil.rmtree(temp_dir, ignore_errors=True)

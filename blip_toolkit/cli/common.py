@@ -33,6 +33,7 @@ def run_inference(
     fmt: str,
     retry_failed: bool = False,
     columns: tuple[str, str | None, str | None] = ("image", None, None),
+    ray=None,
     text_line: Callable[[dict], str | None],
     what: str,
     question: str | None = None,
@@ -57,11 +58,11 @@ def run_inference(
     if output is None:
         if resume or overwrite or retry_failed:
             raise UsageError("--resume, --overwrite and --retry-failed apply to --output FILE")
-        records = stream_records(task, source, options, make_task, device=device, **loading)
+        records = stream_records(task, source, options, make_task, device=device, ray=ray, **loading)
         emit_all(records, fmt, text_line, what=what)
         return
     job = OutputJob(str(output), resume=resume, overwrite=overwrite, retry_failed=retry_failed, device=device)
-    summary = run_to_file(task, source, options, make_task, fingerprint, job, **loading)
+    summary = run_to_file(task, source, options, make_task, fingerprint, job, ray=ray, **loading)
     if not summary.is_main:
         return
     if fmt != "text":
@@ -74,6 +75,20 @@ def run_inference(
             f"{summary.failed} of {summary.records} {what}(s) failed (each recorded in {output} with its "
             "error); the rest finished"
         )
+
+
+def ray_options(engine, address: str | None, num_actors: int | None, gpus: float, cpus: float):
+    """The Ray engine's options for --engine ray, None for the local engine (whose flags are refused
+    with the Ray ones)."""
+    from blip_toolkit.pipeline.ray_engine import RayOptions
+
+    if engine.value != "ray":
+        if address is not None or num_actors is not None or gpus or cpus != 1.0:
+            raise UsageError(
+                "--ray-address, --num-actors, --gpus-per-actor and --cpus-per-actor need --engine ray"
+            )
+        return None
+    return RayOptions(address=address, num_actors=num_actors, gpus_per_actor=gpus, cpus_per_actor=cpus)
 
 
 def read_texts_file(path: Path) -> list[str]:

@@ -9,14 +9,20 @@ import typer
 
 from blip_toolkit.cli.options import (
     BatchSizeOpt,
+    CpusPerActorOpt,
     DeviceOpt,
+    Engine,
+    EngineOpt,
     FormatOpt,
+    GpusPerActorOpt,
     ImageColumnOpt,
     KeyColumnOpt,
     MaxPixelsOpt,
+    NumActorsOpt,
     OutputFormat,
     OverwriteOpt,
     QuantizeOpt,
+    RayAddressOpt,
     ResumeOpt,
     TrustRemoteCodeOpt,
     choice_enum,
@@ -151,6 +157,11 @@ def extract_embeddings(
             help="Parquet / Arrow inputs: the column of captions (a string or a list of strings).",
         ),
     ] = None,
+    engine: EngineOpt = Engine.local,
+    ray_address: RayAddressOpt = None,
+    num_actors: NumActorsOpt = None,
+    gpus_per_actor: GpusPerActorOpt = 0.0,
+    cpus_per_actor: CpusPerActorOpt = 1.0,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -171,6 +182,7 @@ def extract_embeddings(
       blip extract-embeddings captions.tsv --out emb/ --tokens cls+patch --target-encoder openai/clip-vit-large-patch14
       blip extract-embeddings 'shards/{000..099}.tar' --out emb/ --resume
       blip extract-embeddings 'hf://datasets/org/name/data/*.parquet' --text-column caption --out emb/
+      blip extract-embeddings 's3://bucket/{00000..09999}.tar' --out emb/ --engine ray --ray-address auto --gpus-per-actor 1
       accelerate launch --multi_gpu --num_processes 4 -m blip_toolkit extract-embeddings 'shards/{000..099}.tar' --out emb/
     """
     import os
@@ -179,6 +191,7 @@ def extract_embeddings(
     # differently in another process layout; STRICT CNR mode makes shards bitwise independent of the
     # number of processes at no measured cost. Read when MKL initialises: before torch is imported.
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    from blip_toolkit.cli.common import ray_options
     from blip_toolkit.cli.output import Emitter
     from blip_toolkit.embeddings.extract import extract_embeddings as run
     from blip_toolkit.embeddings.extract_config import ExtractConfig
@@ -211,7 +224,7 @@ def extract_embeddings(
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
     )
-    summary = run(config)
+    summary = run(config, ray=ray_options(engine, ray_address, num_actors, gpus_per_actor, cpus_per_actor))
     if not summary.is_main:
         return
     with Emitter(

@@ -9,17 +9,23 @@ import typer
 
 from blip_toolkit.cli.options import (
     BatchSizeOpt,
+    CpusPerActorOpt,
     DeviceOpt,
     DtypeOpt,
+    Engine,
+    EngineOpt,
     FormatOpt,
+    GpusPerActorOpt,
     ImageColumnOpt,
     KeyColumnOpt,
     ManifestOpt,
     MaxPixelsOpt,
     ModelOpt,
+    NumActorsOpt,
     OutputFormat,
     OverwriteOpt,
     QuantizeOpt,
+    RayAddressOpt,
     ResumeOpt,
     RetryFailedOpt,
     TrustRemoteCodeOpt,
@@ -116,6 +122,11 @@ def caption(
     allow_pipe: AllowPipeOpt = False,
     image_column: ImageColumnOpt = "image",
     key_column: KeyColumnOpt = None,
+    engine: EngineOpt = Engine.local,
+    ray_address: RayAddressOpt = None,
+    num_actors: NumActorsOpt = None,
+    gpus_per_actor: GpusPerActorOpt = 0.0,
+    cpus_per_actor: CpusPerActorOpt = 1.0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
@@ -136,9 +147,10 @@ def caption(
       blip caption 'shards/{00000..00099}.tar' --output captions.parquet --resume
       blip caption 'hf://datasets/org/name/data/*.parquet' --image-column image --output caps.parquet
       blip caption s3://bucket/shards/ --output s3://bucket/captions.parquet --retry-failed
+      blip caption 'shards/{00000..09999}.tar' --output caps.parquet --engine ray --ray-address auto --gpus-per-actor 1
       find shots -name '*.png' | blip caption - --model Salesforce/blip2-opt-2.7b --prompt "a photo of"
     """
-    from blip_toolkit.cli.common import run_inference
+    from blip_toolkit.cli.common import ray_options, run_inference
     from blip_toolkit.pipeline.outputs import item_name
     from blip_toolkit.runtime.caption import CaptionOptions, caption_task
 
@@ -166,6 +178,7 @@ def caption(
         overwrite=overwrite,
         retry_failed=retry_failed,
         allow_pipe=allow_pipe,
+        ray=ray_options(engine, ray_address, num_actors, gpus_per_actor, cpus_per_actor),
         columns=(image_column, key_column, None),
         fmt=fmt.value,
         text_line=lambda r: f"{item_name(r)}\t{r['caption']}",
@@ -223,6 +236,11 @@ def vqa(
         str | None,
         typer.Option("--text-column", help="Parquet / Arrow inputs: the column holding each row's question."),
     ] = None,
+    engine: EngineOpt = Engine.local,
+    ray_address: RayAddressOpt = None,
+    num_actors: NumActorsOpt = None,
+    gpus_per_actor: GpusPerActorOpt = 0.0,
+    cpus_per_actor: CpusPerActorOpt = 1.0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
@@ -243,7 +261,7 @@ def vqa(
       blip vqa questions.parquet --text-column question --output answers.parquet
       blip vqa photo.jpg "how many dogs?" --model Salesforce/blip2-flan-t5-xl
     """
-    from blip_toolkit.cli.common import run_inference
+    from blip_toolkit.cli.common import ray_options, run_inference
     from blip_toolkit.errors import UsageError
     from blip_toolkit.pipeline.outputs import item_name
     from blip_toolkit.runtime.vqa import VqaOptions, vqa_task
@@ -283,6 +301,7 @@ def vqa(
         overwrite=overwrite,
         retry_failed=retry_failed,
         allow_pipe=allow_pipe,
+        ray=ray_options(engine, ray_address, num_actors, gpus_per_actor, cpus_per_actor),
         columns=(image_column, key_column, text_column),
         fmt=fmt.value,
         text_line=lambda r: f"{item_name(r)}\t{r['question']}\t{r['answer']}",
@@ -327,6 +346,11 @@ def retrieval(
     allow_pipe: AllowPipeOpt = False,
     image_column: ImageColumnOpt = "image",
     key_column: KeyColumnOpt = None,
+    engine: EngineOpt = Engine.local,
+    ray_address: RayAddressOpt = None,
+    num_actors: NumActorsOpt = None,
+    gpus_per_actor: GpusPerActorOpt = 0.0,
+    cpus_per_actor: CpusPerActorOpt = 1.0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
@@ -346,7 +370,7 @@ def retrieval(
       blip retrieval 'shards/{000..009}.tar' --texts-file labels.txt --top 5 --output ranked.parquet
       blip retrieval photo.jpg "a red car" "a bus" --model Salesforce/blip2-itm-vit-g --score itc
     """
-    from blip_toolkit.cli.common import read_texts_file, run_inference
+    from blip_toolkit.cli.common import ray_options, read_texts_file, run_inference
     from blip_toolkit.errors import UsageError
     from blip_toolkit.pipeline.outputs import item_name
     from blip_toolkit.runtime.retrieval import RetrievalOptions, RetrievalTask
@@ -389,6 +413,7 @@ def retrieval(
         overwrite=overwrite,
         retry_failed=retry_failed,
         allow_pipe=allow_pipe,
+        ray=ray_options(engine, ray_address, num_actors, gpus_per_actor, cpus_per_actor),
         columns=(image_column, key_column, None),
         fmt=fmt.value,
         text_line=text_line,

@@ -114,3 +114,39 @@ RetryFailedOpt = Annotated[
         help="Rerun only the items recorded with an error in a finished --output, replacing them in place.",
     ),
 ]
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+EngineOpt = Annotated[
+    Engine,
+    typer.Option(
+        "--engine",
+        help="local: this machine (or the processes of accelerate launch); ray: a Ray cluster, the model "
+        "in an actor pool (pip install 'blip-toolkit[ray]'; docs/ray.md).",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    unset_option(
+        "--ray-address",
+        help="--engine ray: the cluster, 'auto' or HOST:PORT (default: start one on this machine).",
+    ),
+]
+NumActorsOpt = Annotated[
+    int | None,
+    unset_option(
+        "--num-actors",
+        min=1,
+        help="--engine ray: this many model actors (default: autoscale to the cluster).",
+    ),
+]
+GpusPerActorOpt = Annotated[
+    float, typer.Option("--gpus-per-actor", min=0.0, help="--engine ray: GPUs each model actor takes.")
+]
+CpusPerActorOpt = Annotated[
+    float, typer.Option("--cpus-per-actor", min=0.01, help="--engine ray: CPUs each model actor takes.")
+]

@@ -43,6 +43,7 @@ from blip_toolkit.engine.outputs import RunRecord, check_output_dir, check_resum
 from blip_toolkit.errors import InputError
 from blip_toolkit.fsutil import atomic_write, sha256_file, write_json
 from blip_toolkit.pipeline import remote, tables
+from blip_toolkit.pipeline.ray_engine import RayOptions
 from blip_toolkit.pipeline.resume import ResumeState
 from blip_toolkit.pipeline.run import Job, next_attempt, run_job, share_units
 from blip_toolkit.pipeline.sources import Source, Unit, open_dataset
@@ -55,11 +56,15 @@ logger = logging.getLogger("blip")
 
 
 def extract_embeddings(
-    config: ExtractConfig, *, after_shard: Callable[[dict], None] | None = None
+    config: ExtractConfig,
+    *,
+    after_shard: Callable[[dict], None] | None = None,
+    ray: RayOptions | None = None,
 ) -> ExtractSummary:
     """Run the extraction described by `config`; return the summary (on every rank; `is_main` tells
     which one wrote index.json). `after_shard(record)` is called after each shard this process
-    writes (tests use it to simulate a kill)."""
+    writes (tests use it to simulate a kill). `ray`: encode in Ray actors (pipeline/ray_engine.py);
+    this process (the driver) reads the results and writes the shards."""
     started = time.perf_counter()
     columns = tables.TableColumns(config.image_column, config.key_column, config.text_column)
     source = open_dataset(
@@ -118,6 +123,11 @@ def extract_embeddings(
         seconds=seconds,
         errors_file=str(out / ERRORS_FILE),
     )
+
+
+def extraction_actor_task(config: ExtractConfig):
+    """(runner, task) in a Ray actor: both encoders loaded where they run."""
+    return None, ExtractionTask(load_encoders(config, process_state(cpu=config.device == "cpu")), config)
 
 
 def _dims(encoders: Encoders) -> dict:

@@ -20,13 +20,15 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from blip_toolkit.errors import UsageError
 from blip_toolkit.fsutil import atomic_write, fsync_path
 from blip_toolkit.pipeline.items import Prepared
+from blip_toolkit.pipeline.ray_engine import RayOptions, ray_events
 from blip_toolkit.pipeline.resume import ResumeState
 from blip_toolkit.pipeline.sources import Source, Unit
 from blip_toolkit.pipeline.staging import Stager
@@ -147,6 +149,28 @@ class Job:
     run_dir: Path
     attempt: int
     part_size: int | None = None  # chunks never cross a multiple of it (extract-embeddings' shards)
+    ray: RayOptions | None = None  # --engine ray: where, and the actors' factory of (runner, task)
+    factory: Callable[[], tuple[Any, Any]] | None = None
+
+
+def job_events(job: Job, units: list[Unit], runner=None, spool: Path | None = None):
+    """The stream's events for `units`: computed here (the local engine) or on Ray (`job.ray`)."""
+    if job.ray is not None:
+        done = {u.number: job.resume.offsets(u.number) for u in units}
+        return ray_events(
+            job.ray,
+            job.factory,
+            job.task.encoder,
+            job.source,
+            units,
+            done,
+            batch_size=job.settings.batch_size,
+            max_pixels=job.settings.max_pixels,
+            part_size=job.part_size,
+        )
+    return local_events(
+        runner, job.task, job.source, units, job.resume, job.settings, spool, part_size=job.part_size
+    )
 
 
 def run_job(job: Job, sink: Sink, state, runner=None) -> ShareResult | None:
@@ -154,11 +178,10 @@ def run_job(job: Job, sink: Sink, state, runner=None) -> ShareResult | None:
     process has marked its share, the shares added up (None on the other processes). `state` is the
     job's process state (rank, world size, main process)."""
     rank, world = state.process_index, state.num_processes
+    if job.ray is not None and world > 1:
+        raise UsageError("--engine ray runs from one driver; start it without accelerate launch")
     units = share_units(job.source, job.resume, rank, world)
-    spool = job.run_dir / f".spool-r{rank:05d}"
-    events = local_events(
-        runner, job.task, job.source, units, job.resume, job.settings, spool, part_size=job.part_size
-    )
+    events = job_events(job, units, runner, job.run_dir / f".spool-r{rank:05d}")
     total = pending_items(units, job.resume)
     share = run_share(
         events, sink, total=total, progress=state.is_main_process, every=job.settings.batch_size

@@ -114,6 +114,49 @@ class ChunkCounter:
         return self.number
 
 
+def unit_chunks(
+    source: Source,
+    unit: Unit,
+    path: str | None,
+    done: Offsets,
+    chunk_size: int,
+    part_size: int | None,
+    first: int,
+    worker: int = 0,
+    workers: int = 1,
+):
+    """The chunks of `unit` that are worker `worker`'s (of `workers`), as (raw items, end): chunk
+    numbers go on from `first`; the last chunk carries the unit's end (its number of positions) and
+    may hold no item. Returns the chunk number after the unit. Two counters of the same sequence:
+    one tells the reader which positions to materialise, one cuts the chunks."""
+    owner = ChunkCounter(done, chunk_size, first, part_size)
+    counter = ChunkCounter(done, chunk_size, first, part_size)
+
+    def want(offset: int) -> bool:
+        chunk = owner.chunk_of(offset)
+        return chunk is not None and chunk % workers == worker
+
+    mine: list[RawItem] = []
+    current, count = None, 0
+    for offset, raw in enumerate(source.read_unit(unit, path, want)):
+        count = offset + 1
+        chunk = counter.chunk_of(offset)
+        if chunk is None:
+            continue
+        if current is not None and chunk != current:
+            if current % workers == worker:
+                yield mine, None
+            mine = []
+        current = chunk
+        if raw is not None:
+            mine.append(raw)
+    if current is None:  # nothing to do in this unit: an empty chunk carries its end
+        current = first
+    if current % workers == worker:
+        yield mine, count
+    return current + 1
+
+
 class UnitStream(torch.utils.data.IterableDataset):
     """This process's units as chunks of prepared items, chunk k made by worker k % workers. A unit's
     last chunk carries its end (it may hold no item); a unit whose file could not be staged is one
@@ -158,35 +201,24 @@ class UnitStream(torch.utils.data.IterableDataset):
                 mark_passed(self.spool, unit.url, worker)
 
     def _unit(self, unit: Unit, path: str | None, worker: int, workers: int, number: int):
-        """Yield this worker's chunks of `unit`; return the chunk counter after the unit. Two counters
-        of the same sequence: one tells the reader which positions to materialise, one cuts chunks."""
-        done = self.done[unit.number]
-        owner = ChunkCounter(done, self.chunk_size, number, self.part_size)
-        counter = ChunkCounter(done, self.chunk_size, number, self.part_size)
-
-        def want(offset: int) -> bool:
-            chunk = owner.chunk_of(offset)
-            return chunk is not None and chunk % workers == worker
-
-        mine: list[RawItem] = []
-        current, count = None, 0
-        for offset, raw in enumerate(self.source.read_unit(unit, path, want)):
-            count = offset + 1
-            chunk = counter.chunk_of(offset)
-            if chunk is None:
-                continue
-            if current is not None and chunk != current:
-                if current % workers == worker:
-                    yield self._chunk(unit, mine)
-                mine = []
-            current = chunk
-            if raw is not None:
-                mine.append(raw)
-        if current is None:  # nothing to do in this unit: an empty chunk carries its end
-            current = number
-        if current % workers == worker:
-            yield self._chunk(unit, mine, end=count)
-        return current + 1
+        """Yield this worker's chunks of `unit`; return the chunk counter after the unit."""
+        chunks = unit_chunks(
+            self.source,
+            unit,
+            path,
+            self.done[unit.number],
+            self.chunk_size,
+            self.part_size,
+            number,
+            worker,
+            workers,
+        )
+        while True:
+            try:
+                raws, end = next(chunks)
+            except StopIteration as stop:
+                return stop.value
+            yield self._chunk(unit, raws, end)
 
     def _chunk(self, unit: Unit, raws: list[RawItem], end: int | None = None) -> Chunk:
         chunk = Chunk(ends=[(unit.number, end)] if end is not None else [])

@@ -23,8 +23,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import torch
 
 from blip_toolkit.engine.accelerate import process_state
 from blip_toolkit.engine.outputs import RunRecord, check_resume_settings
@@ -48,11 +52,20 @@ from blip_toolkit.pipeline.outputs import (
     run_directory,
     write_output,
 )
+from blip_toolkit.pipeline.ray_engine import RayOptions
 from blip_toolkit.pipeline.resume import ResumeState
-from blip_toolkit.pipeline.run import Job, local_events, next_attempt, run_job
+from blip_toolkit.pipeline.run import Job, job_events, next_attempt, run_job
 from blip_toolkit.pipeline.sources import FILE_UNIT, Source
 from blip_toolkit.pipeline.stream import Progress, RunSettings
-from blip_toolkit.runtime.loading import DEFAULT_MODELS, open_runner, resolve_source
+from blip_toolkit.runtime.loading import (
+    DEFAULT_MODELS,
+    LoadedModel,
+    inspect_source,
+    load_processor,
+    open_runner,
+    require_task,
+    resolve_source,
+)
 
 logger = logging.getLogger("blip")
 
@@ -227,10 +240,15 @@ def infer_to_file(
     job: OutputJob,
     settings: RunSettings,
     fingerprint: dict,
+    *,
+    ray: RayOptions | None = None,
+    open_preprocessing: Callable[[], Any] | None = None,
 ) -> Summary:
     """The resumable, multi-process run behind `--output FILE`. `open_runner(device)` loads the
     model; `make_task(runner)` builds the task. Every process computes its share and journals it;
-    process 0 waits for all shares and writes the final file in input order."""
+    process 0 waits for all shares and writes the final file in input order. With `ray` the model
+    runs in Ray actors and this process (the driver) loads only the preprocessing
+    (`open_preprocessing()`, a runner without a model)."""
     started = time.perf_counter()
     state = process_state(cpu=job.device == "cpu")
     output, shown = job.output, remote.redact_url(job.output)
@@ -266,8 +284,13 @@ def infer_to_file(
     device = job.device
     if device == "auto" and state.num_processes > 1 and state.device is not None:
         device = str(state.device)
-    runner = open_runner(device)
-    task = make_task(runner)
+    factory = None
+    if ray is not None:
+        runner, factory = None, partial(actor_task, open_runner, make_task, device)
+        task = make_task(open_preprocessing())
+    else:
+        runner = open_runner(device)
+        task = make_task(runner)
 
     state.wait_for_everyone()  # everyone has checked the output before process 0 changes anything
     if state.is_main_process:
@@ -280,7 +303,12 @@ def infer_to_file(
 
     sink = JournalSink(run_dir, attempt, state.process_index, resume, make_record(task))
     try:
-        shares = run_job(Job(source, task, resume, settings, run_dir, attempt), sink, state, runner)
+        shares = run_job(
+            Job(source, task, resume, settings, run_dir, attempt, ray=ray, factory=factory),
+            sink,
+            state,
+            runner,
+        )
     except BaseException as exc:
         record.fail(exc)
         raise
@@ -398,6 +426,24 @@ def _rewrite_retried(output, fmt, run_dir, columns, source, unread, rows, ends) 
 # ----------------------------------------------------------------------------- a command's run
 
 
+def actor_task(open_runner, make_task, device: str):
+    """(runner, task) in a Ray actor: the model loaded where it runs (module-level, so Ray can ship it)."""
+    runner = open_runner(device)
+    return runner, make_task(runner)
+
+
+def preprocessing_runner(
+    source: str, task: str, *, trust_remote_code: bool = False, quantize: str | None = None
+):
+    """A runner with the checkpoint's processor and family but no model: what a task needs to build
+    its encoder (the decoding half) in a process that never runs the model (the Ray driver)."""
+    resolved, family = inspect_source(source)
+    require_task(family, task, source)
+    processor = load_processor(resolved, trust_remote_code=trust_remote_code)
+    loaded = LoadedModel(source, family, None, processor, torch.device("cpu"), torch.float32, quantize)
+    return SimpleNamespace(loaded=loaded)
+
+
 def loader(
     task: str,
     model: str | None,
@@ -406,28 +452,40 @@ def loader(
     trust_remote_code: bool = False,
     quantize: str | None = None,
 ):
-    """(model source, `load(device)`): the task's default checkpoint when `model` is None."""
+    """(model source, `load(device)`, `preprocessing()`): the task's default checkpoint when `model`
+    is None."""
     source = model or DEFAULT_MODELS[task]
+    load = partial(
+        open_runner, source, task, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize
+    )
+    preprocessing = partial(
+        preprocessing_runner, source, task, trust_remote_code=trust_remote_code, quantize=quantize
+    )
+    return source, partial(_load_on, load), preprocessing
 
-    def load(device: str):
-        return open_runner(
-            source, task, device=device, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize
-        )
 
-    return source, load
+def _load_on(load, device: str):
+    return load(device=device)
 
 
 def infer_records(
-    runner, task, source: Source, settings: RunSettings, *, progress: bool = False
+    runner,
+    task,
+    source: Source,
+    settings: RunSettings,
+    *,
+    progress: bool = False,
+    ray: RayOptions | None = None,
+    factory=None,
 ) -> Iterator[dict]:
-    """Every record of `source` in input order, in this process (stdout and the Python API). A unit
-    that could not be read (a remote file) is one error record."""
+    """Every record of `source` in input order, computed here or on Ray (stdout and the Python API).
+    A unit that could not be read (a remote file) is one error record."""
     record = make_record(task)
     meter = Progress(source.total, enabled=progress, every=float("inf"))
     spool = Path(tempfile.mkdtemp(prefix="blip-spool-"))
-    units = source.units
+    job = Job(source, task, ResumeState(), settings, spool, 0, ray=ray, factory=factory)
     try:
-        for kind, a, b in local_events(runner, task, source, units, ResumeState(), settings, spool):
+        for kind, a, b in job_events(job, source.units, runner, spool):
             if kind == "record":
                 out = record(a, b)
                 meter.update("error" in out)
@@ -454,11 +512,25 @@ def stream_records(
     dtype="auto",
     trust_remote_code=False,
     quantize: str | None = None,
+    ray: RayOptions | None = None,
 ) -> Iterator[dict]:
     """The records of `source` in input order, without an output file (`blip caption ...` to stdout)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("several processes need --output FILE (process 0 merges their results there)")
-    _, load = loader(task, model, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
+    _, load, preprocessing = loader(
+        task, model, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize
+    )
+    if ray is not None:
+        factory = partial(actor_task, load, make_task, device)
+        return infer_records(
+            None,
+            make_task(preprocessing()),
+            source,
+            options.settings(),
+            progress=True,
+            ray=ray,
+            factory=factory,
+        )
     runner = load(device)
     return infer_records(runner, make_task(runner), source, options.settings(), progress=True)
 
@@ -475,10 +547,14 @@ def run_to_file(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     quantize: str | None = None,
+    ray: RayOptions | None = None,
 ) -> Summary:
     """`--output FILE`: the resumable, multi-process run, with the fingerprint of everything that
-    defines its records (the task's options, the model and its config, the inputs)."""
-    name, load = loader(task, model, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
+    defines its records (the task's options, the model and its config, the inputs). `ray`: run the
+    model in Ray actors (pipeline/ray_engine.py)."""
+    name, load, preprocessing = loader(
+        task, model, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize
+    )
     fingerprint = {
         **fingerprint,
         **({"quantize": quantize} if quantize else {}),
@@ -487,4 +563,13 @@ def run_to_file(
         "inputs": source.describe(),
         "unit_size": FILE_UNIT if source.kind == "files" else None,
     }
-    return infer_to_file(load, make_task, source, job, options.settings(), fingerprint)
+    return infer_to_file(
+        load,
+        make_task,
+        source,
+        job,
+        options.settings(),
+        fingerprint,
+        ray=ray,
+        open_preprocessing=preprocessing,
+    )
