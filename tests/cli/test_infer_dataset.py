@@ -318,3 +318,18 @@ def test_two_processes_equal_one(cli, tiny_models, folder, tmp_path, one_thread)
     one = tmp_path / "one.jsonl"
     assert cli(*args, "--output", one).code == 0
     assert two.read_bytes() == one.read_bytes()
+
+
+@pytest.mark.distributed
+def test_partial_failure_under_accelerate_launch_is_in_the_run_state(tiny_models, folder, tmp_path, one_thread):
+    """torch's launcher turns process 0's exit 3 (some items failed) into 1; the run state says which:
+    status "finished" with the failed count (docs/cli.md shows the check a pipeline uses)."""
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "two.jsonl"
+    args = ["caption", folder, "-m", tiny_models["blip-caption"], *GEN, "--num-workers", "0", "-f", "json"]
+    result = run_blip(*args, "--output", out, processes=2)
+    assert result.returncode != 0  # 1 from the launcher, not 3
+    state = json.loads((sidecar(out) / "blip_run.json").read_text())
+    assert state["status"] == "finished" and state["counts"] == {"records": 9, "failed": 1}
+    assert json.loads(result.stdout)["failed"] == 1  # the summary line says it too
+    assert sum("error" in r for r in read_output(out)) == 1
