@@ -25,6 +25,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["MKL_NUM_THREADS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+# `--dtype auto` is bfloat16 on CPUs with fast bf16 matmul (runtime/device.py); the tests compare with
+# float32 transformers calls, so the suite pins float32 on every machine (tests/runtime/test_bf16.py
+# tests bfloat16 itself). Inherited by the processes tests start.
+os.environ.setdefault("BLIP_CPU_AUTO_DTYPE", "float32")
 
 
 @pytest.fixture
