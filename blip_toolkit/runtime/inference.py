@@ -323,14 +323,21 @@ def infer_to_file(
             written, failed = _write_final(output, fmt, run_dir, columns)
         else:
             written, failed = _rewrite_retried(output, fmt, run_dir, columns, source, shares.unread, *retry)
+        counts = {"records": written, "failed": failed}
+        if retry is None:
+            record.finish(counts=counts)
+        else:
+            record.update(status="finished", counts=counts)
+    except OSError as exc:  # a full disk while finishing: the journal is kept, --resume finishes it
+        error = BlipError(
+            f"{shown}: cannot finish the output ({exc.strerror or exc}); the journal is kept: free space and "
+            "rerun with --resume"
+        )
+        record.fail(error)
+        raise error from exc
     except BaseException as exc:
         record.fail(exc)
         raise
-    counts = {"records": written, "failed": failed}
-    if retry is None:
-        record.finish(counts=counts)
-    else:
-        record.update(status="finished", counts=counts)
     clear_journal(run_dir)
     seconds = time.perf_counter() - started
     done_now = shares.records

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from blip_toolkit.pipeline import run as run_module
 from blip_toolkit.pipeline.journal import journal_files
 from blip_toolkit.pipeline.outputs import read_output, run_directory
+from blip_toolkit.runtime import inference as inference_module
 
 GEN = ["--max-new-tokens", "5", "--batch-size", "2", "--num-workers", "0"]
 
@@ -109,13 +109,13 @@ def test_full_disk_in_the_final_write_then_resume(
     expected = read_output_of(cli, args, small_disk.parent / "reference.parquet")
     out = small_disk / "captions.parquet"
     filled: list[Path] = []
-    wait = run_module.wait_for_shares
+    write = inference_module.write_output
 
-    def full_before_the_merge(*a, **k):
-        wait(*a, **k)
+    def full_before_the_output(*a, **k):
         filled.append(fill(small_disk))
+        return write(*a, **k)
 
-    monkeypatch.setattr(run_module, "wait_for_shares", full_before_the_merge)
+    monkeypatch.setattr(inference_module, "write_output", full_before_the_output)
     stopped = cli(*args, "--output", out)
     monkeypatch.undo()
     assert stopped.code == 1
