@@ -38,6 +38,7 @@ from fsspec.implementations.local import LocalFileSystem
 from webdataset.shardlists import expand_urls
 
 from blip_toolkit.errors import InputError
+from blip_toolkit.fsutil import fsync_path
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _GLOB_CHARS = ("*", "?", "[")
@@ -421,7 +422,7 @@ def atomic_output(url: str) -> Iterator[str]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)  # the rename is durable once the directory entry is
         return
     fs, path = url_to_fs(url)
     folder = tempfile.mkdtemp(prefix="blip-upload-")
@@ -444,21 +445,9 @@ def atomic_output(url: str) -> Iterator[str]:
 
 
 def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename is durable only once the directory entry is; some file systems refuse a directory fd.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    # Unlike a directory's (fsync_path), a file's fsync must not fail quietly: ENOSPC can show here.
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 # ----------------------------------------------------------------------------- messages
