@@ -24,6 +24,13 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+# OpenMP threads sleep at the end of a parallel region instead of spinning, as blip's CLI sets it
+# (cli/main.py passive_thread_waits; it must be set before torch loads OpenMP). A benchmark and its
+# reference run in one process and share it; bench_caption.py measures the setting itself in child
+# processes (BLIP_BENCH_OMP_DEFAULT=1 leaves OpenMP's default).
+if os.environ.get("BLIP_BENCH_OMP_DEFAULT") != "1":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 BLIP_VOCAB = 30524  # Salesforce/blip-*'s tokenizer: BERT's 30,522 + [DEC], [ENC]
@@ -220,6 +227,7 @@ def machine() -> dict:
         "torch cpu capability": torch.backends.cpu.get_cpu_capability(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(OpenMP's default)"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -241,7 +249,7 @@ def machine_line(info: dict | None = None) -> str:
     return (
         f"CPU {info.get('cpu', '?')} ({info.get('cpus', '?')} cores; {info.get('cpu flags', 'flags ?')}; "
         f"torch CPU capability {info.get('torch cpu capability', '?')}), torch {info.get('torch', '?')}, "
-        f"{info.get('threads', '?')} threads"
+        f"{info.get('threads', '?')} threads, OMP_WAIT_POLICY {info.get('OMP_WAIT_POLICY', '?')}"
     )
 
 

@@ -171,8 +171,21 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
     return out
 
 
+def passive_thread_waits() -> None:
+    """OpenMP threads that wait at the end of each parallel region sleep instead of spinning (unless
+    OMP_WAIT_POLICY is set already). torch's CPU kernels run one OpenMP region per operator; with
+    GNU OpenMP's default a thread spins before sleeping, and when other work shares the cores a
+    spinning thread holds a core its partner needs: every small operator then waits for the
+    scheduler. Measured on 2 shared cores (load average 10), BLIP-base decoding a batch of 8 took
+    87 s spinning and 4.4 s passive; bench/bench_caption.py measures it as a lever. It must be set
+    before torch loads OpenMP, which the CLI does lazily, after this."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code instead of raising (the console script exits with it)."""
+    passive_thread_waits()
     argv = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=argv, prog_name="blip")

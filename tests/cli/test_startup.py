@@ -70,3 +70,21 @@ def test_a_mistyped_command_is_suggested():
     )
     assert proc.returncode == 2
     assert "Did you mean 'caption'?" in " ".join(proc.stderr.split()).replace("│", "")
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_openmp_threads_wait_passively_unless_told_otherwise(given):
+    """Set before torch loads OpenMP (cli/main.py passive_thread_waits); a user's setting wins."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = (
+        "import os\nfrom blip_toolkit.cli.main import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "print('policy:', os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"policy: {given or 'PASSIVE'}"
