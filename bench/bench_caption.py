@@ -490,7 +490,7 @@ def main() -> None:
         preprocess = preprocessing_seconds(model_dir, sample)
         runs.clear()  # free the models before the levers load theirs
         ours = ref = None
-        levers = measure_levers(model_dir, options, photos, 2)
+        levers = measure_levers(model_dir, options, photos, 3)
         levers.append(omp_lever(model_dir, photos[: 2 * batch], batch, max_new_tokens, 2))
         blip2, blip2_notes = blip2_rows(tmp, photos[: 8 if quick else 16], quick, max_new_tokens, batch)
 
