@@ -19,7 +19,16 @@ started and stopped here) against the local engine.
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# Ray's single-machine mode: the head and this driver on 127.0.0.1 only (tests/servers.py ray_head);
+# read when ray is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # a token of this run (tests/servers.py ray_token)
+os.environ.setdefault("RAY_AUTH_TOKEN", __import__("secrets").token_hex(32))
+
+import argparse  # noqa: E402
 import json
 import shutil
 import subprocess

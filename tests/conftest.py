@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import ray_token
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples"
 
@@ -25,6 +27,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["MKL_NUM_THREADS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+# Ray's single-machine mode: every Ray server the tests start listens on 127.0.0.1 and drivers reach it
+# there (tests/servers.py ray_head). Read when ray is imported, so set before any test module imports it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.update({k: v for k, v in ray_token().items() if v is not None})  # the heads' token
+os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 # `--dtype auto` is bfloat16 on CPUs with fast bf16 matmul (runtime/device.py); the tests compare with
 # float32 transformers calls, so the suite pins float32 on every machine (tests/runtime/test_bf16.py
 # tests bfloat16 itself). Inherited by the processes tests start.

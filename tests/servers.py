@@ -24,6 +24,7 @@ import mimetypes
 import os
 import queue
 import re
+import secrets
 import shutil
 import socket
 import struct
@@ -612,31 +613,65 @@ class RayCluster:
         return sorted(pids)
 
 
+def ray_token() -> dict[str, str | None]:
+    """This process's Ray token (Ray's token authentication), made once: ~/.ray/auth_token is shared
+    by every Ray started on the machine and another one may replace it while ours runs. Ray reads it
+    when imported, so the processes that use it set it first (tests/conftest.py, bench/bench_ray.py)."""
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    return {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"],
+        "RAY_AUTH_TOKEN_PATH": None,
+    }
+
+
 @contextlib.contextmanager
 def ray_head(scratch: Path, *, num_cpus: int = 2) -> Iterator[RayCluster]:
-    """`ray start --head` on 127.0.0.1 with `num_cpus` CPUs, stopped (and its processes gone) at the
-    end; the driver in this process is shut down first."""
+    """`ray start --head` with `num_cpus` CPUs, every Ray server on 127.0.0.1 (Ray's single-machine
+    mode, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: without it the GCS and the raylet listen on every
+    interface and the driver reaches the GCS through the host's own address), for this process and
+    the drivers it starts. At the end the driver here is shut down and the head's processes (found by
+    its temp dir) and their workers are stopped: not `ray stop`, which stops every Ray on the machine."""
     ray_bin = Path(sys.executable).with_name("ray")
     port = _free_port()
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # Ray's socket paths must stay short
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    command = [
-        str(ray_bin), "start", "--head", "--port", str(port), "--num-cpus", str(num_cpus),
-        "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--disable-usage-stats",
-        "--temp-dir", str(temp_dir),
-    ]  # fmt: skip
-    started = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    if started.returncode != 0:
-        raise RuntimeError(f"ray start failed: {started.stderr[-2000:]}")
-    address = f"127.0.0.1:{port}"
-    try:
-        yield RayCluster(address, temp_dir)
-    finally:
+    quiet = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **ray_token()}
+    with patched_environ(quiet):
+        command = [
+            str(ray_bin), "start", "--head", "--port", str(port), "--num-cpus", str(num_cpus),
+            "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--disable-usage-stats",
+            "--temp-dir", str(temp_dir),
+        ]  # fmt: skip
+        started = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+        if started.returncode != 0:
+            raise RuntimeError(f"ray start failed: {started.stderr[-2000:]}")
         try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
+            yield RayCluster(f"127.0.0.1:{port}", temp_dir)
         finally:
-            subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            try:
+                import ray
+
+                if ray.is_initialized():
+                    ray.shutdown()
+            finally:
+                _stop_processes_of(temp_dir)
+                shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_processes_of(temp_dir: Path) -> None:
+    """Terminate the processes whose command line names `temp_dir` (the head's GCS, raylet, agents)
+    and their children (workers, actors); kill what is left after 10 s."""
+    import psutil
+
+    mine = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    family = {p.pid: p for p in mine}
+    for process in mine:
+        with contextlib.suppress(psutil.Error):
+            family.update({child.pid: child for child in process.children(recursive=True)})
+    for process in family.values():
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(list(family.values()), timeout=10)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()

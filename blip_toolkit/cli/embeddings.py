@@ -52,9 +52,11 @@ def extract_embeddings(
         ),
     ],
     out: Annotated[
-        Path,
+        str,
         typer.Option(
-            "--out", "-o", help="Output directory (see docs/formats.md, 'Embedding shards').", file_okay=False
+            "--out",
+            "-o",
+            help="Output directory, local (train-dit memory-maps the shards; see docs/formats.md, 'Embedding shards').",
         ),
     ],
     cond_encoder: Annotated[

@@ -276,6 +276,8 @@ def vqa(
     args = list(args or [])
     if manifest is not None and (args or question is not None):
         raise UsageError("give IMAGE QUESTION, --question with images, or --manifest; not several")
+    if question is not None and text_column is not None:
+        raise UsageError("--question asks every image the same question; --text-column reads one per row: give one")
     if manifest is None and question is None and text_column is None:
         if len(args) != 2:
             raise UsageError("give IMAGE and QUESTION (or images with --question, or --manifest FILE.tsv)")

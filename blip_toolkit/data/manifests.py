@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from blip_toolkit.errors import InputError
 from blip_toolkit.fsutil import atomic_write
 
 MAX_REPORTED = 20
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 # Column layouts. `required` columns must be present and non-empty; `optional` ones may follow.
 SCHEMAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -133,12 +135,19 @@ def read_manifest(
     skipped: list[str] = []
     if kept_lines:
         base = path.parent
-        resolved = [str(p if p.is_absolute() else (base / p)) for p in map(Path, frame["image"])]
+        # A URL (s3://, https://, ...) is kept as it is: Path() would fold its "//", and it is read
+        # (and checked) when the item is, by the dataset pipeline.
+        resolved = [
+            value if _URL.match(value) else str(Path(value) if Path(value).is_absolute() else base / value)
+            for value in frame["image"]
+        ]
         frame["image"] = resolved
         if check_images:
             bad: dict[int, str] = {}
             for i, p in enumerate(resolved):
-                if not Path(p).is_file():
+                if _URL.match(p):
+                    bad[i] = f"{path}:{line_numbers[i]}: {p}: a URL; this command reads local image files"
+                elif not Path(p).is_file():
                     bad[i] = f"{path}:{line_numbers[i]}: image not found: {resolved[i]}"
                 elif verify_images:
                     reason = _unreadable(p)

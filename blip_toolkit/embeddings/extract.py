@@ -21,6 +21,8 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from blip_toolkit import __version__
@@ -43,7 +45,7 @@ from blip_toolkit.engine.outputs import RunRecord, check_output_dir, check_resum
 from blip_toolkit.errors import InputError
 from blip_toolkit.fsutil import atomic_write, sha256_file, write_json
 from blip_toolkit.pipeline import remote, tables
-from blip_toolkit.pipeline.ray_engine import RayOptions
+from blip_toolkit.pipeline.ray_engine import RayOptions, actor_device
 from blip_toolkit.pipeline.resume import ResumeState
 from blip_toolkit.pipeline.run import Job, next_attempt, run_job, share_units
 from blip_toolkit.pipeline.sources import Source, Unit, open_dataset
@@ -93,7 +95,19 @@ def extract_embeddings(
     sink = ShardSink(out, source.units, config, _dims(encoders), resume, after_shard)
     settings = RunSettings(config.batch_size, config.num_workers, config.max_pixels)
     job = Job(
-        source, ExtractionTask(encoders, config), resume, settings, out, attempt, part_size=config.shard_size
+        source,
+        ExtractionTask(encoders, config),
+        resume,
+        settings,
+        out,
+        attempt,
+        part_size=config.shard_size,
+        ray=ray,
+        factory=(
+            partial(extraction_actor_task, replace(config, device=actor_device(ray, config.device)))
+            if ray is not None
+            else None
+        ),
     )
     shares = run_job(job, sink, state)
     skipped = sum(len(unit_records(out, u)) for u in source.units[rank::world]) - len(sink.records)

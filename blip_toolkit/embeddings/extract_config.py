@@ -4,6 +4,7 @@ that define the data (`DATA_KEYS`: a resumed run must use the same ones) and wha
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -92,6 +93,11 @@ class ExtractConfig:
             raise UsageError("--num-workers must be 0 or more")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(self.out)):
+            raise UsageError(
+                f"--out {self.out}: embedding shards are written to a local directory (train-dit, sample "
+                "and eval-recall memory-map them); copy the finished directory to object storage afterwards"
+            )
 
 
 @dataclass

@@ -23,13 +23,14 @@ import importlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from blip_toolkit.errors import UsageError
+from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.pipeline import remote
 from blip_toolkit.pipeline.items import (
     Chunk,
@@ -74,25 +75,54 @@ def ray_module():
         raise UsageError("--engine ray needs Ray Data, which is not installed", hint=RAY_HINT) from exc
 
 
+def cluster_address(options: RayOptions) -> tuple[str, str]:
+    """(address, where it came from): --ray-address, else RAY_ADDRESS (set inside Ray jobs and KubeRay
+    pods), else "local": a new Ray on this machine (not one another user started here)."""
+    if options.address:
+        return options.address, "--ray-address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    return "local", ""
+
+
+def check_reachable(address: str, origin: str, timeout: float = 5.0) -> None:
+    """One line now rather than Ray's minutes of retries when HOST:PORT does not answer."""
+    if address.startswith(("http://", "https://")):
+        raise UsageError(
+            f"{origin} {address}: a dashboard / job-submission address; the driver joins a cluster by "
+            "its GCS address (HOST:PORT, 6379 by default) or 'auto' on one of its nodes"
+        )
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise InputError(
+            f"{origin} {address}: no Ray cluster answers there ({exc.strerror or exc})",
+            hint="start one with `ray start --head` or check the address (HOST:PORT of its GCS)",
+        ) from exc
+
+
+_connected = "the cluster this process joined before"
+
+
 def connect(options: RayOptions):
-    """ray.init on `options.address`, quietly: the driver's stdout stays for results."""
+    """ray.init on the cluster, quietly: the driver's stdout stays for results."""
     ray = ray_module()
     # Ray's C++ core logs, on the driver's stderr, a notice about its own actor-pool internals at every
     # job (ray-project/ray#53727); our one-line errors and progress say what matters. Overridable.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    global _connected
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {
-            "log_to_driver": False,
-            "logging_level": logging.WARNING,
-            "include_dashboard": False,
-        }
-        if options.address is None:
-            kwargs["num_cpus"] = (
-                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            )
+        address, origin = cluster_address(options)
+        _connected = address
+        kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+        if address == "local":
+            kwargs.update(include_dashboard=False, num_cpus=len(os.sched_getaffinity(0)))
         else:
-            kwargs.pop("include_dashboard")
-        ray.init(address=options.address, **kwargs)
+            check_reachable(address, origin)
+        ray.init(address=address, **kwargs)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # the output is in input order
     # One chunk a block: a unit's chunks then spread over the actors and stream back one by one
@@ -106,6 +136,38 @@ def connect(options: RayOptions):
     # Ray Data warns when a small job cannot use every actor; not the user's concern here.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\..*")
     return ray
+
+
+def check_resources(ray, options: RayOptions) -> float:
+    """The cluster's CPUs, after checking that one actor fits (a request it can never place would
+    wait forever)."""
+    resources = ray.cluster_resources()
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    if options.gpus_per_actor > gpus:
+        raise UsageError(
+            f"--gpus-per-actor {options.gpus_per_actor:g}: the Ray cluster has {gpus:g} GPU(s); no actor could start"
+        )
+    if options.cpus_per_actor > cpus:
+        raise UsageError(
+            f"--cpus-per-actor {options.cpus_per_actor:g}: the Ray cluster has {cpus:g} CPU(s); no actor could start"
+        )
+    wanted = (options.num_actors or 1) * options.cpus_per_actor
+    if wanted > cpus:
+        logger.warning(
+            "%d actor(s) of %g CPU need %g CPUs; the cluster has %g: the job runs with the actors that fit "
+            "(or the ones it adds, if it autoscales)",
+            options.num_actors or 1,
+            options.cpus_per_actor,
+            wanted,
+            cpus,
+        )
+    return max(cpus, 1.0)
+
+
+def actor_device(options: RayOptions, device: str) -> str:
+    """The device an actor's model loads on: "auto" means CPU unless the actor was given GPUs (Ray
+    hides no GPU from an actor that asked for none, so "auto" would put every actor on GPU 0)."""
+    return "cpu" if device == "auto" and not options.gpus_per_actor else device
 
 
 # ----------------------------------------------------------------------------- read tasks (CPU)
@@ -127,6 +189,12 @@ def local_copy(unit: Unit) -> Iterator[str | None]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def in_driver_folder(cwd: str) -> None:
+    """Relative paths mean what they mean to the driver: work in its folder where this node has it."""
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+
+
 def read_unit_chunks(
     row: dict,
     *,
@@ -136,21 +204,39 @@ def read_unit_chunks(
     chunk_size: int,
     part_size: int | None,
     max_pixels: int,
+    cwd: str,
 ) -> Iterator[dict]:
-    """One unit, read and decoded as the local engine does, as rows {"chunk": bytes} (Ray flat_map)."""
-    unit = source.units[int(row["unit"])]
+    """Units read and decoded as the local engine does, as rows {"chunk": bytes} (Ray flat_map). The
+    units of one row share a file (the row groups of a remote Parquet file), copied once."""
+    in_driver_folder(cwd)
+    units = [source.units[int(number)] for number in row["units"]]
+    finished: set[int] = set()
     try:
-        with local_copy(unit) as path:
-            for raws, end in unit_chunks(
-                source, unit, path, done.get(unit.number, Offsets()), chunk_size, part_size, 0
-            ):
-                chunk = Chunk(ends=[(unit.number, end)] if end is not None else [])
-                chunk.items = [prepare_item(raw, unit.number, encoder, max_pixels) for raw in raws]
-                yield {"chunk": chunk_to_bytes(pack(chunk))}
-    except remote.TransportError as exc:
-        yield {"chunk": chunk_to_bytes(Chunk(failed=[(unit.number, str(exc))]))}
-    except OSError as exc:  # the copy: a full temporary disk, a cut connection not seen as one
-        yield {"chunk": chunk_to_bytes(Chunk(failed=[(unit.number, remote.describe(exc, unit.url or ""))]))}
+        with local_copy(units[0]) as path:
+            for unit in units:
+                offsets = done.get(unit.number, Offsets())
+                for raws, end in unit_chunks(source, unit, path, offsets, chunk_size, part_size, 0):
+                    chunk = Chunk(ends=[(unit.number, end)] if end is not None else [])
+                    chunk.items = [prepare_item(raw, unit.number, encoder, max_pixels) for raw in raws]
+                    yield {"chunk": chunk_to_bytes(pack(chunk))}
+                finished.add(unit.number)
+    except (remote.TransportError, OSError) as exc:  # the copy: a cut connection, a full temporary disk
+        message = (
+            str(exc) if isinstance(exc, remote.TransportError) else remote.describe(exc, units[0].url or "")
+        )
+        failed = [(unit.number, message) for unit in units if unit.number not in finished]
+        yield {"chunk": chunk_to_bytes(Chunk(failed=failed))}
+
+
+def file_groups(units: list[Unit]) -> list[list[int]]:
+    """Consecutive units of one remote file together (one read task copies it once); others alone."""
+    groups: list[list[Unit]] = []
+    for unit in units:
+        if groups and unit.staged and groups[-1][-1].staged and groups[-1][-1].url == unit.url:
+            groups[-1].append(unit)
+        else:
+            groups.append([unit])
+    return [[unit.number for unit in group] for group in groups]
 
 
 # ----------------------------------------------------------------------------- model actors
@@ -165,12 +251,16 @@ class ModelActor:
     factory: Callable[[], tuple[Any, Any]]
     batch_size: int
 
+    cwd: str
+
     def __init__(self):
+        in_driver_folder(type(self).cwd)
         self.runner, self.task = type(self).factory()
 
     @classmethod
-    def bind(cls, factory: Callable[[], tuple[Any, Any]], batch_size: int) -> type:
-        return type("ModelActor", (cls,), {"factory": staticmethod(factory), "batch_size": batch_size})
+    def bind(cls, factory: Callable[[], tuple[Any, Any]], batch_size: int, cwd: str) -> type:
+        attributes = {"factory": staticmethod(factory), "batch_size": batch_size, "cwd": cwd}
+        return type("ModelActor", (cls,), attributes)
 
     def __call__(self, batch: dict) -> dict:
         out = []
@@ -200,7 +290,8 @@ def ray_events(
     if not units:
         return
     ray = connect(options)
-    total_cpus = float(ray.cluster_resources().get("CPU", 1))
+    total_cpus = check_resources(ray, options)
+    cwd = os.getcwd()
     if options.num_actors is not None:
         actors = options.num_actors
         pool = ray.data.ActorPoolStrategy(size=actors)
@@ -211,7 +302,8 @@ def ray_events(
     # (they then share the CPUs with the actors rather than wait for a CPU that never frees up).
     read_cpus = 1.0 if total_cpus - actors * options.cpus_per_actor >= 1 else 0.25
     done = {u.number: done[u.number] for u in units if u.number in done}
-    dataset = ray.data.from_items([{"unit": u.number} for u in units], override_num_blocks=len(units))
+    groups = file_groups(units)
+    dataset = ray.data.from_items([{"units": group} for group in groups], override_num_blocks=len(groups))
     dataset = dataset.flat_map(
         read_unit_chunks,
         fn_kwargs={
@@ -221,17 +313,26 @@ def ray_events(
             "chunk_size": batch_size,
             "part_size": part_size,
             "max_pixels": max_pixels,
+            "cwd": cwd,
         },
         num_cpus=read_cpus,
     )
     dataset = dataset.map_batches(
-        ModelActor.bind(factory, batch_size),
+        ModelActor.bind(factory, batch_size, cwd),
         batch_size=1,
         batch_format="numpy",
         compute=pool,
         num_cpus=options.cpus_per_actor,
         num_gpus=options.gpus_per_actor or None,
         zero_copy_batch=True,
+    )
+    logger.info(
+        "on Ray at %s: %s model actor(s) of %g CPU%s, %d unit(s)",
+        _connected,
+        options.num_actors or f"1-{actors}",
+        options.cpus_per_actor,
+        f" and {options.gpus_per_actor:g} GPU" if options.gpus_per_actor else "",
+        len(units),
     )
     for row in dataset.iter_rows():
         yield from events_from_bytes(row["events"])

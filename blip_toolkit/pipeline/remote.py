@@ -302,7 +302,8 @@ class TrackedFile:
         return len(data)
 
     def readline(self, size: int = -1) -> bytes:
-        return self._guard(self._raw.readline, size)
+        # fsspec's buffered files take no size in readline()
+        return self._guard(self._raw.readline) if size == -1 else self._guard(self._raw.readline, size)
 
     def readlines(self, hint: int = -1) -> list[bytes]:
         return self._guard(self._raw.readlines, hint)
@@ -365,6 +366,10 @@ def check_readable(url: str) -> None:
     listed but not read is caught here, before any model loads."""
     fs, path = url_to_fs(url)
     try:
+        if is_url(url) and "/" not in path.strip("/"):
+            # A bucket (container) root: a listing names a missing bucket; a HEAD only says "not found".
+            fs.ls(path.strip("/"), detail=False)
+            return
         try:
             info = fs.info(path)
         except PermissionError as exc:

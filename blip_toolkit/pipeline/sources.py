@@ -18,7 +18,6 @@ is given the local path. Remote images named in a file list or a table column ar
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import re
@@ -33,7 +32,14 @@ from blip_toolkit.data.manifests import read_manifest
 from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.pipeline import remote, tables
 from blip_toolkit.pipeline.items import RawItem
-from blip_toolkit.pipeline.tars import SampleError, decode_sample, is_webdataset_spec, tar_events, tar_names
+from blip_toolkit.pipeline.tars import (
+    TAR_SUFFIXES,
+    SampleError,
+    decode_sample,
+    is_webdataset_spec,
+    tar_events,
+    tar_names,
+)
 
 logger = logging.getLogger("blip")
 
@@ -193,12 +199,18 @@ class TableSource:
         return sum(u.size or 0 for u in self.units)
 
     def describe(self) -> dict:
+        def where(url: str) -> str:  # local files by absolute path: the same run from any folder
+            return url if remote.is_url(url) else str(Path(url).resolve())
+
         digest = hashlib.sha256()
         for unit in self.units:
-            digest.update(f"{unit.url}\t{unit.table.index}\t{unit.size}\n".encode())
+            digest.update(f"{where(unit.url)}\t{unit.table.index}\t{unit.size}\n".encode())
         return {
             "kind": self.kind,
-            "files": sorted({u.url for u in self.units}),
+            # Local files by their absolute path, as tars: a resume from another folder is the same run.
+            "files": sorted(
+                {u.url if remote.is_url(u.url) else str(Path(u.url).resolve()) for u in self.units}
+            ),
             "units_sha256": digest.hexdigest(),
             "columns": [self.columns.image, self.columns.key, self.columns.text],
             "question": self.text,
@@ -207,9 +219,8 @@ class TableSource:
     def read_unit(self, unit: Unit, path: str | None, want: Want) -> Iterator[RawItem | None]:
         size = unit.size or 0
         skip = {offset for offset in range(size) if not want(offset)}
-        table_unit = unit.table if path is None else dataclasses.replace(unit.table, url=path)
         label = remote.redact_url(unit.url)
-        rows = tables.read_unit(table_unit, self.columns, skip=skip)
+        rows = tables.read_unit(unit.table, self.columns, skip=skip, local_path=path)
         offset = 0
         try:
             for row in rows:
@@ -290,7 +301,7 @@ def open_inputs(
     if kind == "webdataset":
         return TarSource(expand_tars(inputs, allow_pipe=allow_pipe), inputs, text=text)
     entries = []
-    for raw in inputs:
+    for raw in [each for spec in inputs for each in (expand_urls(spec) if "{" in spec else [spec])]:
         if remote.is_url(raw):
             entries.extend(_remote_entries(raw, text))
         else:
@@ -337,11 +348,32 @@ def open_dataset(
     return FileSource(entries, specs, unit_size=unit_size)
 
 
+def tar_directory(spec: str) -> list[str]:
+    """The tars in the folder or prefix `spec` (sorted; img2dataset's output, whose .parquet files are
+    per-shard statistics), or [] when `spec` is not a folder holding tars."""
+    if is_webdataset_spec(spec) or any(ch in spec for ch in "*?[{"):
+        return []
+    if remote.is_url(spec):
+        if not remote.is_dir(spec):
+            return []
+        found = remote.list_files(spec)
+    else:
+        if not Path(spec).is_dir():
+            return []
+        found = [str(p) for p in Path(spec).rglob("*") if p.is_file()]  # recursive, as a remote prefix
+    return sorted(f for f in found if f.lower().endswith(TAR_SUFFIXES))
+
+
+def _spec_kind(spec: str) -> str:
+    if tar_directory(spec):
+        return "webdataset"
+    if tables.is_table_spec(spec):
+        return "table"
+    return "webdataset" if is_webdataset_spec(spec) else "files"
+
+
 def _input_kind(specs: list[str]) -> str:
-    kinds = {
-        ("table" if tables.is_table_spec(s) else "webdataset" if is_webdataset_spec(s) else "files")
-        for s in specs
-    }
+    kinds = {_spec_kind(s) for s in specs}
     if len(kinds) > 1:
         raise UsageError(
             "give one kind of input: webdataset .tar shards, Parquet / Arrow tables, or image files"
@@ -354,7 +386,7 @@ def expand_tars(specs: list[str], *, allow_pipe: bool = False) -> list[str]:
     remote ones must be readable; pipe: needs `allow_pipe`."""
     urls: list[str] = []
     for spec in specs:
-        for url in expand_urls(spec):
+        for url in tar_directory(spec) or expand_urls(spec):
             if url.startswith("pipe:"):
                 if not allow_pipe:
                     raise UsageError(
@@ -382,7 +414,7 @@ def expand_tars(specs: list[str], *, allow_pipe: bool = False) -> list[str]:
 
 def _remote_entries(spec: str, text: str | None) -> list[Entry]:
     """Images under a remote prefix, matching a remote glob, or one remote image."""
-    if any(ch in spec for ch in "*?[{"):
+    if any(ch in spec for ch in "*?["):
         found = [u for u in remote.expand(spec) if is_image_path(Path(u))]
         if not found:
             return [Entry(spec, spec, text, error=f"{remote.redact_url(spec)}: pattern matches no images")]

@@ -35,6 +35,7 @@ from webdataset.shardlists import expand_urls
 
 from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.pipeline.remote import TransportError, is_url, open_input
+from blip_toolkit.pipeline.tars import unique_names
 
 try:  # pyarrow is the optional `parquet` extra: is_table_spec works without it, reading does not
     import pyarrow as pa
@@ -333,18 +334,28 @@ def _read_json(url: str) -> dict:
 
 def _unique_stems(urls: list[str]) -> list[str]:
     """Output-shard stems: the file name without .parquet / .arrow, characters outside
-    [A-Za-z0-9._-] replaced by '_'; a stem shared by several files gets each file's position as a
-    prefix (`00003_data-00000-of-00001`), as data/sources.py `tar_names` does for tars."""
-    stems = []
+    [A-Za-z0-9._-] replaced by '_'. A stem shared by several files is qualified by the file's folder
+    (a DatasetDict's split: `train_data-00000-of-00001`), and what still collides gets the file's
+    position as a prefix (`00003_data`), as tars do (pipeline/tars.py `unique_names`)."""
+
+    def clean(name: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+    stems, folders = [], []
     for url in urls:
-        name = _strip_query(url).rstrip("/").rsplit("/", 1)[-1]
+        parts = _strip_query(url).rstrip("/").rsplit("/", 2)
+        name = parts[-1]
         for suffix in (PARQUET_SUFFIX, ARROW_SUFFIX):
             if name.lower().endswith(suffix):
                 name = name[: -len(suffix)]
                 break
-        stems.append(re.sub(r"[^A-Za-z0-9._-]", "_", name) or "table")
-    counts = {stem: stems.count(stem) for stem in stems}
-    return [f"{i:05d}_{stem}" if counts[stem] > 1 else stem for i, stem in enumerate(stems)]
+        stems.append(clean(name) or "table")
+        folders.append(clean(parts[-2]) if len(parts) > 1 else "")
+    qualified = [
+        f"{folder}_{stem}" if folder and stems.count(stem) > 1 else stem
+        for stem, folder in zip(stems, folders)
+    ]
+    return unique_names(qualified)
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -585,8 +596,12 @@ def _arrow_layout(url: str) -> tuple[object, list[int]]:
 # ----------------------------------------------------------------------------- rows
 
 
-def read_unit(unit: TableUnit, columns: TableColumns, *, skip: Container[int] = ()) -> Iterator[TableRow]:
+def read_unit(
+    unit: TableUnit, columns: TableColumns, *, skip: Container[int] = (), local_path: str | None = None
+) -> Iterator[TableRow]:
     """The rows of `unit` in order, streamed in batches of at most 64 rows of the named columns.
+    `local_path`: a local copy of the unit's file to read instead (a staged remote file); names,
+    messages and relative image paths still refer to `unit.url`.
 
     Rows whose offset is in `skip` (done in an earlier run) are not converted to Python objects;
     the other rows keep their offsets. A row without an image comes with `error` set.
@@ -597,15 +612,16 @@ def read_unit(unit: TableUnit, columns: TableColumns, *, skip: Container[int] = 
     if unit.rows == 0:
         return
     names = columns.names()
-    if unit.kind == "arrow" and not is_url(unit.url):
+    where = local_path or unit.url
+    if unit.kind == "arrow" and not is_url(where):
         # a memory map: record batches point into the page cache, nothing is copied
         try:
-            source = pa.memory_map(unit.url)
+            source = pa.memory_map(where)
         except FileNotFoundError as exc:
             raise InputError(f"{unit.url}: no such file") from exc
         file = None
     else:
-        file = source = _open(unit.url)
+        file = source = _open(where)
     try:
         batches = (
             _parquet_batches(source, unit, names) if unit.kind == "parquet" else _arrow_batches(source, names)

@@ -16,6 +16,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -29,10 +30,11 @@ class SampleError(Exception):
 def is_webdataset_spec(spec: str) -> bool:
     """Whether a command-line input names webdataset shards (a tar, a brace pattern, a `::` list or a
     pipe: URL; local or remote) rather than an image, a folder, a table or a manifest."""
-    lower = spec.lower()
-    if lower.endswith((".parquet", ".arrow")):
-        return False
-    return spec.startswith("pipe:") or "{" in spec or "::" in spec or lower.endswith(TAR_SUFFIXES)
+    if spec.startswith("pipe:") or "::" in spec:
+        return True
+    # A brace pattern is tars when what it expands to is (photos/{cat,dog}.jpg is two images).
+    first = expand_urls(spec)[0] if "{" in spec else spec
+    return first.lower().endswith(TAR_SUFFIXES)
 
 
 def tar_names(urls: list[str]) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from blip_toolkit.errors import UsageError
+from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.pipeline.outputs import item_name
 from blip_toolkit.runtime.batching import check_text
 from blip_toolkit.runtime.quantize import empty_output_error
@@ -158,6 +158,9 @@ class GenerationEncoder:
         return self.template.format(text) if self.template else text
 
     def __call__(self, image, text: str | None) -> dict[str, torch.Tensor]:
+        if self.task == "vqa" and not (text and text.strip()):
+            # A table row may hold no question: that item fails, not the run.
+            raise InputError("no question (empty or null)")
         prompt = self.prompt_for(text)
         if prompt:
             check_text(prompt, self.forbidden, what="text")

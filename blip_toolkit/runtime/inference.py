@@ -52,7 +52,7 @@ from blip_toolkit.pipeline.outputs import (
     run_directory,
     write_output,
 )
-from blip_toolkit.pipeline.ray_engine import RayOptions
+from blip_toolkit.pipeline.ray_engine import RayOptions, actor_device
 from blip_toolkit.pipeline.resume import ResumeState
 from blip_toolkit.pipeline.run import Job, job_events, next_attempt, run_job
 from blip_toolkit.pipeline.sources import FILE_UNIT, Source
@@ -148,6 +148,16 @@ def check_output(job: OutputJob, fingerprint: dict, task_name: str) -> tuple[Pat
     Returns the run directory and the previous run record (with --resume / --retry-failed)."""
     output = job.output
     shown = remote.redact_url(output)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if (
+        remote.is_url(output)
+        and world > int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        and not os.environ.get("BLIP_RUN_DIR")
+    ):
+        raise UsageError(
+            f"--output {shown} from several nodes: the run state of a remote output lives in a local folder; "
+            "set BLIP_RUN_DIR to a folder every node shares"
+        )
     run_dir = run_directory(output)
     output_format(output)
     kind = _kind(task_name)
@@ -286,7 +296,7 @@ def infer_to_file(
         device = str(state.device)
     factory = None
     if ray is not None:
-        runner, factory = None, partial(actor_task, open_runner, make_task, device)
+        runner, factory = None, partial(actor_task, open_runner, make_task, actor_device(ray, device))
         task = make_task(open_preprocessing())
     else:
         runner = open_runner(device)
@@ -302,6 +312,8 @@ def infer_to_file(
     state.wait_for_everyone()
 
     sink = JournalSink(run_dir, attempt, state.process_index, resume, make_record(task))
+    # A failed --retry-failed leaves the finished output as it was: its run stays finished.
+    mark_failed = record.fail if retry is None else (lambda exc: None)
     try:
         shares = run_job(
             Job(source, task, resume, settings, run_dir, attempt, ray=ray, factory=factory),
@@ -310,7 +322,7 @@ def infer_to_file(
             runner,
         )
     except BaseException as exc:
-        record.fail(exc)
+        mark_failed(exc)
         raise
     if shares is None:
         return Summary(shown, sink.written, 0, time.perf_counter() - started, is_main=False)
@@ -323,20 +335,16 @@ def infer_to_file(
             written, failed = _write_final(output, fmt, run_dir, columns)
         else:
             written, failed = _rewrite_retried(output, fmt, run_dir, columns, source, shares.unread, *retry)
-        counts = {"records": written, "failed": failed}
-        if retry is None:
-            record.finish(counts=counts)
-        else:
-            record.update(status="finished", counts=counts)
+        record.finish(counts={"records": written, "failed": failed})
     except OSError as exc:  # a full disk while finishing: the journal is kept, --resume finishes it
         error = BlipError(
             f"{shown}: cannot finish the output ({exc.strerror or exc}); the journal is kept: free space and "
             "rerun with --resume"
         )
-        record.fail(error)
+        mark_failed(error)
         raise error from exc
     except BaseException as exc:
-        record.fail(exc)
+        mark_failed(exc)
         raise
     clear_journal(run_dir)
     seconds = time.perf_counter() - started
@@ -528,7 +536,7 @@ def stream_records(
         task, model, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize
     )
     if ray is not None:
-        factory = partial(actor_task, load, make_task, device)
+        factory = partial(actor_task, load, make_task, actor_device(ray, device))
         return infer_records(
             None,
             make_task(preprocessing()),

@@ -321,7 +321,9 @@ def test_two_processes_equal_one(cli, tiny_models, folder, tmp_path, one_thread)
 
 
 @pytest.mark.distributed
-def test_partial_failure_under_accelerate_launch_is_in_the_run_state(tiny_models, folder, tmp_path, one_thread):
+def test_partial_failure_under_accelerate_launch_is_in_the_run_state(
+    tiny_models, folder, tmp_path, one_thread
+):
     """torch's launcher turns process 0's exit 3 (some items failed) into 1; the run state says which:
     status "finished" with the failed count (docs/cli.md shows the check a pipeline uses)."""
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")

@@ -81,3 +81,17 @@ def test_empty_manifest_and_optional_columns(tmp_path, images):
     path.write_text(f"{images[0]}\twhat is it?\n{images[1]}\twhere?\tthere\n")
     rows = read_manifest(path, "questions").records()
     assert [(r["question"], r["answer"]) for r in rows] == [("what is it?", ""), ("where?", "there")]
+
+
+def test_urls_are_kept_for_inference_and_refused_where_local_files_are_read(tmp_path):
+    """A URL in a manifest is not a path: kept as written when the pipeline reads the images (no check),
+    refused with file:line where the command reads local files (fine-tuning checks its images)."""
+    from blip_toolkit.data.manifests import ManifestError, read_manifest
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    path = tmp_path / "m.tsv"
+    path.write_text("s3://bucket/photos/x.jpg\ta cat\na.jpg\ta dog\n")
+    frame = read_manifest(path, "caption", check_images=False).frame
+    assert list(frame["image"]) == ["s3://bucket/photos/x.jpg", str(tmp_path / "a.jpg")]
+    with pytest.raises(ManifestError, match=r"m.tsv:1: s3://bucket/photos/x.jpg: a URL"):
+        read_manifest(path, "caption")

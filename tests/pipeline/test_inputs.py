@@ -7,6 +7,7 @@ the same embeddings for extract-embeddings; a remote read cut half way leaves it
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -286,3 +287,114 @@ def test_bad_tables_and_buckets_are_one_line(cli, tiny_models, dataset, s3, tmp_
     )
     s3.allow_all()
     one_line(cli("caption", f"s3://{bucket}/none/*.tar", "-m", model), 1, f"s3://{bucket}/none/*.tar")
+
+
+def test_where_users_keep_images(cli, tiny_models, dataset, s3, tmp_path):
+    """Layouts found in the wild, each captioned as the same images given as files: a brace pattern of
+    images, a folder of tars beside img2dataset's per-shard .parquet statistics (local and an S3
+    prefix), a TSV manifest of s3:// URLs, and a remote Parquet table whose image column holds paths
+    relative to the table."""
+    model = tiny_models["blip-caption"]
+    images = sorted(dataset["images"])
+    reference = cli("caption", *images, "-m", model, *GEN, "-f", "jsonl")
+    captions = [json.loads(line)["caption"] for line in reference.stdout.splitlines()]
+    by_name = dict(zip((p.name for p in images), captions))
+
+    pattern = str(images[0].parent / ("{" + ",".join(p.stem for p in images[:3]) + "}.jpg"))
+    braces = cli("caption", pattern, "-m", model, *GEN, "-f", "jsonl")
+    assert braces.code == 0, braces.stderr
+    assert [json.loads(line)["caption"] for line in braces.stdout.splitlines()] == captions[:3]
+
+    folder = tmp_path / "img2dataset"
+    folder.mkdir()
+    for tar in dataset["tars"]:
+        shutil.copy(tar, folder / tar.name)
+        pq.write_table(pa.table({"key": ["x"], "status": ["success"]}), folder / (tar.stem + ".parquet"))
+    tars = cli("caption", folder, "-m", model, *GEN, "-f", "jsonl")
+    assert tars.code == 0, tars.stderr
+    from_tars = [json.loads(line) for line in tars.stdout.splitlines()]
+    assert [r["key"] for r in from_tars] == dataset["keys"]
+
+    bucket = s3.create_bucket()
+    for path in folder.iterdir():
+        s3.upload(bucket, f"shards/{path.name}", path)
+    prefix = cli("caption", f"s3://{bucket}/shards/", "-m", model, *GEN, "-f", "jsonl")
+    assert prefix.code == 0, prefix.stderr
+    assert [json.loads(line) for line in prefix.stdout.splitlines()] == from_tars
+
+    for path in images:
+        s3.upload(bucket, f"photos/{path.name}", path)
+    manifest = tmp_path / "urls.tsv"
+    manifest.write_text("".join(f"s3://{bucket}/photos/{p.name}\n" for p in images))
+    urls = cli("caption", "--manifest", manifest, "-m", model, *GEN, "-f", "jsonl")
+    assert urls.code == 0, urls.stderr
+    assert [json.loads(line)["image"] for line in urls.stdout.splitlines()] == [
+        f"s3://{bucket}/photos/{p.name}" for p in images
+    ]
+    assert [json.loads(line)["caption"] for line in urls.stdout.splitlines()] == captions
+
+    table = tmp_path / "relative.parquet"
+    pq.write_table(pa.table({"image": [f"../photos/{p.name}" for p in images]}), table)
+    s3.upload(bucket, "tables/relative.parquet", table)
+    relative = cli("caption", f"s3://{bucket}/tables/relative.parquet", "-m", model, *GEN, "-f", "jsonl")
+    assert relative.code == 0, relative.stderr
+    assert [json.loads(line)["caption"] for line in relative.stdout.splitlines()] == [
+        by_name[p.name] for p in images
+    ]
+
+
+def test_questions_from_a_column_fail_per_row(cli, tiny_models, dataset, tmp_path):
+    images = [p.read_bytes() for p in sorted(dataset["images"])[:3]]
+    path = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"image": images, "q": ["what is it?", None, " "]}), path)
+    result = cli("vqa", path, "--text-column", "q", "-m", tiny_models["blip-vqa"], *GEN, "-f", "jsonl")
+    assert result.code == 3, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert "answer" in records[0] and all("no question" in r["error"] for r in records[1:])
+    both = cli("vqa", path, "--text-column", "q", "--question", "why?", "-m", tiny_models["blip-vqa"])
+    assert both.code == 2 and "--text-column" in both.stderr
+
+
+def test_remote_outputs_and_refusals(cli, tiny_models, dataset, s3, tmp_path):
+    model = tiny_models["blip-caption"]
+    missing = cli("caption", dataset["tars"][0], "-m", model, "--output", "s3://no-such-bucket-here/c.jsonl")
+    assert (
+        missing.code == 1
+        and "s3://no-such-bucket-here" in missing.stderr
+        and "no such bucket" in missing.stderr
+    )
+    remote_out = cli(
+        "extract-embeddings", dataset["tars"][0], "--out", "s3://bucket/emb", "--cond-encoder",
+        tiny_models["blip2-opt"], "--target-encoder", tiny_models["clip"],
+    )  # fmt: skip
+    assert remote_out.code == 2 and "local directory" in remote_out.stderr
+    assert not Path("s3:").exists()
+
+    # --retry-failed on a remote .jsonl (read back line by line through fsspec, rewritten in one put)
+    bucket = s3.create_bucket()
+    for path in dataset["images"]:
+        s3.upload(bucket, f"photos/{path.name}", path)
+    prefix, out = f"s3://{bucket}/photos/", f"s3://{bucket}/out/c.jsonl"
+    clean = cli("caption", prefix, "-m", model, *GEN, "-f", "jsonl")
+    denied = sorted(p.name for p in dataset["images"])[0]
+    s3.deny(bucket, f"photos/{denied}")
+    assert cli("caption", prefix, "-m", model, *GEN, "--output", out).code == 3
+    s3.allow_all()
+    retried = cli("caption", prefix, "-m", model, *GEN, "--output", out, "--retry-failed")
+    assert retried.code == 0, retried.stderr
+    assert s3.get(bucket, "out/c.jsonl").decode() == clean.stdout
+
+
+def test_dataset_dict_splits_keep_their_names(cli, tiny_models, dataset, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    images = [{"bytes": p.read_bytes(), "path": None} for p in sorted(dataset["images"])]
+    split = lambda rows: datasets.Dataset.from_dict({"image": rows}).cast_column(
+        "image", datasets.Image(decode=False)
+    )  # noqa: E731
+    datasets.DatasetDict({"train": split(images[:5]), "test": split(images[5:])}).save_to_disk(
+        str(tmp_path / "dd")
+    )
+    result = cli("caption", tmp_path / "dd", "-m", tiny_models["blip-caption"], *GEN, "-f", "jsonl")
+    assert result.code == 0, result.stderr
+    shards = [json.loads(line)["shard"] for line in result.stdout.splitlines()]
+    assert len(shards) == 8 and all(s.startswith(("train_", "test_")) for s in shards), shards

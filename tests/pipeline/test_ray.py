@@ -67,6 +67,7 @@ def test_caption_on_ray_equals_local_and_stdout_is_results_only(
     local = cli("caption", photos, "-m", model, *GEN, "-f", "jsonl")
     ray = cli("caption", photos, "-m", model, *GEN, "-f", "jsonl", *on_ray(cluster))
     assert local.code == ray.code == 3, ray.stderr  # the broken image: an item's error, not a failed job
+    assert f"on Ray at {cluster.address}: 2 model actor(s)" in ray.stderr
     assert [json.loads(line) for line in ray.stdout.splitlines()] == [
         json.loads(line) for line in local.stdout.splitlines()
     ]
@@ -74,6 +75,65 @@ def test_caption_on_ray_equals_local_and_stdout_is_results_only(
     to_file = cli("caption", photos, "-m", model, *GEN, "--output", out, *on_ray(cluster))
     assert to_file.code == 3 and "1 of 9 image(s) failed" in to_file.stderr
     assert read_output(out) == [json.loads(line) for line in local.stdout.splitlines()]
+
+
+def test_ray_paths_addresses_and_resources(
+    cli, tiny_models, photos, cluster, tmp_path, monkeypatch, one_thread
+):
+    """Relative paths mean what they mean to the driver (its folder, on the actors and read tasks too);
+    RAY_ADDRESS is the cluster when --ray-address is not given; an address nobody answers and an actor
+    the cluster cannot place are one line each, at once."""
+    model = tiny_models["blip-caption"]
+    shutil.copytree(model, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    expected = cli("caption", "photos", "-m", "model", *GEN, "-f", "jsonl")
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    relative = cli(
+        "caption",
+        "photos",
+        "-m",
+        "model",
+        *GEN,
+        "-f",
+        "jsonl",
+        "--engine",
+        "ray",
+        "--num-actors",
+        "1",
+        "--cpus-per-actor",
+        "0.5",
+    )
+    assert relative.code == expected.code == 3, relative.stderr
+    assert f"on Ray at {cluster.address}" in relative.stderr
+    assert relative.stdout == expected.stdout
+
+    import ray
+
+    ray.shutdown()  # the checks below connect anew
+    started = time.monotonic()
+    nobody = cli("caption", "photos", "-m", "model", "--engine", "ray", "--ray-address", "127.0.0.1:9")
+    assert (
+        nobody.code == 1
+        and "no Ray cluster answers there" in nobody.stderr
+        and time.monotonic() - started < 60
+    )
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # a dashboard URL, as Ray's job docs export
+    dashboard = cli("caption", "photos", "-m", "model", "--engine", "ray")
+    assert dashboard.code == 2 and "RAY_ADDRESS http://127.0.0.1:8265: a dashboard" in dashboard.stderr
+    monkeypatch.delenv("RAY_ADDRESS")
+    no_gpu = cli(
+        "caption",
+        "photos",
+        "-m",
+        "model",
+        "--engine",
+        "ray",
+        "--ray-address",
+        cluster.address,
+        "--gpus-per-actor",
+        "1",
+    )
+    assert no_gpu.code == 2 and "has 0 GPU(s)" in no_gpu.stderr
 
 
 def test_without_ray_the_option_says_how_to_install_it(cli, tiny_models, photos, monkeypatch):
@@ -100,7 +160,8 @@ def test_vqa_retrieval_and_extract_on_ray_equal_local(
     (photos / "zz-broken.jpg").unlink()
     vqa = ["vqa", photos, "--question", "what is this?", "-m", tiny_models["blip-vqa"], *GEN]
     assert cli(*vqa, "--output", tmp_path / "vqa-local.jsonl").code == 0
-    assert cli(*vqa, "--output", tmp_path / "vqa-ray.jsonl", *on_ray(cluster)).code == 0
+    on = cli(*vqa, "--output", tmp_path / "vqa-ray.jsonl", *on_ray(cluster))
+    assert on.code == 0 and "on Ray at" in on.stderr
     assert read_output(tmp_path / "vqa-ray.jsonl") == read_output(tmp_path / "vqa-local.jsonl")
 
     texts = ["a photo of a cat", "a red car parked next to a tree", "a bowl of fruit on a table"]
@@ -116,7 +177,8 @@ def test_vqa_retrieval_and_extract_on_ray_equal_local(
         "2",
     ]
     assert cli(*retrieval, "--output", tmp_path / "r-local.jsonl").code == 0
-    assert cli(*retrieval, "--output", tmp_path / "r-ray.jsonl", *on_ray(cluster)).code == 0
+    on = cli(*retrieval, "--output", tmp_path / "r-ray.jsonl", *on_ray(cluster))
+    assert on.code == 0 and "on Ray at" in on.stderr
     assert read_output(tmp_path / "r-ray.jsonl") == read_output(tmp_path / "r-local.jsonl")
 
     extract = [
@@ -124,7 +186,8 @@ def test_vqa_retrieval_and_extract_on_ray_equal_local(
         tiny_models["clip"], "--shard-size", "3", "--batch-size", "2", "--num-workers", "0",
     ]  # fmt: skip
     assert cli(*extract, "--out", tmp_path / "emb-local").code == 0
-    assert cli(*extract, "--out", tmp_path / "emb-ray", *on_ray(cluster)).code == 0
+    on = cli(*extract, "--out", tmp_path / "emb-ray", *on_ray(cluster))
+    assert on.code == 0 and "on Ray at" in on.stderr, on.stderr
     local_files = sorted(p.name for p in (tmp_path / "emb-local").iterdir())
     assert local_files == sorted(p.name for p in (tmp_path / "emb-ray").iterdir())
     for name in local_files:

@@ -180,8 +180,9 @@ def test_save_to_disk_directory_and_dataset_dict(tmp_path):
     )
     assert is_table_spec(str(tmp_path / "dict"))
     got = read_all([str(tmp_path / "dict")], columns)
-    assert [name for name, _ in got] == ["00000_data-00000-of-00001"] * 50 + [
-        "00001_data-00000-of-00001"
+    # the splits' files share a stem: their split folder names them apart
+    assert [name for name, _ in got] == ["validation_data-00000-of-00001"] * 50 + [
+        "train_data-00000-of-00001"
     ] * 150
     expected = list(range(100, 150)) + list(range(150))
     assert [row.image for _, row in got] == [png(i) for i in expected]
@@ -253,11 +254,12 @@ def test_specs_globs_directories_and_names(tmp_path):
     assert not is_table_spec(str(tmp_path / "imgs"))
 
     units = table_units([str(tmp_path / "b"), str(tmp_path / "a" / "part-{1..0}.parquet")], TableColumns())
+    # shared stems are qualified by their folder first
     assert [(u.url, u.name) for u in units] == [
-        (str(tmp_path / "b" / "part-0.parquet"), "00000_part-0"),
-        (str(tmp_path / "b" / "part-1.parquet"), "00001_part-1"),
-        (str(tmp_path / "a" / "part-1.parquet"), "00002_part-1"),
-        (str(tmp_path / "a" / "part-0.parquet"), "00003_part-0"),
+        (str(tmp_path / "b" / "part-0.parquet"), "b_part-0"),
+        (str(tmp_path / "b" / "part-1.parquet"), "b_part-1"),
+        (str(tmp_path / "a" / "part-1.parquet"), "a_part-1"),
+        (str(tmp_path / "a" / "part-0.parquet"), "a_part-0"),
     ]
     units = table_units([str(tmp_path / "*" / "part-1.parquet")], TableColumns())
     assert [u.url for u in units] == [str(tmp_path / s / "part-1.parquet") for s in ("a", "b")]
