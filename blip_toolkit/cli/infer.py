@@ -199,12 +199,8 @@ def vqa(
         typer.Option("--question", "-q", help="Ask this question of every image given.", show_default=False),
     ] = None,
     manifest: Annotated[
-        Path | None,
-        typer.Option(
-            "--manifest",
-            help="TSV of image<TAB>question rows (a third answer column is ignored).",
-            dir_okay=False,
-        ),
+        str | None,
+        typer.Option("--manifest", help="TSV of image<TAB>question rows (a third answer column is ignored)."),
     ] = None,
     model: ModelOpt = None,
     template: Annotated[
@@ -277,7 +273,9 @@ def vqa(
     if manifest is not None and (args or question is not None):
         raise UsageError("give IMAGE QUESTION, --question with images, or --manifest; not several")
     if question is not None and text_column is not None:
-        raise UsageError("--question asks every image the same question; --text-column reads one per row: give one")
+        raise UsageError(
+            "--question asks every image the same question; --text-column reads one per row: give one"
+        )
     if manifest is None and question is None and text_column is None:
         if len(args) != 2:
             raise UsageError("give IMAGE and QUESTION (or images with --question, or --manifest FILE.tsv)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from enum import Enum
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -48,8 +47,8 @@ DtypeOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 ManifestOpt = Annotated[
-    Path | None,
-    typer.Option("--manifest", help="TSV manifest of inputs (see docs/formats.md).", dir_okay=False),
+    str | None,
+    typer.Option("--manifest", help="TSV manifest of inputs, local or remote (see docs/formats.md)."),
 ]
 MaxPixelsOpt = Annotated[
     int,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,16 @@ SCHEMAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # extract-embeddings: captions optional
     "embeddings": (("image",), ("caption",)),
 }
+
+
+def _resolve(value: str, base: str) -> str:
+    """An image path of a manifest against the manifest's folder (a local folder or a URL)."""
+    if _URL.match(value) or Path(value).is_absolute():
+        return value
+    if _URL.match(base):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, value))}"
+    return str(Path(base) / value)
 
 
 class ManifestError(InputError):
@@ -67,8 +78,10 @@ def read_manifest(
     skip_missing: bool = False,
     min_rows: int = 1,
     verify_images: bool = False,
+    base: str | None = None,
 ) -> Manifest:
-    """Read and validate a manifest for `task` (a key of SCHEMAS).
+    """Read and validate a manifest for `task` (a key of SCHEMAS). `base`: the folder relative image
+    paths are relative to, when not the file's own (a URL: a remote manifest read from a local copy).
 
     `verify_images` (with `check_images`) also reads each existing image's header, so a file that is
     not an image is reported as file:line up front rather than hours into a training run; with
@@ -134,13 +147,9 @@ def read_manifest(
 
     skipped: list[str] = []
     if kept_lines:
-        base = path.parent
         # A URL (s3://, https://, ...) is kept as it is: Path() would fold its "//", and it is read
         # (and checked) when the item is, by the dataset pipeline.
-        resolved = [
-            value if _URL.match(value) else str(Path(value) if Path(value).is_absolute() else base / value)
-            for value in frame["image"]
-        ]
+        resolved = [_resolve(value, base or str(path.parent)) for value in frame["image"]]
         frame["image"] = resolved
         if check_images:
             bad: dict[int, str] = {}

@@ -18,9 +18,11 @@ is given the local path. Remote images named in a file list or a table column ar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,7 +285,8 @@ def open_inputs(
     if manifest is not None:
         if inputs:
             raise UsageError("give images as arguments or with --manifest, not both")
-        frame = read_manifest(manifest, manifest_schema, check_images=False).frame
+        with local_manifest(str(manifest)) as (path, base):
+            frame = read_manifest(path, manifest_schema, check_images=False, base=base).frame
         texts = list(frame["question"]) if manifest_schema == "questions" else [text] * len(frame)
         return FileSource(
             [Entry(image, image, t) for image, t in zip(frame["image"], texts)], [str(manifest)]
@@ -339,7 +342,9 @@ def open_dataset(
             "or one TSV manifest"
         )
     spec = specs[0]
-    if remote.is_url(spec) or Path(spec).is_dir():
+    if spec.lower().endswith(".tsv") and (remote.is_url(spec) or Path(spec).is_file()):
+        entries = tsv_entries(spec)
+    elif remote.is_url(spec) or Path(spec).is_dir():
         entries = folder_entries(spec)
     elif Path(spec).is_file():
         entries = tsv_entries(spec)
@@ -482,7 +487,8 @@ def tsv_entries(path: str | Path) -> list[Entry]:
     """A TSV manifest `image<TAB>caption`; rows of the same image are merged (captions in row order).
     Missing images are not refused here: like unreadable ones they are reported per item. Key: the
     image path as written, relative to the manifest's folder."""
-    manifest = read_manifest(path, "embeddings", check_images=False)
+    with local_manifest(str(path)) as (local, url_base):
+        manifest = read_manifest(local, "embeddings", check_images=False, base=url_base)
     base = Path(path).parent
     captions: dict[str, list[str]] = {}
     for image, caption in zip(manifest.frame["image"], manifest.frame["caption"]):
@@ -498,6 +504,19 @@ def tsv_entries(path: str | Path) -> list[Entry]:
         entries.append(Entry(image, key, captions=tuple(texts)))
     entries.sort(key=lambda entry: entry.key)
     return entries
+
+
+@contextlib.contextmanager
+def local_manifest(spec: str):
+    """(a local path of the manifest `spec`, the folder its relative paths are relative to when not
+    the local file's): a remote manifest is read from a temporary copy, its paths against its URL."""
+    if not remote.is_url(spec):
+        yield spec, None
+        return
+    with tempfile.TemporaryDirectory(prefix="blip-manifest-") as folder:
+        local = Path(folder) / "manifest.tsv"
+        local.write_bytes(remote.read_bytes(spec))
+        yield str(local), spec.split("?", 1)[0].rsplit("/", 1)[0] + "/"
 
 
 def list_source(paths: Iterable[str], texts: Iterable[str | None] | None = None, errors=None) -> FileSource:

@@ -145,11 +145,12 @@ def _extract(cli, tiny_models, inputs, out, *extra):
     )
 
 
-def _embeddings(out: Path) -> dict:
+def _embeddings(out: Path, prefix: bool = True) -> dict:
+    """The tensors, keys (without the shard prefix of tar / table keys) and captions of a run."""
     shards = EmbeddingShards(out)
     data = {name: shards.column(name).numpy() for name in ("cond", "target", "target_global")}
     data["text"] = shards.text_embeddings().text_emb.numpy()
-    data["keys"] = [key.split("/", 1)[1] for key in shards.keys()]
+    data["keys"] = [key.split("/", 1)[1] if prefix else key for key in shards.keys()]
     data["captions"] = [shards[i]["captions"] for i in range(len(shards))]
     return data
 
@@ -160,6 +161,19 @@ def test_extract_embeddings_from_tars_parquet_and_s3_are_equal(cli, tiny_models,
     assert expected["keys"] == dataset["keys"]
     bucket = s3.create_bucket()
     s3.upload(bucket, "photos.parquet", dataset["parquet"])
+
+    # A TSV manifest on S3 (image<TAB>caption, paths relative to it): the same embeddings in key order.
+    rows = []
+    for key, path in zip(dataset["keys"], dataset["images"]):
+        s3.upload(bucket, f"photos/{key}.jpg", path)
+        rows += [f"photos/{key}.jpg\t{caption}\n" for caption in CAPTIONS[path.name]]
+    (tmp_path / "captions.tsv").write_text("".join(rows))
+    s3.upload(bucket, "captions.tsv", tmp_path / "captions.tsv")
+    assert _extract(cli, tiny_models, [f"s3://{bucket}/captions.tsv"], tmp_path / "tsv").code == 0
+    from_tsv = _embeddings(tmp_path / "tsv", prefix=False)
+    assert from_tsv["keys"] == [f"photos/{k}.jpg" for k in dataset["keys"]]
+    for tensor in ("cond", "target", "target_global", "text"):
+        np.testing.assert_array_equal(from_tsv[tensor], expected[tensor], err_msg=f"remote tsv: {tensor}")
     for name, source in {"parquet": str(dataset["parquet"]), "s3": f"s3://{bucket}/photos.parquet"}.items():
         result = _extract(
             cli, tiny_models, [source], tmp_path / name, "--key-column", "key", "--text-column", "caption"
@@ -332,6 +346,16 @@ def test_where_users_keep_images(cli, tiny_models, dataset, s3, tmp_path):
         f"s3://{bucket}/photos/{p.name}" for p in images
     ]
     assert [json.loads(line)["caption"] for line in urls.stdout.splitlines()] == captions
+
+    # a manifest on S3 whose paths are relative to it
+    (tmp_path / "remote.tsv").write_text("".join(f"../photos/{p.name}\n" for p in images))
+    s3.upload(bucket, "lists/remote.tsv", tmp_path / "remote.tsv")
+    listed = cli("caption", "--manifest", f"s3://{bucket}/lists/remote.tsv", "-m", model, *GEN, "-f", "jsonl")
+    assert listed.code == 0, listed.stderr
+    assert [json.loads(line)["image"] for line in listed.stdout.splitlines()] == [
+        f"s3://{bucket}/photos/{p.name}" for p in images
+    ]
+    assert [json.loads(line)["caption"] for line in listed.stdout.splitlines()] == captions
 
     table = tmp_path / "relative.parquet"
     pq.write_table(pa.table({"image": [f"../photos/{p.name}" for p in images]}), table)
