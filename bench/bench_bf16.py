@@ -27,7 +27,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import MatmulProbe, interleaved_rounds, parse_args, rate_range, report, target
+from _common import (
+    MatmulProbe,
+    blip_tokenizer,
+    build_blip,
+    interleaved_rounds,
+    make_photos,
+    parse_args,
+    rate_range,
+    report,
+    target,
+)
 
 QUALITY_POINTS = 2.0
 TRAINING_POINTS = 5.0
@@ -161,12 +171,69 @@ def train_caption(state: dict, out: Path, mixed_precision: str) -> tuple[float, 
     return accuracy, seconds
 
 
+def width_speed(root: Path, quick: bool) -> list[dict]:
+    """Captioning speed, float32 against bfloat16 (both as `blip caption` runs them), of BLIP models
+    of several widths (4 layers each, 224 px, 10 new tokens, batch 8): where bfloat16 starts to pay
+    on this CPU (the width rule of `--dtype auto`, runtime/device.py)."""
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from blip_toolkit.data.images import InputItem
+    from blip_toolkit.log import quiet_transformers
+    from blip_toolkit.runtime.caption import CaptionOptions, caption_images
+    from blip_toolkit.runtime.generation import GenerationOptions
+    from blip_toolkit.runtime.loading import open_runner
+
+    quiet_transformers()
+    widths, rounds, size = ((64, 128), 2, 64) if quick else ((128, 256, 512, 768), 3, 224)
+    (root / "width-photos").mkdir()
+    photos = [InputItem(str(p)) for p in make_photos(root / "width-photos", 8)]
+    tokenizer = blip_tokenizer(2000)
+    options = CaptionOptions(batch_size=8, generation=GenerationOptions(max_new_tokens=10, min_new_tokens=10))
+    rows = []
+    for width in widths:
+        shape = dict(hidden_size=width, num_hidden_layers=4, num_attention_heads=max(2, width // 64),
+                     intermediate_size=4 * width)  # fmt: skip
+        text = dict(shape, encoder_hidden_size=width, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                    sep_token_id=tokenizer.sep_token_id, pad_token_id=0)  # fmt: skip
+        torch.manual_seed(0)
+        model = BlipForConditionalGeneration(
+            BlipConfig(text_config=text, vision_config=dict(shape, image_size=size, patch_size=16))
+        )
+        out = root / f"width-{width}"
+        model.save_pretrained(out)
+        processor = BlipImageProcessorPil(size={"height": size, "width": size})
+        BlipProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(out)
+        runners = {
+            dt: open_runner(str(out), "caption", device="cpu", dtype=dt) for dt in ("float32", "bfloat16")
+        }
+        for runner in runners.values():
+            list(caption_images(runner, photos[:2], options))  # warm-up
+        times = interleaved_rounds(
+            {
+                dt: (lambda r=runner: list(caption_images(r, photos, options)))
+                for dt, runner in runners.items()
+            },
+            rounds,
+            warmup=0,
+        )
+        rows.append(
+            {
+                "width (4 layers, 224 px)": width,
+                "float32 images/s": rate_range(times["float32"], len(photos)),
+                "bfloat16 images/s": rate_range(times["bfloat16"], len(photos)),
+                "bfloat16 speed-up": statistics.median(times["float32"])
+                / statistics.median(times["bfloat16"]),
+            }
+        )
+    return rows
+
+
 def training_speed(root: Path, quick: bool) -> list[dict]:
     """Fine-tuning steps of a BLIP-base-sized captioner (random weights; the 8 sample photos, batch
     4) in float32 and with bf16 autocast, alternating twice: samples/s from the time between step
     ends after the first step of each run."""
-    from _common import build_blip
-
     from blip_toolkit.training.config import FinetuneConfig
     from blip_toolkit.training.finetune import run_finetune
 
@@ -236,6 +303,7 @@ def main() -> None:
         fp32_trained, fp32_seconds = train_caption(state, Path(tmp) / "train-fp32", "no")
         bf16_trained, bf16_seconds = train_caption(state, Path(tmp) / "train-bf16", "bf16")
         speed_rows = training_speed(Path(tmp), quick)
+        width_rows = width_speed(Path(tmp), quick)
 
     base, bf16 = results["float32"], results["bfloat16"]
     measures = ("caption accuracy", "VQA accuracy", "image-to-text R@1", "text-to-image R@1")
@@ -295,6 +363,7 @@ def main() -> None:
             "matmul rates (interleaved rounds)": matmul_rows,
             "training in bfloat16: the demo's caption model (accuracy, seconds)": training_rows,
             "training in bfloat16: speed at BLIP-base size": speed_rows,
+            "inference speed by model width (where bfloat16 pays)": width_rows,
         },
     )
 

@@ -40,8 +40,11 @@ def resolve_device(spec: str = "auto"):
 # them beside every figure): AVX2 / AVX-512 float32 FMAs; AVX512-BF16 (bf16 dot products in AVX-512
 # registers); AMX (Intel's tile unit: bf16 matmul several times float32's).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-# CPUs whose bfloat16 matmul is fast enough for `--dtype auto` to choose bfloat16 (see resolve_dtype).
+# CPUs whose bfloat16 matmul is fast enough for `--dtype auto` to choose bfloat16 (see auto_cpu_dtype).
 FAST_BF16_FLAGS = ("amx_bf16",)
+# ... and only for models this wide or wider: narrower layers spend their time in per-operator
+# overhead and dtype conversions, not in matmuls (bench/bench_bf16.py, "inference speed by width").
+BF16_MIN_WIDTH = 512
 CPU_AUTO_DTYPE_ENV = "BLIP_CPU_AUTO_DTYPE"
 
 
@@ -63,28 +66,42 @@ def cpu_bf16_fast(flags: frozenset[str] | None = None) -> bool:
     return any(flag in flags for flag in FAST_BF16_FLAGS)
 
 
-def auto_cpu_dtype(flags: frozenset[str] | None = None):
-    """What `--dtype auto` means on CPU: bfloat16 where the CPU has native fast bf16 matmul
-    (`cpu_bf16_fast`), else float32. BLIP_CPU_AUTO_DTYPE=float32|bfloat16 overrides the choice (the
-    test suite pins float32, so results do not depend on the machine)."""
+def auto_cpu_dtype(flags: frozenset[str] | None = None, *, width: int | None = None):
+    """What `--dtype auto` means on CPU: bfloat16 where the CPU has fast bf16 matmul
+    (`cpu_bf16_fast`) and the model's widest layer (`width`, when known) has at least
+    BF16_MIN_WIDTH features, else float32. BLIP_CPU_AUTO_DTYPE=float32|bfloat16 overrides the choice
+    (the test suite pins float32, so results do not depend on the machine)."""
     override = os.environ.get(CPU_AUTO_DTYPE_ENV, "").strip().lower()
     if override:
         if override not in ("float32", "bfloat16"):
             raise UsageError(f"{CPU_AUTO_DTYPE_ENV}={override!r}: use float32 or bfloat16")
         return getattr(torch, override)
-    return torch.bfloat16 if cpu_bf16_fast(flags) else torch.float32
+    if not cpu_bf16_fast(flags) or (width is not None and width < BF16_MIN_WIDTH):
+        return torch.float32
+    return torch.bfloat16
 
 
-def resolve_dtype(spec: str, device) -> Any:
-    """auto -> float16 on CUDA; on CPU `auto_cpu_dtype()` (float32 unless the CPU has fast bf16)."""
+def resolve_dtype(spec: str, device, *, width: int | None = None) -> Any:
+    """auto -> float16 on CUDA; on CPU `auto_cpu_dtype(width=width)` (float32 unless the CPU has fast
+    bf16 and the model is wide enough). `width`: the model's widest hidden size, when known."""
     spec = (spec or "auto").strip().lower()
     if spec not in DTYPES:
         raise UsageError(f"--dtype {spec!r}: use one of {', '.join(DTYPES)}")
     if spec == "auto":
         if device.type == "cuda":
             return torch.float16
-        return auto_cpu_dtype() if device.type == "cpu" else torch.float32
+        return auto_cpu_dtype(width=width) if device.type == "cpu" else torch.float32
     return getattr(torch, spec)
+
+
+def model_width(config: dict) -> int | None:
+    """The widest `hidden_size` of a config.json dict and its sub-configs (vision, text, Q-Former)."""
+    sizes = [config.get("hidden_size")] + [
+        (config.get(key) or {}).get("hidden_size")
+        for key in ("vision_config", "text_config", "qformer_config")
+    ]
+    sizes = [s for s in sizes if isinstance(s, int)]
+    return max(sizes) if sizes else None
 
 
 _CUDA_MARKERS = ("cuda", "cublas", "cudnn", "device-side assert", "nccl", "out of memory")

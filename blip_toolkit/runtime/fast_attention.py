@@ -8,10 +8,14 @@ never materialises the matrix. The result equals the eager one within float roun
 tests/runtime/test_fast_attention.py); greedy captions are unchanged.
 
 BLIP's text transformer (`BlipTextSelfAttention`: the caption decoder, the VQA question encoder and
-answer decoder, the ITM text encoder) is eager only as well. While decoding, each step's query is one
-token against the 577 cached image keys (cross-attention) and the tokens so far (self-attention):
-eager runs that as two batched matmuls of one row each plus a softmax, SDPA as one fused kernel
-(bench/bench_caption.py measures the gain). The key / value caching is transformers' own, copied.
+answer decoder, the ITM text encoder) is eager only as well; `use_fused_text_attention` gives it the
+same SDPA path (the key / value caching is transformers' own, copied). It also takes grouped pairs:
+ITM scores several texts against one image, and transformers projects that image's 577 tokens to
+keys and values once per (image, text) pair, which was most of retrieval's time; given the images
+once and their texts in consecutive groups, the fused path projects each image once and attends
+with the group's queries as one sequence (the same attention, row by row). Measured in
+bench/bench_caption.py, bench_vqa.py, bench_retrieval.py: the decoder and the VQA encoder gain
+nothing from SDPA alone, so only ITM models (runtime/loading.py open_runner) use it.
 
 BLIP-2's vision tower already dispatches through transformers' attention interface (SDPA by
 default), so it needs nothing. Set BLIP_EAGER_ATTENTION=1 to keep transformers' own code path.
@@ -89,6 +93,9 @@ def _text_sdpa_forward(
         attention_mask = attention_mask.to(device=query.device)
         if attention_mask.dtype != torch.bool:
             attention_mask = attention_mask.to(query.dtype)
+    batch, groups = query.shape[0], key.shape[0]
+    if groups != batch:  # cross-attention of grouped pairs (runtime/itm.py BlipItmOps.itm_grouped)
+        query = _grouped_queries(query, groups, attention_mask)
     context = F.scaled_dot_product_attention(
         query,
         key,
@@ -96,9 +103,39 @@ def _text_sdpa_forward(
         attn_mask=attention_mask,
         dropout_p=self.dropout.p if self.training else 0.0,
         scale=1.0 / math.sqrt(self.attention_head_size),
-    )  # [B, heads, L, head_dim]
+    )  # [B, heads, L, head_dim] ([groups, heads, per_group * L, head_dim] for grouped pairs)
+    if groups != batch:
+        context = _ungrouped(context, batch)
     context = context.transpose(1, 2).reshape(*input_shape, self.all_head_size)
     return context, None
+
+
+def _grouped_queries(query: torch.Tensor, groups: int, mask) -> torch.Tensor:
+    """Queries of `batch` texts, `batch // groups` consecutive ones per image, against the keys /
+    values of the `groups` images, projected once per image instead of once per text: the rows of one
+    image's texts become one longer query sequence against that image. Each query row's softmax runs
+    over its own image's keys, as before, so the result is the same attention.
+    [B, heads, L, d] -> [groups, heads, (B / groups) * L, d]."""
+    batch, heads, length, dim = query.shape
+    if batch % groups or (mask is not None and mask.shape[-2] != 1):
+        raise ValueError(f"{batch} queries do not split into {groups} groups with one key mask per group")
+    per = batch // groups
+    return (
+        query.reshape(groups, per, heads, length, dim)
+        .transpose(1, 2)
+        .reshape(groups, heads, per * length, dim)
+    )
+
+
+def _ungrouped(context: torch.Tensor, batch: int) -> torch.Tensor:
+    """The inverse of `_grouped_queries` for the attention output."""
+    groups, heads, rows, dim = context.shape
+    per = batch // groups
+    return (
+        context.reshape(groups, heads, per, rows // per, dim)
+        .transpose(1, 2)
+        .reshape(batch, heads, rows // per, dim)
+    )
 
 
 def _eager_requested() -> bool:
@@ -129,3 +166,10 @@ def use_fused_text_attention(model) -> int:
             module.forward = types.MethodType(_text_sdpa_forward, module)
             count += 1
     return count
+
+
+def text_attention_is_fused(module) -> bool:
+    """Whether every BlipTextSelfAttention of `module` runs the fused forward (which also takes
+    grouped cross-attention pairs), and it has at least one."""
+    layers = [m for m in module.modules() if isinstance(m, BlipTextSelfAttention)]
+    return bool(layers) and all(getattr(m.forward, "__func__", None) is _text_sdpa_forward for m in layers)

@@ -79,6 +79,20 @@ class BlipItmOps:
         ).last_hidden_state
         return model.itm_head(hidden[:, 0, :])
 
+    @staticmethod
+    def itm_grouped(model, image_embeds, input_ids, attention_mask):
+        """ITM logits [G * k, 2] of `k` texts per image: image_embeds [G, P, D] (each image once),
+        input_ids / attention_mask [G * k, L] with image g's texts at rows g * k ... g * k + k - 1.
+        Equal to `itm` on the expanded pairs; each image's keys and values are projected once, which
+        needs the fused text attention (runtime/fast_attention.py; `text_attention_is_fused`)."""
+        hidden = model.text_encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=None,  # every image token is attended (what _ones_mask gives)
+        ).last_hidden_state
+        return model.itm_head(hidden[:, 0, :])
+
 
 class Blip2ItmOps:
     """Blip2ForImageTextRetrieval."""

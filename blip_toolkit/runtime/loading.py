@@ -30,8 +30,8 @@ from transformers import AutoProcessor
 
 from blip_toolkit.errors import ModelLoadError, TaskNotSupportedError, UsageError
 from blip_toolkit.log import quiet_transformers
-from blip_toolkit.runtime.device import FallbackRunner, resolve_device, resolve_dtype
-from blip_toolkit.runtime.fast_attention import use_fused_vision_attention
+from blip_toolkit.runtime.device import FallbackRunner, model_width, resolve_device, resolve_dtype
+from blip_toolkit.runtime.fast_attention import use_fused_text_attention, use_fused_vision_attention
 from blip_toolkit.runtime.fast_linear import pack_linear_layers
 from blip_toolkit.runtime.quantize import check_quantize, loading_kwargs, quantize_model
 
@@ -420,9 +420,11 @@ def open_runner(
     """Resolve and load `source` for `task` behind a FallbackRunner (CUDA faults fall back to CPU,
     quantized the same way when `quantize` is set)."""
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    resolve_dtype(dtype, torch_device)  # a bad --dtype is refused before anything is read
     check_quantize(quantize, torch_device)  # refused before anything loads
     resolved, family = inspect_source(source)
+    # `auto` on CPU depends on the model's width too (runtime/device.py auto_cpu_dtype)
+    torch_dtype = resolve_dtype(dtype, torch_device, width=model_width(resolved.config))
     if task is not None:
         require_task(family, task, source)
 
@@ -437,8 +439,12 @@ def open_runner(
             family=family,
             quantize=quantize,
         )
-        # A runner only runs inference: its Linear layers can take oneDNN-packed weights (CPU).
+        # A runner only runs inference: its Linear layers can take oneDNN-packed weights (CPU), and
+        # BLIP ITM scores each image's texts with its keys / values projected once (fused text
+        # attention; the caption and VQA decoders measured no gain from it: fast_attention.py).
         pack_linear_layers(loaded.model, dev, quantize=quantize)
+        if family.name == "blip-itm":
+            use_fused_text_attention(loaded.model)
         return loaded
 
     return FallbackRunner(load, torch_device, torch_dtype)

@@ -31,6 +31,7 @@ from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.pipeline.sources import Source, list_source
 from blip_toolkit.pipeline.stream import RunSettings
 from blip_toolkit.runtime.batching import check_text
+from blip_toolkit.runtime.fast_attention import text_attention_is_fused
 from blip_toolkit.runtime.generation import forbidden_tokens
 from blip_toolkit.runtime.inference import infer_records
 from blip_toolkit.runtime.itm import ITM_OPS, itm_input_ids
@@ -202,14 +203,6 @@ def _tokens(loaded, texts):
     return encoded["input_ids"].to(loaded.device), encoded["attention_mask"].to(loaded.device)
 
 
-def _pairs(n_images: int, n_texts: int, chunk: int):
-    """(image index, text index) tensors over all pairs, in chunks."""
-    image_index = torch.arange(n_images).repeat_interleave(n_texts)
-    text_index = torch.arange(n_texts).repeat(n_images)
-    for start in range(0, len(image_index), chunk):
-        yield image_index[start : start + chunk], text_index[start : start + chunk]
-
-
 def _columns(score_kind: str, itc, itm_logits) -> list[dict]:
     """Per image: score plus the parts it was made of. itc [I, T]; itm_logits [I, T, 2] or None."""
     rows = []
@@ -261,22 +254,52 @@ def _score_itm(
         if score_kind != "itc":
             itm = torch.full((n_images, len(texts), 2), float("nan"))
             if shortlist is None:
-                chunks = _pairs(n_images, len(texts), pair_batch)
+                images, chosen = _all_pairs(n_images, len(texts))
             else:
                 images, chosen = _shortlist_pairs(itc.cpu(), shortlist)
-                chunks = (
-                    (images[i : i + pair_batch], chosen[i : i + pair_batch])
-                    for i in range(0, len(images), pair_batch)
-                )
-            for img_idx, txt_idx in chunks:
-                logits = ops.itm(
-                    model,
-                    image_embeds[img_idx],
-                    cache["itm_ids"][txt_idx],
-                    cache["attention_mask"][txt_idx],
-                )
-                itm[img_idx, txt_idx] = logits.float().cpu()
+            per_image = len(images) // max(1, n_images)
+            if hasattr(ops, "itm_grouped") and text_attention_is_fused(model):
+                # each image's keys / values projected once for all its texts (runtime/itm.py)
+                for image_rows, pair_rows in _grouped_chunks(n_images, per_image, pair_batch):
+                    txt_idx = chosen[pair_rows]
+                    logits = ops.itm_grouped(
+                        model,
+                        image_embeds[image_rows],
+                        cache["itm_ids"][txt_idx],
+                        cache["attention_mask"][txt_idx],
+                    )
+                    itm[images[pair_rows], txt_idx] = logits.float().cpu()
+            else:
+                for start in range(0, len(images), pair_batch):
+                    img_idx, txt_idx = images[start : start + pair_batch], chosen[start : start + pair_batch]
+                    logits = ops.itm(
+                        model,
+                        image_embeds[img_idx],
+                        cache["itm_ids"][txt_idx],
+                        cache["attention_mask"][txt_idx],
+                    )
+                    itm[img_idx, txt_idx] = logits.float().cpu()
     return _columns(score_kind, itc.cpu(), itm)
+
+
+def _all_pairs(n_images: int, n_texts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image index, text index) of every pair, the texts of one image together."""
+    return torch.arange(n_images).repeat_interleave(n_texts), torch.arange(n_texts).repeat(n_images)
+
+
+def _grouped_chunks(n_images: int, per_image: int, pair_batch: int):
+    """(image rows, pair rows) slices of ITM passes of about `pair_batch` pairs over pairs laid out
+    `per_image` per image: whole images per pass, or parts of one image's texts when it has more."""
+    if per_image <= pair_batch:
+        step = max(1, pair_batch // per_image)
+        for first in range(0, n_images, step):
+            last = min(n_images, first + step)
+            yield slice(first, last), slice(first * per_image, last * per_image)
+        return
+    for image in range(n_images):
+        for start in range(0, per_image, pair_batch):
+            stop = min(per_image, start + pair_batch)
+            yield slice(image, image + 1), slice(image * per_image + start, image * per_image + stop)
 
 
 def _score_blip2_likelihood(loaded, pixel_values, texts, score_kind, cache, *, pair_batch: int) -> list[dict]:

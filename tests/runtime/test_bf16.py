@@ -13,7 +13,13 @@ import torch
 from blip_toolkit.data.images import InputItem
 from blip_toolkit.errors import UsageError
 from blip_toolkit.runtime.caption import CaptionOptions, caption_images
-from blip_toolkit.runtime.device import CPU_AUTO_DTYPE_ENV, auto_cpu_dtype, resolve_dtype
+from blip_toolkit.runtime.device import (
+    BF16_MIN_WIDTH,
+    CPU_AUTO_DTYPE_ENV,
+    auto_cpu_dtype,
+    model_width,
+    resolve_dtype,
+)
 from blip_toolkit.runtime.generation import GenerationOptions
 from blip_toolkit.runtime.loading import load_model, open_runner
 from blip_toolkit.runtime.retrieval import RetrievalOptions, rank_texts
@@ -176,7 +182,13 @@ def test_bf16_extract_embeddings_within_bf16_precision(tiny_models, tmp_path, sa
 def test_auto_dtype_follows_the_cpu_flags_and_the_override(monkeypatch):
     monkeypatch.delenv(CPU_AUTO_DTYPE_ENV, raising=False)
     assert auto_cpu_dtype(frozenset({"avx2", "avx512f"})) == torch.float32
-    assert auto_cpu_dtype(frozenset({"avx2", "avx512f", "amx_bf16", "amx_tile"})) == torch.bfloat16
+    amx = frozenset({"avx2", "avx512f", "amx_bf16", "amx_tile"})
+    assert auto_cpu_dtype(amx) == torch.bfloat16
+    # narrow models stay float32 even there (bench/bench_bf16.py measures where bf16 starts to pay)
+    assert auto_cpu_dtype(amx, width=BF16_MIN_WIDTH - 1) == torch.float32
+    assert auto_cpu_dtype(amx, width=BF16_MIN_WIDTH) == torch.bfloat16
+    assert model_width({"text_config": {"hidden_size": 768}, "vision_config": {"hidden_size": 1408}}) == 1408
+    assert model_width({"model_type": "x"}) is None
     assert resolve_dtype("auto", torch.device("cpu")) == auto_cpu_dtype()
     monkeypatch.setenv(CPU_AUTO_DTYPE_ENV, "bfloat16")
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16

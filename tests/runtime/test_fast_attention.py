@@ -110,3 +110,19 @@ def test_fused_text_attention_masks_padding_as_eager():
         unimodal_eager = eager.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(unimodal, unimodal_eager, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_itm_pairs_score_as_expanded_pairs():
+    """ITM of k texts per image with each image given once (its keys / values projected once) equals
+    ITM of the expanded (image, text) pairs through transformers' eager attention."""
+    from blip_toolkit.runtime.itm import BlipItmOps
+
+    eager, fused = _text_models("BlipForImageTextRetrieval")
+    images = torch.randn(3, 17, 64)
+    ids = torch.randint(5, 100, (6, 5))
+    ids[1, 3:] = 0  # some padding
+    mask = (ids != 0).long()
+    with torch.inference_mode():
+        expected = BlipItmOps.itm(eager, images.repeat_interleave(2, dim=0), ids, mask)
+        got = BlipItmOps.itm_grouped(fused, images, ids, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
