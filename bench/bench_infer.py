@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from _common import interleaved_rounds, parse_args, peak_rss_mb, rate_range, ratio_target, report, target
-from bench_caption import build_model, make_photos
+from _common import build_blip, make_photos
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,7 @@ def overhead(root: Path, quick: bool) -> tuple[list[dict], list[dict], dict]:
 
     rounds, per_round = (2, 16) if quick else (4, 128)
     max_new_tokens, batch = (8 if quick else 20), 8
-    model_dir = build_model(root, quick)
+    model_dir = build_blip(root, "BlipForConditionalGeneration", quick)
     folders = []
     for r in range(rounds):
         folder = root / f"photos-{r}"
@@ -272,7 +272,7 @@ def processes(root: Path, quick: bool) -> tuple[list[dict], dict]:
     make_photos(folder, count)
     for i, path in enumerate(sorted(folder.iterdir())):
         path.rename(folder / f"p-{i:04d}.jpg")
-    model_dir = root / "blip-base" if (root / "blip-base").is_dir() else build_model(root, quick)
+    model_dir = root / "blip-base" if (root / "blip-base").is_dir() else build_blip(root, "BlipForConditionalGeneration", quick)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1"}
     accelerate = Path(sys.executable).with_name("accelerate")
     rows, seconds = [], {}

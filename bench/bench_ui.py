@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from _common import parse_args, report, target
-from bench_caption import build_model, make_photos
+from _common import build_blip, make_photos
 
 CLIENTS = 16
 MAX_NEW_TOKENS = 20
@@ -133,7 +133,7 @@ def main() -> None:
         photos_dir = tmp / "photos"
         photos_dir.mkdir()
         photos = make_photos(photos_dir, 32)
-        model_dir = build_model(tmp, args.quick)
+        model_dir = build_blip(tmp, "BlipForConditionalGeneration", args.quick)
         batched = measure(model_dir, photos, 8, per_client, tmp)
         single = measure(model_dir, photos, 1, per_client, tmp)
 
