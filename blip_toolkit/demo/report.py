@@ -138,7 +138,7 @@ def markdown(doc: dict) -> str:
         lines += [
             "",
             f"Guidance scale chosen before the test pairs were sampled: `blip sample --cfg-scale ...` on the "
-            f"DiT run's {dit['sweep_images']} held-out training pairs, `eval-recall --update-run` "
+            f"{dit['sweep_images']} validation pairs (digit images no model trained on), `eval-recall --update-run` "
             f"({dit['sample_steps']} Euler steps; the test pairs were then sampled at {dit['cfg_scale']:g}):",
             "",
             "| cfg scale | i2t R@1 | i2t R@5 |",

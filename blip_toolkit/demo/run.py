@@ -63,7 +63,11 @@ class Plan:
     retrieval_epochs: int
     dit_steps: int
     val_pairs: int = 100
-    sample_steps: int = 20
+    sample_steps: int = 10
+    # Caption and retrieval training images shifted by up to this many pixels (finetune's
+    # augment_shift): the captioner read 99.7% of the training pairs' digits right but 92% of the
+    # test pairs' (it memorised the training digit images); with 1-pixel shifts it generalises better.
+    augment_shift: int = 1
 
 
 PLANS = {

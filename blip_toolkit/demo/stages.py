@@ -24,6 +24,7 @@ from blip_toolkit.dit.train_config import load_train_config
 from blip_toolkit.embeddings.extract import extract_embeddings
 from blip_toolkit.embeddings.extract_config import ExtractConfig
 from blip_toolkit.embeddings.recall_report import RecallConfig, evaluate_recall, tuned_defaults
+from blip_toolkit.errors import InputError
 from blip_toolkit.eval.caption_eval import evaluate_caption
 from blip_toolkit.eval.evaluate import CaptionEvalConfig, RetrievalEvalConfig, VqaEvalConfig
 from blip_toolkit.eval.retrieval_eval import evaluate_retrieval
@@ -58,7 +59,8 @@ MODEL_SIZE = dict(
     initializer_range=0.05,
 )
 FINETUNE = dict(batch_size=32, learning_rate=1e-3, warmup_steps=20, weight_decay=0.01, max_length=16)
-DIT = dict(hidden=128, layers=4, heads=4, kv_heads=2, batch_size=64, learning_rate=2e-3, warmup_steps=50)
+# The DiT's recipe (docs/dit-recipes.md says why): the repository's configs/, as data/ holds the digits.
+DIT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "dit-demo.toml"
 SAFETENSORS_FILE = "model.safetensors"
 VISION_PREFIX = "vision_model."
 GRID = 16  # test pairs shown in the report's grid
@@ -93,7 +95,8 @@ def stage_build(state: dict) -> dict:
     return {"model_size": MODEL_SIZE}
 
 
-def _finetune(state: dict, task: str, epochs: int) -> Any:
+def _finetune(state: dict, task: str, epochs: int, **recipe: Any) -> Any:
+    """`blip finetune` of `task` for `epochs` with FINETUNE and `recipe` (e.g. augment_shift, freeze)."""
     data: DemoData = state["data"]
     out = state["out"] / "models" / task
     config = FinetuneConfig(
@@ -105,7 +108,7 @@ def _finetune(state: dict, task: str, epochs: int) -> Any:
         epochs=epochs,
         seed=state["seed"],
         log_every=10_000,
-        **FINETUNE,
+        **{**FINETUNE, **recipe},
     )
     with QuietLibraryLogs():
         result = run_finetune(config)
@@ -145,7 +148,8 @@ def _predict(state: dict, task: str, source, options, make_task, name: str) -> l
 
 def stage_caption(state: dict) -> dict:
     data: DemoData = state["data"]
-    _finetune(state, "caption", state["plan"].caption_epochs)
+    plan = state["plan"]
+    _finetune(state, "caption", plan.caption_epochs, augment_shift=plan.augment_shift)
     options = CaptionOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=16), num_workers=0)
     source = open_inputs([str(p) for p in data.images("test")])
     records = _predict(
@@ -177,7 +181,10 @@ def stage_caption(state: dict) -> dict:
 def stage_vqa(state: dict) -> dict:
     data: DemoData = state["data"]
     _start_from_captioner(state, "vqa")
-    _finetune(state, "vqa", state["plan"].vqa_epochs)
+    # The captioner's tower stays frozen: the digits are read as the captioner reads them, and only
+    # the question encoder and answer decoder learn (half the time per step; with the tower trained
+    # along, "which digit is larger?" sat at chance for most of the run).
+    _finetune(state, "vqa", state["plan"].vqa_epochs, freeze=["vision"])
     options = VqaOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=4), num_workers=0)
     source = open_inputs(None, data.manifests["test"]["vqa"], manifest_schema="questions")
     records = _predict(state, "vqa", source, options, lambda runner: vqa_task(runner, options), "answers")
@@ -204,7 +211,10 @@ def stage_vqa(state: dict) -> dict:
 def stage_retrieval(state: dict) -> dict:
     data: DemoData = state["data"]
     _start_from_captioner(state, "retrieval")
-    _finetune(state, "retrieval", state["plan"].retrieval_epochs)
+    # Trained along (not frozen): the DiT translates the captioner's tower into this one, which must
+    # be another encoder.
+    plan = state["plan"]
+    _finetune(state, "retrieval", plan.retrieval_epochs, augment_shift=plan.augment_shift)
     report = evaluate_retrieval(
         RetrievalEvalConfig(
             annotations=str(data.eval_files["test"]["retrieval"]),
@@ -231,7 +241,8 @@ def stage_retrieval(state: dict) -> dict:
 def stage_embeddings(state: dict) -> dict:
     data: DemoData = state["data"]
     dirs = {}
-    for split in ("train", "test"):
+    # val: the pairs of the validation digit images, on which the DiT's guidance scale is chosen.
+    for split in ("train", "val", "test"):
         out = state["out"] / "embeddings" / split
         with QuietLibraryLogs():
             extract_embeddings(
@@ -251,53 +262,41 @@ def stage_embeddings(state: dict) -> dict:
             )
         dirs[split] = out
     state["embeddings"] = dirs
-    return {"tokens": "cls+patch", "summary": "train and test shards written"}
+    return {"tokens": "cls+patch", "summary": "train, val and test shards written"}
 
 
 def stage_dit(state: dict) -> dict:
     plan, out, emb = state["plan"], state["out"], state["embeddings"]
     run_dir = out / "dit"
+    if not DIT_CONFIG.is_file():
+        raise InputError(
+            f"{DIT_CONFIG}: the demo's DiT preset is missing (it ships in the repository's configs/)"
+        )
+    # The recipe (model, objective, optimisation) is configs/dit-demo.toml's, so `blip train-dit -c
+    # configs/dit-demo.toml` on the demo's shards trains the same DiT; the plan sets its length.
     config = load_train_config(
-        None,
+        DIT_CONFIG,
         {
             "output_dir": str(run_dir),
             "data.dir": str(emb["train"]),
-            "data.eval_fraction": 0.05,
             "data.split_seed": state["seed"],
-            "model.preset": "tiny",
-            "model.hidden_size": DIT["hidden"],
-            "model.num_layers": DIT["layers"],
-            "model.num_heads": DIT["heads"],
-            "model.num_kv_heads": DIT["kv_heads"],
-            "flow.target_norm": "standardize",
-            "flow.cond_dropout": 0.1,
-            # InfoNCE between head(predicted clean tokens) and head(true tokens): what recall ranks
-            # (0.1 took the full demo's generated R@1 from 89% to 92% of the target's own).
-            "flow.contrastive_weight": 0.1,
             "train.max_steps": plan.dit_steps,
-            "train.batch_size": DIT["batch_size"],
-            "train.learning_rate": DIT["learning_rate"],
-            "train.warmup_steps": DIT["warmup_steps"],
-            "train.weight_decay": 0.01,
-            "train.ema_decay": 0.99,
             "train.seed": state["seed"],
-            "train.log_every": 10,
-            "train.save_every": 0,
             "eval.every": max(plan.dit_steps // 2, 1),
             "eval.steps": plan.sample_steps,
-            "eval.max_samples": 128,
             "sample.steps": plan.sample_steps,
         },
     )
     with QuietLibraryLogs():
         trained = run_train_dit(config)
-        # Guidance tuned on held-out recall, as a user does: sweep the run's held-out training images
-        # (`blip sample` defaults to them), make the best setting the run's default
+        # Guidance tuned on held-out recall, as a user does: sweep the validation pairs (digit images
+        # no model trained on, like the test pairs': the DiT's own held-out pairs reuse training digit
+        # images, on which every scale scored alike), make the best setting the run's default
         # (`eval-recall --update-run`), then sample the test pairs with it.
         sweep = run_sample(
             SampleConfig(
                 checkpoint=str(run_dir),
-                data=str(emb["train"]),
+                data=str(emb["val"]),
                 out=str(out / "guidance-sweep"),
                 cfg_scale=list(GUIDANCE_SWEEP),
                 seed=state["seed"],
@@ -305,7 +304,7 @@ def stage_dit(state: dict) -> dict:
             )
         )
         tuning = evaluate_recall(
-            RecallConfig(dir=str(emb["train"]), generated=sweep.path, ks=[1, 5], dedupe_captions=True)
+            RecallConfig(dir=str(emb["val"]), generated=sweep.path, ks=[1, 5], dedupe_captions=True)
         )
         checkpoint, steps, scale, evidence = tuned_defaults(tuning)
         set_sample_defaults(checkpoint, steps=steps, cfg_scale=scale, evidence=evidence)
@@ -341,7 +340,7 @@ def stage_dit(state: dict) -> dict:
         "texts": report["num_texts"],
         "summary": f"generated R@1 {generated:.1%} vs the target encoder's own {base:.1%} "
         f"({recall['generated_over_baseline_r1']:.0%} of it) among {report['num_texts']} captions; "
-        f"guidance {sampled.cfg_scale:g} chosen on {tuning['num_images']} held-out training pairs",
+        f"guidance {sampled.cfg_scale:g} chosen on {tuning['num_images']} validation pairs",
     }
 
 
