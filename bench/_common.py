@@ -237,7 +237,7 @@ def machine() -> dict:
 
 def cpu_flag_summary() -> str:
     """The CPU flags that decide matmul speed, each present or absent: 'avx2 yes, ..., amx_tile no'."""
-    from blip_toolkit.runtime.device import CPU_FLAGS, cpu_flags
+    from blip_toolkit.models.device import CPU_FLAGS, cpu_flags
 
     flags = cpu_flags()
     return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
@@ -385,7 +385,7 @@ def make_photos(folder: Path, count: int) -> list[Path]:
 def blip_tokenizer(vocab_size: int | None = None):
     """A local WordPiece tokenizer with BLIP's special tokens and `vocab_size` tokens (the corpus's
     words plus filler words w0, w1, ...), so a random model's captions decode to words."""
-    from blip_toolkit.scratch.tokenizers import DEFAULT_CORPUS, wordpiece_tokenizer
+    from blip_toolkit.models.scratch.tokenizers import DEFAULT_CORPUS, wordpiece_tokenizer
 
     vocab_size = vocab_size or BLIP_VOCAB
     base = len(wordpiece_tokenizer())
@@ -472,7 +472,7 @@ def demo_caption_task(root: Path, quick: bool) -> dict:
     from blip_toolkit.demo.data import CORPUS, write_dataset
     from blip_toolkit.demo.run import PLANS
     from blip_toolkit.demo.stages import FINETUNE, MODEL_SIZE
-    from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
+    from blip_toolkit.models.scratch.checkpoints import ModelSize, build_checkpoint
 
     plan = PLANS["full"]
     pairs, epochs = (200, 1) if quick else (plan.train_pairs, plan.caption_epochs)
@@ -493,9 +493,10 @@ def caption_in_order(model_dir: str, images: list[str], truth: list, quantize: s
     both digits in order (the demo's caption measure)."""
     from blip_toolkit.data.images import InputItem
     from blip_toolkit.demo.data import digits_in
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_images
-    from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.runtime.loading import open_runner
+    from blip_toolkit.jobs.predict import caption_images
+    from blip_toolkit.models.loading import open_runner
+    from blip_toolkit.predictors.caption import CaptionOptions
+    from blip_toolkit.predictors.generation import GenerationOptions
 
     runner = open_runner(model_dir, "caption", device="cpu", quantize=quantize)
     options = CaptionOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=16), num_workers=0)

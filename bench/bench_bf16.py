@@ -3,7 +3,7 @@ training in bfloat16 learns as well, and the matmul rates behind `--dtype auto`.
 
 1. The matmul rates of this CPU, float32 (torch's own `a @ b`, and oneDNN with a packed operand:
    what `blip` runs) and bfloat16 (oneDNN), in interleaved rounds: `--dtype auto` picks bfloat16 on
-   CPU only where the CPU has the flags that make it fast (runtime/device.py), and these rates, with
+   CPU only where the CPU has the flags that make it fast (models/device.py), and these rates, with
    bench_caption.py's model throughput, are the measurement behind that rule. The CPU flags are
    printed with every table.
 2. The demo's models (its data, sizes and recipes: `blip demo`'s own stages), trained in float32,
@@ -71,12 +71,13 @@ def quality(state: dict, dtype: str) -> dict:
     """The trained demo models of `state` run in `dtype`: captions, VQA accuracy, retrieval recall."""
     from blip_toolkit.data.images import InputItem
     from blip_toolkit.demo.data import digits_in
-    from blip_toolkit.eval.evaluate import GenerateConfig, RetrievalEvalConfig, VqaEvalConfig
-    from blip_toolkit.eval.retrieval_eval import evaluate_retrieval
-    from blip_toolkit.eval.vqa_eval import evaluate_vqa
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_images
-    from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.runtime.loading import open_runner
+    from blip_toolkit.jobs.eval_retrieval import evaluate_retrieval
+    from blip_toolkit.jobs.eval_vqa import evaluate_vqa
+    from blip_toolkit.jobs.evaluate import GenerateConfig, RetrievalEvalConfig, VqaEvalConfig
+    from blip_toolkit.jobs.predict import caption_images
+    from blip_toolkit.models.loading import open_runner
+    from blip_toolkit.predictors.caption import CaptionOptions
+    from blip_toolkit.predictors.generation import GenerationOptions
 
     data, trained = state["data"], state["trained"]
     truth = [(p.left, p.right) for p in data.pairs["test"]]
@@ -139,9 +140,10 @@ def train_caption(state: dict, out: Path, mixed_precision: str) -> tuple[float, 
     from blip_toolkit.data.images import InputItem
     from blip_toolkit.demo.data import digits_in
     from blip_toolkit.demo.stages import FINETUNE
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_images
-    from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.runtime.loading import open_runner
+    from blip_toolkit.jobs.predict import caption_images
+    from blip_toolkit.models.loading import open_runner
+    from blip_toolkit.predictors.caption import CaptionOptions
+    from blip_toolkit.predictors.generation import GenerationOptions
     from blip_toolkit.training.config import FinetuneConfig
     from blip_toolkit.training.finetune import run_finetune
 
@@ -174,16 +176,17 @@ def train_caption(state: dict, out: Path, mixed_precision: str) -> tuple[float, 
 def width_speed(root: Path, quick: bool) -> list[dict]:
     """Captioning speed, float32 against bfloat16 (both as `blip caption` runs them), of BLIP models
     of several widths (4 layers each, 224 px, 10 new tokens, batch 8): where bfloat16 starts to pay
-    on this CPU (the width rule of `--dtype auto`, runtime/device.py)."""
+    on this CPU (the width rule of `--dtype auto`, models/device.py)."""
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     from blip_toolkit.data.images import InputItem
+    from blip_toolkit.jobs.predict import caption_images
     from blip_toolkit.log import quiet_transformers
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_images
-    from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.runtime.loading import open_runner
+    from blip_toolkit.models.loading import open_runner
+    from blip_toolkit.predictors.caption import CaptionOptions
+    from blip_toolkit.predictors.generation import GenerationOptions
 
     quiet_transformers()
     widths, rounds, size = ((64, 128), 2, 64) if quick else ((128, 256, 512, 768), 3, 224)
@@ -342,7 +345,7 @@ def main() -> None:
             bf16_trained - fp32_trained >= -TRAINING_POINTS,
         )
     )
-    from blip_toolkit.runtime.device import auto_cpu_dtype
+    from blip_toolkit.models.device import auto_cpu_dtype
 
     notes = {
         "demo plan": f"{plan.train_pairs} training pairs, epochs caption {plan.caption_epochs} / vqa "

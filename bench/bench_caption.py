@@ -77,7 +77,7 @@ class Ours:
     """`blip caption` through the library: open_runner + caption_images with the CLI's defaults."""
 
     def __init__(self, model_dir, options, *, dtype="float32", quantize=None, num_workers=None):
-        from blip_toolkit.runtime.loading import open_runner
+        from blip_toolkit.models.loading import open_runner
 
         self.runner = open_runner(str(model_dir), "caption", device="cpu", dtype=dtype, quantize=quantize)
         self.options = options
@@ -88,7 +88,7 @@ class Ours:
         from dataclasses import replace
 
         from blip_toolkit.data.images import InputItem
-        from blip_toolkit.runtime.caption import caption_images
+        from blip_toolkit.jobs.predict import caption_images
 
         options = replace(self.options, num_workers=self.num_workers)
         for record in caption_images(self.runner, [InputItem(p) for p in paths], options):
@@ -173,8 +173,8 @@ def profile_run(run, model, paths: list[str]) -> dict:
 def preprocessing_seconds(model_dir, paths: list[str]) -> float:
     """Opening and preprocessing `paths` as our workers do (GenerationEncoder), in this thread."""
     from blip_toolkit.data.images import open_image
-    from blip_toolkit.runtime.generation import GenerationEncoder
-    from blip_toolkit.runtime.loading import inspect_source, load_processor
+    from blip_toolkit.models.loading import inspect_source, load_processor
+    from blip_toolkit.predictors.generation import GenerationEncoder
 
     resolved, family = inspect_source(str(model_dir))
     encoder = GenerationEncoder(load_processor(resolved), family, [])
@@ -192,7 +192,7 @@ def measure_levers(model_dir, options, paths: list[str], rounds: int) -> list[di
     flipped alone (a fresh model per variant), interleaved rounds."""
     import torch
 
-    from blip_toolkit.runtime.fast_attention import use_fused_text_attention
+    from blip_toolkit.models.fast_attention import use_fused_text_attention
 
     def variant(name, **env):
         with environment(**env):
@@ -213,9 +213,9 @@ def measure_levers(model_dir, options, paths: list[str], rounds: int) -> list[di
     use_fused_text_attention(text_sdpa.runner.loaded.model)
     workers = Ours(model_dir, options, num_workers=1)
     levers = [
-        ("oneDNN-packed Linear layers (runtime/fast_linear.py)", "kept", variant("unpacked", BLIP_PACKED_LINEAR="0"),
+        ("oneDNN-packed Linear layers (models/fast_linear.py)", "kept", variant("unpacked", BLIP_PACKED_LINEAR="0"),
          "off: torch's Linear (MKL sgemm)"),
-        ("SDPA vision attention (runtime/fast_attention.py)", "kept", variant("eager", BLIP_EAGER_ATTENTION="1"),
+        ("SDPA vision attention (models/fast_attention.py)", "kept", variant("eager", BLIP_EAGER_ATTENTION="1"),
          "off: transformers' eager attention"),
         ("SDPA text attention (decoder self- and cross-attention)", "not kept unless it helps", text_sdpa,
          "on, against shipped (off)"),
@@ -253,8 +253,8 @@ def omp_child(model_dir: str, max_new_tokens: int, batch: int, paths: list[str])
     import json
 
     from blip_toolkit.log import setup_logging
-    from blip_toolkit.runtime.caption import CaptionOptions
-    from blip_toolkit.runtime.generation import GenerationOptions
+    from blip_toolkit.predictors.caption import CaptionOptions
+    from blip_toolkit.predictors.generation import GenerationOptions
 
     setup_logging(-1)
     options = CaptionOptions(batch_size=batch, generation=GenerationOptions(max_new_tokens=max_new_tokens))
@@ -323,9 +323,9 @@ def blip2_rows(
     root: Path, photos: list[str], quick: bool, max_new_tokens: int, batch: int
 ) -> tuple[list, dict]:
 
-    from blip_toolkit.runtime.caption import CaptionOptions
-    from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
+    from blip_toolkit.models.scratch.checkpoints import ModelSize, build_checkpoint
+    from blip_toolkit.predictors.caption import CaptionOptions
+    from blip_toolkit.predictors.generation import GenerationOptions
 
     model_dir = build_checkpoint(
         "blip2-opt", root / "blip2", size=ModelSize(**(QUICK_BLIP2 if quick else BLIP2_350M))
@@ -389,8 +389,8 @@ def main() -> None:
     from transformers import BlipConfig
 
     from blip_toolkit.log import setup_logging
-    from blip_toolkit.runtime.caption import CaptionOptions
-    from blip_toolkit.runtime.generation import GenerationOptions
+    from blip_toolkit.predictors.caption import CaptionOptions
+    from blip_toolkit.predictors.generation import GenerationOptions
 
     setup_logging(-1)
     quick = args.quick

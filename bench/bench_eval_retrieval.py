@@ -1,7 +1,7 @@
 """`blip eval retrieval` (LAVIS's ITC shortlist + ITM re-rank) at benchmark scale, with a tiny ITM model.
 
 Data: 1,000 generated 32x32 PNG images x 5 captions each (5,000 texts) and the tiny BLIP ITM
-checkpoint of the tests (`blip_toolkit.testing`, ~0.3 MB of weights), so the numbers show the
+checkpoint of the tests (`tests.builders`, ~0.3 MB of weights), so the numbers show the
 protocol's own cost (ITC blocks, shortlists, pair bookkeeping) and how ITM work scales, not a real
 model's speed.
 
@@ -48,7 +48,7 @@ def make_data(root: Path, num_images: int, captions_per_image: int = 5) -> tuple
     """Images, a Karpathy-style annotation file and the tiny BLIP ITM checkpoint under `root`."""
     from PIL import Image
 
-    from blip_toolkit.testing import TEST_SIZE, build_checkpoint
+    from tests.builders import TEST_SIZE, build_checkpoint
 
     rng = random.Random(0)
     images = root / "images"
@@ -70,10 +70,10 @@ def make_data(root: Path, num_images: int, captions_per_image: int = 5) -> tuple
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from blip_toolkit.eval.evaluate import RetrievalEvalConfig
-    from blip_toolkit.eval.itm_features import ItmModel
-    from blip_toolkit.eval.retrieval_eval import evaluate_retrieval
-    from blip_toolkit.runtime.loading import load_model
+    from blip_toolkit.jobs.eval_itm_features import ItmModel
+    from blip_toolkit.jobs.eval_retrieval import evaluate_retrieval
+    from blip_toolkit.jobs.evaluate import RetrievalEvalConfig
+    from blip_toolkit.models.loading import load_model
 
     # One thread: on this shared 2-core machine two OpenMP threads made the small ITM batches up to 30x
     # slower whenever another process held a core (measured 37 s vs 1.3 s for the same 4,726 pairs).
@@ -170,7 +170,7 @@ def main() -> None:
         quick=args.quick,
         targets=targets,
         notes={
-            "model": "tiny BLIP ITM (blip_toolkit.testing TEST_SIZE), 1 thread",
+            "model": "tiny BLIP ITM (tests.builders TEST_SIZE), 1 thread",
             "columns": "seconds: evaluate_retrieval wall time (model load, encoding, ITC, ITM); encode_s: "
             "texts + images; peak_mb: peak RSS over the RSS after a first model load; itm_pairs: pairs "
             "through the ITM head; lavis_passes: (I+T)*k, what LAVIS scores; all_pairs_itm_s: ITM on all "

@@ -68,7 +68,7 @@ def make_images(folder: Path, count: int) -> Path:
 
 def build_encoders(root: Path, kind: str) -> tuple[Path, Path]:
     """(conditioning BLIP-2 checkpoint, target CLIP checkpoint) of the given size, random weights."""
-    from blip_toolkit.testing import ModelSize, build_checkpoint
+    from tests.builders import ModelSize, build_checkpoint
 
     if kind == "vit-b":  # ViT-B/16 at 224 px: 14x14 grid, 768 wide, 12 layers
         vision = dict(image_size=224, patch_size=16, hidden=768, layers=12, heads=12, intermediate=3072)
@@ -92,7 +92,7 @@ def reference_seconds(cond_path: Path, target_path: Path, folder: Path, batch_si
     import torch
 
     from blip_toolkit.data.images import open_image
-    from blip_toolkit.embeddings.adapters import load_encoder
+    from blip_toolkit.models.adapters import load_encoder
 
     cond = load_encoder(str(cond_path), "cond")
     target = load_encoder(str(target_path), "target")
@@ -121,9 +121,9 @@ def pipeline_seconds(
     cond_path: Path, target_path: Path, folder: Path, out: Path, batch_size: int, num_workers: int
 ) -> tuple[float, float]:
     """(time of extract_embeddings without checkpoint loading, loading time)."""
-    from blip_toolkit.embeddings.adapters import load_encoder
-    from blip_toolkit.embeddings.extract import extract_embeddings
-    from blip_toolkit.embeddings.extract_config import ExtractConfig
+    from blip_toolkit.jobs.extract import extract_embeddings
+    from blip_toolkit.jobs.extract_config import ExtractConfig
+    from blip_toolkit.models.adapters import load_encoder
 
     start = time.perf_counter()
     load_encoder(str(cond_path), "cond")
@@ -153,8 +153,8 @@ def _cpu_seconds() -> float:
 
 def memory_worker(args: argparse.Namespace) -> dict:
     """One extraction over `--images` images in this process; report peak RSS."""
-    from blip_toolkit.embeddings.extract import extract_embeddings
-    from blip_toolkit.embeddings.extract_config import ExtractConfig
+    from blip_toolkit.jobs.extract import extract_embeddings
+    from blip_toolkit.jobs.extract_config import ExtractConfig
 
     root = Path(args.root)
     folder = make_images(root / f"images-{args.images}", args.images)

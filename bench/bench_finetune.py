@@ -37,7 +37,7 @@ def build(root: Path, quick: bool) -> tuple[Path, Path]:
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
     from transformers.utils import logging as hf_logging
 
-    from blip_toolkit.scratch import tokenizers
+    from blip_toolkit.models.scratch import tokenizers
 
     hf_logging.disable_progress_bar()
     lines = [
@@ -126,7 +126,7 @@ def run_trainer(model_dir: str, manifest: str, steps: int, out: str) -> dict:
     )
 
     from blip_toolkit.data.manifests import read_manifest
-    from blip_toolkit.runtime.loading import FAMILIES
+    from blip_toolkit.models.loading import FAMILIES
     from blip_toolkit.training.data import Collator, ManifestDataset, make_examples
 
     family = FAMILIES["blip-caption"]

@@ -32,8 +32,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import interleaved_rounds, parse_args, peak_rss_mb, rate_range, ratio_target, report, target
-from _common import build_blip, make_photos
+from _common import (
+    build_blip,
+    interleaved_rounds,
+    make_photos,
+    parse_args,
+    peak_rss_mb,
+    rate_range,
+    ratio_target,
+    report,
+    target,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,7 +55,7 @@ def extra_args(parser: argparse.ArgumentParser) -> None:
 
 
 def tiny_model(root: Path) -> Path:
-    from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
+    from blip_toolkit.models.scratch.checkpoints import ModelSize, build_checkpoint
 
     path = root / "tiny-caption"
     if not path.is_dir():
@@ -56,10 +65,10 @@ def tiny_model(root: Path) -> Path:
 
 def caption_file(runner, folder: Path, out: Path, *, batch_size: int, max_new_tokens: int, num_workers):
     """What `blip caption FOLDER --output OUT` runs once the model is loaded."""
+    from blip_toolkit.jobs.inference import OutputJob, infer_to_file
     from blip_toolkit.pipeline.sources import open_inputs
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_task
-    from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.runtime.inference import OutputJob, infer_to_file
+    from blip_toolkit.predictors.caption import CaptionOptions, caption_task
+    from blip_toolkit.predictors.generation import GenerationOptions
 
     options = CaptionOptions(
         batch_size=batch_size,
@@ -84,8 +93,8 @@ def overhead(root: Path, quick: bool) -> tuple[list[dict], list[dict], dict]:
     import torch
 
     from blip_toolkit.data.images import open_image
+    from blip_toolkit.models.loading import open_runner
     from blip_toolkit.pipeline.outputs import read_output
-    from blip_toolkit.runtime.loading import open_runner
 
     rounds, per_round = (2, 16) if quick else (4, 128)
     max_new_tokens, batch = (8 if quick else 20), 8
@@ -160,7 +169,7 @@ def overhead(root: Path, quick: bool) -> tuple[list[dict], list[dict], dict]:
 
 
 def decode_bound(root: Path, quick: bool) -> tuple[list[dict], dict]:
-    from blip_toolkit.runtime.loading import open_runner
+    from blip_toolkit.models.loading import open_runner
 
     count = 64 if quick else 512
     folder = root / "decode"
@@ -219,11 +228,11 @@ def write_tars(folder: Path, items: int, per_tar: int = 1000) -> str:
 
 
 def memory_worker(args: argparse.Namespace) -> dict:
+    from blip_toolkit.jobs.inference import OutputJob, infer_to_file
+    from blip_toolkit.models.loading import open_runner
     from blip_toolkit.pipeline.sources import open_inputs
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_task
-    from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.runtime.inference import OutputJob, infer_to_file
-    from blip_toolkit.runtime.loading import open_runner
+    from blip_toolkit.predictors.caption import CaptionOptions, caption_task
+    from blip_toolkit.predictors.generation import GenerationOptions
 
     root = Path(args.root)
     pattern = write_tars(root / f"wds-{args.items}", args.items)
@@ -272,7 +281,11 @@ def processes(root: Path, quick: bool) -> tuple[list[dict], dict]:
     make_photos(folder, count)
     for i, path in enumerate(sorted(folder.iterdir())):
         path.rename(folder / f"p-{i:04d}.jpg")
-    model_dir = root / "blip-base" if (root / "blip-base").is_dir() else build_blip(root, "BlipForConditionalGeneration", quick)
+    model_dir = (
+        root / "blip-base"
+        if (root / "blip-base").is_dir()
+        else build_blip(root, "BlipForConditionalGeneration", quick)
+    )
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1"}
     accelerate = Path(sys.executable).with_name("accelerate")
     rows, seconds = [], {}

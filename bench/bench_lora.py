@@ -1,6 +1,6 @@
 """LoRA against full fine-tuning on CPU: trainable parameters, peak RSS and samples/s of
 `blip finetune --lora` and of full fine-tuning (`--freeze none`) of a BLIP-2 whose OPT language model
-has 353M parameters (random weights, built with blip_toolkit.scratch); and learning: LoRA fine-tuning
+has 353M parameters (random weights, built with blip_toolkit.models.scratch); and learning: LoRA fine-tuning
 of the demo's caption task (the digits, the demo's model size, from scratch) reaching its test
 accuracy, next to the demo's full fine-tuning recipe.
 
@@ -96,7 +96,7 @@ def build(root: Path, quick: bool) -> tuple[Path, Path, int]:
     from safetensors import safe_open
     from transformers.utils import logging as hf_logging
 
-    from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
+    from blip_toolkit.models.scratch.checkpoints import ModelSize, build_checkpoint
 
     hf_logging.disable_progress_bar()
     model = build_checkpoint(

@@ -75,7 +75,7 @@ def write_parquet(path: Path, images: list[bytes], *, row_group: int = 1000) -> 
 
 
 def tiny_model(root: Path) -> Path:
-    from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
+    from blip_toolkit.models.scratch.checkpoints import ModelSize, build_checkpoint
 
     path = root / "tiny-caption"
     if not path.is_dir():
@@ -85,11 +85,11 @@ def tiny_model(root: Path) -> Path:
 
 def caption_parquet(runner, table: Path, out: Path, *, batch_size: int, max_new_tokens: int, num_workers):
     """What `blip caption TABLE --key-column key --output OUT` runs once the model is loaded."""
+    from blip_toolkit.jobs.inference import OutputJob, infer_to_file
     from blip_toolkit.pipeline.sources import open_inputs
     from blip_toolkit.pipeline.tables import TableColumns
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_task
-    from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.runtime.inference import OutputJob, infer_to_file
+    from blip_toolkit.predictors.caption import CaptionOptions, caption_task
+    from blip_toolkit.predictors.generation import GenerationOptions
 
     options = CaptionOptions(
         batch_size=batch_size,
@@ -110,7 +110,7 @@ def caption_parquet(runner, table: Path, out: Path, *, batch_size: int, max_new_
 
 
 def memory_worker(args: argparse.Namespace) -> dict:
-    from blip_toolkit.runtime.loading import open_runner
+    from blip_toolkit.models.loading import open_runner
 
     root = Path(args.root)
     jpegs = small_jpegs()
@@ -154,8 +154,8 @@ def overhead(root: Path, quick: bool) -> tuple[list[dict], list[dict], dict]:
     import torch
 
     from blip_toolkit.data.images import open_image
+    from blip_toolkit.models.loading import open_runner
     from blip_toolkit.pipeline.outputs import read_output
-    from blip_toolkit.runtime.loading import open_runner
 
     rounds, per_round = (2, 16) if quick else (4, 128)
     max_new_tokens, batch = (8 if quick else 20), 8

@@ -1,6 +1,6 @@
 """Quantized inference on CPU (`--quantize int8|4bit`) against float32: memory and images/s of a
 BLIP-base-sized captioner and of a BLIP-2 whose OPT language model has >= 350M parameters (random
-weights, built with blip_toolkit.scratch), and the caption accuracy of the demo's fine-tuned caption
+weights, built with blip_toolkit.models.scratch), and the caption accuracy of the demo's fine-tuned caption
 model (the digits, trained here with the demo's recipe) quantized against float32.
 
 Every (model, mode) runs in its own process (its peak RSS is its own); the processes of one model
@@ -59,7 +59,7 @@ QUICK_SIZE = dict(image_size=64, patch_size=16, hidden=64, layers=2, heads=4, in
 def build_models(root: Path, quick: bool) -> dict[str, Path]:
     from transformers.utils import logging as hf_logging
 
-    from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
+    from blip_toolkit.models.scratch.checkpoints import ModelSize, build_checkpoint
 
     hf_logging.disable_progress_bar()
     sizes = {"blip-caption": BLIP_BASE, "blip2-opt": BLIP2_350M}
@@ -79,8 +79,8 @@ def child(model_dir: str, mode: str, batches: int, batch: int, tokens: int) -> N
 
     from blip_toolkit.data.images import open_image
     from blip_toolkit.log import setup_logging
-    from blip_toolkit.runtime.generation import GenerationOptions, generate
-    from blip_toolkit.runtime.loading import LoadedModel, inspect_source, load_model, load_processor
+    from blip_toolkit.models.loading import LoadedModel, inspect_source, load_model, load_processor
+    from blip_toolkit.predictors.generation import GenerationOptions, generate
 
     setup_logging(-1)
     images = [open_image(p) for p in sorted(SAMPLES.glob("*.jpg"))]

@@ -65,10 +65,10 @@ def caption_job(
     model: Path, inputs: list[str], out: Path, *, ray=None, max_new_tokens: int = 20, columns=None
 ):
     """What `blip caption INPUTS --output OUT [--engine ray ...]` runs, model loading included."""
+    from blip_toolkit.jobs.inference import OutputJob, run_to_file
     from blip_toolkit.pipeline.sources import open_inputs
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_task
-    from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.runtime.inference import OutputJob, run_to_file
+    from blip_toolkit.predictors.caption import CaptionOptions, caption_task
+    from blip_toolkit.predictors.generation import GenerationOptions
 
     options = CaptionOptions(
         batch_size=8, generation=GenerationOptions(max_new_tokens=max_new_tokens), num_workers=None

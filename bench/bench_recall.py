@@ -92,7 +92,7 @@ def naive_hits(image, text, pair_image, pair_text, ks=KS):
 
 
 def blocked_hits(image, text, pair_image, pair_text, budget: int, ks=KS):
-    from blip_toolkit.eval.recall import retrieval_recall
+    from blip_toolkit.metrics.recall import retrieval_recall
 
     r = retrieval_recall(image, text, pair_image, pair_text, ks, max_memory_bytes=budget)
     return {"i2t": {k: r.ranks_i2t <= k for k in ks}, "t2i": {k: r.ranks_t2i <= k for k in ks}}
@@ -109,7 +109,7 @@ def mismatches(data, blocked, naive) -> tuple[int, int]:
     positive; any other difference would be a bug."""
     import torch
 
-    from blip_toolkit.eval.recall import DEFAULT_TIE_TOLERANCE
+    from blip_toolkit.metrics.recall import DEFAULT_TIE_TOLERANCE
 
     image, text, _, _ = data
     a = torch.nn.functional.normalize(image.double(), dim=-1)  # [I, D]

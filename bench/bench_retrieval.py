@@ -72,8 +72,8 @@ class Ours:
     def __init__(
         self, model_dir, texts, batch, shortlist, *, dtype="float32", quantize=None, num_workers=None
     ):
-        from blip_toolkit.runtime.loading import open_runner
-        from blip_toolkit.runtime.retrieval import RetrievalOptions
+        from blip_toolkit.models.loading import open_runner
+        from blip_toolkit.predictors.retrieval import RetrievalOptions
 
         self.runner = open_runner(str(model_dir), "retrieval", device="cpu", dtype=dtype, quantize=quantize)
         self.texts = texts
@@ -82,7 +82,7 @@ class Ours:
 
     def __call__(self, paths: list[str]) -> None:
         from blip_toolkit.data.images import InputItem
-        from blip_toolkit.runtime.retrieval import rank_texts
+        from blip_toolkit.jobs.predict import rank_texts
 
         for path, record in zip(
             paths, rank_texts(self.runner, [InputItem(p) for p in paths], self.texts, self.options)

@@ -73,7 +73,7 @@ def argparse_hidden():
 
 
 def write_data(root: Path, shards: int, shard_size: int, dims: dict) -> Path:
-    from blip_toolkit.testing.embeddings import write_embeddings
+    from tests.builders.embeddings import write_embeddings
 
     return write_embeddings(root, samples=shards * shard_size, shard_size=shard_size, dims=dims)
 

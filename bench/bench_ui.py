@@ -21,8 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import parse_args, report, target
-from _common import build_blip, make_photos
+from _common import build_blip, make_photos, parse_args, report, target
 
 CLIENTS = 16
 MAX_NEW_TOKENS = 20

@@ -53,9 +53,9 @@ QUESTIONS = (
 
 class Ours:
     def __init__(self, model_dir, batch, max_new_tokens, *, dtype="float32", quantize=None, num_workers=None):
-        from blip_toolkit.runtime.generation import GenerationOptions
-        from blip_toolkit.runtime.loading import open_runner
-        from blip_toolkit.runtime.vqa import VqaOptions
+        from blip_toolkit.models.loading import open_runner
+        from blip_toolkit.predictors.generation import GenerationOptions
+        from blip_toolkit.predictors.vqa import VqaOptions
 
         self.runner = open_runner(str(model_dir), "vqa", device="cpu", dtype=dtype, quantize=quantize)
         self.options = VqaOptions(
@@ -67,7 +67,7 @@ class Ours:
 
     def __call__(self, pairs: list[tuple[str, str]]) -> None:
         from blip_toolkit.data.images import InputItem
-        from blip_toolkit.runtime.vqa import answer_questions
+        from blip_toolkit.jobs.predict import answer_questions
 
         items, questions = [InputItem(p) for p, _ in pairs], [q for _, q in pairs]
         for pair, record in zip(pairs, answer_questions(self.runner, items, questions, self.options)):
@@ -146,7 +146,7 @@ def main() -> None:
     from transformers import BlipConfig
 
     from blip_toolkit.log import setup_logging
-    from blip_toolkit.runtime.fast_attention import use_fused_text_attention
+    from blip_toolkit.models.fast_attention import use_fused_text_attention
 
     setup_logging(-1)
     quick = args.quick

@@ -27,9 +27,27 @@ C = TypeVar("C")
 # Choices shared by several configs, declared once (the CLI derives its option choices from these).
 MixedPrecision = Literal["no", "fp16", "bf16"]
 MIXED_PRECISION: tuple[str, ...] = typing.get_args(MixedPrecision)
-# `--quantize` of caption / vqa / retrieval / extract-embeddings (runtime/quantize.py).
+# `--quantize` of caption / vqa / retrieval / extract-embeddings (models/quantize.py).
 Quantize = Literal["int8", "4bit"]
 QUANTIZE_MODES: tuple[str, ...] = typing.get_args(Quantize)
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str = "",
+    flags: tuple[str, ...] = (),
+    factory: Any = dataclasses.MISSING,
+    cli: bool = True,
+    **typer: Any,
+) -> Any:
+    """A config field with what the command line derives from it (cli/derive.py): the option's help,
+    extra spellings (`flags`, e.g. an old `--lr`), Typer keywords, or `cli=False` for a file-only key.
+    The field is the setting's one home: config-file key, `--set` key and `--flag-name` all come from it."""
+    metadata = {"help": help, "flags": flags, "cli": cli, "typer": typer}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -33,8 +33,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.update({k: v for k, v in ray_token().items() if v is not None})  # the heads' token
 os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-# `--dtype auto` is bfloat16 on CPUs with fast bf16 matmul (runtime/device.py); the tests compare with
-# float32 transformers calls, so the suite pins float32 on every machine (tests/runtime/test_bf16.py
+# `--dtype auto` is bfloat16 on CPUs with fast bf16 matmul (models/device.py); the tests compare with
+# float32 transformers calls, so the suite pins float32 on every machine (tests/predictors/test_bf16.py
 # tests bfloat16 itself). Inherited by the processes tests start.
 os.environ.setdefault("BLIP_CPU_AUTO_DTYPE", "float32")
 
@@ -82,8 +82,8 @@ def shared_dir(tmp_path_factory, name: str, build) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """{kind: checkpoint dir} for every family in blip_toolkit.testing.KINDS."""
-    from blip_toolkit.testing import KINDS, build_all
+    """{kind: checkpoint dir} for every family in tests.builders.KINDS."""
+    from tests.builders import KINDS, build_all
 
     root = shared_dir(tmp_path_factory, "tiny-models", build_all)
     return {kind: root / kind for kind in KINDS}

@@ -1,6 +1,6 @@
 from transformers.utils import logging as hf_logging
 
-from blip_toolkit.scratch.checkpoints import build_checkpoint
+from blip_toolkit.models.scratch.checkpoints import build_checkpoint
 
 
 def test_building_a_checkpoint_draws_no_transformers_progress_bar(tmp_path, capfd):

@@ -42,9 +42,9 @@ def run_inference(
 ) -> None:
     """The tail shared by `caption`, `vqa` and `retrieval`: records to stdout, or the resumable
     (multi-process) run into `--output` and its summary; exit 3 when some items failed."""
+    from blip_toolkit.jobs.inference import OutputJob, run_to_file, stream_records
     from blip_toolkit.pipeline.sources import open_inputs
     from blip_toolkit.pipeline.tables import TableColumns
-    from blip_toolkit.runtime.inference import OutputJob, run_to_file, stream_records
 
     source = open_inputs(
         inputs,

@@ -137,7 +137,7 @@ def _parameter(f: dataclasses.Field, group: Group, name: str) -> inspect.Paramet
     help_text = f.metadata.get("help", "")
     if group.given:  # no default on the flag ("not given"); the field's default shown in the help
         shown = _default(f, group)
-        if shown not in (dataclasses.MISSING, None, [], ()):
+        if shown not in (dataclasses.MISSING, None, [], (), "", False):
             help_text = f"{help_text} \\[default: {_unwrap(shown)}]".strip()
     option = typer.Option(
         flag(f.name),
@@ -159,7 +159,13 @@ def derived(**groups: Group) -> Callable:
 
     def decorate(command: Callable) -> Callable:
         signature = inspect.signature(command)
-        own = [p for name, p in signature.parameters.items() if name not in groups]
+        # Resolved annotations (a module with `from __future__ import annotations` has strings).
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = [
+            p.replace(annotation=hints.get(name, p.annotation))
+            for name, p in signature.parameters.items()
+            if name not in groups
+        ]
         taken = {p.name for p in own}
         generated: list[inspect.Parameter] = []
         sources: dict[str, tuple[str, str]] = {}  # parameter -> (group, field)

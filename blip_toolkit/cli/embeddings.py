@@ -195,9 +195,9 @@ def extract_embeddings(
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     from blip_toolkit.cli.common import ray_options
     from blip_toolkit.cli.output import Emitter
-    from blip_toolkit.embeddings.extract import extract_embeddings as run
-    from blip_toolkit.embeddings.extract_config import ExtractConfig
     from blip_toolkit.errors import PartialFailure
+    from blip_toolkit.jobs.extract import extract_embeddings as run
+    from blip_toolkit.jobs.extract_config import ExtractConfig
 
     config = ExtractConfig(
         source=source,
@@ -330,9 +330,9 @@ def eval_recall(
       blip eval-recall emb/ --dedupe-captions --max-memory 512MB --out recall.json
     """
     from blip_toolkit.cli.output import Emitter
-    from blip_toolkit.embeddings.recall_report import RecallConfig, evaluate_recall
     from blip_toolkit.engine.outputs import check_output_file
     from blip_toolkit.fsutil import write_json
+    from blip_toolkit.jobs.eval_recall import RecallConfig, evaluate_recall
 
     if out is not None:
         check_output_file(out, overwrite=overwrite)
@@ -349,7 +349,7 @@ def eval_recall(
     report = evaluate_recall(config)
     if update_run:
         from blip_toolkit.dit.sample import set_sample_defaults
-        from blip_toolkit.embeddings.recall_report import tuned_defaults
+        from blip_toolkit.jobs.eval_recall import tuned_defaults
 
         run, steps, scale, evidence = tuned_defaults(report)
         report["updated_run"] = str(set_sample_defaults(run, steps=steps, cfg_scale=scale, evidence=evidence))

@@ -72,8 +72,8 @@ MinNewOpt = Annotated[
 
 def _finish(report: dict, out: Path | None, fmt: OutputFormat) -> None:
     from blip_toolkit.cli.output import Emitter
-    from blip_toolkit.eval.evaluate import check_complete
     from blip_toolkit.fsutil import write_json
+    from blip_toolkit.jobs.evaluate import check_complete
 
     if out is not None:
         write_json(out, report)
@@ -86,7 +86,7 @@ def _finish(report: dict, out: Path | None, fmt: OutputFormat) -> None:
 
 
 def _generate(model, **options):
-    from blip_toolkit.eval.evaluate import GenerateConfig
+    from blip_toolkit.jobs.evaluate import GenerateConfig
 
     return GenerateConfig(model=model, **options) if model else None
 
@@ -147,8 +147,8 @@ def caption(
       blip eval caption coco_karpathy_test.json --images coco/ --model Salesforce/blip-image-captioning-base
       blip eval caption test.json --predictions preds.json --no-java --format json --out report.json
     """
-    from blip_toolkit.eval.caption_eval import evaluate_caption
-    from blip_toolkit.eval.evaluate import CaptionEvalConfig
+    from blip_toolkit.jobs.eval_caption import evaluate_caption
+    from blip_toolkit.jobs.evaluate import CaptionEvalConfig
 
     _check_out(out, overwrite)
     generate = _generate(
@@ -236,8 +236,8 @@ def vqa(
           --annotations v2_mscoco_val2014_annotations.json --predictions answers.json
       blip eval vqa --manifest qa.tsv --model Salesforce/blip-vqa-base --save-predictions answers.jsonl
     """
-    from blip_toolkit.eval.evaluate import VqaEvalConfig
-    from blip_toolkit.eval.vqa_eval import evaluate_vqa
+    from blip_toolkit.jobs.eval_vqa import evaluate_vqa
+    from blip_toolkit.jobs.evaluate import VqaEvalConfig
 
     _check_out(out, overwrite)
     generate = _generate(
@@ -327,8 +327,8 @@ def retrieval(
       blip eval retrieval test.json --images imgs/ --model my-itm --score itc --format json
     """
     from blip_toolkit.errors import UsageError
-    from blip_toolkit.eval.evaluate import RetrievalEvalConfig
-    from blip_toolkit.eval.retrieval_eval import evaluate_retrieval
+    from blip_toolkit.jobs.eval_retrieval import evaluate_retrieval
+    from blip_toolkit.jobs.evaluate import RetrievalEvalConfig
 
     if not model:
         raise UsageError("retrieval needs --model (a BLIP or BLIP-2 ITM checkpoint)")

@@ -80,7 +80,7 @@ GenSeedOpt = Annotated[
 
 
 def _generation(max_new_tokens, min_new_tokens, num_beams, sample, top_p, temperature, seed):
-    from blip_toolkit.runtime.generation import GenerationOptions
+    from blip_toolkit.predictors.generation import GenerationOptions
 
     return GenerationOptions(
         max_new_tokens=max_new_tokens,
@@ -152,7 +152,7 @@ def caption(
     """
     from blip_toolkit.cli.common import ray_options, run_inference
     from blip_toolkit.pipeline.outputs import item_name
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_task
+    from blip_toolkit.predictors.caption import CaptionOptions, caption_task
 
     options = CaptionOptions(
         prompt=prompt,
@@ -260,7 +260,7 @@ def vqa(
     from blip_toolkit.cli.common import ray_options, run_inference
     from blip_toolkit.errors import UsageError
     from blip_toolkit.pipeline.outputs import item_name
-    from blip_toolkit.runtime.vqa import VqaOptions, vqa_task
+    from blip_toolkit.predictors.vqa import VqaOptions, vqa_task
 
     options = VqaOptions(
         template=template,
@@ -373,7 +373,7 @@ def retrieval(
     from blip_toolkit.cli.common import ray_options, read_texts_file, run_inference
     from blip_toolkit.errors import UsageError
     from blip_toolkit.pipeline.outputs import item_name
-    from blip_toolkit.runtime.retrieval import RetrievalOptions, RetrievalTask
+    from blip_toolkit.predictors.retrieval import RetrievalOptions, RetrievalTask
 
     options = RetrievalOptions(
         score=score, batch_size=batch_size, max_pixels=max_pixels, top=top, num_workers=num_workers

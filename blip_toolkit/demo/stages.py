@@ -21,24 +21,25 @@ from blip_toolkit.demo.data import (
 from blip_toolkit.dit.sample import SampleConfig, run_sample, set_sample_defaults
 from blip_toolkit.dit.train import run_train_dit
 from blip_toolkit.dit.train_config import load_train_config
-from blip_toolkit.embeddings.extract import extract_embeddings
-from blip_toolkit.embeddings.extract_config import ExtractConfig
-from blip_toolkit.embeddings.recall_report import RecallConfig, evaluate_recall, tuned_defaults
 from blip_toolkit.errors import InputError
-from blip_toolkit.eval.caption_eval import evaluate_caption
-from blip_toolkit.eval.evaluate import CaptionEvalConfig, RetrievalEvalConfig, VqaEvalConfig
-from blip_toolkit.eval.retrieval_eval import evaluate_retrieval
-from blip_toolkit.eval.vqa_eval import evaluate_vqa
+from blip_toolkit.jobs.eval_caption import evaluate_caption
+from blip_toolkit.jobs.eval_recall import RecallConfig, evaluate_recall, tuned_defaults
+from blip_toolkit.jobs.eval_retrieval import evaluate_retrieval
+from blip_toolkit.jobs.eval_vqa import evaluate_vqa
+from blip_toolkit.jobs.evaluate import CaptionEvalConfig, RetrievalEvalConfig, VqaEvalConfig
+from blip_toolkit.jobs.extract import extract_embeddings
+from blip_toolkit.jobs.extract_config import ExtractConfig
+from blip_toolkit.jobs.inference import OutputJob, run_to_file
+from blip_toolkit.jobs.predict import rank_texts
 from blip_toolkit.log import verbosity
+from blip_toolkit.models.loading import open_runner
+from blip_toolkit.models.scratch.checkpoints import ModelSize, build_checkpoint
 from blip_toolkit.pipeline.outputs import read_output
 from blip_toolkit.pipeline.sources import open_inputs
-from blip_toolkit.runtime.caption import CaptionOptions, caption_task
-from blip_toolkit.runtime.generation import GenerationOptions
-from blip_toolkit.runtime.inference import OutputJob, run_to_file
-from blip_toolkit.runtime.loading import open_runner
-from blip_toolkit.runtime.retrieval import RetrievalOptions, rank_texts
-from blip_toolkit.runtime.vqa import VqaOptions, vqa_task
-from blip_toolkit.scratch.checkpoints import ModelSize, build_checkpoint
+from blip_toolkit.predictors.caption import CaptionOptions, caption_task
+from blip_toolkit.predictors.generation import GenerationOptions
+from blip_toolkit.predictors.retrieval import RetrievalOptions
+from blip_toolkit.predictors.vqa import VqaOptions, vqa_task
 from blip_toolkit.training.config import FinetuneConfig
 from blip_toolkit.training.finetune import run_finetune
 

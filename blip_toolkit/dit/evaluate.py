@@ -12,7 +12,7 @@ from blip_toolkit.dit.normalize import TokenNormalizer
 from blip_toolkit.dit.solver import generate
 from blip_toolkit.embeddings.head import TargetHead
 from blip_toolkit.engine.seeding import mix_seed
-from blip_toolkit.eval.recall import mean_cosine, merge_identical_captions, retrieval_recall
+from blip_toolkit.metrics.recall import mean_cosine, merge_identical_captions, retrieval_recall
 
 
 @torch.no_grad()

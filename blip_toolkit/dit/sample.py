@@ -45,7 +45,7 @@ from blip_toolkit.engine.outputs import RunRecord, check_output_dir, check_outpu
 from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.fsutil import write_json
 from blip_toolkit.log import track
-from blip_toolkit.runtime.device import resolve_device
+from blip_toolkit.models.device import resolve_device
 
 logger = logging.getLogger("blip")
 

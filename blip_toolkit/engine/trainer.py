@@ -2,7 +2,7 @@
 
 `Trainer.run` reads top to bottom: seed, output directory and run record, resume point, the task's
 model, optimizer / schedule / EMA, resume, trackers, the loop, the export. A task subclasses
-`Trainer` and supplies only what is its own, the hooks of `TrainingTask` (engine/task.py): the model
+`Trainer` and supplies only what is its own, the hooks of `TrainingTask` (engine/hooks.py): the model
 (`build`), the micro-batches from a position (`micro_batches`), the loss (`loss`), the evaluation
 (`evaluate`), what else a checkpoint holds, and the export (`export`). Everything else is here, once: gradient accumulation and clipping on
 Accelerate, the learning-rate schedule, the EMA, metrics.jsonl and trackers, the NaN guard,
@@ -18,7 +18,7 @@ Run directory:
     DIR/<export files>       the final export, written file by file with config.json last
     DIR/trackers/            tensorboard / wandb files when `log_with` asks for them
 
-Exact resume: the data position is the number of micro-batches consumed (engine/task.py says what
+Exact resume: the data position is the number of micro-batches consumed (engine/hooks.py says what
 that asks of a task).
 """
 
@@ -38,6 +38,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from blip_toolkit.engine.checkpoint import CheckpointManager
+from blip_toolkit.engine.hooks import TrainingTask
 from blip_toolkit.engine.metrics import (
     METRICS_FILE,
     MetricsWriter,
@@ -57,7 +58,6 @@ from blip_toolkit.engine.outputs import (
 )
 from blip_toolkit.engine.run import LoopSettings
 from blip_toolkit.engine.seeding import seed_everything
-from blip_toolkit.engine.task import TrainingTask
 from blip_toolkit.fsutil import replace_dir, write_json
 
 logger = logging.getLogger("blip")

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from rich.live import Live
 
+from blip_toolkit.data.batching import equal_key_batches, read_ahead
 from blip_toolkit.data.images import ImageLoadError, open_image
 from blip_toolkit.errors import BlipError, UsageError
 from blip_toolkit.log import progress_enabled, stderr_console
@@ -42,7 +43,6 @@ from blip_toolkit.pipeline.resume import Offsets, ResumeState
 from blip_toolkit.pipeline.sources import Source, Unit
 from blip_toolkit.pipeline.staging import StagingFailed, mark_passed, wait_staged
 from blip_toolkit.pipeline.tars import SampleError
-from blip_toolkit.runtime.batching import equal_key_batches, read_ahead
 
 logger = logging.getLogger("blip")
 

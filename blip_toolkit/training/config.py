@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from blip_toolkit.config import MixedPrecision
+from blip_toolkit.config import MixedPrecision, setting
 from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
 from blip_toolkit.errors import UsageError
 
@@ -47,54 +47,93 @@ class FinetuneConfig:
     """Everything a fine-tuning run needs. Field names are the config-file keys; `--flag-name` is the
     field name with dashes. Invalid values raise UsageError (exit 2)."""
 
-    manifest: str = ""
-    task: Task | None = None  # required
-    model: str = ""
-    output_dir: str = ""
-    val_manifest: str | None = None
-    epochs: int = 3
-    max_steps: int | None = None  # optimizer steps; when set it decides the length instead of epochs
-    batch_size: int = 8  # per process
-    eval_batch_size: int | None = None  # default: batch_size
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # the cosine decays to learning_rate * this
-    max_length: int = 40  # text tokens (prompt + caption / answer, with special tokens)
-    grad_accum: int = 1
-    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    mixed_precision: MixedPrecision = "no"
-    num_workers: int = 0
-    seed: int = 0
-    freeze: list[str] | None = None  # None: the family's default; ["none"]: train everything
-    prompt: str | None = None  # caption: the text the caption continues (same as `blip caption --prompt`)
-    template: str = DEFAULT_TEMPLATE  # BLIP-2 VQA: the prompt around the question
-    temperature: float = 0.07  # retrieval: ITC softmax temperature (HF's ITM models have no learnable one)
-    label_smoothing: float = 0.0  # caption / VQA token loss (BLIP's original recipe uses 0.1)
-    # Training images only: shift each by a random whole number of pixels in [-N, N] along each axis
-    # (the uncovered border black), drawn per example and epoch from the seed. 0 = off. A translation
-    # keeps left and right (a flip would not) and every object in view for small N.
-    augment_shift: int = 0
-    max_new_tokens: int | None = None  # validation generation; default: max_length
-    rerank: int = 16  # retrieval validation: ITM re-ranks this many ITC candidates per image
-    save_every: int | None = None  # checkpoint + validate every N steps (default: each epoch)
-    keep_checkpoints: int = 2
-    log_every: int = 10  # console line every N steps (metrics.jsonl gets every step)
-    log_with: list[str] = field(default_factory=list)  # Accelerate trackers: tensorboard, wandb, ...
-    ema_decay: float = 0.0  # > 0: keep an EMA of the weights; it is what is validated and exported
-    skip_missing: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    cpu: bool = False  # force CPU even when a GPU is present
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    manifest: str = setting(
+        "", help="Training manifest (TSV, see docs/formats.md).", cli=False
+    )  # the argument
+    task: Task | None = setting(None, help="caption, vqa or retrieval (required).", flags=("-t",))
+    model: str = setting("", help="Checkpoint to start from: hub id or local directory.", flags=("-m",))
+    output_dir: str = setting("", help="Where the model, checkpoints and metrics go.", flags=("--out", "-o"))
+    val_manifest: str | None = setting(
+        None,
+        help="Validation manifest (same format): loss and accuracy / recall@1 each epoch; best model in DIR/best.",
+    )
+    epochs: int = setting(3, help="Passes over the data.")
+    max_steps: int | None = setting(
+        None, help="Stop after this many optimizer steps (overrides --epochs).", flags=("--steps",)
+    )
+    batch_size: int = setting(8, help="Examples per process per micro-batch.", flags=("-b",))
+    eval_batch_size: int | None = setting(None, help="Validation batch size (default: --batch-size).")
+    learning_rate: float = setting(1e-5, help="Peak AdamW learning rate.", flags=("--lr",))
+    weight_decay: float = setting(0.05, help="AdamW weight decay (not on biases and norms).")
+    warmup_steps: int = setting(0, help="Linear warmup steps, then cosine decay.")
+    min_lr_ratio: float = setting(0.0, help="The cosine decays to the learning rate times this.")
+    max_length: int = setting(40, help="Maximum text tokens (prompt + caption / answer).")
+    grad_accum: int = setting(1, help="Micro-batches per optimizer step.")
+    grad_clip: float = setting(1.0, help="Clip the gradient norm to this (0 = off).")
+    mixed_precision: MixedPrecision = setting("no", help="no, fp16 (GPU only) or bf16.")
+    num_workers: int = setting(0, help="DataLoader worker processes.")
+    seed: int = setting(0, help="Random seed (same seed = same weights on CPU).")
+    freeze: list[str] | None = setting(
+        None,
+        help="Parts kept frozen (repeat or comma-separate): vision, text, qformer, language-model, "
+        "projection, or none. Default: the family's usual choice.",
+    )
+    prompt: str | None = setting(
+        None, help="Caption: the text each caption continues; caption later with the same --prompt."
+    )
+    template: str = setting(DEFAULT_TEMPLATE, help="BLIP-2 VQA prompt; {} is the question.")
+    temperature: float = setting(
+        0.07, help="Retrieval: ITC softmax temperature (HF's ITM models have no learnable one)."
+    )
+    label_smoothing: float = setting(0.0, help="Caption / VQA token loss (BLIP's original recipe uses 0.1).")
+    # A translation keeps left and right (a flip would not) and every object in view for small N.
+    augment_shift: int = setting(
+        0,
+        help="Shift each training image by a random whole number of pixels in [-N, N] per axis "
+        "(border black), drawn per example and epoch from the seed; 0 = off.",
+    )
+    max_new_tokens: int | None = setting(None, help="Validation generation length (default: --max-length).")
+    rerank: int = setting(16, help="Retrieval validation: ITM re-ranks this many ITC candidates per image.")
+    save_every: int | None = setting(
+        None, help="Checkpoint and validate every N steps (default: each epoch)."
+    )
+    keep_checkpoints: int = setting(2, help="Checkpoints kept for --resume.")
+    log_every: int = setting(10, help="Console line every N steps (metrics.jsonl gets every step).")
+    log_with: list[str] = setting(
+        factory=list,
+        help="Experiment trackers through Accelerate (tensorboard, wandb, ...); repeat or comma-separate.",
+    )
+    ema_decay: float = setting(
+        0.0, help="> 0: keep an EMA of the weights; it is what is validated and exported."
+    )
+    skip_missing: bool = setting(
+        False, help="Skip manifest rows whose image is missing or unreadable (counted) instead of stopping."
+    )
+    resume: bool = setting(False, help="Continue from the last complete checkpoint in --output-dir.")
+    overwrite: bool = setting(False, help="Replace an existing output directory written by blip.")
+    cpu: bool = setting(False, help="Force CPU even when a GPU is present.")
+    max_pixels: int = setting(
+        DEFAULT_MAX_PIXELS, help="Refuse images with more pixels (decompression bombs)."
+    )
     # LoRA (peft): adapters of rank lora_r on lora_targets (module-name suffixes; None: the family's
     # attention projections, see training/lora.py), scaled by lora_alpha / lora_r; all else frozen.
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None
-    keep_adapter: bool = False  # also write the adapter alone (DIR/adapter/) beside the merged model
+    lora: bool = setting(
+        False,
+        help="LoRA (peft): train low-rank adapters on the attention projections, freeze everything else; "
+        "the output is the merged model. Needs the lora extra.",
+    )
+    lora_r: int = setting(8, help="LoRA rank.")
+    lora_alpha: float = setting(16.0, help="LoRA scale numerator (scale = alpha / r).")
+    lora_dropout: float = setting(0.05, help="Dropout on the LoRA input.")
+    lora_targets: list[str] | None = setting(
+        None,
+        help="Module-name suffixes that get adapters (repeat or comma-separate), e.g. q_proj,v_proj. "
+        "Default: the family's attention projections.",
+    )
+    keep_adapter: bool = setting(
+        False,
+        help="With --lora: also write the adapter alone to DIR/adapter (usable as --model on top of the base).",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -177,6 +216,8 @@ class FinetuneConfig:
             self.lora_alpha,
         )
         need(0 <= self.lora_dropout < 1, "--lora-dropout", "must be in [0, 1)", self.lora_dropout)
+        if self.freeze is not None:  # repeated or comma-separated on the command line
+            self.freeze = [p.strip() for item in self.freeze for p in item.split(",") if p.strip()]
         if self.lora_targets is not None:
             self.lora_targets = [
                 t.strip() for item in self.lora_targets for t in item.split(",") if t.strip()

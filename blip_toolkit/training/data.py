@@ -14,8 +14,8 @@ from PIL import Image
 
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image
 from blip_toolkit.engine.seeding import mix_seed
-from blip_toolkit.runtime.itm import itm_input_ids
-from blip_toolkit.runtime.vqa import format_question
+from blip_toolkit.models.itm import itm_input_ids
+from blip_toolkit.predictors.vqa import format_question
 
 logger = logging.getLogger("blip")
 
@@ -356,7 +356,7 @@ class Collator:
     # -- retrieval
 
     def _retrieval(self, images, examples) -> dict[str, Any]:
-        # As runtime/retrieval.py scores: pixels from the processor, text from the (BERT) tokenizer
+        # As predictors/retrieval.py scores: pixels from the processor, text from the (BERT) tokenizer
         # without <image> placeholders (the Q-Former text path takes plain text).
         pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
         text = self.tokenizer(

@@ -27,7 +27,7 @@ from blip_toolkit.config import build_config, load_config_file
 from blip_toolkit.engine.run import LoopSettings, train
 from blip_toolkit.training.config import ALIASES, FinetuneConfig
 from blip_toolkit.training.inputs import check_inputs
-from blip_toolkit.training.task import FinetuneResult, FinetuneTrainer
+from blip_toolkit.training.trainer import FinetuneResult, FinetuneTrainer
 
 
 def load_finetune_config(

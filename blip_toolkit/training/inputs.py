@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blip_toolkit.data.batching import check_text
 from blip_toolkit.data.manifests import MAX_REPORTED, SCHEMAS, Manifest, ManifestError, read_manifest
 from blip_toolkit.engine.accelerate import check_mixed_precision
 from blip_toolkit.engine.metrics import check_trackers
 from blip_toolkit.engine.outputs import check_output_dir
 from blip_toolkit.errors import InputError, UsageError
-from blip_toolkit.runtime.batching import check_text
-from blip_toolkit.runtime.generation import forbidden_tokens
-from blip_toolkit.runtime.loading import Family, LoadedModel, inspect_source, load_processor, require_extra
+from blip_toolkit.models.loading import Family, LoadedModel, inspect_source, load_processor, require_extra
+from blip_toolkit.predictors.generation import forbidden_tokens
 from blip_toolkit.training.config import RUN_KIND, TASKS, FinetuneConfig, check_required
 from blip_toolkit.training.lora import resolve_targets
 from blip_toolkit.training.modules import check_trainable, resolve_frozen

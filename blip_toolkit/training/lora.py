@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from blip_toolkit.errors import UsageError
-from blip_toolkit.runtime.loading import require_extra
+from blip_toolkit.models.loading import require_extra
 
 logger = logging.getLogger("blip")
 

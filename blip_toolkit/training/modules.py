@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_toolkit.errors import TaskNotSupportedError, UsageError
-from blip_toolkit.runtime.itm import ITM_OPS
+from blip_toolkit.models.itm import ITM_OPS
 from blip_toolkit.training.data import IGNORE
 
 logger = logging.getLogger("blip")

@@ -1,6 +1,6 @@
 """Validation metrics of fine-tuning, computed with the code the commands use: greedy generation
-through runtime/generation.py (`blip caption` / `blip vqa`) and ITC + ITM re-ranking through the one
-scorer of runtime/itm.py (`blip retrieval`)."""
+through predictors/generation.py (`blip caption` / `blip vqa`) and ITC + ITM re-ranking through the one
+scorer of models/itm.py (`blip retrieval`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from blip_toolkit.runtime.generation import GenerationOptions, generate, prompt_length
-from blip_toolkit.runtime.itm import ITM_OPS, itm_input_ids
-from blip_toolkit.runtime.loading import LoadedModel
+from blip_toolkit.models.itm import ITM_OPS, itm_input_ids
+from blip_toolkit.models.loading import LoadedModel
+from blip_toolkit.predictors.generation import GenerationOptions, generate, prompt_length
 from blip_toolkit.training.data import Example, normalize_text
 
 
@@ -39,7 +39,7 @@ def generated_texts(
     batch_size: int,
     device,
 ) -> list[str]:
-    """Greedy generation with the same code as `blip caption` / `blip vqa` (runtime/generation.py),
+    """Greedy generation with the same code as `blip caption` / `blip vqa` (predictors/generation.py),
     in batches of equal prompt token length (so no prompt padding changes the output)."""
     loaded = _loaded(model, processor, family, device)
     options = GenerationOptions(max_new_tokens=max_new_tokens)

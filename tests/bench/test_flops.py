@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import _flops  # noqa: E402
 
-from blip_toolkit.runtime.itm import BlipItmOps  # noqa: E402
+from blip_toolkit.models.itm import BlipItmOps  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,6 @@ def test_mistakes_in_a_declaration_are_caught():
         options(Decoding, max_tokens=3)
 
     with pytest.raises(TypeError, match="two options named"):
-
         # b's num_beams clashes with a's, and its prefixed name with the command's own parameter
         @derived(a=options(Decoding), b=options(Decoding, only=("num_beams",)))
         def run(*, a, b, b__num_beams=None) -> None: ...

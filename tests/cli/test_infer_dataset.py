@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from blip_toolkit.jobs import inference as inference_module
 from blip_toolkit.pipeline import run as run_module
 from blip_toolkit.pipeline.journal import JournalSink, journal_files
 from blip_toolkit.pipeline.outputs import read_output
 from blip_toolkit.pipeline.outputs import run_directory as sidecar
-from blip_toolkit.runtime import inference as inference_module
+from tests.builders.wds import photo_tars, write_tar
 
 from ..launch import cpu_env, run_blip
-from ..runtime.wds import photo_tars, write_tar
 
 GEN = ["--max-new-tokens", "5"]
 
@@ -210,11 +210,11 @@ class _Rank:
 def test_two_ranks_split_by_shard_merge_in_input_order(tiny_models, tars, tmp_path, monkeypatch, one_thread):
     """Two ranks (threads with a barrier) over 3 tars: rank 0 does tars 0 and 2, rank 1 tar 1; process
     0 merges them into what one process writes."""
+    from blip_toolkit.jobs.inference import OutputJob, infer_to_file
+    from blip_toolkit.models.loading import open_runner
     from blip_toolkit.pipeline.sources import open_inputs
-    from blip_toolkit.runtime.caption import CaptionOptions, caption_task
-    from blip_toolkit.runtime.generation import GenerationOptions
-    from blip_toolkit.runtime.inference import OutputJob, infer_to_file
-    from blip_toolkit.runtime.loading import open_runner
+    from blip_toolkit.predictors.caption import CaptionOptions, caption_task
+    from blip_toolkit.predictors.generation import GenerationOptions
 
     options = CaptionOptions(batch_size=2, generation=GenerationOptions(max_new_tokens=5), num_workers=0)
     source = open_inputs([str(t) for t in tars])

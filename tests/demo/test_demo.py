@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from blip_toolkit.demo.data import digits_in
-from blip_toolkit.eval.vqa_accuracy import exact_match
+from blip_toolkit.metrics.vqa_accuracy import exact_match
 
 # What `blip demo --quick` measured here (seed 0), for the record; the floors are what is asserted.
 # Caption, VQA and retrieval gave the same numbers on one thread and on two; generated_r1 is with the

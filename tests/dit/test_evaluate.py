@@ -12,7 +12,7 @@ from blip_toolkit.dit.evaluate import evaluate_dit
 from blip_toolkit.dit.model import DiT
 from blip_toolkit.dit.normalize import TokenNormalizer
 from blip_toolkit.embeddings.head import TargetHead
-from blip_toolkit.eval.recall import mean_cosine
+from blip_toolkit.metrics.recall import mean_cosine
 
 DT, DC, M = 16, 8, 16
 

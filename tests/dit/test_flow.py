@@ -224,7 +224,7 @@ def test_contrastive_positive_is_what_eval_recall_calls_gt_pooled(tmp_path):
     tokens, computed as eval-recall computes its gt-pooled feature (`TargetHead.embed`), and the
     prediction side is the same head of the decoded prediction, as `blip sample` writes "global"."""
     from blip_toolkit.embeddings.shard_reader import EmbeddingShards
-    from blip_toolkit.testing.embeddings import write_embeddings
+    from tests.builders.embeddings import write_embeddings
 
     shards = EmbeddingShards(write_embeddings(tmp_path / "emb", samples=6, shard_size=6, dtype=torch.float32))
     head = shards.head()

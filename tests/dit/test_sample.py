@@ -311,7 +311,7 @@ def test_eval_recall_scores_a_sweep_and_sets_the_run_default(cli, run, emb, tmp_
     documented rule; --update-run makes it the run's sampling default, which blip sample then uses."""
     import shutil
 
-    from blip_toolkit.embeddings.recall_report import best_setting
+    from blip_toolkit.jobs.eval_recall import best_setting
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)

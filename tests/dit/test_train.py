@@ -15,7 +15,7 @@ from blip_toolkit.dit.train import run_train_dit
 from blip_toolkit.embeddings.generated import read_generated
 from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.errors import OutputExistsError, UsageError
-from blip_toolkit.eval.recall import mean_cosine, retrieval_recall
+from blip_toolkit.metrics.recall import mean_cosine, retrieval_recall
 
 from .conftest import cli_args, tiny_config
 
@@ -393,7 +393,7 @@ def test_est_recall_treats_identical_captions_as_one_text(cli, tmp_path):
     same samples, an independent implementation (4 texts, not 8 caption rows). With real encoders the
     rows of one string have identical embeddings, so scored per row they would tie, and recall's
     pessimistic tie rule would count every image a miss."""
-    from blip_toolkit.testing.embeddings import write_embeddings
+    from tests.builders.embeddings import write_embeddings
 
     emb = write_embeddings(
         tmp_path / "emb", samples=24, shard_size=8, caption_text=lambda image, c: f"class {image % 4}"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-# Captions the tiny tokenizers can spell (see blip_toolkit.scratch.tokenizers.DEFAULT_CORPUS).
+# Captions the tiny tokenizers can spell (see blip_toolkit.models.scratch.tokenizers.DEFAULT_CORPUS).
 CAPTIONS = {
     "astronaut.jpg": ["a photo of a cat", "a man riding a bike down a street"],
     "cat.jpg": ["a photo of a cat", "two cats laying on a couch"],
@@ -35,7 +35,7 @@ def enc(tiny_models, tmp_path_factory) -> dict[str, Path]:
     from transformers import SiglipConfig, SiglipModel, SiglipProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    from blip_toolkit.scratch import tokenizers as toks
+    from blip_toolkit.models.scratch import tokenizers as toks
 
     out = tmp_path_factory.mktemp("siglip")
     tokenizer = toks.clip_tokenizer(None)
@@ -162,8 +162,8 @@ def wds_expected_captions(sample_images) -> list[list[str]]:
 def reference_run(enc, photo_tsv, tmp_path_factory) -> Path:
     """One float32 extraction (TSV source, cls+patch, no pooling, shard size 3, batch 2), reused by
     the reader and eval tests."""
-    from blip_toolkit.embeddings.extract import extract_embeddings
-    from blip_toolkit.embeddings.extract_config import ExtractConfig
+    from blip_toolkit.jobs.extract import extract_embeddings
+    from blip_toolkit.jobs.extract_config import ExtractConfig
 
     out = tmp_path_factory.mktemp("ref") / "emb"
     extract_embeddings(

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from blip_toolkit.data.images import open_image
-from blip_toolkit.embeddings.adapter_base import TargetAdapter
-from blip_toolkit.embeddings.adapters import find_adapter, load_encoder
 from blip_toolkit.embeddings.head import TargetHead
 from blip_toolkit.errors import ModelLoadError, UsageError
+from blip_toolkit.models.adapter_base import TargetAdapter
+from blip_toolkit.models.adapters import find_adapter, load_encoder
 
 
 def _pixels(adapter, images):

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from blip_toolkit.embeddings.extract import extract_embeddings
-from blip_toolkit.embeddings.extract_config import ExtractConfig
-from blip_toolkit.embeddings.preprocess import Preprocess, center_square, square_coverage
 from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.errors import UsageError
+from blip_toolkit.jobs.extract import extract_embeddings
+from blip_toolkit.jobs.extract_config import ExtractConfig
+from blip_toolkit.jobs.extract_preprocess import Preprocess, center_square, square_coverage
 
 WIDTH, HEIGHT = 240, 90  # 8:3, far from square
 
@@ -76,7 +76,7 @@ def hub_processors():
 
 def tiny_processors(enc):
     """The processors extraction loads for the tiny BLIP-2 and CLIP checkpoints (32 px, 8 px patches)."""
-    from blip_toolkit.embeddings.adapters import load_encoder
+    from blip_toolkit.models.adapters import load_encoder
 
     cond = load_encoder(str(enc["blip2-opt"]), "cond")
     target = load_encoder(str(enc["clip"]), "target")

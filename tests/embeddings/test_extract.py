@@ -10,9 +10,9 @@ import torch
 from torch.nn import functional as F
 
 from blip_toolkit.data.images import open_image
-from blip_toolkit.embeddings.extract import extract_embeddings
-from blip_toolkit.embeddings.extract_config import ExtractConfig
 from blip_toolkit.embeddings.shard_reader import EmbeddingShards
+from blip_toolkit.jobs.extract import extract_embeddings
+from blip_toolkit.jobs.extract_config import ExtractConfig
 
 from .conftest import CAPTIONS, wds_expected_captions, write_tar
 

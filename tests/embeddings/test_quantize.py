@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from blip_toolkit.embeddings.adapters import load_encoder
 from blip_toolkit.embeddings.shard_reader import EmbeddingShards
+from blip_toolkit.models.adapters import load_encoder
 
 
 def test_quantized_encoders_keep_the_target_head_in_float(enc, sample_images):

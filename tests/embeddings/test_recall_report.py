@@ -10,10 +10,10 @@ import torch
 
 from blip_toolkit.config import parse_bytes
 from blip_toolkit.embeddings.generated import write_generated
-from blip_toolkit.embeddings.recall_report import RecallConfig, evaluate_recall
 from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.embeddings.shards import write_shard
-from blip_toolkit.eval.recall import mean_cosine, retrieval_recall
+from blip_toolkit.jobs.eval_recall import RecallConfig, evaluate_recall
+from blip_toolkit.metrics.recall import mean_cosine, retrieval_recall
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from blip_toolkit.jobs import inference as inference_module
 from blip_toolkit.pipeline.journal import journal_files
 from blip_toolkit.pipeline.outputs import read_output, run_directory
-from blip_toolkit.runtime import inference as inference_module
 
 GEN = ["--max-new-tokens", "5", "--batch-size", "2", "--num-workers", "0"]
 

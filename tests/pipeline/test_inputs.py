@@ -15,9 +15,9 @@ import pytest
 
 from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.pipeline.outputs import read_output, run_directory
+from tests.builders.wds import write_tar
 
 from ..embeddings.conftest import CAPTIONS
-from ..runtime.wds import write_tar
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

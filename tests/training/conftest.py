@@ -20,7 +20,7 @@ def _one_thread(one_thread):
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(kind, **size) -> path of a small checkpoint built once per session for that key."""
-    from blip_toolkit.testing import ModelSize, build_checkpoint
+    from tests.builders import ModelSize, build_checkpoint
 
     root = tmp_path_factory.mktemp("finetune-models")
     cache: dict[tuple, Path] = {}

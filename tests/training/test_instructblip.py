@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from blip_toolkit.data.images import open_image
-from blip_toolkit.runtime.loading import DEFAULT_INSTRUCTION, load_model
+from blip_toolkit.models.loading import DEFAULT_INSTRUCTION, load_model
 from blip_toolkit.training.config import FinetuneConfig
 from blip_toolkit.training.data import Collator, make_examples
 from blip_toolkit.training.finetune import run_finetune

@@ -161,7 +161,7 @@ def test_blip_itm_retrieval(cli, checkpoint, tmp_path):
 
 def validation_recall(path) -> float:
     from blip_toolkit.data.images import open_image
-    from blip_toolkit.runtime.loading import load_model
+    from blip_toolkit.models.loading import load_model
     from blip_toolkit.training.data import make_examples
     from blip_toolkit.training.validation import recall_at_1
 

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from blip_toolkit.data.images import InputItem
-from blip_toolkit.runtime.caption import CaptionOptions, caption_images
-from blip_toolkit.runtime.generation import GenerationOptions
-from blip_toolkit.runtime.loading import load_model, open_runner, resolve_source
+from blip_toolkit.jobs.predict import caption_images
+from blip_toolkit.models.loading import load_model, open_runner, resolve_source
+from blip_toolkit.predictors.caption import CaptionOptions
+from blip_toolkit.predictors.generation import GenerationOptions
 from blip_toolkit.training.config import FinetuneConfig
 from blip_toolkit.training.finetune import run_finetune
 from blip_toolkit.training.lora import (
@@ -207,7 +208,7 @@ def test_unknown_targets_are_one_usage_line(cli, checkpoint, tmp_path):
 
 
 def test_default_targets_cover_every_family(checkpoint):
-    from blip_toolkit.runtime.loading import FAMILIES
+    from blip_toolkit.models.loading import FAMILIES
     from blip_toolkit.training.modules import TRAINABLE
 
     trainable = {name for names in TRAINABLE.values() for name in names}

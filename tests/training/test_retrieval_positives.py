@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
-from blip_toolkit.runtime.itm import ITM_OPS, itm_input_ids
-from blip_toolkit.runtime.loading import FAMILIES
+from blip_toolkit.models.itm import ITM_OPS, itm_input_ids
+from blip_toolkit.models.loading import FAMILIES
 from blip_toolkit.training.data import make_examples
 from blip_toolkit.training.modules import build_module, retrieval_positives
 
