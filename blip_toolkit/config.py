@@ -37,14 +37,16 @@ def setting(
     *,
     help: str = "",
     flags: tuple[str, ...] = (),
+    flag: str | None = None,
     factory: Any = dataclasses.MISSING,
     cli: bool = True,
     **typer: Any,
 ) -> Any:
     """A config field with what the command line derives from it (cli/derive.py): the option's help,
-    extra spellings (`flags`, e.g. an old `--lr`), Typer keywords, or `cli=False` for a file-only key.
+    its name when it is not `--field-name` (`flag`), extra spellings (`flags`, e.g. an old `--lr`), Typer
+    keywords, or `cli=False` for a file-only key.
     The field is the setting's one home: config-file key, `--set` key and `--flag-name` all come from it."""
-    metadata = {"help": help, "flags": flags, "cli": cli, "typer": typer}
+    metadata = {"help": help, "flag": flag, "flags": flags, "cli": cli, "typer": typer}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -133,10 +135,28 @@ def _rename_aliases(data: dict[str, Any], aliases: dict[str, str], source: str) 
         node[new_leaf] = node.pop(leaf)
 
 
+def fields_own_first(cls: type) -> list[dataclasses.Field]:
+    """The dataclass fields of `cls`, those it declares first, then those it inherits (a trainer's
+    own settings before the training loop's): the order of --help and of a dumped config."""
+    inherited = {name for base in cls.__mro__[1:] for name in getattr(base, "__dataclass_fields__", {})}
+    own = set(vars(cls).get("__annotations__", {})) - inherited
+    return sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)
+
+
+def _as_dict_own_first(config: Any) -> dict[str, Any]:
+    return {
+        f.name: _as_dict_own_first(value)
+        if dataclasses.is_dataclass(value)
+        else dataclasses.asdict(config)[f.name]
+        for f in fields_own_first(type(config))
+        for value in [getattr(config, f.name)]
+    }
+
+
 def dump_config(config: Any, fmt: str = "toml") -> str:
     """A dataclass config as TOML (None values become comments: unset means the default) or JSON.
     Either parses back to the same config with `build_config`."""
-    data = dataclasses.asdict(config)
+    data = _as_dict_own_first(config)
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"
     lines = ["# blip config; unset keys are commented out"]

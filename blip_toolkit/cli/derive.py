@@ -30,6 +30,8 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from blip_toolkit.config import fields_own_first
+
 
 @dataclass(frozen=True)
 class Group:
@@ -49,7 +51,7 @@ class Group:
     def fields(self) -> list[dataclasses.Field]:
         return [
             f
-            for f in dataclasses.fields(self.cls)
+            for f in fields_own_first(self.cls)
             if f.init
             and f.metadata.get("cli", True) is not False
             and (self.only is None or f.name in self.only)
@@ -79,6 +81,11 @@ def options(
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def primary_flag(f: dataclasses.Field) -> str:
+    """`--field-name`, or the field's own `metadata["flag"]` (`data.dir` is `--data`)."""
+    return f.metadata.get("flag") or flag(f.name)
 
 
 _CHOICES: dict[tuple, type] = {}
@@ -137,10 +144,10 @@ def _parameter(f: dataclasses.Field, group: Group, name: str) -> inspect.Paramet
     help_text = f.metadata.get("help", "")
     if group.given:  # no default on the flag ("not given"); the field's default shown in the help
         shown = _default(f, group)
-        if shown not in (dataclasses.MISSING, None, [], (), "", False):
+        if shown is not False and shown not in (dataclasses.MISSING, None, [], (), ""):
             help_text = f"{help_text} \\[default: {_unwrap(shown)}]".strip()
     option = typer.Option(
-        flag(f.name),
+        primary_flag(f),
         *f.metadata.get("flags", ()),
         help=help_text,
         show_default=not group.given,
@@ -178,7 +185,7 @@ def derived(**groups: Group) -> Callable:
                 taken.add(parameter)
                 generated.append(_parameter(f, group, parameter))
                 sources[parameter] = (group_name, f.name)
-                flags[flag(f.name)] = f"{group.cls.__name__}.{f.name}"
+                flags[primary_flag(f)] = f"{group.cls.__name__}.{f.name}"
 
         def run(**kwargs):
             built: dict[str, Any] = {}

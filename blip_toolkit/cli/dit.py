@@ -7,18 +7,17 @@ from typing import Annotated
 
 import typer
 
+from blip_toolkit.cli.derive import derived, options
 from blip_toolkit.cli.options import (
     FormatOpt,
-    LogWithOpt,
-    MixedPrecision,
     OutputFormat,
     PrintConfigOpt,
     SetOpt,
     choice_enum,
     unset_option,
 )
-from blip_toolkit.dit.config import SOLVERS, SPLITS
-from blip_toolkit.dit.train_config import TrainDiTConfig
+from blip_toolkit.dit.config import SOLVERS, SPLITS, DiTConfig
+from blip_toolkit.dit.train_config import DataConfig, EvalConfig, TrainConfig, TrainDiTConfig
 
 # Defaults for the help text (the flags themselves default to None = "not given", so a config file
 # value is not overridden by a default). The config modules import no torch.
@@ -27,7 +26,20 @@ Solver = choice_enum("Solver", SOLVERS)
 Split = choice_enum("Split", SPLITS)
 
 
+@derived(
+    run=options(TrainDiTConfig, only=("output_dir", "resume", "overwrite"), given=True),
+    data=options(DataConfig, only=("dir", "overfit"), section="data", given=True),
+    model=options(DiTConfig, only=("preset",), section="model", given=True),
+    train=options(TrainConfig, section="train", given=True),
+    eval=options(EvalConfig, only=("every",), section="eval", given=True),
+)
 def train_dit(
+    *,
+    run: dict,
+    data: dict,
+    model: dict,
+    train: dict,
+    eval: dict,
     config: Annotated[
         Path | None,
         unset_option(
@@ -37,106 +49,7 @@ def train_dit(
             dir_okay=False,
         ),
     ] = None,
-    data: Annotated[
-        Path | None,
-        unset_option(
-            "--data",
-            "-d",
-            help="Embeddings directory (extract-embeddings --out). = data.dir",
-            file_okay=False,
-        ),
-    ] = None,
-    output_dir: Annotated[
-        Path | None,
-        unset_option(
-            "--output-dir",
-            "--out",
-            "-o",
-            help="Run directory (checkpoints, metrics, final model). = output_dir",
-            file_okay=False,
-        ),
-    ] = None,
-    preset: Annotated[
-        str | None,
-        unset_option(
-            "--preset",
-            help=f"DiT size: tiny, small, base or large. = model.preset \\[default: {_D.model.preset}]",
-        ),
-    ] = None,
-    max_steps: Annotated[
-        int | None,
-        unset_option(
-            "--max-steps",
-            "--steps",
-            help=f"Optimizer steps. = train.max_steps \\[default: {_D.train.max_steps}]",
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        unset_option(
-            "--batch-size",
-            "-b",
-            help=f"GLOBAL batch per micro-step, split across processes. = train.batch_size \\[default: {_D.train.batch_size}]",
-        ),
-    ] = None,
-    learning_rate: Annotated[
-        float | None,
-        unset_option(
-            "--learning-rate",
-            "--lr",
-            help=f"Peak AdamW learning rate (warmup, then cosine). = train.learning_rate \\[default: {_D.train.learning_rate:g}]",
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None,
-        unset_option(
-            "--seed",
-            help=f"Seed of the weights, data order and noise. = train.seed \\[default: {_D.train.seed}]",
-        ),
-    ] = None,
-    eval_every: Annotated[
-        int | None,
-        unset_option(
-            "--eval-every",
-            help=f"Held-out metrics every N steps and at the end (0 = never). = eval.every \\[default: {_D.eval.every}]",
-        ),
-    ] = None,
-    save_every: Annotated[
-        int | None,
-        unset_option(
-            "--save-every",
-            help=f"Checkpoint every N steps (0 = at the end only). = train.save_every \\[default: {_D.train.save_every}]",
-        ),
-    ] = None,
-    mixed_precision: Annotated[
-        MixedPrecision | None,
-        unset_option(
-            "--mixed-precision",
-            help=f"no, bf16 or fp16 (GPU only). = train.mixed_precision \\[default: {_D.train.mixed_precision}]",
-        ),
-    ] = None,
-    grad_accum: Annotated[
-        int | None,
-        unset_option(
-            "--grad-accum",
-            help=f"Micro-batches per optimizer step. = train.grad_accum \\[default: {_D.train.grad_accum}]",
-        ),
-    ] = None,
-    log_with: LogWithOpt = None,
-    overfit: Annotated[
-        int | None,
-        unset_option(
-            "--overfit",
-            help="Train on the first N images only and evaluate on them (a sanity check). = data.overfit",
-        ),
-    ] = None,
     set_: SetOpt = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its last complete checkpoint.")
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing run directory written by blip.")
-    ] = False,
     print_config: PrintConfigOpt = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
@@ -161,27 +74,9 @@ def train_dit(
     from blip_toolkit.dit.train import run_train_dit
     from blip_toolkit.dit.train_config import load_train_config
 
-    flags = {
-        "data.dir": str(data) if data is not None else None,
-        "output_dir": str(output_dir) if output_dir is not None else None,
-        "model.preset": preset,
-        "train.max_steps": max_steps,
-        "train.batch_size": batch_size,
-        "train.learning_rate": learning_rate,
-        "train.seed": seed,
-        "eval.every": eval_every,
-        "train.save_every": save_every,
-        "train.mixed_precision": mixed_precision.value if mixed_precision is not None else None,
-        "train.grad_accum": grad_accum,
-        "train.log_with": log_with,
-        "data.overfit": overfit,
-        # False = not given: a config file's `true` stays.
-        "resume": resume or None,
-        "overwrite": overwrite or None,
-    }
     run_training_command(
         lambda overrides: load_train_config(config, overrides),
-        flags,
+        {**run, **data, **model, **train, **eval},
         set_,
         print_config=print_config,
         fmt=fmt,

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from blip_toolkit.config import build_config
+from blip_toolkit.config import build_config, setting
 from blip_toolkit.errors import ConfigError
 
 # Size presets. head_dim is 64 everywhere (the width SDPA kernels are tuned for). The number of
@@ -63,7 +63,7 @@ class DiTConfig:
         conditioning grid mapped onto the target grid) when both sequences are grids.
     """
 
-    preset: str = "small"
+    preset: str = setting("small", help="DiT size: tiny, small, base or large.")
     target_dim: int = 0
     cond_dim: int = 0
     num_tokens: int = 0

@@ -58,7 +58,8 @@ from blip_toolkit.dit.train_config import RESUME_FREE, RUN_KIND, TrainDiTConfig
 from blip_toolkit.dit.train_inputs import DiTInputs, check_inputs, describe_split
 from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.engine.metrics import count_label
-from blip_toolkit.engine.run import LoopSettings, RunSummary, train
+from blip_toolkit.engine.run import RunSummary, train
+from blip_toolkit.engine.settings import RunPlace
 from blip_toolkit.engine.trainer import Trainer
 from blip_toolkit.errors import TrainingError, UsageError
 from blip_toolkit.fsutil import write_json
@@ -97,41 +98,27 @@ def run_train_dit(
     "path"}. An exception raised by the callback stops the run (the last complete checkpoint stays
     usable with `resume`). A NaN or Inf loss stops it with a TrainingError naming the step."""
     inputs = check_inputs(config)
-    settings = loop_settings(config, log_with=inputs.log_with)
+    place = run_place(config, inputs.log_with)
     # Which parameters get a gradient varies from batch to batch: the learned null condition only when
     # some sample of this process's batch had its condition dropped, the conditioning projections only
     # when some sample kept it. DDP waits forever for a gradient that never comes unless it looks for
     # unused parameters (a walk of the autograd graph per step, small next to a DiT step).
     return train(
-        lambda accelerator: DiTTrainer(config, inputs, settings, accelerator, callback),
-        settings,
+        lambda accelerator: DiTTrainer(config, inputs, place, accelerator, callback),
+        config.train,
+        place,
         find_unused_parameters=True,
     )
 
 
-def loop_settings(config: TrainDiTConfig, *, log_with: list | None = None) -> LoopSettings:
-    t = config.train
-    return LoopSettings(
+def run_place(config: TrainDiTConfig, trackers: list[str]) -> RunPlace:
+    return RunPlace(
         output_dir=config.output_dir,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
-        min_lr_ratio=t.min_lr_ratio,
-        betas=(t.beta1, t.beta2),
-        grad_accum=t.grad_accum,
-        grad_clip=t.grad_clip,
-        ema_decay=t.ema_decay,
-        eval_ema=config.eval.ema,
-        seed=t.seed,
-        mixed_precision=t.mixed_precision,
-        cpu=t.cpu,
-        log_every=t.log_every,
-        eval_every=config.eval.every,
-        save_every=t.save_every,
-        keep_checkpoints=t.keep_checkpoints,
-        log_with=log_with if log_with is not None else t.log_with,
         resume=config.resume,
         overwrite=config.overwrite,
+        eval_every=config.eval.every,
+        eval_ema=config.eval.ema,
+        trackers=trackers,
     )
 
 
@@ -143,10 +130,8 @@ class DiTTrainer(Trainer):
     resume_free = RESUME_FREE
     nan_hint = "lower --learning-rate, keep train.grad_clip on, check the embeddings for NaN, or use bf16 instead of fp16"
 
-    def __init__(
-        self, config: TrainDiTConfig, inputs: DiTInputs, settings: LoopSettings, accelerator, callback
-    ):
-        super().__init__(settings, accelerator, callback)
+    def __init__(self, config: TrainDiTConfig, inputs: DiTInputs, place: RunPlace, accelerator, callback):
+        super().__init__(config.train, place, accelerator, callback)  # [train] is the loop's settings
         self.config = config
         self.inputs = inputs
         self.shards = inputs.shards

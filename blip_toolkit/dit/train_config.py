@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blip_toolkit.config import MixedPrecision, build_config, load_config_file
+from blip_toolkit.config import build_config, load_config_file, setting
 from blip_toolkit.dit.config import DiTConfig, FlowConfig, SolverName
 from blip_toolkit.embeddings.format import VerifyMode
+from blip_toolkit.engine.settings import LoopSettings, default_of
 from blip_toolkit.errors import ConfigError
 
 RUN_KIND = "blip-train-dit"
@@ -58,11 +59,13 @@ class DataConfig:
     memory-mapped at once. stats_samples: images used to fit the target normaliser (0 = every
     training image). verify: shard checksums checked lazily (on first read), on open, or not at all."""
 
-    dir: str = ""
+    dir: str = setting(
+        "", help="Embeddings directory (extract-embeddings --out).", flag="--data", flags=("-d",)
+    )
     eval_shards: int = 0
     eval_fraction: float | None = None  # None: DEFAULT_EVAL_FRACTION unless eval_shards is set
     split_seed: int = 0
-    overfit: int = 0
+    overfit: int = setting(0, help="Train on the first N images only and evaluate on them (a sanity check).")
     shuffle_buffer: int = 10_000
     num_workers: int = 0
     max_open_shards: int = 4
@@ -87,37 +90,18 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """[train]: optimisation.
+class TrainConfig(LoopSettings):
+    """[train]: the training loop's settings (engine/settings.py, shared with `blip finetune`) and the
+    run's length and batch: max_steps optimizer steps of a GLOBAL micro-batch of batch_size (split
+    evenly across processes; the optimizer sees batch_size x grad_accum samples per step). Defaults
+    suited to a DiT: warmup, an EMA, a checkpoint every 1000 steps."""
 
-    max_steps: optimizer steps. batch_size: the GLOBAL micro-batch (split evenly across processes; the
-    optimizer sees batch_size x grad_accum samples per step). learning_rate: peak AdamW learning rate, reached
-    after warmup_steps (linear), then a cosine down to lr x min_lr_ratio at `steps`. grad_clip: max
-    gradient norm (0 = off). ema_decay: decay of the float32 EMA of the weights, updated every optimizer
-    step; the effective decay is min(ema_decay, (1 + step) / (10 + step)), so early on the EMA follows
-    the weights instead of averaging in the random initialisation (0 = no EMA). log_every: a train record
-    (mean loss of the window) every N steps. save_every: checkpoint every N steps (0 = only at the end).
-    log_with: Accelerate trackers (tensorboard, wandb, ...; must be installed). cpu: train on CPU even
-    with a GPU."""
-
-    max_steps: int = 10_000
-    batch_size: int = 64
-    grad_accum: int = 1
-    learning_rate: float = 1e-4
-    min_lr_ratio: float = 0.0
-    warmup_steps: int = 200
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    seed: int = 0
-    mixed_precision: MixedPrecision = "no"
-    log_every: int = 50
-    save_every: int = 1000
-    keep_checkpoints: int = 2
-    log_with: list[str] = field(default_factory=list)
-    cpu: bool = False
+    max_steps: int = setting(10_000, help="Optimizer steps.", flags=("--steps",))
+    batch_size: int = setting(64, help="GLOBAL batch per micro-step, split across processes.", flags=("-b",))
+    warmup_steps: int = default_of(LoopSettings, "warmup_steps", 200)
+    ema_decay: float = default_of(LoopSettings, "ema_decay", 0.999)
+    log_every: int = default_of(LoopSettings, "log_every", 50)
+    save_every: int = default_of(LoopSettings, "save_every", 1000)
 
     def __post_init__(self) -> None:
         _need(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
@@ -159,7 +143,9 @@ class EvalConfig:
     est_r@1 (image-to-text recall@1 of the sampled globals among the held-out captions). ema: evaluate
     the EMA weights (what `blip sample` uses by default). seed: the noise (same as `sample --seed`)."""
 
-    every: int = 500
+    every: int = setting(
+        500, help="Held-out metrics every N steps and at the end (0 = never).", flag="--eval-every"
+    )
     max_samples: int = 256
     batch_size: int = 64
     steps: int = 10
@@ -207,9 +193,11 @@ class TrainDiTConfig:
     """Everything a train-dit run needs. Sections: [data], [model] (DiTConfig), [flow] (FlowConfig),
     [train], [eval], [sample]; `output_dir`, `resume` and `overwrite` at the top level."""
 
-    output_dir: str = ""
-    resume: bool = False
-    overwrite: bool = False
+    output_dir: str = setting(
+        "", help="Run directory (checkpoints, metrics, final model).", flags=("--out", "-o")
+    )
+    resume: bool = setting(False, help="Continue the run in --out from its last complete checkpoint.")
+    overwrite: bool = setting(False, help="Replace an existing run directory written by blip.")
     data: DataConfig = field(default_factory=DataConfig)
     model: DiTConfig = field(default_factory=DiTConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)

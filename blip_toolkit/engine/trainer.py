@@ -56,8 +56,8 @@ from blip_toolkit.engine.outputs import (
     prepare_output_dir,
     publish_files,
 )
-from blip_toolkit.engine.run import LoopSettings
 from blip_toolkit.engine.seeding import seed_everything
+from blip_toolkit.engine.settings import LoopSettings, RunPlace
 from blip_toolkit.fsutil import replace_dir, write_json
 
 logger = logging.getLogger("blip")
@@ -86,13 +86,15 @@ class Trainer(TrainingTask):
     def __init__(
         self,
         settings: LoopSettings,
+        place: RunPlace,
         accelerator: Accelerator,
         callback: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.settings = settings
+        self.place = place
         self.accelerator = accelerator
         self.callback = callback
-        self.out = Path(settings.output_dir)
+        self.out = Path(place.output_dir)
         self.main = accelerator.is_main_process
         self.record = RunRecord(self.out, self.kind, enabled=self.main)
         self.metrics = MetricsWriter(self.out / METRICS_FILE, enabled=self.main)
@@ -134,7 +136,7 @@ class Trainer(TrainingTask):
             self.record.fail(exc, failed_at_step=self.step, last_checkpoint_step=self.last_checkpoint_step)
             raise
         finally:
-            if self.settings.log_with:
+            if self.place.trackers:
                 try:
                     self.accelerator.end_training()
                 except Exception:  # noqa: BLE001 - a tracker failing to close must not hide the run's error
@@ -143,15 +145,14 @@ class Trainer(TrainingTask):
         return self.result(time.perf_counter() - started)
 
     def _prepare_output(self) -> None:
-        settings = self.settings
         check_output_dir(
             self.out,
-            overwrite=settings.overwrite,
-            resume=settings.resume,
+            overwrite=self.place.overwrite,
+            resume=self.place.resume,
             kind=self.kind,
             flag=self.output_flag,
         )
-        previous = self.record.read() if settings.resume else None
+        previous = self.record.read() if self.place.resume else None
         if previous is not None:
             self.check_previous_run(previous)
             check_resume_settings(
@@ -167,8 +168,8 @@ class Trainer(TrainingTask):
         if self.main:
             prepare_output_dir(
                 self.out,
-                overwrite=settings.overwrite,
-                resume=settings.resume,
+                overwrite=self.place.overwrite,
+                resume=self.place.resume,
                 kind=self.kind,
                 flag=self.output_flag,
             )
@@ -181,12 +182,12 @@ class Trainer(TrainingTask):
                 },
                 previous=previous,
             )
-            if not settings.resume:
+            if not self.place.resume:
                 self.metrics.path.unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
 
     def _find_checkpoint(self) -> Path | None:
-        if not self.settings.resume:
+        if not self.place.resume:
             return None
         if self.main:
             for path in self.checkpoints.clean_incomplete():
@@ -248,7 +249,7 @@ class Trainer(TrainingTask):
         logger.info("resumed from %s (step %d)", path, self.step)
 
     def _start_trackers(self) -> None:
-        if self.settings.log_with:
+        if self.place.trackers:
             self.accelerator.init_trackers(self.kind, config=tracker_config(flatten(self.config_record())))
 
     # ------------------------------------------------------------------------------------ the loop
@@ -291,11 +292,11 @@ class Trainer(TrainingTask):
             losses, samples, grad_norm = [], 0, None
             last = self.step >= self.total_steps
             evaluate = self.eval_enabled() and (
-                last or self._every(settings.eval_every) or (epoch_end and self.eval_at_epoch_end)
+                last or self._every(self.place.eval_every) or (epoch_end and self.eval_at_epoch_end)
             )
             save = (
                 last
-                or self._every(settings.save_every)
+                or self._every(settings.save_every or 0)
                 or (epoch_end and self.checkpoint_at_epoch_end and not settings.save_every)
             )
             if evaluate or save or last or self.step == 1 or self.step % settings.log_every == 0:
@@ -341,7 +342,7 @@ class Trainer(TrainingTask):
         self.metrics.write(record)
         if console:
             logger.info(metric_line(record, total_steps=self.total_steps))
-        if self.settings.log_with and record["type"] in ("train", "eval"):
+        if self.place.trackers and record["type"] in ("train", "eval"):
             self.accelerator.log(tracker_values(record), step=self.step)
         if self.callback is not None:
             self.callback(record)
@@ -351,7 +352,7 @@ class Trainer(TrainingTask):
     def eval_model(self) -> nn.Module:
         """What is evaluated and exported: the EMA weights when kept (and `eval_ema`), else the
         trained ones."""
-        if self.ema is not None and self.settings.eval_ema:
+        if self.ema is not None and self.place.eval_ema:
             return self.ema.module
         return self.accelerator.unwrap_model(self.model)
 

@@ -10,8 +10,9 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from blip_toolkit.config import MixedPrecision, setting
+from blip_toolkit.config import setting
 from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
+from blip_toolkit.engine.settings import LoopSettings, default_of
 from blip_toolkit.errors import UsageError
 
 RUN_KIND = "blip-finetune"
@@ -43,7 +44,7 @@ ALIASES = {"lr": "learning_rate", "out": "output_dir", "steps": "max_steps"}
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(LoopSettings):
     """Everything a fine-tuning run needs. Field names are the config-file keys; `--flag-name` is the
     field name with dashes. Invalid values raise UsageError (exit 2)."""
 
@@ -63,16 +64,10 @@ class FinetuneConfig:
     )
     batch_size: int = setting(8, help="Examples per process per micro-batch.", flags=("-b",))
     eval_batch_size: int | None = setting(None, help="Validation batch size (default: --batch-size).")
-    learning_rate: float = setting(1e-5, help="Peak AdamW learning rate.", flags=("--lr",))
-    weight_decay: float = setting(0.05, help="AdamW weight decay (not on biases and norms).")
-    warmup_steps: int = setting(0, help="Linear warmup steps, then cosine decay.")
-    min_lr_ratio: float = setting(0.0, help="The cosine decays to the learning rate times this.")
+    learning_rate: float = default_of(LoopSettings, "learning_rate", 1e-5)
+    weight_decay: float = default_of(LoopSettings, "weight_decay", 0.05)
     max_length: int = setting(40, help="Maximum text tokens (prompt + caption / answer).")
-    grad_accum: int = setting(1, help="Micro-batches per optimizer step.")
-    grad_clip: float = setting(1.0, help="Clip the gradient norm to this (0 = off).")
-    mixed_precision: MixedPrecision = setting("no", help="no, fp16 (GPU only) or bf16.")
     num_workers: int = setting(0, help="DataLoader worker processes.")
-    seed: int = setting(0, help="Random seed (same seed = same weights on CPU).")
     freeze: list[str] | None = setting(
         None,
         help="Parts kept frozen (repeat or comma-separate): vision, text, qformer, language-model, "
@@ -94,24 +89,12 @@ class FinetuneConfig:
     )
     max_new_tokens: int | None = setting(None, help="Validation generation length (default: --max-length).")
     rerank: int = setting(16, help="Retrieval validation: ITM re-ranks this many ITC candidates per image.")
-    save_every: int | None = setting(
-        None, help="Checkpoint and validate every N steps (default: each epoch)."
-    )
-    keep_checkpoints: int = setting(2, help="Checkpoints kept for --resume.")
-    log_every: int = setting(10, help="Console line every N steps (metrics.jsonl gets every step).")
-    log_with: list[str] = setting(
-        factory=list,
-        help="Experiment trackers through Accelerate (tensorboard, wandb, ...); repeat or comma-separate.",
-    )
-    ema_decay: float = setting(
-        0.0, help="> 0: keep an EMA of the weights; it is what is validated and exported."
-    )
+    save_every: int | None = default_of(LoopSettings, "save_every", None)
     skip_missing: bool = setting(
         False, help="Skip manifest rows whose image is missing or unreadable (counted) instead of stopping."
     )
     resume: bool = setting(False, help="Continue from the last complete checkpoint in --output-dir.")
     overwrite: bool = setting(False, help="Replace an existing output directory written by blip.")
-    cpu: bool = setting(False, help="Force CPU even when a GPU is present.")
     max_pixels: int = setting(
         DEFAULT_MAX_PIXELS, help="Refuse images with more pixels (decompression bombs)."
     )

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from blip_toolkit.config import build_config, load_config_file
-from blip_toolkit.engine.run import LoopSettings, train
+from blip_toolkit.engine.run import train
+from blip_toolkit.engine.settings import RunPlace
 from blip_toolkit.training.config import ALIASES, FinetuneConfig
 from blip_toolkit.training.inputs import check_inputs
 from blip_toolkit.training.trainer import FinetuneResult, FinetuneTrainer
@@ -55,36 +56,24 @@ def run_finetune(
     Deterministic for a seed on CPU: the same config gives the same weights, and an interrupted run
     continued with `resume=True` ends with the weights an uninterrupted run ends with."""
     inputs = check_inputs(config)
-    settings = loop_settings(config, log_with=inputs.log_with)
+    place = run_place(config, inputs.log_with)
     # BLIP-2's generative models never use the Q-Former's text-only layers; DDP must not wait for
     # their gradients. Elsewhere every trainable parameter is used (and the search costs).
     family = inputs.family
     return train(
-        lambda accelerator: FinetuneTrainer(config, inputs, settings, accelerator, callback),
-        settings,
+        lambda accelerator: FinetuneTrainer(config, inputs, place, accelerator, callback),
+        config,
+        place,
         find_unused_parameters=family.is_blip2 and family.name != "blip2-itm",
     )
 
 
-def loop_settings(config: FinetuneConfig, *, log_with: list | None = None) -> LoopSettings:
-    return LoopSettings(
+def run_place(config: FinetuneConfig, trackers: list[str]) -> RunPlace:
+    # Validation and a checkpoint every --save-every steps, else at each epoch's end.
+    return RunPlace(
         output_dir=config.output_dir,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        min_lr_ratio=config.min_lr_ratio,
-        grad_accum=config.grad_accum,
-        grad_clip=config.grad_clip,
-        ema_decay=config.ema_decay,
-        seed=config.seed,
-        mixed_precision=config.mixed_precision,
-        cpu=config.cpu,
-        log_every=config.log_every,
-        # Validation and a checkpoint every --save-every steps, else at each epoch's end.
-        eval_every=config.save_every or 0,
-        save_every=config.save_every or 0,
-        keep_checkpoints=config.keep_checkpoints,
-        log_with=log_with if log_with is not None else config.log_with,
         resume=config.resume,
         overwrite=config.overwrite,
+        eval_every=config.save_every or 0,
+        trackers=trackers,
     )

@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader
 from blip_toolkit.data.images import open_image
 from blip_toolkit.data.manifests import Manifest
 from blip_toolkit.engine.metrics import count_label
-from blip_toolkit.engine.run import LoopSettings, RunSummary
+from blip_toolkit.engine.run import RunSummary
 from blip_toolkit.engine.seeding import mix_seed
+from blip_toolkit.engine.settings import RunPlace
 from blip_toolkit.engine.trainer import Trainer
 from blip_toolkit.errors import InputError, TrainingError, UsageError
 from blip_toolkit.fsutil import sha256_file
@@ -70,9 +71,9 @@ class FinetuneTrainer(Trainer):
     checkpoint_at_epoch_end = True
 
     def __init__(
-        self, config: FinetuneConfig, inputs: FinetuneInputs, settings: LoopSettings, accelerator, callback
+        self, config: FinetuneConfig, inputs: FinetuneInputs, place: RunPlace, accelerator, callback
     ):
-        super().__init__(settings, accelerator, callback)
+        super().__init__(config, place, accelerator, callback)  # the config is the loop's settings
         self.config = config
         self.inputs = inputs
         self.family = inputs.family

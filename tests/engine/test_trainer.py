@@ -5,6 +5,7 @@ its closed form, and a failing run is marked failed with its step."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from blip_toolkit.engine.run import LoopSettings, train
+from blip_toolkit.engine.run import train
+from blip_toolkit.engine.settings import LoopSettings, RunPlace
 from blip_toolkit.engine.trainer import Trainer
 from blip_toolkit.errors import OutputExistsError, TrainingError, UsageError
 
@@ -25,8 +27,8 @@ class LineTask(Trainer):
     resume_free = ("max_steps",)
     best_metric = "val_loss"
 
-    def __init__(self, settings, accelerator, *, max_steps=12, fail_at=None, callback=None):
-        super().__init__(settings, accelerator, callback)
+    def __init__(self, settings, place, accelerator, *, max_steps=12, fail_at=None, callback=None):
+        super().__init__(settings, place, accelerator, callback)
         self.max_steps, self.fail_at = max_steps, fail_at
 
     def config_record(self):
@@ -76,17 +78,13 @@ class LineTask(Trainer):
 def run(out: Path, **changes):
     task = {k: changes.pop(k) for k in ("max_steps", "fail_at", "callback") if k in changes}
     # A constant learning rate (min_lr_ratio 1): runs of different lengths take the same steps.
-    values = dict(
-        output_dir=str(out),
-        learning_rate=0.05,
-        min_lr_ratio=1.0,
-        grad_clip=0.0,
-        log_every=4,
-        eval_every=4,
-        save_every=4,
+    place_fields = {f.name for f in dataclasses.fields(RunPlace)}
+    values = dict(learning_rate=0.05, min_lr_ratio=1.0, grad_clip=0.0, log_every=4, save_every=4)
+    settings = LoopSettings(**{**values, **{k: v for k, v in changes.items() if k not in place_fields}})
+    place = RunPlace(
+        output_dir=str(out), eval_every=4, **{k: v for k, v in changes.items() if k in place_fields}
     )
-    settings = LoopSettings(**{**values, **changes})
-    return train(lambda acc: LineTask(settings, acc, **task), settings)
+    return train(lambda acc: LineTask(settings, place, acc, **task), settings, place)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
