@@ -495,8 +495,7 @@ def caption_in_order(model_dir: str, images: list[str], truth: list, quantize: s
     from blip_toolkit.demo.data import digits_in
     from blip_toolkit.jobs.predict import caption_images
     from blip_toolkit.models.loading import open_runner
-    from blip_toolkit.predictors.caption import CaptionOptions
-    from blip_toolkit.predictors.generation import GenerationOptions
+    from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions
 
     runner = open_runner(model_dir, "caption", device="cpu", quantize=quantize)
     options = CaptionOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=16), num_workers=0)

@@ -76,8 +76,8 @@ def quality(state: dict, dtype: str) -> dict:
     from blip_toolkit.jobs.evaluate import GenerateConfig, RetrievalEvalConfig, VqaEvalConfig
     from blip_toolkit.jobs.predict import caption_images
     from blip_toolkit.models.loading import open_runner
-    from blip_toolkit.predictors.caption import CaptionOptions
-    from blip_toolkit.predictors.generation import GenerationOptions
+    from blip_toolkit.models.spec import LoadSpec
+    from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions, VqaOptions
 
     data, trained = state["data"], state["trained"]
     truth = [(p.left, p.right) for p in data.pairs["test"]]
@@ -97,7 +97,8 @@ def quality(state: dict, dtype: str) -> dict:
             images=str(data.root / "images"),
             image_pattern=state["image_pattern"],
             generate=GenerateConfig(
-                model=str(trained["vqa"]), max_new_tokens=4, batch_size=64, device="cpu", dtype=dtype
+                LoadSpec(model=str(trained["vqa"]), device="cpu", dtype=dtype),
+                VqaOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=4)),
             ),
             save_predictions=str(answers_file),
         )
@@ -142,8 +143,7 @@ def train_caption(state: dict, out: Path, mixed_precision: str) -> tuple[float, 
     from blip_toolkit.demo.stages import FINETUNE
     from blip_toolkit.jobs.predict import caption_images
     from blip_toolkit.models.loading import open_runner
-    from blip_toolkit.predictors.caption import CaptionOptions
-    from blip_toolkit.predictors.generation import GenerationOptions
+    from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions
     from blip_toolkit.training.config import FinetuneConfig
     from blip_toolkit.training.finetune import run_finetune
 
@@ -185,8 +185,7 @@ def width_speed(root: Path, quick: bool) -> list[dict]:
     from blip_toolkit.jobs.predict import caption_images
     from blip_toolkit.log import quiet_transformers
     from blip_toolkit.models.loading import open_runner
-    from blip_toolkit.predictors.caption import CaptionOptions
-    from blip_toolkit.predictors.generation import GenerationOptions
+    from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions
 
     quiet_transformers()
     widths, rounds, size = ((64, 128), 2, 64) if quick else ((128, 256, 512, 768), 3, 224)

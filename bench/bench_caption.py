@@ -253,8 +253,7 @@ def omp_child(model_dir: str, max_new_tokens: int, batch: int, paths: list[str])
     import json
 
     from blip_toolkit.log import setup_logging
-    from blip_toolkit.predictors.caption import CaptionOptions
-    from blip_toolkit.predictors.generation import GenerationOptions
+    from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions
 
     setup_logging(-1)
     options = CaptionOptions(batch_size=batch, generation=GenerationOptions(max_new_tokens=max_new_tokens))
@@ -324,8 +323,7 @@ def blip2_rows(
 ) -> tuple[list, dict]:
 
     from blip_toolkit.models.scratch.checkpoints import ModelSize, build_checkpoint
-    from blip_toolkit.predictors.caption import CaptionOptions
-    from blip_toolkit.predictors.generation import GenerationOptions
+    from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions
 
     model_dir = build_checkpoint(
         "blip2-opt", root / "blip2", size=ModelSize(**(QUICK_BLIP2 if quick else BLIP2_350M))
@@ -389,8 +387,7 @@ def main() -> None:
     from transformers import BlipConfig
 
     from blip_toolkit.log import setup_logging
-    from blip_toolkit.predictors.caption import CaptionOptions
-    from blip_toolkit.predictors.generation import GenerationOptions
+    from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions
 
     setup_logging(-1)
     quick = args.quick

@@ -67,8 +67,8 @@ def caption_file(runner, folder: Path, out: Path, *, batch_size: int, max_new_to
     """What `blip caption FOLDER --output OUT` runs once the model is loaded."""
     from blip_toolkit.jobs.inference import OutputJob, infer_to_file
     from blip_toolkit.pipeline.sources import open_inputs
-    from blip_toolkit.predictors.caption import CaptionOptions, caption_task
-    from blip_toolkit.predictors.generation import GenerationOptions
+    from blip_toolkit.predictors.caption import caption_task
+    from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions
 
     options = CaptionOptions(
         batch_size=batch_size,
@@ -231,8 +231,8 @@ def memory_worker(args: argparse.Namespace) -> dict:
     from blip_toolkit.jobs.inference import OutputJob, infer_to_file
     from blip_toolkit.models.loading import open_runner
     from blip_toolkit.pipeline.sources import open_inputs
-    from blip_toolkit.predictors.caption import CaptionOptions, caption_task
-    from blip_toolkit.predictors.generation import GenerationOptions
+    from blip_toolkit.predictors.caption import caption_task
+    from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions
 
     root = Path(args.root)
     pattern = write_tars(root / f"wds-{args.items}", args.items)

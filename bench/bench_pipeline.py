@@ -88,8 +88,8 @@ def caption_parquet(runner, table: Path, out: Path, *, batch_size: int, max_new_
     from blip_toolkit.jobs.inference import OutputJob, infer_to_file
     from blip_toolkit.pipeline.sources import open_inputs
     from blip_toolkit.pipeline.tables import TableColumns
-    from blip_toolkit.predictors.caption import CaptionOptions, caption_task
-    from blip_toolkit.predictors.generation import GenerationOptions
+    from blip_toolkit.predictors.caption import caption_task
+    from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions
 
     options = CaptionOptions(
         batch_size=batch_size,

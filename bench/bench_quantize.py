@@ -80,7 +80,8 @@ def child(model_dir: str, mode: str, batches: int, batch: int, tokens: int) -> N
     from blip_toolkit.data.images import open_image
     from blip_toolkit.log import setup_logging
     from blip_toolkit.models.loading import LoadedModel, inspect_source, load_model, load_processor
-    from blip_toolkit.predictors.generation import GenerationOptions, generate
+    from blip_toolkit.predictors.generation import generate
+    from blip_toolkit.predictors.options import GenerationOptions
 
     setup_logging(-1)
     images = [open_image(p) for p in sorted(SAMPLES.glob("*.jpg"))]

@@ -66,25 +66,17 @@ def caption_job(
 ):
     """What `blip caption INPUTS --output OUT [--engine ray ...]` runs, model loading included."""
     from blip_toolkit.jobs.inference import OutputJob, run_to_file
+    from blip_toolkit.jobs.predict import captioning
+    from blip_toolkit.models.spec import LoadSpec
     from blip_toolkit.pipeline.sources import open_inputs
-    from blip_toolkit.predictors.caption import CaptionOptions, caption_task
-    from blip_toolkit.predictors.generation import GenerationOptions
+    from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions
 
     options = CaptionOptions(
         batch_size=8, generation=GenerationOptions(max_new_tokens=max_new_tokens), num_workers=None
     )
     source = open_inputs(inputs, columns=columns)
-    job = OutputJob(str(out), overwrite=True, device="cpu")
-    return run_to_file(
-        "caption",
-        source,
-        options,
-        lambda r: caption_task(r, options),
-        options.fingerprint(),
-        job,
-        model=str(model),
-        ray=ray,
-    )
+    job = OutputJob(str(out), overwrite=True)
+    return run_to_file(captioning(options), source, LoadSpec(model=str(model), device="cpu"), job, ray)
 
 
 def ray_options(address: str, actors: int):

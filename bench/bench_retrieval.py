@@ -73,7 +73,7 @@ class Ours:
         self, model_dir, texts, batch, shortlist, *, dtype="float32", quantize=None, num_workers=None
     ):
         from blip_toolkit.models.loading import open_runner
-        from blip_toolkit.predictors.retrieval import RetrievalOptions
+        from blip_toolkit.predictors.options import RetrievalOptions
 
         self.runner = open_runner(str(model_dir), "retrieval", device="cpu", dtype=dtype, quantize=quantize)
         self.texts = texts

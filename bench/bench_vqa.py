@@ -54,8 +54,7 @@ QUESTIONS = (
 class Ours:
     def __init__(self, model_dir, batch, max_new_tokens, *, dtype="float32", quantize=None, num_workers=None):
         from blip_toolkit.models.loading import open_runner
-        from blip_toolkit.predictors.generation import GenerationOptions
-        from blip_toolkit.predictors.vqa import VqaOptions
+        from blip_toolkit.predictors.options import GenerationOptions, VqaOptions
 
         self.runner = open_runner(str(model_dir), "vqa", device="cpu", dtype=dtype, quantize=quantize)
         self.options = VqaOptions(

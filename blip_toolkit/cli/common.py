@@ -7,88 +7,58 @@ import logging
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from blip_toolkit.cli.output import Emitter
-from blip_toolkit.errors import BlipError, PartialFailure, UsageError
+from blip_toolkit.errors import BlipError, PartialFailure
 
 logger = logging.getLogger("blip")
 
 
-def run_inference(
-    task: str,
-    *,
-    inputs: list[str] | None,
-    manifest: Path | None,
-    model: str | None,
-    device: str,
-    dtype: str,
-    trust_remote_code: bool,
-    options,
-    make_task,
-    fingerprint: dict,
-    output: str | None,
-    resume: bool,
-    overwrite: bool,
-    allow_pipe: bool,
-    fmt: str,
-    retry_failed: bool = False,
-    columns: tuple[str, str | None, str | None] = ("image", None, None),
-    ray=None,
-    text_line: Callable[[dict], str | None],
-    what: str,
-    question: str | None = None,
-    manifest_schema: str = "images",
-    quantize: str | None = None,
-) -> None:
-    """The tail shared by `caption`, `vqa` and `retrieval`: records to stdout, or the resumable
-    (multi-process) run into `--output` and its summary; exit 3 when some items failed."""
-    from blip_toolkit.jobs.inference import OutputJob, run_to_file, stream_records
-    from blip_toolkit.pipeline.sources import open_inputs
-    from blip_toolkit.pipeline.tables import TableColumns
+class Display(NamedTuple):
+    """How a command shows its records: --format, the text line of a record, what an item is called."""
 
-    source = open_inputs(
-        inputs,
-        manifest,
-        text=question,
-        manifest_schema=manifest_schema,
-        allow_pipe=allow_pipe,
-        columns=TableColumns(*columns),
-    )
-    loading = dict(model=model, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
-    if output is None:
-        if resume or overwrite or retry_failed:
-            raise UsageError("--resume, --overwrite and --retry-failed apply to --output FILE")
-        records = stream_records(task, source, options, make_task, device=device, ray=ray, **loading)
-        emit_all(records, fmt, text_line, what=what)
+    fmt: str
+    text_line: Callable[[dict], str | None]
+    what: str
+
+
+def run_inference(prediction, source, load, output, engine, display: Display) -> None:
+    """The tail shared by `caption`, `vqa` and `retrieval`: the records of `prediction` (jobs/predict.py)
+    over `source` with the model `load` (LoadSpec) says, on `engine` (EngineSpec), to stdout or into
+    the resumable `output` (OutputSpec) with its summary; exit 3 when some items failed."""
+    from blip_toolkit.jobs.inference import OutputJob, run_to_file, stream_records
+
+    ray = engine.ray()
+    if output.output is None:
+        emit_all(
+            stream_records(prediction, source, load, ray), display.fmt, display.text_line, what=display.what
+        )
         return
-    job = OutputJob(str(output), resume=resume, overwrite=overwrite, retry_failed=retry_failed, device=device)
-    summary = run_to_file(task, source, options, make_task, fingerprint, job, ray=ray, **loading)
+    job = OutputJob(
+        output.output, resume=output.resume, overwrite=output.overwrite, retry_failed=output.retry_failed
+    )
+    summary = run_to_file(prediction, source, load, job, ray)
     if not summary.is_main:
         return
-    if fmt != "text":
-        with Emitter(fmt, single=True) as out:
+    if display.fmt != "text":
+        with Emitter(display.fmt, single=True) as out:
             out.emit(summary.to_dict())
+    what, path = display.what, output.output
     if summary.failed and summary.failed == summary.records:
-        raise BlipError(f"all {summary.records} {what}(s) failed (each recorded in {output})")
+        raise BlipError(f"all {summary.records} {what}(s) failed (each recorded in {path})")
     if summary.failed:
         raise PartialFailure(
-            f"{summary.failed} of {summary.records} {what}(s) failed (each recorded in {output} with its "
+            f"{summary.failed} of {summary.records} {what}(s) failed (each recorded in {path} with its "
             "error); the rest finished"
         )
 
 
 def ray_options(engine, address: str | None, num_actors: int | None, gpus: float, cpus: float):
-    """The Ray engine's options for --engine ray, None for the local engine (whose flags are refused
-    with the Ray ones)."""
-    from blip_toolkit.pipeline.ray_engine import RayOptions
+    """The Ray options of hand-written engine flags (EngineSpec.ray: None for the local engine)."""
+    from blip_toolkit.pipeline.spec import EngineSpec
 
-    if engine.value != "ray":
-        if address is not None or num_actors is not None or gpus or cpus != 1.0:
-            raise UsageError(
-                "--ray-address, --num-actors, --gpus-per-actor and --cpus-per-actor need --engine ray"
-            )
-        return None
-    return RayOptions(address=address, num_actors=num_actors, gpus_per_actor=gpus, cpus_per_actor=cpus)
+    return EngineSpec(getattr(engine, "value", engine), address, num_actors, gpus, cpus).ray()
 
 
 def read_texts_file(path: Path) -> list[str]:

@@ -141,7 +141,7 @@ def _default(f: dataclasses.Field, group: Group):
 def _parameter(f: dataclasses.Field, group: Group, name: str) -> inspect.Parameter:
     hint = _cli_type(group.hint(f.name), optional=group.given)
     default = None if group.given else _default(f, group)
-    help_text = f.metadata.get("help", "")
+    help_text = f.metadata.get("help", "").replace("[", "\\[")  # literal brackets, not Rich markup
     if group.given:  # no default on the flag ("not given"); the field's default shown in the help
         shown = _default(f, group)
         if shown is not False and shown not in (dataclasses.MISSING, None, [], (), ""):

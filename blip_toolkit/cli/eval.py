@@ -7,18 +7,17 @@ from typing import Annotated
 
 import typer
 
+from blip_toolkit.cli.derive import derived, options
 from blip_toolkit.cli.options import (
     BatchSizeOpt,
-    DeviceOpt,
-    DtypeOpt,
     FormatOpt,
     MaxPixelsOpt,
-    ModelOpt,
     OutputFormat,
     OverwriteOpt,
-    TrustRemoteCodeOpt,
 )
 from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
+from blip_toolkit.models.spec import LoadSpec
+from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions, VqaOptions
 
 app = typer.Typer(
     name="eval",
@@ -64,10 +63,13 @@ SavePredictionsOpt = Annotated[
         "--save-predictions", help="With --model: write the generated records (JSONL) here.", dir_okay=False
     ),
 ]
-NumBeamsOpt = Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width.")]
-MinNewOpt = Annotated[
-    int, typer.Option("--min-new-tokens", min=0, help="Generate at least this many tokens.")
-]
+# The decoding options `blip eval` offers, with the papers' settings as defaults. BLIP's published
+# captioning setting: LAVIS blip_caption_base_coco, beams 3, max_len 20, min_len 5, prompt "a picture
+# of "; LAVIS's lengths count the decoder's [DEC] start token and the 3 prompt tokens, so they are 16
+# and 1 new tokens. VQA: LAVIS blip_vqav2, beams 3, max_len 10, min_len 1 (answer tokens).
+DECODING = ("num_beams", "max_new_tokens", "min_new_tokens")
+CAPTION_DECODING = dict(num_beams=3, max_new_tokens=16, min_new_tokens=1)
+VQA_DECODING = dict(num_beams=3, max_new_tokens=10, min_new_tokens=1)
 
 
 def _finish(report: dict, out: Path | None, fmt: OutputFormat) -> None:
@@ -85,10 +87,13 @@ def _finish(report: dict, out: Path | None, fmt: OutputFormat) -> None:
     check_complete(report)
 
 
-def _generate(model, **options):
+def _generate(load: LoadSpec, predictor, decoding: GenerationOptions):
+    """With --model: generate with the predictor's options and these decoding options."""
+    from dataclasses import replace
+
     from blip_toolkit.jobs.evaluate import GenerateConfig
 
-    return GenerateConfig(model=model, **options) if model else None
+    return GenerateConfig(load, replace(predictor, generation=decoding)) if load.model else None
 
 
 def _check_out(out: Path | None, overwrite: bool) -> None:
@@ -99,6 +104,11 @@ def _check_out(out: Path | None, overwrite: bool) -> None:
 
 
 @app.command("caption")
+@derived(
+    caption=options(CaptionOptions, exclude=("num_workers",), prompt="a picture of "),
+    decoding=options(GenerationOptions, only=DECODING, panel="Decoding", **CAPTION_DECODING),
+    load=options(LoadSpec, exclude=("quantize",), panel="Model"),
+)
 def caption(
     annotations: Annotated[
         Path,
@@ -106,18 +116,12 @@ def caption(
             help="COCO caption JSON ({images, annotations}) or Karpathy split JSON.", dir_okay=False
         ),
     ],
+    *,
     images: ImagesOpt = None,
-    model: ModelOpt = None,
     predictions: PredictionsOpt = None,
-    prompt: Annotated[
-        str, typer.Option("--prompt", help="Caption prompt with --model ('' for none).")
-    ] = "a picture of ",
-    num_beams: NumBeamsOpt = 3,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", min=1, help="Maximum caption tokens.")
-    ] = 16,
-    min_new_tokens: MinNewOpt = 1,
-    batch_size: BatchSizeOpt = 8,
+    caption: CaptionOptions,
+    decoding: GenerationOptions,
+    load: LoadSpec,
     java: Annotated[
         bool,
         typer.Option(
@@ -127,10 +131,6 @@ def caption(
     ] = True,
     allow_missing: AllowMissingOpt = False,
     save_predictions: SavePredictionsOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    trust_remote_code: TrustRemoteCodeOpt = False,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     fmt: FormatOpt = OutputFormat.text,
@@ -151,18 +151,7 @@ def caption(
     from blip_toolkit.jobs.evaluate import CaptionEvalConfig
 
     _check_out(out, overwrite)
-    generate = _generate(
-        model,
-        prompt=prompt,
-        num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        max_pixels=max_pixels,
-        trust_remote_code=trust_remote_code,
-    )
+    generate = _generate(load, caption, decoding)
     config = CaptionEvalConfig(
         annotations=str(annotations),
         images=str(images) if images else None,
@@ -177,7 +166,13 @@ def caption(
 
 
 @app.command("vqa")
+@derived(
+    vqa=options(VqaOptions, exclude=("num_workers",)),
+    decoding=options(GenerationOptions, only=DECODING, panel="Decoding", **VQA_DECODING),
+    load=options(LoadSpec, exclude=("quantize",), panel="Model"),
+)
 def vqa(
+    *,
     questions: Annotated[
         Path | None,
         typer.Option("--questions", help="VQAv2 questions JSON.", dir_okay=False, show_default=False),
@@ -202,24 +197,12 @@ def vqa(
             help="VQAv2 image file from {image_id}. \\[default: COCO_<data_subtype>_{image_id:012d}.jpg]",
         ),
     ] = None,
-    model: ModelOpt = None,
     predictions: PredictionsOpt = None,
-    template: Annotated[
-        str,
-        typer.Option("--template", help="BLIP-2 prompt ({} = the question); BLIP takes the bare question."),
-    ] = "Question: {} Answer:",
-    num_beams: NumBeamsOpt = 3,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", min=1, help="Maximum answer tokens.")
-    ] = 10,
-    min_new_tokens: MinNewOpt = 1,
-    batch_size: BatchSizeOpt = 8,
+    vqa: VqaOptions,
+    decoding: GenerationOptions,
+    load: LoadSpec,
     allow_missing: AllowMissingOpt = False,
     save_predictions: SavePredictionsOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    trust_remote_code: TrustRemoteCodeOpt = False,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     fmt: FormatOpt = OutputFormat.text,
@@ -240,18 +223,7 @@ def vqa(
     from blip_toolkit.jobs.evaluate import VqaEvalConfig
 
     _check_out(out, overwrite)
-    generate = _generate(
-        model,
-        template=template,
-        num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        max_pixels=max_pixels,
-        trust_remote_code=trust_remote_code,
-    )
+    generate = _generate(load, vqa, decoding)
     config = VqaEvalConfig(
         questions=str(questions) if questions else None,
         annotations=str(annotations) if annotations else None,
@@ -268,6 +240,7 @@ def vqa(
 
 
 @app.command("retrieval")
+@derived(load=options(LoadSpec, exclude=("quantize",), panel="Model"))
 def retrieval(
     annotations: Annotated[
         Path,
@@ -275,8 +248,9 @@ def retrieval(
             help="Karpathy-style test JSON (image -> captions) or COCO caption JSON.", dir_okay=False
         ),
     ],
+    *,
     images: ImagesOpt = None,
-    model: ModelOpt = None,
+    load: LoadSpec,
     score: Annotated[
         str, typer.Option("--score", help="itm+itc (LAVIS's re-ranking) or itc alone.")
     ] = "itm+itc",
@@ -306,10 +280,7 @@ def retrieval(
         ),
     ] = False,
     allow_missing: AllowMissingOpt = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    trust_remote_code: TrustRemoteCodeOpt = False,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     fmt: FormatOpt = OutputFormat.text,
@@ -330,22 +301,22 @@ def retrieval(
     from blip_toolkit.jobs.eval_retrieval import evaluate_retrieval
     from blip_toolkit.jobs.evaluate import RetrievalEvalConfig
 
-    if not model:
+    if not load.model:
         raise UsageError("retrieval needs --model (a BLIP or BLIP-2 ITM checkpoint)")
     _check_out(out, overwrite)
     config = RetrievalEvalConfig(
         annotations=str(annotations),
         images=str(images) if images else "",
-        model=model,
+        model=load.model,
         score=score,
         k_test=k_test,
         batch_size=batch_size,
         itm_batch_size=itm_batch_size,
         max_memory=max_memory,
-        device=device,
-        dtype=dtype,
+        device=load.device,
+        dtype=load.dtype,
         max_pixels=max_pixels,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=load.trust_remote_code,
         allow_missing=allow_missing,
         dedupe_captions=dedupe_captions,
     )

@@ -1,4 +1,6 @@
-"""`blip caption`, `blip vqa`, `blip retrieval`."""
+"""`blip caption`, `blip vqa`, `blip retrieval`: wiring only. Their options are derived (cli/derive.py)
+from the library's settings: the predictor's options and decoding (predictors/options.py), what to
+read, where to write and where to run (pipeline/spec.py), and what to load (models/spec.py)."""
 
 from __future__ import annotations
 
@@ -7,64 +9,12 @@ from typing import Annotated
 
 import typer
 
-from blip_toolkit.cli.options import (
-    BatchSizeOpt,
-    CpusPerActorOpt,
-    DeviceOpt,
-    DtypeOpt,
-    Engine,
-    EngineOpt,
-    FormatOpt,
-    GpusPerActorOpt,
-    ImageColumnOpt,
-    KeyColumnOpt,
-    ManifestOpt,
-    MaxPixelsOpt,
-    ModelOpt,
-    NumActorsOpt,
-    OutputFormat,
-    OverwriteOpt,
-    QuantizeOpt,
-    RayAddressOpt,
-    ResumeOpt,
-    RetryFailedOpt,
-    TrustRemoteCodeOpt,
-)
-from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
+from blip_toolkit.cli.derive import derived, options
+from blip_toolkit.cli.options import FormatOpt, OutputFormat
+from blip_toolkit.models.spec import LoadSpec
+from blip_toolkit.pipeline.spec import EngineSpec, InputSpec, OutputSpec
+from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions, RetrievalOptions, VqaOptions
 
-NumBeamsOpt = Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width (1 = greedy).")]
-MinNewOpt = Annotated[
-    int, typer.Option("--min-new-tokens", min=0, help="Generate at least this many tokens.")
-]
-SampleOpt = Annotated[bool, typer.Option("--sample", help="Sample instead of greedy / beam decoding.")]
-TopPOpt = Annotated[
-    float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --sample).")
-]
-TemperatureOpt = Annotated[
-    float, typer.Option("--temperature", min=0.0, help="Sampling temperature (with --sample).")
-]
-OutputOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--output",
-        "-o",
-        help="Write the records to FILE (.jsonl, .parquet or .tsv, by extension; local or s3:// / gs:// / "
-        "hf://), resumable, in input order; without it they stream to stdout.",
-        show_default=False,
-    ),
-]
-WorkersOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--num-workers",
-        min=0,
-        help="DataLoader processes decoding images while the model runs [default: per the machine].",
-        show_default=False,
-    ),
-]
-AllowPipeOpt = Annotated[
-    bool, typer.Option("--allow-pipe", help="Accept 'pipe:' webdataset URLs (they run shell commands).")
-]
 InputsArg = Annotated[
     list[str] | None,
     typer.Argument(
@@ -74,64 +24,41 @@ InputsArg = Annotated[
         show_default=False,
     ),
 ]
-GenSeedOpt = Annotated[
-    int | None, typer.Option("--seed", help="Seed for --sample (same batch size = same output).")
-]
+# The groups every dataset command shares; the predictor's own options come first.
+COMMON = dict(
+    output=options(OutputSpec),
+    engine=options(EngineSpec, panel="Engine"),
+    load=options(LoadSpec, panel="Model"),
+)
 
 
-def _generation(max_new_tokens, min_new_tokens, num_beams, sample, top_p, temperature, seed):
-    from blip_toolkit.predictors.generation import GenerationOptions
+def _display(fmt: OutputFormat, text_line, what: str):
+    from blip_toolkit.cli.common import Display
 
-    return GenerationOptions(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        num_beams=num_beams,
-        sample=sample,
-        top_p=top_p,
-        temperature=temperature,
-        seed=seed,
-    )
+    return Display(fmt.value, text_line, what)
 
 
+def _name(record: dict) -> str:
+    from blip_toolkit.pipeline.outputs import item_name
+
+    return item_name(record)
+
+
+@derived(
+    caption=options(CaptionOptions, num_workers=None),
+    decoding=options(GenerationOptions, panel="Decoding"),
+    read=options(InputSpec, exclude=("text_column",)),
+    **COMMON,
+)
 def caption(
     inputs: InputsArg = None,
-    manifest: ManifestOpt = None,
-    model: ModelOpt = None,
-    prompt: Annotated[
-        str | None,
-        typer.Option(
-            "--prompt",
-            help="Conditional captioning: the caption continues this text (which is not repeated in the output); InstructBLIP: the instruction [default: 'A short image caption.'].",
-        ),
-    ] = None,
-    batch_size: BatchSizeOpt = 8,
-    num_beams: NumBeamsOpt = 1,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", min=1, help="Maximum caption length in tokens.")
-    ] = 30,
-    min_new_tokens: MinNewOpt = 0,
-    sample: SampleOpt = False,
-    top_p: TopPOpt = 0.9,
-    temperature: TemperatureOpt = 1.0,
-    seed: GenSeedOpt = None,
-    output: OutputOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    retry_failed: RetryFailedOpt = False,
-    num_workers: WorkersOpt = None,
-    allow_pipe: AllowPipeOpt = False,
-    image_column: ImageColumnOpt = "image",
-    key_column: KeyColumnOpt = None,
-    engine: EngineOpt = Engine.local,
-    ray_address: RayAddressOpt = None,
-    num_actors: NumActorsOpt = None,
-    gpus_per_actor: GpusPerActorOpt = 0.0,
-    cpus_per_actor: CpusPerActorOpt = 1.0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = None,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    trust_remote_code: TrustRemoteCodeOpt = False,
+    *,
+    caption: CaptionOptions,
+    decoding: GenerationOptions,
+    read: InputSpec,
+    output: OutputSpec,
+    engine: EngineSpec,
+    load: LoadSpec,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Caption images with a BLIP, BLIP-2 or InstructBLIP checkpoint.
@@ -150,42 +77,22 @@ def caption(
       blip caption 'shards/{00000..09999}.tar' --output caps.parquet --engine ray --ray-address auto --gpus-per-actor 1
       find shots -name '*.png' | blip caption - --model Salesforce/blip2-opt-2.7b --prompt "a photo of"
     """
-    from blip_toolkit.cli.common import ray_options, run_inference
-    from blip_toolkit.pipeline.outputs import item_name
-    from blip_toolkit.predictors.caption import CaptionOptions, caption_task
+    from dataclasses import replace
 
-    options = CaptionOptions(
-        prompt=prompt,
-        batch_size=batch_size,
-        max_pixels=max_pixels,
-        generation=_generation(max_new_tokens, min_new_tokens, num_beams, sample, top_p, temperature, seed),
-        num_workers=num_workers,
-    )
-    run_inference(
-        "caption",
-        inputs=inputs,
-        manifest=manifest,
-        model=model,
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        quantize=quantize and quantize.value,
-        options=options,
-        make_task=lambda runner: caption_task(runner, options),
-        fingerprint=options.fingerprint(),
-        output=output,
-        resume=resume,
-        overwrite=overwrite,
-        retry_failed=retry_failed,
-        allow_pipe=allow_pipe,
-        ray=ray_options(engine, ray_address, num_actors, gpus_per_actor, cpus_per_actor),
-        columns=(image_column, key_column, None),
-        fmt=fmt.value,
-        text_line=lambda r: f"{item_name(r)}\t{r['caption']}",
-        what="image",
-    )
+    from blip_toolkit.cli.common import run_inference
+    from blip_toolkit.jobs.predict import captioning
+
+    prediction = captioning(replace(caption, generation=decoding))
+    display = _display(fmt, lambda r: f"{_name(r)}\t{r['caption']}", "image")
+    run_inference(prediction, read.open(inputs), load, output, engine, display)
 
 
+@derived(
+    vqa=options(VqaOptions, num_workers=None),
+    decoding=options(GenerationOptions, max_new_tokens=10, panel="Decoding"),
+    read=options(InputSpec),
+    **COMMON,
+)
 def vqa(
     args: Annotated[
         list[str] | None,
@@ -194,54 +101,17 @@ def vqa(
             show_default=False,
         ),
     ] = None,
+    *,
     question: Annotated[
         str | None,
         typer.Option("--question", "-q", help="Ask this question of every image given.", show_default=False),
     ] = None,
-    manifest: Annotated[
-        str | None,
-        typer.Option("--manifest", help="TSV of image<TAB>question rows (a third answer column is ignored)."),
-    ] = None,
-    model: ModelOpt = None,
-    template: Annotated[
-        str,
-        typer.Option(
-            "--template",
-            help="BLIP-2 prompt; {} is replaced by the question. BLIP VQA checkpoints take the bare question.",
-        ),
-    ] = "Question: {} Answer:",
-    batch_size: BatchSizeOpt = 8,
-    num_beams: NumBeamsOpt = 1,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", min=1, help="Maximum answer length in tokens.")
-    ] = 10,
-    min_new_tokens: MinNewOpt = 0,
-    sample: SampleOpt = False,
-    top_p: TopPOpt = 0.9,
-    temperature: TemperatureOpt = 1.0,
-    seed: GenSeedOpt = None,
-    output: OutputOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    retry_failed: RetryFailedOpt = False,
-    num_workers: WorkersOpt = None,
-    allow_pipe: AllowPipeOpt = False,
-    image_column: ImageColumnOpt = "image",
-    key_column: KeyColumnOpt = None,
-    text_column: Annotated[
-        str | None,
-        typer.Option("--text-column", help="Parquet / Arrow inputs: the column holding each row's question."),
-    ] = None,
-    engine: EngineOpt = Engine.local,
-    ray_address: RayAddressOpt = None,
-    num_actors: NumActorsOpt = None,
-    gpus_per_actor: GpusPerActorOpt = 0.0,
-    cpus_per_actor: CpusPerActorOpt = 1.0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = None,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    trust_remote_code: TrustRemoteCodeOpt = False,
+    vqa: VqaOptions,
+    decoding: GenerationOptions,
+    read: InputSpec,
+    output: OutputSpec,
+    engine: EngineSpec,
+    load: LoadSpec,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Answer questions about images (BLIP VQA, BLIP-2 or InstructBLIP).
@@ -257,58 +127,43 @@ def vqa(
       blip vqa questions.parquet --text-column question --output answers.parquet
       blip vqa photo.jpg "how many dogs?" --model Salesforce/blip2-flan-t5-xl
     """
-    from blip_toolkit.cli.common import ray_options, run_inference
-    from blip_toolkit.errors import UsageError
-    from blip_toolkit.pipeline.outputs import item_name
-    from blip_toolkit.predictors.vqa import VqaOptions, vqa_task
+    from dataclasses import replace
 
-    options = VqaOptions(
-        template=template,
-        batch_size=batch_size,
-        max_pixels=max_pixels,
-        generation=_generation(max_new_tokens, min_new_tokens, num_beams, sample, top_p, temperature, seed),
-        num_workers=num_workers,
-    )
-    args = list(args or [])
-    if manifest is not None and (args or question is not None):
+    from blip_toolkit.cli.common import run_inference
+    from blip_toolkit.jobs.predict import answering
+
+    images, question = _vqa_inputs(list(args or []), question, read)
+    prediction = answering(replace(vqa, generation=decoding), question)
+    display = _display(fmt, lambda r: f"{_name(r)}\t{r['question']}\t{r['answer']}", "question")
+    source = read.open(images, text=question, manifest_schema="questions")
+    run_inference(prediction, source, load, output, engine, display)
+
+
+def _vqa_inputs(args: list[str], question: str | None, read: InputSpec) -> tuple[list[str], str | None]:
+    """(images, the one question for all) from IMAGE QUESTION, images with --question, a manifest, or
+    a table's --text-column."""
+    from blip_toolkit.errors import UsageError
+
+    if read.manifest is not None and (args or question is not None):
         raise UsageError("give IMAGE QUESTION, --question with images, or --manifest; not several")
-    if question is not None and text_column is not None:
+    if question is not None and read.text_column is not None:
         raise UsageError(
             "--question asks every image the same question; --text-column reads one per row: give one"
         )
-    if manifest is None and question is None and text_column is None:
+    if read.manifest is None and question is None and read.text_column is None:
         if len(args) != 2:
             raise UsageError("give IMAGE and QUESTION (or images with --question, or --manifest FILE.tsv)")
         args, question = args[:1], args[1]
     if question is not None and not question.strip():
         raise UsageError("the question is empty")
-    run_inference(
-        "vqa",
-        inputs=args,
-        manifest=manifest,
-        question=question,
-        manifest_schema="questions",
-        model=model,
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        quantize=quantize and quantize.value,
-        options=options,
-        make_task=lambda runner: vqa_task(runner, options),
-        fingerprint={**options.fingerprint(), "question": question},
-        output=output,
-        resume=resume,
-        overwrite=overwrite,
-        retry_failed=retry_failed,
-        allow_pipe=allow_pipe,
-        ray=ray_options(engine, ray_address, num_actors, gpus_per_actor, cpus_per_actor),
-        columns=(image_column, key_column, text_column),
-        fmt=fmt.value,
-        text_line=lambda r: f"{item_name(r)}\t{r['question']}\t{r['answer']}",
-        what="question",
-    )
+    return args, question
 
 
+@derived(
+    retrieval=options(RetrievalOptions, num_workers=None),
+    read=options(InputSpec, exclude=("text_column",)),
+    **COMMON,
+)
 def retrieval(
     args: Annotated[
         list[str] | None,
@@ -317,6 +172,7 @@ def retrieval(
             show_default=False,
         ),
     ] = None,
+    *,
     texts_file: Annotated[
         Path | None,
         typer.Option(
@@ -325,37 +181,11 @@ def retrieval(
             dir_okay=False,
         ),
     ] = None,
-    manifest: ManifestOpt = None,
-    model: ModelOpt = None,
-    score: Annotated[
-        str | None,
-        typer.Option(
-            "--score",
-            help="itm, itc or itm+itc for ITM checkpoints [default: itm+itc]; generative BLIP-2 uses likelihood.",
-        ),
-    ] = None,
-    top: Annotated[
-        int | None, typer.Option("--top", min=1, help="Keep only the best N texts per image.")
-    ] = None,
-    batch_size: BatchSizeOpt = 8,
-    output: OutputOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    retry_failed: RetryFailedOpt = False,
-    num_workers: WorkersOpt = None,
-    allow_pipe: AllowPipeOpt = False,
-    image_column: ImageColumnOpt = "image",
-    key_column: KeyColumnOpt = None,
-    engine: EngineOpt = Engine.local,
-    ray_address: RayAddressOpt = None,
-    num_actors: NumActorsOpt = None,
-    gpus_per_actor: GpusPerActorOpt = 0.0,
-    cpus_per_actor: CpusPerActorOpt = 1.0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = None,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    trust_remote_code: TrustRemoteCodeOpt = False,
+    retrieval: RetrievalOptions,
+    read: InputSpec,
+    output: OutputSpec,
+    engine: EngineSpec,
+    load: LoadSpec,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Rank candidate texts for each image (ITM/ITC, or likelihood for generative BLIP-2 / InstructBLIP).
@@ -370,18 +200,14 @@ def retrieval(
       blip retrieval 'shards/{000..009}.tar' --texts-file labels.txt --top 5 --output ranked.parquet
       blip retrieval photo.jpg "a red car" "a bus" --model Salesforce/blip2-itm-vit-g --score itc
     """
-    from blip_toolkit.cli.common import ray_options, read_texts_file, run_inference
+    from blip_toolkit.cli.common import read_texts_file, run_inference
     from blip_toolkit.errors import UsageError
-    from blip_toolkit.pipeline.outputs import item_name
-    from blip_toolkit.predictors.retrieval import RetrievalOptions, RetrievalTask
+    from blip_toolkit.jobs.predict import ranking
 
-    options = RetrievalOptions(
-        score=score, batch_size=batch_size, max_pixels=max_pixels, top=top, num_workers=num_workers
-    )
     args = list(args or [])
     if texts_file is not None:
         texts, images = read_texts_file(texts_file), args
-    elif manifest is not None:
+    elif read.manifest is not None:
         texts, images = args, []
     else:
         if len(args) < 2:
@@ -392,33 +218,12 @@ def retrieval(
 
     def text_line(record):
         return "\n".join(
-            f"{item_name(record)}\t{r['rank']}\t{r['score']:.4f}\t{r['probability']:.4f}\t{r['text']}"
+            f"{_name(record)}\t{r['rank']}\t{r['score']:.4f}\t{r['probability']:.4f}\t{r['text']}"
             for r in record["results"]
         )
 
-    run_inference(
-        "retrieval",
-        inputs=images,
-        manifest=manifest,
-        model=model,
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        quantize=quantize and quantize.value,
-        options=options,
-        make_task=lambda runner: RetrievalTask(runner, texts, options),
-        fingerprint=options.fingerprint(texts),
-        output=output,
-        resume=resume,
-        overwrite=overwrite,
-        retry_failed=retry_failed,
-        allow_pipe=allow_pipe,
-        ray=ray_options(engine, ray_address, num_actors, gpus_per_actor, cpus_per_actor),
-        columns=(image_column, key_column, None),
-        fmt=fmt.value,
-        text_line=text_line,
-        what="image",
-    )
+    display = _display(fmt, text_line, "image")
+    run_inference(ranking(retrieval, texts), read.open(images), load, output, engine, display)
 
 
 def register(app: typer.Typer) -> None:

@@ -30,16 +30,14 @@ from blip_toolkit.jobs.evaluate import CaptionEvalConfig, RetrievalEvalConfig, V
 from blip_toolkit.jobs.extract import extract_embeddings
 from blip_toolkit.jobs.extract_config import ExtractConfig
 from blip_toolkit.jobs.inference import OutputJob, run_to_file
-from blip_toolkit.jobs.predict import rank_texts
+from blip_toolkit.jobs.predict import Prediction, answering, captioning, rank_texts
 from blip_toolkit.log import verbosity
 from blip_toolkit.models.loading import open_runner
 from blip_toolkit.models.scratch.checkpoints import ModelSize, build_checkpoint
+from blip_toolkit.models.spec import LoadSpec
 from blip_toolkit.pipeline.outputs import read_output
 from blip_toolkit.pipeline.sources import open_inputs
-from blip_toolkit.predictors.caption import CaptionOptions, caption_task
-from blip_toolkit.predictors.generation import GenerationOptions
-from blip_toolkit.predictors.retrieval import RetrievalOptions
-from blip_toolkit.predictors.vqa import VqaOptions, vqa_task
+from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions, RetrievalOptions, VqaOptions
 from blip_toolkit.training.config import FinetuneConfig
 from blip_toolkit.training.finetune import run_finetune
 
@@ -135,15 +133,13 @@ def _start_from_captioner(state: dict, task: str) -> None:
     save_file(tensors, init, metadata={"format": "pt"})
 
 
-def _predict(state: dict, task: str, source, options, make_task, name: str) -> list[dict]:
+def _predict(state: dict, prediction: Prediction, source, name: str) -> list[dict]:
     """Dataset inference as `blip caption|vqa ... --output predictions/NAME.jsonl` runs it."""
     path = state["out"] / "predictions" / f"{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    job = OutputJob(str(path), device="cpu")
+    load = LoadSpec(model=str(state["trained"][prediction.task]), device="cpu")
     with QuietLibraryLogs():
-        run_to_file(
-            task, source, options, make_task, options.fingerprint(), job, model=str(state["trained"][task])
-        )
+        run_to_file(prediction, source, load, OutputJob(str(path)))
     return read_output(path)
 
 
@@ -153,9 +149,7 @@ def stage_caption(state: dict) -> dict:
     _finetune(state, "caption", plan.caption_epochs, augment_shift=plan.augment_shift)
     options = CaptionOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=16), num_workers=0)
     source = open_inputs([str(p) for p in data.images("test")])
-    records = _predict(
-        state, "caption", source, options, lambda runner: caption_task(runner, options), "captions"
-    )
+    records = _predict(state, captioning(options), source, "captions")
     truth = [(p.left, p.right) for p in data.pairs["test"]]
     in_order = sum(digits_in(r.get("caption", ""))[:2] == [a, b] for r, (a, b) in zip(records, truth)) / len(
         truth
@@ -188,7 +182,7 @@ def stage_vqa(state: dict) -> dict:
     _finetune(state, "vqa", state["plan"].vqa_epochs, freeze=["vision"])
     options = VqaOptions(batch_size=64, generation=GenerationOptions(max_new_tokens=4), num_workers=0)
     source = open_inputs(None, data.manifests["test"]["vqa"], manifest_schema="questions")
-    records = _predict(state, "vqa", source, options, lambda runner: vqa_task(runner, options), "answers")
+    records = _predict(state, answering(options), source, "answers")
     files = data.eval_files["test"]
     report = evaluate_vqa(
         VqaEvalConfig(

@@ -71,7 +71,7 @@ def evaluate_caption(config: CaptionEvalConfig) -> dict[str, Any]:
                 missing.append({"item": image.file, "reason": record["error"]})
             else:
                 predictions[image.id] = record["caption"]
-        report["model"] = {"source": config.generate.model, "family": family}
+        report["model"] = {"source": config.generate.load.model, "family": family}
         report["decoding"] = decoding_options("caption", config.generate, family)
         report["predictions"] = {"saved_to": config.save_predictions} if config.save_predictions else None
     else:

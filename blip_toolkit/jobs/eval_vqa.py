@@ -104,7 +104,7 @@ def evaluate_vqa(config: VqaEvalConfig) -> dict[str, Any]:
                 missing.append({"item": item.question_id, "reason": record["error"]})
             else:
                 answers[item.question_id] = record["answer"]
-        report["model"] = {"source": config.generate.model, "family": family}
+        report["model"] = {"source": config.generate.load.model, "family": family}
         report["decoding"] = decoding_options("vqa", config.generate, family)
         report["predictions"] = {"saved_to": config.save_predictions} if config.save_predictions else None
     else:

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,25 +40,13 @@ from blip_toolkit.metrics.annotations import (
     listed,
 )
 from blip_toolkit.metrics.caption_metrics import pycocoevalcap_version
-from blip_toolkit.models.loading import open_runner
-from blip_toolkit.predictors.caption import CaptionOptions
-from blip_toolkit.predictors.generation import GenerationOptions
-from blip_toolkit.predictors.vqa import DEFAULT_TEMPLATE, VqaOptions
+from blip_toolkit.models.loading import open_spec
+from blip_toolkit.models.spec import LoadSpec
+from blip_toolkit.predictors.options import CaptionOptions, VqaOptions
 
 logger = logging.getLogger("blip")
 
 SCALE_NOTE = "scores are x100, as papers report them"
-# BLIP's published captioning setting (LAVIS blip_caption_base_coco: beams 3, max_len 20, min_len 5,
-# prompt "a picture of "). LAVIS's lengths count the decoder's [DEC] start token and the 3 prompt
-# tokens, so they are 16 and 1 new tokens.
-CAPTION_PROMPT = "a picture of "
-CAPTION_BEAMS = 3
-CAPTION_MAX_NEW_TOKENS = 16
-CAPTION_MIN_NEW_TOKENS = 1
-# LAVIS blip_vqav2 generation: beams 3, max_len 10, min_len 1 (answer tokens).
-VQA_BEAMS = 3
-VQA_MAX_NEW_TOKENS = 10
-VQA_MIN_NEW_TOKENS = 1
 # LAVIS's k_test: 256 for COCO, 128 for Flickr30k.
 K_TEST_COCO = 256
 K_TEST_FLICKR = 128
@@ -66,24 +54,11 @@ K_TEST_FLICKR = 128
 
 @dataclass
 class GenerateConfig:
-    """How `--model` generates (the same options as `blip caption` / `blip vqa`)."""
+    """How `--model` generates: what to load and the predictor's options (CaptionOptions for caption,
+    VqaOptions for vqa; the same as `blip caption` / `blip vqa`)."""
 
-    model: str
-    prompt: str | None = None  # caption prompt (the caption continues it)
-    template: str = DEFAULT_TEMPLATE  # VQA, BLIP-2 only
-    num_beams: int = 1
-    max_new_tokens: int = 30
-    min_new_tokens: int = 0
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    trust_remote_code: bool = False
-
-    def generation(self) -> GenerationOptions:
-        return GenerationOptions(
-            max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, num_beams=self.num_beams
-        )
+    load: LoadSpec
+    options: CaptionOptions | VqaOptions
 
 
 @dataclass
@@ -141,30 +116,12 @@ def generate_records(
     """Captions (task "caption") or answers ("vqa") for `images` with the model and decoding options
     of `config`: (the checkpoint's family name, records in input order, `{"image", "caption"}` /
     `{"image", "question", "answer"}` or with an `"error"`). The one place that generates."""
-    runner = open_runner(
-        config.model,
-        task,
-        device=config.device,
-        dtype=config.dtype,
-        trust_remote_code=config.trust_remote_code,
-    )
+    runner = open_spec(config.load, task)
     items = [InputItem(path) for path in images]
     family = runner.loaded.family.name
     if task == "caption":
-        options = CaptionOptions(
-            prompt=config.prompt or None,
-            batch_size=config.batch_size,
-            max_pixels=config.max_pixels,
-            generation=config.generation(),
-        )
-        return family, caption_images(runner, items, options)
-    options = VqaOptions(
-        template=config.template,
-        batch_size=config.batch_size,
-        max_pixels=config.max_pixels,
-        generation=config.generation(),
-    )
-    return family, answer_questions(runner, items, list(questions or []), options)
+        return family, caption_images(runner, items, config.options)
+    return family, answer_questions(runner, items, list(questions or []), config.options)
 
 
 def save_records(path: str, records: list[dict]) -> None:
@@ -174,16 +131,19 @@ def save_records(path: str, records: list[dict]) -> None:
 
 
 def decoding_options(task: str, config: GenerateConfig, family: str) -> dict[str, Any]:
-    out = asdict(config)
-    for key in ("model", "device", "dtype", "batch_size", "max_pixels", "trust_remote_code"):
-        out.pop(key)
+    """The report's decoding settings: the prompt (caption) or template (vqa; None for BLIP VQA, which
+    takes the bare question), beams and lengths."""
+    options, generation = config.options, config.options.generation
     if task == "caption":
-        out.pop("template")
+        out: dict[str, Any] = {"prompt": options.prompt}
     else:
-        out.pop("prompt")
-        if not family.startswith("blip2"):
-            out["template"] = None  # BLIP VQA checkpoints take the bare question
-    out["sample"] = False
+        out = {"template": options.template if family.startswith("blip2") else None}
+    out.update(
+        num_beams=generation.num_beams,
+        max_new_tokens=generation.max_new_tokens,
+        min_new_tokens=generation.min_new_tokens,
+        sample=False,
+    )
     return out
 
 

@@ -14,6 +14,7 @@ what pipeline/stream.py lists, and `ranked_fields` (retrieval).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,14 +35,14 @@ from blip_toolkit.engine.accelerate import process_state
 from blip_toolkit.engine.outputs import RunRecord, check_resume_settings
 from blip_toolkit.errors import BlipError, InputError, OutputExistsError, UsageError
 from blip_toolkit.models.loading import (
-    DEFAULT_MODELS,
     LoadedModel,
     inspect_source,
     load_processor,
-    open_runner,
+    open_spec,
     require_task,
     resolve_source,
 )
+from blip_toolkit.models.spec import LoadSpec
 from blip_toolkit.pipeline import remote
 from blip_toolkit.pipeline.items import Prepared
 from blip_toolkit.pipeline.journal import (
@@ -78,7 +79,7 @@ class OutputJob:
     resume: bool = False
     overwrite: bool = False
     retry_failed: bool = False
-    device: str = "auto"
+    device: str = "auto"  # where the model runs (run_to_file: the LoadSpec's)
 
     def __post_init__(self) -> None:
         self.output = str(self.output)
@@ -459,28 +460,18 @@ def preprocessing_runner(
     return SimpleNamespace(loaded=loaded)
 
 
-def loader(
-    task: str,
-    model: str | None,
-    *,
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    quantize: str | None = None,
-):
-    """(model source, `load(device)`, `preprocessing()`): the task's default checkpoint when `model`
-    is None."""
-    source = model or DEFAULT_MODELS[task]
-    load = partial(
-        open_runner, source, task, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize
-    )
+def loader(task: str, spec: LoadSpec):
+    """(model source, `load(device)`, `preprocessing()`) for `task` as `spec` says (the task's default
+    checkpoint without --model)."""
+    source = spec.source(task)
     preprocessing = partial(
-        preprocessing_runner, source, task, trust_remote_code=trust_remote_code, quantize=quantize
+        preprocessing_runner, source, task, trust_remote_code=spec.trust_remote_code, quantize=spec.quantize
     )
-    return source, partial(_load_on, load), preprocessing
+    return source, partial(_load_on, spec, task), preprocessing
 
 
-def _load_on(load, device: str):
-    return load(device=device)
+def _load_on(spec: LoadSpec, task: str, device: str):
+    return open_spec(spec, task, device=device)
 
 
 def infer_records(
@@ -517,73 +508,43 @@ def infer_records(
 
 
 def stream_records(
-    task: str,
-    source: Source,
-    options,
-    make_task,
-    *,
-    model=None,
-    device="auto",
-    dtype="auto",
-    trust_remote_code=False,
-    quantize: str | None = None,
-    ray: RayOptions | None = None,
+    prediction, source: Source, load: LoadSpec, ray: RayOptions | None = None
 ) -> Iterator[dict]:
-    """The records of `source` in input order, without an output file (`blip caption ...` to stdout)."""
+    """The records of `source` in input order, without an output file (`blip caption ...` to stdout).
+    `prediction`: the task, its options and how to make its batch task (jobs/predict.py)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("several processes need --output FILE (process 0 merges their results there)")
-    _, load, preprocessing = loader(
-        task, model, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize
-    )
+    _, open_on, preprocessing = loader(prediction.task, load)
+    settings = prediction.options.settings()
     if ray is not None:
-        factory = partial(actor_task, load, make_task, actor_device(ray, device))
-        return infer_records(
-            None,
-            make_task(preprocessing()),
-            source,
-            options.settings(),
-            progress=True,
-            ray=ray,
-            factory=factory,
-        )
-    runner = load(device)
-    return infer_records(runner, make_task(runner), source, options.settings(), progress=True)
+        factory = partial(actor_task, open_on, prediction.make_task, actor_device(ray, load.device))
+        task = prediction.make_task(preprocessing())
+        return infer_records(None, task, source, settings, progress=True, ray=ray, factory=factory)
+    runner = open_on(load.device)
+    return infer_records(runner, prediction.make_task(runner), source, settings, progress=True)
 
 
 def run_to_file(
-    task: str,
-    source: Source,
-    options,
-    make_task,
-    fingerprint: dict,
-    job: OutputJob,
-    *,
-    model: str | None = None,
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    quantize: str | None = None,
-    ray: RayOptions | None = None,
+    prediction, source: Source, load: LoadSpec, job: OutputJob, ray: RayOptions | None = None
 ) -> Summary:
     """`--output FILE`: the resumable, multi-process run, with the fingerprint of everything that
     defines its records (the task's options, the model and its config, the inputs). `ray`: run the
     model in Ray actors (pipeline/ray_engine.py)."""
-    name, load, preprocessing = loader(
-        task, model, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize
-    )
+    name, open_on, preprocessing = loader(prediction.task, load)
     fingerprint = {
-        **fingerprint,
-        **({"quantize": quantize} if quantize else {}),
+        **prediction.fingerprint,
+        **({"quantize": load.quantize} if load.quantize else {}),
         **model_fingerprint(name),
-        "max_pixels": options.max_pixels,
+        "max_pixels": prediction.options.max_pixels,
         "inputs": source.describe(),
         "unit_size": FILE_UNIT if source.kind == "files" else None,
     }
     return infer_to_file(
-        load,
-        make_task,
+        open_on,
+        prediction.make_task,
         source,
-        job,
-        options.settings(),
+        dataclasses.replace(job, device=load.device),
+        prediction.options.settings(),
         fingerprint,
         ray=ray,
         open_preprocessing=preprocessing,

@@ -1,17 +1,46 @@
-"""The predictors over a list of images or a pipeline source, in input order: what the Python API,
-`blip eval`, the UI and the demo call (the CLI's dataset jobs write the same records to a file through
-`jobs.inference.run_to_file`)."""
+"""A predictor's run, named once: `Prediction` (the task, its options, how to build its batch task
+from a loaded model, the fingerprint of what defines its records), built by `captioning`,
+`answering` and `ranking`, and what the CLI, `blip eval`, the UI and the demo hand to
+`jobs.inference` (`run_to_file`, `stream_records`). The functions below run one over a list of
+images or a pipeline source with a model already loaded, in input order (the Python API)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from blip_toolkit.data.images import InputItem
 from blip_toolkit.jobs.inference import infer_records
 from blip_toolkit.pipeline.sources import Source, list_source
-from blip_toolkit.predictors.caption import CaptionOptions, caption_task
-from blip_toolkit.predictors.retrieval import RetrievalOptions, RetrievalTask
-from blip_toolkit.predictors.vqa import VqaOptions, vqa_task
+from blip_toolkit.predictors.caption import caption_task
+from blip_toolkit.predictors.options import CaptionOptions, RetrievalOptions, VqaOptions
+from blip_toolkit.predictors.retrieval import RetrievalTask
+from blip_toolkit.predictors.vqa import vqa_task
+
+
+@dataclass
+class Prediction:
+    task: str  # caption, vqa or retrieval: what the checkpoint must support
+    options: Any  # CaptionOptions, VqaOptions or RetrievalOptions
+    make_task: Callable[[Any], Any]  # runner -> the batch task
+    fingerprint: dict  # what a resumed --output run must keep
+
+
+def captioning(options: CaptionOptions) -> Prediction:
+    return Prediction("caption", options, lambda runner: caption_task(runner, options), options.fingerprint())
+
+
+def answering(options: VqaOptions, question: str | None = None) -> Prediction:
+    """`question`: the one question asked of every image (else each item carries its own)."""
+    fingerprint = {**options.fingerprint(), "question": question}
+    return Prediction("vqa", options, lambda runner: vqa_task(runner, options), fingerprint)
+
+
+def ranking(options: RetrievalOptions, texts: list[str]) -> Prediction:
+    return Prediction(
+        "retrieval", options, lambda runner: RetrievalTask(runner, texts, options), options.fingerprint(texts)
+    )
 
 
 def caption_source(runner, source: Source, options: CaptionOptions) -> Iterator[dict]:

@@ -34,6 +34,7 @@ from blip_toolkit.models.device import FallbackRunner, model_width, resolve_devi
 from blip_toolkit.models.fast_attention import use_fused_text_attention, use_fused_vision_attention
 from blip_toolkit.models.fast_linear import pack_linear_layers
 from blip_toolkit.models.quantize import check_quantize, loading_kwargs, quantize_model
+from blip_toolkit.models.spec import LoadSpec
 
 logger = logging.getLogger("blip")
 
@@ -45,12 +46,6 @@ DEFAULT_INSTRUCTION = "A short image caption."
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-DEFAULT_MODELS = {
-    "caption": "Salesforce/blip-image-captioning-base",
-    "vqa": "Salesforce/blip-vqa-base",
-    "retrieval": "Salesforce/blip-itm-base-coco",
-}
 
 
 @dataclass(frozen=True)
@@ -406,6 +401,19 @@ def merge_adapter(model, adapter_dir: str, source: str):
         return peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{source}: cannot apply the adapter ({_first_line(exc)})") from exc
+
+
+def open_spec(spec: LoadSpec, task: str, *, device: str | None = None):
+    """`open_runner` for a LoadSpec: its checkpoint (the task's default without --model) for `task`,
+    on `device` (default: the spec's)."""
+    return open_runner(
+        spec.source(task),
+        task,
+        device=device or spec.device,
+        dtype=spec.dtype,
+        trust_remote_code=spec.trust_remote_code,
+        quantize=spec.quantize,
+    )
 
 
 def open_runner(

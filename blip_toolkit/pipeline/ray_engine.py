@@ -27,7 +27,6 @@ import socket
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from blip_toolkit.errors import InputError, UsageError
@@ -42,29 +41,12 @@ from blip_toolkit.pipeline.items import (
 )
 from blip_toolkit.pipeline.resume import Offsets
 from blip_toolkit.pipeline.sources import Source, Unit
+from blip_toolkit.pipeline.spec import RayOptions
 from blip_toolkit.pipeline.stream import prepare_item, process_chunks, unit_chunks
 
 logger = logging.getLogger("blip")
 
 RAY_HINT = "pip install 'blip-toolkit[ray]'"
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """Where and how wide to run: `address` of an existing cluster ("auto", "HOST:PORT", or None to
-    start one on this machine), actors (None: autoscale from 1 to what the cluster holds), and the
-    GPUs / CPUs each actor asks for."""
-
-    address: str | None = None
-    num_actors: int | None = None
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.num_actors is not None and self.num_actors < 1:
-            raise UsageError("--num-actors must be at least 1")
-        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
-            raise UsageError("--gpus-per-actor must be 0 or more and --cpus-per-actor more than 0")
 
 
 def ray_module():

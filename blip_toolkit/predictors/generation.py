@@ -11,60 +11,13 @@ the prompt (the instruction), and without `--prompt` it is given its family's de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 from blip_toolkit.data.batching import check_text
-from blip_toolkit.errors import InputError, UsageError
+from blip_toolkit.errors import InputError
 from blip_toolkit.models.quantize import empty_output_error
 from blip_toolkit.pipeline.outputs import item_name
-
-
-@dataclass
-class GenerationOptions:
-    max_new_tokens: int = 30
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    sample: bool = False
-    top_p: float = 0.9
-    temperature: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UsageError("--max-new-tokens must be at least 1")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise UsageError("--min-new-tokens must be between 0 and --max-new-tokens")
-        if self.num_beams < 1:
-            raise UsageError("--num-beams must be at least 1")
-        if not 0 < self.top_p <= 1:
-            raise UsageError("--top-p must be in (0, 1]")
-        if self.temperature <= 0:
-            raise UsageError("--temperature must be positive")
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The decoding options that change the text (sampling ones only when sampling)."""
-        out: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "min_new_tokens": self.min_new_tokens,
-            "num_beams": self.num_beams,
-            "sample": self.sample,
-        }
-        if self.sample:
-            out.update(top_p=self.top_p, temperature=self.temperature, seed=self.seed)
-        return out
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
-        if self.min_new_tokens:
-            kwargs["min_new_tokens"] = self.min_new_tokens
-        if self.sample:
-            kwargs.update(do_sample=True, top_p=self.top_p, temperature=self.temperature)
-        else:
-            kwargs["do_sample"] = False
-        return kwargs
+from blip_toolkit.predictors.options import GenerationOptions
 
 
 def forbidden_tokens(loaded) -> list[str]:

@@ -17,8 +17,6 @@ the likelihood need one pass per (image, text) pair, done in batches.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,50 +24,11 @@ from PIL import Image
 from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
 from blip_toolkit.data.batching import check_text
-from blip_toolkit.data.images import DEFAULT_MAX_PIXELS
 from blip_toolkit.errors import InputError, UsageError
 from blip_toolkit.models.fast_attention import text_attention_is_fused
 from blip_toolkit.models.itm import ITM_OPS, itm_input_ids
-from blip_toolkit.pipeline.stream import RunSettings
 from blip_toolkit.predictors.generation import forbidden_tokens
-
-ITM_SCORES = ("itm+itc", "itm", "itc")
-
-
-@dataclass
-class RetrievalOptions:
-    score: str | None = None  # None: itm+itc for ITM checkpoints, likelihood for generative BLIP-2
-    batch_size: int = 8  # images per vision pass; (image, text) pairs per ITM/likelihood pass = 4x this
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    top: int | None = None  # keep the best N texts per image (None: all)
-    num_workers: int | None = 0
-    # ITM checkpoints: re-score only each image's `shortlist` texts of highest ITC with the ITM head
-    # (LAVIS's k_test) and list only those; None: ITM on every text.
-    shortlist: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.top is not None and self.top < 1:
-            raise UsageError("--top must be at least 1")
-        if self.shortlist is not None and self.shortlist < 1:
-            raise UsageError("--shortlist must be at least 1")
-        if self.score is not None and self.score not in ITM_SCORES + ("likelihood",):
-            raise UsageError(f"--score {self.score!r}: use one of {', '.join(ITM_SCORES)} or likelihood")
-
-    def settings(self) -> RunSettings:
-        return RunSettings(self.batch_size, self.num_workers, self.max_pixels)
-
-    def fingerprint(self, texts: list[str]) -> dict:
-        digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
-        out = {
-            "task": "retrieval",
-            "score": self.score,
-            "top": self.top,
-            "texts": len(texts),
-            "texts_sha256": digest,
-        }
-        if self.shortlist is not None:  # only when set: fingerprints of earlier runs stay valid
-            out["shortlist"] = self.shortlist
-        return out
+from blip_toolkit.predictors.options import ITM_SCORES, RetrievalOptions
 
 
 def resolve_score(family, score: str | None) -> str:

@@ -12,7 +12,8 @@ import torch
 
 from blip_toolkit.models.itm import ITM_OPS, itm_input_ids
 from blip_toolkit.models.loading import LoadedModel
-from blip_toolkit.predictors.generation import GenerationOptions, generate, prompt_length
+from blip_toolkit.predictors.generation import generate, prompt_length
+from blip_toolkit.predictors.options import GenerationOptions
 from blip_toolkit.training.data import Example, normalize_text
 
 

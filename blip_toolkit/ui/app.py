@@ -22,7 +22,7 @@ import gradio as gr
 import pandas as pd
 
 from blip_toolkit.errors import BlipError, UsageError
-from blip_toolkit.predictors.retrieval import ITM_SCORES
+from blip_toolkit.predictors.options import ITM_SCORES
 from blip_toolkit.ui.service import InferenceService, ServiceConfig
 
 logger = logging.getLogger("blip")

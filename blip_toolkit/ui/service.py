@@ -24,11 +24,10 @@ from blip_toolkit.data.batching import check_text
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, InputItem
 from blip_toolkit.errors import BlipError, InputError, UsageError
 from blip_toolkit.jobs.predict import answer_questions, caption_images, rank_texts
-from blip_toolkit.models.loading import DEFAULT_MODELS, inspect_source, open_runner, require_task
-from blip_toolkit.predictors.caption import CaptionOptions
-from blip_toolkit.predictors.generation import GenerationOptions, forbidden_tokens
-from blip_toolkit.predictors.retrieval import RetrievalOptions
-from blip_toolkit.predictors.vqa import VqaOptions
+from blip_toolkit.models.loading import inspect_source, open_runner, require_task
+from blip_toolkit.models.spec import DEFAULT_MODELS
+from blip_toolkit.predictors.generation import forbidden_tokens
+from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions, RetrievalOptions, VqaOptions
 from blip_toolkit.ui.batcher import Batcher
 
 logger = logging.getLogger("blip")

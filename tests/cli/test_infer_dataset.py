@@ -213,8 +213,8 @@ def test_two_ranks_split_by_shard_merge_in_input_order(tiny_models, tars, tmp_pa
     from blip_toolkit.jobs.inference import OutputJob, infer_to_file
     from blip_toolkit.models.loading import open_runner
     from blip_toolkit.pipeline.sources import open_inputs
-    from blip_toolkit.predictors.caption import CaptionOptions, caption_task
-    from blip_toolkit.predictors.generation import GenerationOptions
+    from blip_toolkit.predictors.caption import caption_task
+    from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions
 
     options = CaptionOptions(batch_size=2, generation=GenerationOptions(max_new_tokens=5), num_workers=0)
     source = open_inputs([str(t) for t in tars])

@@ -65,7 +65,7 @@ def test_config_command_options_are_derived_from_the_config_fields(name):
             cls_name, field_name = derived[p.opts[0]].split(".")
             cls = next(c for c in CONFIG_COMMANDS[name] if c.__name__ == cls_name)
             help_text = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}[field_name]
-            assert help_text and p.help.startswith(help_text), (p.opts[0], p.help)
+            assert help_text and p.help.startswith(help_text.replace("[", "\\[")), (p.opts[0], p.help)
 
 
 def test_the_training_loop_settings_are_declared_once_and_shared_by_both_trainers():
@@ -94,3 +94,40 @@ def test_no_field_name_is_declared_in_two_unrelated_settings_classes_of_a_comman
                     f"{name}: {f.name} declared in {owners.get(f.name)} and {cls.__name__}"
                 )
                 owners[f.name] = cls.__name__
+
+
+def subcommand(path: list[str]) -> click.Command:
+    cmd = typer.main.get_command(app)
+    for name in path:
+        cmd = cmd.get_command(click.Context(cmd), name)
+    return cmd
+
+
+@pytest.mark.parametrize("path", [["caption"], ["vqa"], ["retrieval"], ["eval", "caption"], ["eval", "vqa"]])
+def test_dataset_and_eval_commands_derive_decoding_and_loading_from_one_dataclass_each(path):
+    """--num-beams, --model, --batch-size, ... are the fields of GenerationOptions, LoadSpec and the
+    predictor's options everywhere, not options written per command."""
+    derived = subcommand(path).callback.__derived__
+    origins = {flag: origin.split(".")[0] for flag, origin in derived.items()}
+    assert origins["--model"] == "LoadSpec" and origins["--device"] == "LoadSpec"
+    assert origins["--batch-size"] in {"CaptionOptions", "VqaOptions", "RetrievalOptions"}
+    if path[-1] != "retrieval":
+        assert origins["--num-beams"] == origins["--max-new-tokens"] == "GenerationOptions"
+
+
+def test_no_cli_function_is_longer_than_80_lines_and_run_inference_takes_at_most_6_parameters():
+    import ast
+    import inspect
+    from pathlib import Path
+
+    from blip_toolkit.cli import common
+
+    cli = Path(common.__file__).parent
+    long = [
+        f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in sorted(cli.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 80
+    ]
+    assert not long, long
+    assert len(inspect.signature(common.run_inference).parameters) <= 6

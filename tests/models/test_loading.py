@@ -16,8 +16,7 @@ from blip_toolkit.jobs.predict import caption_images
 from blip_toolkit.models import loading
 from blip_toolkit.models.device import FallbackRunner, is_cuda_fault, resolve_device, resolve_dtype
 from blip_toolkit.models.loading import inspect_source, load_model, open_runner
-from blip_toolkit.predictors.caption import CaptionOptions
-from blip_toolkit.predictors.generation import GenerationOptions
+from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions
 
 EXPECTED = {
     "blip-caption": ("blip-caption", ("caption",)),

@@ -19,7 +19,8 @@ from blip_toolkit.models.loading import load_model
 from blip_toolkit.models.mapped_pages import CheckpointMappings, release
 from blip_toolkit.models.quantize import linear_layers
 from blip_toolkit.models.scratch.checkpoints import ModelSize, build_checkpoint
-from blip_toolkit.predictors.generation import GenerationOptions, generate
+from blip_toolkit.predictors.generation import generate
+from blip_toolkit.predictors.options import GenerationOptions
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 

@@ -21,10 +21,7 @@ from blip_toolkit.models.device import (
     resolve_dtype,
 )
 from blip_toolkit.models.loading import load_model, open_runner
-from blip_toolkit.predictors.caption import CaptionOptions
-from blip_toolkit.predictors.generation import GenerationOptions
-from blip_toolkit.predictors.retrieval import RetrievalOptions
-from blip_toolkit.predictors.vqa import VqaOptions
+from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions, RetrievalOptions, VqaOptions
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "data" / "samples"

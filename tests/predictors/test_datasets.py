@@ -21,10 +21,7 @@ from blip_toolkit.jobs.predict import (
 )
 from blip_toolkit.models.loading import open_runner
 from blip_toolkit.pipeline.sources import list_source, open_inputs
-from blip_toolkit.predictors.caption import CaptionOptions
-from blip_toolkit.predictors.generation import GenerationOptions
-from blip_toolkit.predictors.retrieval import RetrievalOptions
-from blip_toolkit.predictors.vqa import VqaOptions
+from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions, RetrievalOptions, VqaOptions
 from tests.builders.wds import photo_tars, write_tar
 
 GEN = GenerationOptions(max_new_tokens=5)

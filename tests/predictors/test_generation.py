@@ -10,9 +10,7 @@ import transformers
 from blip_toolkit.data.images import InputItem, open_image
 from blip_toolkit.jobs.predict import answer_questions, caption_images
 from blip_toolkit.models.loading import open_runner
-from blip_toolkit.predictors.caption import CaptionOptions
-from blip_toolkit.predictors.generation import GenerationOptions
-from blip_toolkit.predictors.vqa import VqaOptions
+from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions, VqaOptions
 
 CLASSES = {
     "blip-caption": "BlipForConditionalGeneration",

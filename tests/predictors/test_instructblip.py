@@ -14,10 +14,8 @@ from blip_toolkit.data.images import InputItem, open_image
 from blip_toolkit.errors import TaskNotSupportedError
 from blip_toolkit.jobs.predict import answer_questions, caption_images, rank_texts
 from blip_toolkit.models.loading import DEFAULT_INSTRUCTION, detect_family, inspect_source, open_runner
-from blip_toolkit.predictors.caption import CaptionOptions
-from blip_toolkit.predictors.generation import GenerationOptions, forbidden_tokens
-from blip_toolkit.predictors.retrieval import RetrievalOptions
-from blip_toolkit.predictors.vqa import VqaOptions
+from blip_toolkit.predictors.generation import forbidden_tokens
+from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions, RetrievalOptions, VqaOptions
 from blip_toolkit.training.modules import check_trainable
 
 KINDS = ["instructblip-t5", "instructblip-vicuna"]

@@ -11,7 +11,7 @@ from blip_toolkit.data.images import InputItem, open_image
 from blip_toolkit.errors import UsageError
 from blip_toolkit.jobs.predict import rank_texts
 from blip_toolkit.models.loading import open_runner
-from blip_toolkit.predictors.retrieval import RetrievalOptions
+from blip_toolkit.predictors.options import RetrievalOptions
 
 TEXTS = ["a photo of a cat", "a dog", "two cats laying on a couch", "a red car parked next to a tree"]
 

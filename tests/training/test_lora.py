@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 from blip_toolkit.data.images import InputItem
 from blip_toolkit.jobs.predict import caption_images
 from blip_toolkit.models.loading import load_model, open_runner, resolve_source
-from blip_toolkit.predictors.caption import CaptionOptions
-from blip_toolkit.predictors.generation import GenerationOptions
+from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions
 from blip_toolkit.training.config import FinetuneConfig
 from blip_toolkit.training.finetune import run_finetune
 from blip_toolkit.training.lora import (

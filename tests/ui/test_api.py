@@ -145,7 +145,7 @@ def test_blip_ui_command_serves_with_auth(cli, tiny_models, sample_images, one_t
     from blip_toolkit.data.images import InputItem
     from blip_toolkit.jobs.predict import caption_images
     from blip_toolkit.models.loading import open_runner
-    from blip_toolkit.predictors.caption import CaptionOptions
+    from blip_toolkit.predictors.options import CaptionOptions
 
     port = free_port()
     args = ["ui", "--model", str(tiny_models["blip-caption"]), "--port", str(port)]

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from blip_toolkit.errors import ModelLoadError, TaskNotSupportedError
-from blip_toolkit.models.loading import DEFAULT_MODELS
+from blip_toolkit.models.spec import DEFAULT_MODELS
 from blip_toolkit.ui.service import InferenceService, ServiceConfig
 
 
