@@ -1,4 +1,5 @@
-"""`blip train-dit` and `blip sample`: wiring only (options -> config -> run -> summary)."""
+"""`blip train-dit` and `blip sample`: wiring only (options -> config -> run -> summary). Their options
+are derived from the config dataclasses' fields (cli/derive.py); the config modules import no torch."""
 
 from __future__ import annotations
 
@@ -13,17 +14,11 @@ from blip_toolkit.cli.options import (
     OutputFormat,
     PrintConfigOpt,
     SetOpt,
-    choice_enum,
     unset_option,
 )
-from blip_toolkit.dit.config import SOLVERS, SPLITS, DiTConfig
+from blip_toolkit.dit.config import DiTConfig
+from blip_toolkit.dit.sample_config import SampleConfig
 from blip_toolkit.dit.train_config import DataConfig, EvalConfig, TrainConfig, TrainDiTConfig
-
-# Defaults for the help text (the flags themselves default to None = "not given", so a config file
-# value is not overridden by a default). The config modules import no torch.
-_D = TrainDiTConfig()
-Solver = choice_enum("Solver", SOLVERS)
-Split = choice_enum("Split", SPLITS)
 
 
 @derived(
@@ -97,92 +92,8 @@ def _train_text(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sample(
-    checkpoint: Annotated[
-        Path,
-        typer.Option(
-            "--checkpoint",
-            help="A train-dit run directory (its final model, else its latest checkpoint) or RUN/checkpoints/step-N.",
-            file_okay=False,
-            show_default=False,
-        ),
-    ],
-    data: Annotated[
-        Path,
-        typer.Option(
-            "--data",
-            "-d",
-            help="Embeddings directory whose conditioning tokens are sampled from.",
-            file_okay=False,
-            show_default=False,
-        ),
-    ],
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Generated-features file (safetensors) for eval-recall --generated; with several --steps / "
-            "--cfg-scale values a directory: one file per setting and sweep.json.",
-            show_default=False,
-        ),
-    ],
-    solver: Annotated[
-        Solver | None,
-        unset_option(
-            "--solver", help="euler or heun (2 evaluations per step). \\[default: the run's, euler]"
-        ),
-    ] = None,
-    steps: Annotated[
-        list[int] | None,
-        unset_option(
-            "--steps",
-            help="ODE steps; several values (--steps 10 30) sweep them. \\[default: the run's, 30]",
-            metavar="N...",
-        ),
-    ] = None,
-    cfg_scale: Annotated[
-        list[float] | None,
-        unset_option(
-            "--cfg-scale",
-            help="Classifier-free guidance (1 = none); conditional and unconditional in one batch. Several values "
-            "(--cfg-scale 1 1.5 2 3) sweep them; eval-recall scores the sweep. \\[default: the run's]",
-            metavar="SCALE...",
-        ),
-    ] = None,
-    shift: Annotated[
-        float | None,
-        unset_option(
-            "--shift",
-            help="Timestep shift of the grid (>1: more steps near the noise). \\[default: the run's, 1.0]",
-        ),
-    ] = None,
-    seed: Annotated[
-        int, typer.Option("--seed", help="Noise seed (per image: results do not depend on the batch).")
-    ] = 0,
-    ema: Annotated[
-        bool, typer.Option("--ema/--no-ema", help="Use the EMA weights (or the trained weights).")
-    ] = True,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Images per solver batch.")
-    ] = 64,
-    split: Annotated[
-        Split | None,
-        unset_option(
-            "--split",
-            help="all images, or the run's own train / eval split (needs the embeddings it was trained on). "
-            "\\[default: eval (the held-out images) on the embeddings the run was trained on, else all]",
-        ),
-    ] = None,
-    limit: Annotated[
-        int | None, unset_option("--limit", min=1, help="Only the first N images of the split.")
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing --out file (or sweep directory).")
-    ] = False,
-    fmt: FormatOpt = OutputFormat.text,
-) -> None:
+@derived(settings=options(SampleConfig))
+def sample(*, settings: SampleConfig, fmt: FormatOpt = OutputFormat.text) -> None:
     """Generate target tokens with a trained DiT for the images of an embeddings directory.
 
     Writes the tokens, their keys and their global embeddings (the target head of the run) to one
@@ -199,27 +110,9 @@ def sample(
       blip sample --checkpoint runs/dit/checkpoints/step-4000 --data val-emb/ -o s.safetensors --no-ema --solver heun
     """
     from blip_toolkit.cli.output import Emitter
-    from blip_toolkit.dit.sample import SampleConfig, run_sample
+    from blip_toolkit.dit.sample import run_sample
 
-    result = run_sample(
-        SampleConfig(
-            checkpoint=str(checkpoint),
-            data=str(data),
-            out=str(out),
-            steps=steps or None,
-            cfg_scale=cfg_scale or None,
-            solver=solver.value if solver is not None else None,
-            shift=shift,
-            seed=seed,
-            ema=ema,
-            batch_size=batch_size,
-            split=split.value if split is not None else None,
-            limit=limit,
-            device=device,
-            overwrite=overwrite,
-        )
-    )
-    summary = result.summary()
+    summary = run_sample(settings).summary()
     if fmt == OutputFormat.text:
         sweep = summary.pop("sweep")
         lines = [f"{k}\t{v}" for k, v in summary.items() if not (sweep and k in ("steps", "cfg_scale"))]

@@ -1,4 +1,6 @@
-"""`blip extract-embeddings` and `blip eval-recall`."""
+"""`blip extract-embeddings` and `blip eval-recall`: wiring only. Their settings' options are derived
+from the fields of `ExtractConfig` and `RecallConfig` (cli/derive.py): the field is the setting's one
+home (name, type, default, help)."""
 
 from __future__ import annotations
 
@@ -7,42 +9,23 @@ from typing import Annotated
 
 import typer
 
+from blip_toolkit.cli.derive import derived, options
 from blip_toolkit.cli.options import (
-    BatchSizeOpt,
     CpusPerActorOpt,
-    DeviceOpt,
     Engine,
     EngineOpt,
     FormatOpt,
     GpusPerActorOpt,
-    ImageColumnOpt,
-    KeyColumnOpt,
-    MaxPixelsOpt,
     NumActorsOpt,
     OutputFormat,
     OverwriteOpt,
-    QuantizeOpt,
     RayAddressOpt,
-    ResumeOpt,
-    TrustRemoteCodeOpt,
-    choice_enum,
 )
-from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
-from blip_toolkit.embeddings.format import (
-    CROP_MODES,
-    DEFAULT_COND,
-    DEFAULT_TARGET,
-    HEAD_POOLINGS,
-    STORAGE_DTYPES,
-    TOKEN_LAYOUTS,
-)
-
-Tokens = choice_enum("Tokens", TOKEN_LAYOUTS)
-HeadPool = choice_enum("HeadPool", HEAD_POOLINGS)
-StorageDtype = choice_enum("StorageDtype", STORAGE_DTYPES)
-Crop = choice_enum("Crop", CROP_MODES)
+from blip_toolkit.jobs.extract_config import ExtractConfig
+from blip_toolkit.jobs.recall_config import RecallConfig
 
 
+@derived(settings=options(ExtractConfig))
 def extract_embeddings(
     source: Annotated[
         list[str],
@@ -51,122 +34,14 @@ def extract_embeddings(
             show_default=False,
         ),
     ],
-    out: Annotated[
-        str,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Output directory, local (train-dit memory-maps the shards; see docs/formats.md, 'Embedding shards').",
-        ),
-    ],
-    cond_encoder: Annotated[
-        str,
-        typer.Option(
-            "--cond-encoder",
-            help="Conditioning encoder: CLIP, SigLIP, BLIP, BLIP-2 or a bare vision tower (only its vision tower is loaded).",
-        ),
-    ] = DEFAULT_COND,
-    target_encoder: Annotated[
-        str,
-        typer.Option(
-            "--target-encoder",
-            help="Target encoder: CLIP, SigLIP or BLIP ITM (gives text embeddings and its own image embedding).",
-        ),
-    ] = DEFAULT_TARGET,
-    tokens: Annotated[
-        Tokens, typer.Option("--tokens", help="Tokens stored: the patch grid, or CLS + patch grid.")
-    ] = Tokens.patch,
-    pool: Annotated[
-        int | None,
-        typer.Option(
-            "--pool",
-            min=1,
-            help="Average-pool the patch grid to NxN (8 -> 64 tokens, as BLIP3-o pools its target features); the CLS token is not pooled. [default: no pooling]",
-            show_default=False,
-        ),
-    ] = None,
-    cond_tokens: Annotated[
-        Tokens | None,
-        typer.Option(
-            "--cond-tokens",
-            help="Token layout of the conditioning encoder. [default: --tokens]",
-            show_default=False,
-        ),
-    ] = None,
-    cond_pool: Annotated[
-        int | None,
-        typer.Option(
-            "--cond-pool",
-            min=0,
-            help="Pooling of the conditioning grid (0: none). [default: --pool]",
-            show_default=False,
-        ),
-    ] = None,
-    head_pool: Annotated[
-        HeadPool | None,
-        typer.Option(
-            "--head-pool",
-            help="How the target head pools tokens to the global embedding. [default: cls for cls+patch, mean for patch; SigLIP: map]",
-            show_default=False,
-        ),
-    ] = None,
-    crop: Annotated[
-        Crop,
-        typer.Option(
-            "--crop",
-            help="center: cut every image to its centred square once, before both processors, so token (i, j) "
-            "of both encoders sees the same pixels (BLIP / BLIP-2 processors squash, CLIP's crop). none: each "
-            "processor gets the whole image.",
-        ),
-    ] = Crop.center,
-    dtype: Annotated[
-        StorageDtype, typer.Option("--dtype", help="Storage dtype of the embeddings.")
-    ] = StorageDtype.float16,
-    encoder_dtype: Annotated[
-        str,
-        typer.Option(
-            "--encoder-dtype",
-            help="Dtype the encoders run in: auto (float32 on CPU, float16 on CUDA), float32, float16, bfloat16.",
-        ),
-    ] = "auto",
-    quantize: QuantizeOpt = None,
-    device: DeviceOpt = "auto",
-    batch_size: BatchSizeOpt = 32,
-    shard_size: Annotated[
-        int,
-        typer.Option(
-            "--shard-size",
-            min=1,
-            help="Images per output shard (also the memory bound: one shard of outputs).",
-        ),
-    ] = 256,
-    num_workers: Annotated[
-        int,
-        typer.Option(
-            "--num-workers", min=0, help="DataLoader processes decoding images while the encoders run."
-        ),
-    ] = 2,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    allow_pipe: Annotated[
-        bool, typer.Option("--allow-pipe", help="Accept 'pipe:' webdataset URLs (they run shell commands).")
-    ] = False,
-    image_column: ImageColumnOpt = "image",
-    key_column: KeyColumnOpt = None,
-    text_column: Annotated[
-        str | None,
-        typer.Option(
-            "--text-column",
-            help="Parquet / Arrow inputs: the column of captions (a string or a list of strings).",
-        ),
-    ] = None,
+    *,
+    settings: ExtractConfig,
+    # The engine options stay hand-written (shared with caption / vqa / retrieval, cli/options.py).
     engine: EngineOpt = Engine.local,
     ray_address: RayAddressOpt = None,
     num_actors: NumActorsOpt = None,
     gpus_per_actor: GpusPerActorOpt = 0.0,
     cpus_per_actor: CpusPerActorOpt = 1.0,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
     fmt: Annotated[
         OutputFormat, typer.Option("--format", "-f", help="Summary format on stdout.")
     ] = OutputFormat.text,
@@ -187,6 +62,7 @@ def extract_embeddings(
       blip extract-embeddings 's3://bucket/{00000..09999}.tar' --out emb/ --engine ray --ray-address auto --gpus-per-actor 1
       accelerate launch --multi_gpu --num_processes 4 -m blip_toolkit extract-embeddings 'shards/{000..099}.tar' --out emb/
     """
+    import dataclasses
     import os
 
     # MKL picks kernels by memory alignment unless told otherwise, so the same batch can round
@@ -197,35 +73,8 @@ def extract_embeddings(
     from blip_toolkit.cli.output import Emitter
     from blip_toolkit.errors import PartialFailure
     from blip_toolkit.jobs.extract import extract_embeddings as run
-    from blip_toolkit.jobs.extract_config import ExtractConfig
 
-    config = ExtractConfig(
-        source=source,
-        out=str(out),
-        cond_encoder=cond_encoder,
-        target_encoder=target_encoder,
-        tokens=tokens.value,
-        pool=pool,
-        cond_tokens=cond_tokens.value if cond_tokens else None,
-        cond_pool=cond_pool,
-        head_pool=head_pool.value if head_pool else None,
-        crop=crop.value,
-        dtype=dtype.value,
-        encoder_dtype=encoder_dtype,
-        quantize=quantize.value if quantize else None,
-        device=device,
-        batch_size=batch_size,
-        shard_size=shard_size,
-        num_workers=num_workers,
-        max_pixels=max_pixels,
-        allow_pipe=allow_pipe,
-        image_column=image_column,
-        key_column=key_column,
-        text_column=text_column,
-        resume=resume,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-    )
+    config = dataclasses.replace(settings, source=source)
     summary = run(config, ray=ray_options(engine, ray_address, num_actors, gpus_per_actor, cpus_per_actor))
     if not summary.is_main:
         return
@@ -257,48 +106,23 @@ def _ks(values: list[str]) -> list[int]:
     return out
 
 
+# given=True: RecallConfig also needs the directory argument and the parsed --k, so the command builds
+# it from the flags that were given (the others keep the field defaults).
+@derived(settings=options(RecallConfig, given=True))
 def eval_recall(
     directory: Annotated[
         Path, typer.Argument(help="An extract-embeddings output directory.", show_default=False)
     ],
-    generated: Annotated[
-        Path | None,
-        typer.Option(
-            "--generated",
-            help="Generated target tokens: a safetensors file written by blip sample, or its sweep directory "
-            "(several --steps / --cfg-scale values: every setting is scored, the best one reported).",
-        ),
-    ] = None,
-    features: Annotated[
-        str | None,
-        typer.Option(
-            "--features",
-            help="Comma-separated: baseline, gt-pooled, generated. [default: all available]",
-            show_default=False,
-        ),
-    ] = None,
+    *,
+    settings: dict,
     k: Annotated[
         list[str] | None,
         typer.Option(
             "--k",
-            help="K values: --k 1 5 10, --k 1,5,10 or --k 1 --k 5. [default: 1 5 10]",
+            help="K values: --k 1 5 10, --k 1,5,10 or --k 1 --k 5. \\[default: 1 5 10]",
             show_default=False,
         ),
     ] = None,
-    dedupe_captions: Annotated[
-        bool,
-        typer.Option(
-            "--dedupe-captions",
-            help="Treat identical caption strings as one text (positive for every image that has it).",
-        ),
-    ] = False,
-    max_memory: Annotated[
-        str,
-        typer.Option("--max-memory", help="Memory budget of the similarity computation, e.g. 2GB or 512MiB."),
-    ] = "2GB",
-    device: Annotated[
-        str, typer.Option("--device", help="Where the similarity blocks are computed (cpu, cuda, cuda:N).")
-    ] = "cpu",
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Also write the full report as JSON here.", dir_okay=False),
@@ -332,20 +156,11 @@ def eval_recall(
     from blip_toolkit.cli.output import Emitter
     from blip_toolkit.engine.outputs import check_output_file
     from blip_toolkit.fsutil import write_json
-    from blip_toolkit.jobs.eval_recall import RecallConfig, evaluate_recall
+    from blip_toolkit.jobs.eval_recall import evaluate_recall
 
     if out is not None:
         check_output_file(out, overwrite=overwrite)
-    chosen = [f.strip() for f in features.split(",") if f.strip()] if features is not None else None
-    config = RecallConfig(
-        dir=str(directory),
-        features=chosen,
-        generated=str(generated) if generated else None,
-        ks=_ks(k) if k else [1, 5, 10],
-        dedupe_captions=dedupe_captions,
-        max_memory=max_memory,
-        device=device,
-    )
+    config = RecallConfig(dir=str(directory), **({"ks": _ks(k)} if k else {}), **settings)
     report = evaluate_recall(config)
     if update_run:
         from blip_toolkit.dit.sample import set_sample_defaults

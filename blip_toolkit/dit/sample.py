@@ -8,7 +8,8 @@ shards, and write them (with their global embeddings) for `eval-recall`.
     run_sample(SampleConfig(checkpoint="runs/dit", data="emb/", out="sweep/", cfg_scale=[1, 1.5, 2, 3], steps=[10, 30]))
 
     from blip_toolkit.dit.checkpoint import load_dit
-    from blip_toolkit.dit.solver import generate
+    from blip_toolkit.dit.sample_config import SampleConfig
+from blip_toolkit.dit.solver import generate
     model, normalizer, info = load_dit("runs/dit")           # EMA weights
     tokens = generate(model, cond, steps=30, cfg_scale=1.5, normalizer=normalizer)
 
@@ -34,10 +35,10 @@ import torch
 
 from blip_toolkit import __version__
 from blip_toolkit.dit.checkpoint import CONFIG_FILE, check_dims, load_dit, read_record, resolve_dit_dir
-from blip_toolkit.dit.config import SOLVERS, SPLITS
 from blip_toolkit.dit.data import sample_noise, split_indices
+from blip_toolkit.dit.sample_config import SampleConfig
 from blip_toolkit.dit.solver import generate
-from blip_toolkit.embeddings.format import STORAGE_DTYPES, SWEEP_FILE, SWEEP_FORMAT, SWEEP_VERSION
+from blip_toolkit.embeddings.format import SWEEP_FILE, SWEEP_FORMAT, SWEEP_VERSION
 from blip_toolkit.embeddings.generated import write_generated
 from blip_toolkit.embeddings.shard_reader import EmbeddingShards
 from blip_toolkit.embeddings.shards import TORCH_DTYPES
@@ -49,76 +50,7 @@ from blip_toolkit.models.device import resolve_device
 
 logger = logging.getLogger("blip")
 
-DTYPES = STORAGE_DTYPES
 SWEEP_RUN_KIND = "blip-sample-sweep"
-
-
-def _as_list(value) -> list | None:
-    if value is None:
-        return None
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-@dataclass
-class SampleConfig:
-    """Options of `blip sample`. None = the run's own setting (config.json "sample"), else the
-    default shown. `steps` and `cfg_scale` take one value or several: several make a sweep, one
-    generated file per (steps, cfg_scale) pair in the directory `out` (docs/formats.md)."""
-
-    checkpoint: str = ""
-    data: str = ""
-    out: str = ""
-    steps: int | list[int] | None = None  # default: the run's sample.steps (30)
-    cfg_scale: float | list[float] | None = None  # default: the run's sample.cfg_scale
-    solver: str | None = None  # default: the run's sample.solver (euler)
-    shift: float | None = None  # default: the run's sample.shift (1.0)
-    seed: int = 0
-    ema: bool = True
-    batch_size: int = 64
-    # all | train | eval (the run's own split; needs the embeddings it was trained on). None: the run's
-    # held-out images ("eval") on the embeddings it was trained on, every image ("all") on others.
-    split: str | None = None
-    limit: int | None = None  # at most this many images (the first of the split)
-    dtype: str | None = None  # of the written tokens; default: the embeddings' storage dtype
-    device: str = "auto"
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        self.steps = _as_list(self.steps)
-        self.cfg_scale = _as_list(self.cfg_scale)
-        problems = []
-        if not self.checkpoint:
-            problems.append("--checkpoint is required")
-        if not self.data:
-            problems.append("--data is required")
-        if not self.out:
-            problems.append("--out is required")
-        if self.steps is not None and (not self.steps or any(int(s) < 1 for s in self.steps)):
-            problems.append(f"--steps must be at least 1 (got {self.steps})")
-        if self.cfg_scale is not None and (not self.cfg_scale or any(float(c) < 0 for c in self.cfg_scale)):
-            problems.append(f"--cfg-scale must be >= 0 (got {self.cfg_scale})")
-        for name in ("steps", "cfg_scale"):
-            values = getattr(self, name)
-            if values is not None and len(set(values)) != len(values):
-                problems.append(f"--{name.replace('_', '-')} lists a value twice ({values})")
-        if self.solver is not None and self.solver not in SOLVERS:
-            problems.append(f"--solver must be {' or '.join(SOLVERS)} (got {self.solver!r})")
-        if self.shift is not None and self.shift <= 0:
-            problems.append(f"--shift must be positive (got {self.shift})")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.split is not None and self.split not in SPLITS:
-            problems.append(f"--split must be one of {', '.join(SPLITS)} (got {self.split!r})")
-        if self.limit is not None and self.limit < 1:
-            problems.append(f"--limit must be at least 1 (got {self.limit})")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            problems.append(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
-        if problems:
-            raise UsageError("; ".join(problems))
-
-    @property
-    def is_sweep(self) -> bool:
-        return len(self.steps or [None]) * len(self.cfg_scale or [None]) > 1
 
 
 @dataclass

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,42 +49,16 @@ from blip_toolkit.jobs.eval_recall_features import (
     open_generated,
     reference_features,
 )
+from blip_toolkit.jobs.recall_config import FEATURES, RecallConfig
 from blip_toolkit.metrics.recall import mean_cosine, retrieval_recall
 
 logger = logging.getLogger("blip")
 
-FEATURES = ("baseline", "gt-pooled", "generated")
 # How the best setting of a sweep is chosen: image-to-text recall at the smallest K first.
 BEST_RULE = (
     "highest i2t R@K (smallest K first), then t2i R@K; among equal recall the cheapest setting "
     "(fewest model evaluations: steps, doubled by guidance != 1), then the guidance closest to 1"
 )
-
-
-@dataclass
-class RecallConfig:
-    """Options of `eval-recall`."""
-
-    dir: str
-    features: list[str] | None = None  # None: every feature available
-    generated: str | None = None
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    dedupe_captions: bool = False
-    max_memory: str | int = "2GB"
-    device: str = "cpu"
-    batch_size: int = 1024  # rows per head pass
-
-    def __post_init__(self) -> None:
-        if self.features is not None:
-            unknown = [f for f in self.features if f not in FEATURES]
-            if unknown:
-                raise UsageError(f"--features {','.join(unknown)}: unknown (use {', '.join(FEATURES)})")
-            if not self.features:
-                raise UsageError("--features is empty")
-            if "generated" in self.features and not self.generated:
-                raise UsageError("--features generated needs --generated FILE")
-        if not self.ks or any(k < 1 for k in self.ks):
-            raise UsageError("--k takes positive integers (e.g. --k 1,5,10)")
 
 
 def evaluate_recall(config: RecallConfig) -> dict[str, Any]:

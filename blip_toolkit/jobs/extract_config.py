@@ -8,6 +8,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from blip_toolkit.config import Quantize, setting
 from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
 from blip_toolkit.embeddings.format import (
     CROP_MODES,
@@ -16,6 +17,10 @@ from blip_toolkit.embeddings.format import (
     HEAD_POOLINGS,
     STORAGE_DTYPES,
     TOKEN_LAYOUTS,
+    CropMode,
+    HeadPooling,
+    StorageDtype,
+    TokenLayoutName,
 )
 from blip_toolkit.errors import UsageError
 
@@ -42,33 +47,86 @@ DATA_KEYS = (
 
 @dataclass
 class ExtractConfig:
-    """Options of `extract-embeddings` (see the command's help for each)."""
+    """Options of `extract-embeddings`: each field is also its command-line option (cli/derive.py),
+    with the help below. `out` comes first because it is required and `source` is the command's
+    positional argument (the command fills it in)."""
 
-    source: list[str]
-    out: str
-    cond_encoder: str = DEFAULT_COND
-    target_encoder: str = DEFAULT_TARGET
-    tokens: str = "patch"  # target token layout: patch | cls+patch
-    pool: int | None = None  # average-pool the target's patch grid to pool x pool
-    cond_tokens: str | None = None  # None: same as tokens
-    cond_pool: int | None = None  # None: same as pool; 0: no pooling
-    head_pool: str | None = None  # cls | mean | map; None: cls for cls+patch, mean for patch (SigLIP: map)
-    crop: str = "center"  # center: both encoders see the image's centred square; none: each its own view
-    dtype: str = "float16"  # storage
-    encoder_dtype: str = "auto"
-    quantize: str | None = None  # int8 | 4bit: quantized encoders (models/quantize.py)
-    device: str = "auto"
-    batch_size: int = 32
-    shard_size: int = 256
-    num_workers: int = 2
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    allow_pipe: bool = False
-    image_column: str = "image"  # Parquet / Arrow inputs: the image column
-    key_column: str | None = None  # ... the key column (default: the row number within its file)
-    text_column: str | None = None  # ... the captions column (a string or a list of strings)
-    resume: bool = False
-    overwrite: bool = False
-    trust_remote_code: bool = False
+    out: str = setting(
+        help="Output directory, local (train-dit memory-maps the shards; see docs/formats.md, 'Embedding shards').",
+        flags=("-o",),
+    )
+    source: list[str] = setting(factory=list, cli=False)
+    cond_encoder: str = setting(
+        DEFAULT_COND,
+        help="Conditioning encoder: CLIP, SigLIP, BLIP, BLIP-2 or a bare vision tower (only its vision tower is loaded).",
+    )
+    target_encoder: str = setting(
+        DEFAULT_TARGET,
+        help="Target encoder: CLIP, SigLIP or BLIP ITM (gives text embeddings and its own image embedding).",
+    )
+    tokens: TokenLayoutName = setting("patch", help="Tokens stored: the patch grid, or CLS + patch grid.")
+    pool: int | None = setting(
+        None,
+        help="Average-pool the patch grid to NxN (8 -> 64 tokens, as BLIP3-o pools its target features); "
+        "the CLS token is not pooled. [default: no pooling]",
+        min=1,
+    )
+    cond_tokens: TokenLayoutName | None = setting(
+        None, help="Token layout of the conditioning encoder. [default: --tokens]"
+    )
+    cond_pool: int | None = setting(
+        None, help="Pooling of the conditioning grid (0: none). [default: --pool]", min=0
+    )
+    head_pool: HeadPooling | None = setting(
+        None,
+        help="How the target head pools tokens to the global embedding. "
+        "[default: cls for cls+patch, mean for patch; SigLIP: map]",
+    )
+    crop: CropMode = setting(
+        "center",
+        help="center: cut every image to its centred square once, before both processors, so token (i, j) "
+        "of both encoders sees the same pixels (BLIP / BLIP-2 processors squash, CLIP's crop). none: each "
+        "processor gets the whole image.",
+    )
+    dtype: StorageDtype = setting("float16", help="Storage dtype of the embeddings.")
+    encoder_dtype: str = setting(
+        "auto",
+        help="Dtype the encoders run in: auto (float32 on CPU, float16 on CUDA), float32, float16, bfloat16.",
+    )
+    quantize: Quantize | None = setting(
+        None,
+        help="Quantized weights: int8 or 4bit (CUDA: bitsandbytes; CPU: int8 = torch dynamic int8, "
+        "4bit = bitsandbytes' CPU backend). Needs the quantize extra for bitsandbytes.",
+    )
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N.")
+    batch_size: int = setting(32, help="Images per forward pass.", flags=("-b",), min=1)
+    shard_size: int = setting(
+        256, help="Images per output shard (also the memory bound: one shard of outputs).", min=1
+    )
+    num_workers: int = setting(2, help="DataLoader processes decoding images while the encoders run.", min=0)
+    max_pixels: int = setting(
+        DEFAULT_MAX_PIXELS,
+        help="Refuse images with more pixels than this (decompression-bomb guard).",
+        min=1,
+    )
+    allow_pipe: bool = setting(False, help="Accept 'pipe:' webdataset URLs (they run shell commands).")
+    image_column: str = setting(
+        "image",
+        help="Parquet / Arrow inputs: the column holding each image (bytes, datasets' {bytes, path} "
+        "struct, or a path / URL relative to the file).",
+    )
+    key_column: str | None = setting(
+        None,
+        help="Parquet / Arrow inputs: the column naming each row (default: its row number in the file).",
+    )
+    text_column: str | None = setting(
+        None, help="Parquet / Arrow inputs: the column of captions (a string or a list of strings)."
+    )
+    resume: bool = setting(False, help="Continue an interrupted run in the same output.")
+    overwrite: bool = setting(False, help="Replace existing outputs.")
+    trust_remote_code: bool = setting(
+        False, help="Allow a checkpoint's own Python code to run (off by default)."
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.source, str):

@@ -62,6 +62,22 @@ def test_numbers_equal_retrieval_recall(cli, reference_run):
     assert json.loads(spaced.stdout) == report
 
 
+def test_features_comma_separated_or_repeated_equal_the_library_call(cli, reference_run):
+    """--features takes "a,b" (the old spelling) and, derived from RecallConfig.features, repeats."""
+    expected = evaluate_recall(RecallConfig(dir=str(reference_run), features=["baseline", "gt-pooled"]))
+    for spelling in (
+        ["--features", "baseline,gt-pooled"],
+        ["--features", "baseline", "--features", "gt-pooled"],
+    ):
+        result = cli("eval-recall", reference_run, *spelling, "--format", "json")
+        assert result.code == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert list(report["features"]) == ["baseline", "gt-pooled"]
+        _same(report["features"], expected["features"])
+    unknown = cli("eval-recall", reference_run, "--features", "baseline,nope")
+    assert unknown.code == 2 and "--features nope: unknown" in unknown.stderr
+
+
 def test_dedupe_captions(reference_run):
     report = evaluate_recall(
         RecallConfig(dir=str(reference_run), features=["baseline"], dedupe_captions=True)
