@@ -6,14 +6,18 @@ from typing import Annotated
 
 import typer
 
-from blip_toolkit.cli.options import DeviceOpt, DtypeOpt, MaxPixelsOpt, ModelOpt, TrustRemoteCodeOpt
+from blip_toolkit.cli.derive import derived, options
+from blip_toolkit.cli.options import MaxPixelsOpt
 from blip_toolkit.data.image_defaults import DEFAULT_MAX_PIXELS
+from blip_toolkit.models.spec import LoadSpec
 
 EXTRA_HINT = "blip ui needs the ui extra: pip install 'blip-toolkit[ui]'"
 
 
+@derived(load=options(LoadSpec, exclude=("quantize",), panel="Model"))
 def ui(
-    model: ModelOpt = None,
+    *,
+    load: LoadSpec,
     vqa_model: Annotated[
         str | None,
         typer.Option(
@@ -45,10 +49,7 @@ def ui(
             show_default=False,
         ),
     ] = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Serve captioning, VQA and retrieval as a local web page and API (Gradio).
 
@@ -74,12 +75,9 @@ def ui(
             raise BlipError(EXTRA_HINT) from exc
         raise
     config = ServiceConfig(
-        model=model,
+        load=load,
         vqa_model=vqa_model,
         retrieval_model=retrieval_model,
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
         max_batch_size=max_batch_size,
         max_pixels=max_pixels,
     )

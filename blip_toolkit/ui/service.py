@@ -24,8 +24,8 @@ from blip_toolkit.data.batching import check_text
 from blip_toolkit.data.images import DEFAULT_MAX_PIXELS, InputItem
 from blip_toolkit.errors import BlipError, InputError, UsageError
 from blip_toolkit.jobs.predict import answer_questions, caption_images, rank_texts
-from blip_toolkit.models.loading import inspect_source, open_runner, require_task
-from blip_toolkit.models.spec import DEFAULT_MODELS
+from blip_toolkit.models.loading import inspect_source, open_spec, require_task
+from blip_toolkit.models.spec import DEFAULT_MODELS, LoadSpec
 from blip_toolkit.predictors.generation import forbidden_tokens
 from blip_toolkit.predictors.options import CaptionOptions, GenerationOptions, RetrievalOptions, VqaOptions
 from blip_toolkit.ui.batcher import Batcher
@@ -40,12 +40,9 @@ class ServiceConfig:
     """Models and limits of one `blip ui` server. A task without its own model uses `model` when
     that checkpoint can do the task (a BLIP-2 checkpoint serves all three), else the task's default."""
 
-    model: str | None = None
+    load: LoadSpec = field(default_factory=LoadSpec)  # load.model: the caption model (and the fallback)
     vqa_model: str | None = None
     retrieval_model: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
     max_batch_size: int = 8
     max_pixels: int = DEFAULT_MAX_PIXELS
     batch_wait: float = 0.005  # seconds the batcher waits for more requests after the first
@@ -87,9 +84,9 @@ class ModelHolder:
     through `open_runner`, the CLI's loading path: family detection and the CUDA-fault fallback.
     `lock` serialises model calls when several tasks share the checkpoint."""
 
-    def __init__(self, source: str, *, device: str, dtype: str, trust_remote_code: bool) -> None:
+    def __init__(self, source: str, load: LoadSpec) -> None:
         self.source = source
-        self._options = dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        self._load = load
         self._runner = None
         self._load_lock = threading.Lock()
         self.lock = threading.Lock()
@@ -103,7 +100,7 @@ class ModelHolder:
             with self._load_lock:
                 if self._runner is None:
                     logger.info("loading %s", self.source)
-                    self._runner = open_runner(self.source, None, **self._options)
+                    self._runner = open_spec(dataclasses.replace(self._load, model=self.source), None)
                     logger.info("loaded %s (%s)", self.source, self._runner.loaded.family.label)
         return self._runner
 
@@ -114,7 +111,7 @@ class Models:
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self._explicit = {
-            "caption": config.model,
+            "caption": config.load.model,
             "vqa": config.vqa_model,
             "retrieval": config.retrieval_model,
         }
@@ -135,29 +132,24 @@ class Models:
             return self._sources[task]
         if self._explicit[task]:
             return self._explicit[task]
-        if task != "caption" and self.config.model:
-            return f"{self.config.model} if it can do {task}, else {DEFAULT_MODELS[task]}"
+        if task != "caption" and self.config.load.model:
+            return f"{self.config.load.model} if it can do {task}, else {DEFAULT_MODELS[task]}"
         return DEFAULT_MODELS[task]
 
     def _choose(self, task: str) -> str:
         if self._explicit[task]:
             return self._explicit[task]
-        if task != "caption" and self.config.model:
-            _, family = inspect_source(self.config.model)
+        if task != "caption" and self.config.load.model:
+            _, family = inspect_source(self.config.load.model)
             if task in family.tasks:
-                return self.config.model
+                return self.config.load.model
         return DEFAULT_MODELS[task]
 
     def holder(self, task: str) -> ModelHolder:
         source = self.source(task)
         with self._lock:
             if source not in self._holders:
-                self._holders[source] = ModelHolder(
-                    source,
-                    device=self.config.device,
-                    dtype=self.config.dtype,
-                    trust_remote_code=self.config.trust_remote_code,
-                )
+                self._holders[source] = ModelHolder(source, self.config.load)
             holder = self._holders[source]
         runner = holder.runner()
         require_task(runner.loaded.family, task, source)

@@ -36,14 +36,14 @@ def ui_server(tiny_models, one_torch_thread):
     """The app on a BLIP caption, a BLIP-2 (OPT) VQA and a BLIP ITM tiny checkpoint. The batcher
     waits 0.05 s for company after a first request, so concurrent test requests reliably batch."""
     pytest.importorskip("gradio", reason=GRADIO_MISSING)
+    from blip_toolkit.models.spec import LoadSpec
     from blip_toolkit.ui.app import start
     from blip_toolkit.ui.service import InferenceService, ServiceConfig
 
     config = ServiceConfig(
-        model=str(tiny_models["blip-caption"]),
+        LoadSpec(model=str(tiny_models["blip-caption"]), device="cpu"),
         vqa_model=str(tiny_models["blip2-opt"]),
         retrieval_model=str(tiny_models["blip-itm"]),
-        device="cpu",
         max_batch_size=8,
         batch_wait=0.05,
     )

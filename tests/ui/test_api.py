@@ -126,11 +126,14 @@ def _listening_addresses(port: int) -> set[str]:
 
 def test_no_auth_warns(tiny_models, caplog):
     pytest.importorskip("gradio", reason=GRADIO_MISSING)
+    from blip_toolkit.models.spec import LoadSpec
     from blip_toolkit.ui.app import start
     from blip_toolkit.ui.service import InferenceService, ServiceConfig
 
     caplog.set_level("WARNING", logger="blip")
-    server = start(InferenceService(ServiceConfig(model=str(tiny_models["blip-caption"]))), port=free_port())
+    server = start(
+        InferenceService(ServiceConfig(LoadSpec(model=str(tiny_models["blip-caption"])))), port=free_port()
+    )
     server.close()
     assert any("no authentication" in r.getMessage() for r in caplog.records)
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from blip_toolkit.errors import ModelLoadError, TaskNotSupportedError
-from blip_toolkit.models.spec import DEFAULT_MODELS
+from blip_toolkit.models.spec import DEFAULT_MODELS, LoadSpec
 from blip_toolkit.ui.service import InferenceService, ServiceConfig
 
 
@@ -16,8 +16,8 @@ from blip_toolkit.ui.service import InferenceService, ServiceConfig
 def service_for():
     made = []
 
-    def make(**kwargs):
-        service = InferenceService(ServiceConfig(device="cpu", **kwargs))
+    def make(model=None, **kwargs):
+        service = InferenceService(ServiceConfig(LoadSpec(model=model, device="cpu"), **kwargs))
         made.append(service)
         return service
 
