@@ -132,7 +132,9 @@ def test_quick_demo_writes_report_and_figures(quick):
         "dit",
         "report",
     }
-    assert report["total_seconds"] >= sum(report["stage_seconds"].values()) - 1
+    # VQA runs in a process of its own beside retrieval and the DiT (demo/run.py CONCURRENT)
+    one_after_another = sum(v for k, v in report["stage_seconds"].items() if k != "vqa")
+    assert report["total_seconds"] >= one_after_another - 1
     for name in ("curves", "recall", "samples"):
         path = out / report["figures"][name]
         assert f"]({report['figures'][name]})" in markdown
