@@ -103,7 +103,9 @@ def build_ours(sizes):
     cond = torch.randn(sizes["batch"], sizes["cond_tokens"], sizes["cond_dim"], generator=gen)
     # fused AdamW: one kernel per parameter tensor (on CPU too), for both models
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    flow = FlowConfig(cond_dropout=0.0)  # Lumina has no dropout path: same work for both
+    flow = FlowConfig(
+        cond_dropout=0.0, contrastive_weight=0.0
+    )  # Lumina has no dropout path nor a contrastive term: same work for both
 
     def forward_backward():
         loss, _ = flow_loss(model, x_1, cond, flow, generator=gen)

@@ -29,8 +29,9 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
 }
 
 T_SAMPLINGS = ("uniform", "logit-normal")
-# What the contrastive term pulls head(predicted tokens) towards (FlowConfig.contrastive_positive).
-CONTRASTIVE_POSITIVES = ("image", "text")
+# What the contrastive term pulls head(predicted tokens) towards (FlowConfig.contrastive_positive);
+# "auto" is resolved from the data by `FlowConfig.for_data`.
+CONTRASTIVE_POSITIVES = ("auto", "image", "text")
 # Where the contrastive term compares prediction and positive (FlowConfig.contrastive_space).
 CONTRASTIVE_SPACES = ("head", "tokens")
 TARGET_NORMS = ("none", "l2", "standardize")
@@ -195,18 +196,21 @@ class FlowConfig:
         choice, which spends more training on the middle of the path).
     cond_dropout: probability that a sample's condition is replaced by the learned null condition
         (classifier-free guidance at sampling time needs the unconditional model too).
-    contrastive_weight / contrastive_temperature: optional symmetric InfoNCE between the pooled,
-        projected predicted clean tokens (the target head's embedding, what recall ranks) and a
-        positive per image, the rest of the batch the negatives (0 = off).
-    contrastive_positive: image (the target head of the ground-truth tokens: eval-recall's
-        gt-pooled feature; the term can at best reproduce the target encoder's own ranking) or text
-        (the embedding of one of the image's captions, drawn per batch; identical captions in a batch
-        are positives of each other): the generated embedding is pulled towards its text, as the
-        target encoder's own image embedding was in its contrastive training. Needs captions in the
-        embeddings. docs/dit-recipes.md measures both.
+    contrastive_weight / contrastive_temperature: a symmetric InfoNCE between the pooled, projected
+        predicted clean tokens (the target head's embedding, what recall ranks) and a positive per
+        image, the rest of the batch the negatives (weight 0 = off). Default 0.5 at 0.07, the best
+        of the weights and temperatures measured in docs/dit-recipes.md.
+    contrastive_positive: text (the embedding of one of the image's captions, drawn per batch;
+        identical captions in a batch are positives of each other): the generated embedding is pulled
+        towards its text, as the target encoder's own image embedding was in its contrastive
+        training; the only positive with which generated features beat the target encoder's own
+        recall (docs/dit-recipes.md). image (the target head of the ground-truth tokens:
+        eval-recall's gt-pooled feature): the term can at best reproduce the target's own ranking.
+        auto (the default): text when the embeddings hold captions; without captions the term is off
+        (`for_data`; the image positive measured no better than none).
     contrastive_space: head (the pooled, projected embedding above) or tokens (every normalised
         token of the prediction against the ground truth's, flattened into one vector per image;
-        image positives only).
+        image positives only, so auto means image there).
     target_norm: none | l2 | standardize, the token normalisation applied to the targets before
         training (see dit/normalize.py); recorded here so sampling decodes the same way. Default
         standardize: CLIP ViT-L's pre-layernorm tokens have a few dimensions of huge magnitude, which
@@ -217,9 +221,9 @@ class FlowConfig:
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
     cond_dropout: float = 0.1
-    contrastive_weight: float = 0.0
+    contrastive_weight: float = 0.5
     contrastive_temperature: float = 0.07
-    contrastive_positive: str = "image"
+    contrastive_positive: str = "auto"
     contrastive_space: str = "head"
     target_norm: str = "standardize"
 
@@ -255,6 +259,17 @@ class FlowConfig:
             raise ConfigError(
                 f"flow.target_norm {self.target_norm!r} is unknown (use one of {', '.join(TARGET_NORMS)})"
             )
+
+    def for_data(self, has_captions: bool) -> FlowConfig:
+        """This objective with contrastive_positive = "auto" resolved for embeddings that do or do
+        not hold captions (what a run records and trains with)."""
+        if self.contrastive_positive != "auto":
+            return self
+        if self.contrastive_space == "tokens":
+            return dataclasses.replace(self, contrastive_positive="image")
+        if has_captions:
+            return dataclasses.replace(self, contrastive_positive="text")
+        return dataclasses.replace(self, contrastive_positive="image", contrastive_weight=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from blip_toolkit.dit.config import FlowConfig
 from blip_toolkit.dit.normalize import TokenNormalizer
+from blip_toolkit.engine.distributed import gather_all
 from blip_toolkit.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,9 +136,10 @@ def flow_loss(
     the same pooled quantity on both sides, the one recall ranks (head(generated tokens) is the
     "generated" feature, head(ground truth) the "gt-pooled" one). Not the encoder's own global
     embedding: with mean pooling of patches it is another quantity (the CLS token's projection), which
-    the head of even perfect tokens does not reproduce. The negatives are the rest of this batch (this
-    process's batch under data parallelism). Samples whose condition was dropped are left out of it:
-    without a condition the prediction cannot know which image it belongs to.
+    the head of even perfect tokens does not reproduce. The negatives are the rest of the global
+    batch (gathered from every process under data parallelism, so N processes train what one does).
+    Samples whose condition was dropped are left out of it: without a condition the prediction
+    cannot know which image it belongs to.
 
     With `config.contrastive_positive = "text"` the positive of each image is `text` [B, E] (the
     embedding of one of its captions, in the target encoder's joint space; `has_text` [B] bool marks
@@ -161,6 +163,11 @@ def flow_loss(
     loss = mse
     contrastive = torch.zeros((), device=x_1.device)
     if config.contrastive_weight > 0:
+        if config.contrastive_positive == "auto":
+            raise ConfigError(
+                "flow.contrastive_positive = 'auto' is resolved from the data before training",
+                hint="pass config.for_data(has_captions) to flow_loss",
+            )
         by_text = config.contrastive_positive == "text"
         on_tokens = config.contrastive_space == "tokens"
         if not on_tokens and (project is None or (text if by_text else target_tokens) is None):
@@ -174,24 +181,28 @@ def flow_loss(
         keep = ~drop if drop is not None else torch.ones(batch, dtype=torch.bool, device=x_1.device)
         if by_text and has_text is not None:
             keep = keep & has_text
-        if int(keep.sum()) >= 2:  # InfoNCE needs at least one negative
-            x_1_hat = predicted_clean(path.x_t[keep], t[keep], v_pred[keep])  # [K, N, Dt]
-            if on_tokens:  # normalised space, one flattened vector per image
-                predicted, positive, positives = x_1_hat.flatten(1), x_1[keep].flatten(1), None
+        x_1_hat = predicted_clean(path.x_t, t, v_pred)  # [B, N, Dt]
+        if on_tokens:  # normalised space, one flattened vector per image
+            predicted, positive = x_1_hat.flatten(1), x_1.flatten(1)
+        else:
+            if normalizer is not None:
+                x_1_hat = normalizer.decode(x_1_hat)
+            predicted = project(x_1_hat)  # [B, E]
+            if by_text:
+                positive = text
             else:
-                if normalizer is not None:
-                    x_1_hat = normalizer.decode(x_1_hat)
-                predicted = project(x_1_hat)  # [K, E]
-                if by_text:
-                    positive = text[keep]  # [K, E]
-                    positives = same_rows(positive)
-                else:
-                    with torch.no_grad():
-                        positive = project(target_tokens[keep])  # [K, E]: what recall calls gt-pooled
-                    positives = None
-            contrastive = info_nce(
-                predicted, positive.to(predicted.dtype), config.contrastive_temperature, positives
-            )
+                with torch.no_grad():
+                    positive = project(target_tokens)  # [B, E]: what recall calls gt-pooled
+        # Negatives from the whole global batch: every process gathers every process's rows and
+        # computes the same loss, the single-process one (each process's gradient reaches its own rows
+        # through the gather, summed over processes, which DDP's averaging undoes).
+        predicted = gather_all(predicted, grad=True)  # [G, E]
+        positive = gather_all(positive.to(predicted.dtype), grad=False)
+        keep = gather_all(keep, grad=False)  # [G]
+        if int(keep.sum()) >= 2:  # InfoNCE needs at least one negative
+            positive = positive[keep]
+            positives = same_rows(positive) if by_text and not on_tokens else None
+            contrastive = info_nce(predicted[keep], positive, config.contrastive_temperature, positives)
             loss = loss + config.contrastive_weight * contrastive
     parts = {"loss": loss.detach(), "mse": mse.detach(), "contrastive": contrastive.detach()}
     return loss, parts

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,7 @@ def run_train_dit(
     "path"}. An exception raised by the callback stops the run (the last complete checkpoint stays
     usable with `resume`). A NaN or Inf loss stops it with a TrainingError naming the step."""
     inputs = check_inputs(config)
+    config = replace(config, flow=inputs.flow)  # what the run trains with and records
     place = run_place(config, inputs.log_with)
     # Which parameters get a gradient varies from batch to batch: the learned null condition only when
     # some sample of this process's batch had its condition dropped, the conditioning projections only

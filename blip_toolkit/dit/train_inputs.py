@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blip_toolkit.dit.config import DiTConfig
+from blip_toolkit.dit.config import DiTConfig, FlowConfig
 from blip_toolkit.dit.data import DataSplit, split_indices
 from blip_toolkit.dit.train_config import RUN_KIND, TrainDiTConfig
 from blip_toolkit.embeddings.shard_reader import EmbeddingShards
@@ -27,11 +27,13 @@ logger = logging.getLogger("blip")
 
 @dataclass
 class DiTInputs:
-    """What `check_inputs` found: the embeddings, their split, the resolved model config."""
+    """What `check_inputs` found: the embeddings, their split, the resolved model config and
+    objective (contrastive_positive "auto" resolved from the embeddings)."""
 
     shards: EmbeddingShards
     split: DataSplit
     model_config: DiTConfig
+    flow: FlowConfig
     log_with: list  # the trackers, checked
 
     def data_record(self) -> dict[str, Any]:
@@ -88,12 +90,36 @@ def check_inputs(config: TrainDiTConfig) -> DiTInputs:
             "processes",
             hint="each process takes an equal slice of every global batch",
         )
-    if config.flow.contrastive_weight > 0 and config.train.batch_size < 2:
-        raise ConfigError("flow.contrastive_weight > 0 needs train.batch_size >= 2 (in-batch negatives)")
+    flow = _flow(config.flow, shards)
+    if flow.contrastive_weight > 0 and config.train.batch_size < 2:
+        raise ConfigError(
+            "flow.contrastive_weight > 0 needs train.batch_size >= 2 (in-batch negatives)",
+            hint="or set flow.contrastive_weight = 0",
+        )
     check_mixed_precision(config.train.mixed_precision, config.train.cpu)
     log_with = check_trackers(config.train.log_with)
     check_output_dir(config.output_dir, overwrite=config.overwrite, resume=config.resume, kind=RUN_KIND)
-    return DiTInputs(shards, split, model_config, log_with)
+    return DiTInputs(shards, split, model_config, flow, log_with)
+
+
+def _flow(flow: FlowConfig, shards: EmbeddingShards) -> FlowConfig:
+    """The objective with contrastive_positive "auto" resolved: the caption embedding when the
+    embeddings hold captions, otherwise no contrastive term (logged, as the run then differs)."""
+    resolved = flow.for_data(shards.num_captions > 0)
+    if flow.contrastive_positive == "auto" and flow.contrastive_weight > 0:
+        if resolved.contrastive_weight == 0:
+            logger.info(
+                "%s holds no captions: no contrastive term (flow.contrastive_positive = auto pulls towards "
+                "the caption embedding when there are captions; set it to 'image' for the target's own)",
+                shards.root,
+            )
+        else:
+            logger.info(
+                "contrastive term: weight %g towards the %s (flow.contrastive_positive = auto)",
+                resolved.contrastive_weight,
+                "caption embedding" if resolved.contrastive_positive == "text" else "true tokens",
+            )
+    return resolved
 
 
 def _model_config(model: DiTConfig, shards: EmbeddingShards) -> DiTConfig:

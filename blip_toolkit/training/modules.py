@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from blip_toolkit.engine.distributed import distributed, gather_all
 from blip_toolkit.errors import TaskNotSupportedError, UsageError
 from blip_toolkit.models.itm import ITM_OPS
 from blip_toolkit.training.data import IGNORE
@@ -148,40 +149,8 @@ def token_loss(logits, labels, *, label_smoothing: float = 0.0, shift: bool = Tr
     return (losses * valid).sum(dim=1), valid.sum(dim=1)
 
 
-class GatherWithGrad(torch.autograd.Function):
-    """all_gather that passes gradients back to each rank's own slice (LAVIS `GatherLayer`; uses
-    all_reduce, which gloo supports, unlike reduce_scatter)."""
-
-    @staticmethod
-    def forward(ctx, tensor):
-        out = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, tensor.contiguous())
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        stacked = torch.stack(grads)
-        dist.all_reduce(stacked)
-        return stacked[dist.get_rank()]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def gather_all(tensor, *, grad: bool):
-    """Concatenate `tensor` [B, ...] from every process (in rank order); identity on one process."""
-    if not _distributed():
-        return tensor
-    if grad and tensor.requires_grad:
-        return torch.cat(GatherWithGrad.apply(tensor), dim=0)
-    out = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, tensor.contiguous())
-    return torch.cat(out, dim=0)
-
-
 def _rank_offset(batch_size: int) -> int:
-    if not _distributed():
+    if not distributed():
         return 0
     return dist.get_rank() * batch_size
 

@@ -1,6 +1,6 @@
 """Two CPU processes (gloo) under `accelerate launch` train what one process trains with the same global
-batch: the same losses step by step, the same eval metrics (main process), the same final weights;
-one summary, metrics written once. Condition dropout is on with 2 samples per process, so a process
+batch: the same losses step by step (the contrastive term's negatives gathered from every process),
+the same eval metrics (main process), the same final weights; one summary, metrics written once. Condition dropout is on with 2 samples per process, so a process
 sometimes has no conditioned sample at all, and sometimes no dropped one: the set of parameters that
 get a gradient changes from step to step (DDP must look for unused ones); without dropout the null
 condition never gets one."""
@@ -81,6 +81,11 @@ def test_two_processes_match_one_with_the_same_global_batch(emb, tmp_path):
     for key in ("val_loss", "vel_cos", "patch_cos", "global_cos"):
         got = [r[key] for r in two if r["type"] == "eval"]
         assert got == pytest.approx([r[key] for r in one if r["type"] == "eval"], rel=1e-3, abs=1e-4), key
+
+    # The default objective's contrastive term (towards each image's caption) was on, its negatives
+    # gathered from both processes: per-process negatives gave other losses (1.89 vs 4.31 at step 2).
+    flow = json.loads((tmp_path / "two" / "config.json").read_text())["flow"]
+    assert flow["contrastive_positive"] == "text" and flow["contrastive_weight"] == 0.5
 
     checkpoint = tmp_path / "two" / "checkpoints" / "step-6"
     assert {"rng-0.json", "rng-1.json", "ema.safetensors", "config.json"} <= {

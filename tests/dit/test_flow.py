@@ -92,7 +92,7 @@ def test_flow_loss_matches_manual_computation():
     gen = torch.Generator().manual_seed(0)
     x_1 = torch.randn(8, 4, 3, generator=gen)
     cond = torch.randn(8, 5, 2, generator=gen)
-    cfg = FlowConfig(cond_dropout=0.5)
+    cfg = FlowConfig(cond_dropout=0.5, contrastive_weight=0.0)
     model = RecordingModel(lambda x_t, t: 0.5 * x_t)
     loss, parts = flow_loss(model, x_1, cond, cfg, generator=torch.Generator().manual_seed(3))
     # replay the generator in the documented order: noise, t, dropout
@@ -111,14 +111,14 @@ def test_flow_loss_matches_manual_computation():
     # same seed, same loss; no dropout -> no drop flags
     again, _ = flow_loss(model, x_1, cond, cfg, generator=torch.Generator().manual_seed(3))
     assert float(again) == float(loss)
-    flow_loss(model, x_1, cond, FlowConfig(cond_dropout=0.0))
+    flow_loss(model, x_1, cond, FlowConfig(cond_dropout=0.0, contrastive_weight=0.0))
     assert model.calls[-1]["drop"] is None
 
 
 def test_dropout_rate_and_logit_normal_t_reach_the_model():
     x_1 = torch.randn(4000, 1, 1)
     model = RecordingModel(lambda x_t, t: torch.zeros_like(x_t))
-    cfg = FlowConfig(cond_dropout=0.1, t_sampling="logit-normal")
+    cfg = FlowConfig(cond_dropout=0.1, t_sampling="logit-normal", contrastive_weight=0.0)
     flow_loss(model, x_1, torch.zeros(4000, 1, 1), cfg, generator=torch.Generator().manual_seed(0))
     call = model.calls[0]
     assert abs(call["drop"].float().mean().item() - 0.1) < 0.02
@@ -166,16 +166,20 @@ def test_contrastive_term_compares_the_head_of_predicted_and_true_tokens_of_kept
     def oracle(x_t, t):
         return (x_1 - x_t) / (1 - t[:, None, None])
 
-    cfg = FlowConfig(cond_dropout=0.3, contrastive_weight=0.5, contrastive_temperature=0.2)
+    cfg = FlowConfig(
+        cond_dropout=0.3, contrastive_weight=0.5, contrastive_positive="image", contrastive_temperature=0.2
+    )
     model = RecordingModel(oracle)
     loss, parts = flow_loss(
         model, x_1, cond, cfg, generator=torch.Generator().manual_seed(5), project=project, target_tokens=x_1
     )
     keep = ~model.calls[0]["drop"]
     assert 2 <= int(keep.sum()) < batch
-    assert len(seen) == 2  # the ground truth's head and the prediction's head, kept samples only
+    # The ground truth's head and the prediction's head, of every sample (gathered whole across
+    # processes under data parallelism); the loss keeps the kept samples' rows only (below).
+    assert len(seen) == 2
     for tokens in seen:
-        torch.testing.assert_close(tokens, x_1[keep])
+        torch.testing.assert_close(tokens, x_1)
     with torch.no_grad():
         embedded = project(x_1[keep])
         expected = brute_force_info_nce(embedded, embedded, 0.2)
@@ -202,7 +206,7 @@ def test_contrastive_term_decodes_normalised_tokens():
     def oracle(x_t, t):
         return (x_1_norm - x_t) / (1 - t[:, None, None])
 
-    cfg = FlowConfig(cond_dropout=0.0, contrastive_weight=1.0)
+    cfg = FlowConfig(cond_dropout=0.0, contrastive_weight=1.0, contrastive_positive="image")
     flow_loss(
         RecordingModel(oracle),
         x_1_norm,
@@ -240,7 +244,9 @@ def test_contrastive_positive_is_what_eval_recall_calls_gt_pooled(tmp_path):
     def oracle(x_t, t):
         return (x_1 - x_t) / (1 - t[:, None, None])
 
-    cfg = FlowConfig(cond_dropout=0.0, contrastive_weight=1.0, contrastive_temperature=0.1)
+    cfg = FlowConfig(
+        cond_dropout=0.0, contrastive_weight=1.0, contrastive_positive="image", contrastive_temperature=0.1
+    )
     flow_loss(
         RecordingModel(oracle),
         x_1,
@@ -257,7 +263,7 @@ def test_contrastive_positive_is_what_eval_recall_calls_gt_pooled(tmp_path):
 
 
 def test_contrastive_without_head_is_a_config_error():
-    cfg = FlowConfig(contrastive_weight=0.1)
+    cfg = FlowConfig(contrastive_weight=0.1, contrastive_positive="image")
     with pytest.raises(ConfigError, match="contrastive"):
         flow_loss(RecordingModel(lambda x_t, t: x_t), torch.randn(2, 3, 4), torch.randn(2, 1, 1), cfg)
 
@@ -358,7 +364,11 @@ def test_token_space_contrastive_compares_flattened_normalised_tokens():
         return (x_1 - x_t) / (1 - t[:, None, None])
 
     cfg = FlowConfig(
-        cond_dropout=0.0, contrastive_weight=1.0, contrastive_temperature=0.5, contrastive_space="tokens"
+        cond_dropout=0.0,
+        contrastive_weight=1.0,
+        contrastive_temperature=0.5,
+        contrastive_space="tokens",
+        contrastive_positive="image",
     )
     _, parts = flow_loss(
         RecordingModel(oracle), x_1, torch.zeros(5, 1, 1), cfg, generator=torch.Generator().manual_seed(0)
@@ -367,3 +377,15 @@ def test_token_space_contrastive_compares_flattened_normalised_tokens():
     assert abs(float(parts["contrastive"]) - brute_force_info_nce(flat, flat, 0.5)) < 1e-6
     with pytest.raises(ConfigError, match="tokens"):
         FlowConfig(contrastive_space="tokens", contrastive_positive="text")
+
+
+def test_auto_positive_resolves_from_the_data():
+    auto = FlowConfig()
+    assert (auto.contrastive_weight, auto.contrastive_positive) == (0.5, "auto")
+    assert auto.for_data(True) == FlowConfig(contrastive_positive="text")
+    assert auto.for_data(False) == FlowConfig(contrastive_positive="image", contrastive_weight=0.0)
+    assert FlowConfig(contrastive_space="tokens").for_data(True).contrastive_positive == "image"
+    explicit = FlowConfig(contrastive_positive="image")
+    assert explicit.for_data(True) is explicit and explicit.for_data(False) is explicit
+    with pytest.raises(ConfigError, match="resolved from the data"):
+        flow_loss(lambda x_t, t, c, m, drop=None: x_t, torch.zeros(2, 1, 1), torch.zeros(2, 1, 1), auto)

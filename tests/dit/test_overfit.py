@@ -49,7 +49,7 @@ def test_tiny_dit_overfits_16_samples():
             num_cond_tokens=COND_TOKENS,
         )
         model = DiT(config)
-        flow = FlowConfig()  # uniform t, 10% condition dropout
+        flow = FlowConfig(contrastive_weight=0.0)  # plain MSE: uniform t, 10% condition dropout
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
         generator = torch.Generator().manual_seed(0)
 

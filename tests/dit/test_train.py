@@ -225,6 +225,10 @@ def test_overfit_16_samples_through_the_command(cli, emb, tmp_path):
             "eval.max_samples=16",
             "--set",
             "flow.target_norm=standardize",
+            # Memorising the tokens is the flow objective's job; the default contrastive term pulls the
+            # pooled embedding towards the caption's instead, at some cost in token cosine.
+            "--set",
+            "flow.contrastive_weight=0",
             "--format",
             "json",
         )
@@ -517,3 +521,30 @@ def test_cls_targets_get_their_own_normaliser_statistics_and_contrastive_trainin
     torch.testing.assert_close(
         normalizer.mean.double(), tokens[:, 1:].reshape(-1, 16).mean(0), rtol=1e-5, atol=1e-5
     )
+
+
+def test_default_contrastive_term_pulls_towards_the_captions_when_there_are_any(emb, tmp_path, caplog):
+    """flow.contrastive_positive = auto (the default, weight 0.5): the run trains as one told
+    contrastive_positive = text on embeddings with captions, and as one with no contrastive term on
+    embeddings without; the run records what it trained with."""
+    import logging
+
+    from .helpers import write_embeddings
+
+    def losses(run_dir, emb_dir, **changes):
+        result = run_train_dit(tiny_config(emb_dir, tmp_path / run_dir, **{"train.steps": 3, **changes}))
+        flow = json.loads((tmp_path / run_dir / "config.json").read_text())["flow"]
+        return [r["loss"] for r in result.history if r["type"] == "train"], flow
+
+    default, flow = losses("default", emb)
+    text, _ = losses("text", emb, **{"flow.contrastive_positive": "text"})
+    off, _ = losses("off", emb, **{"flow.contrastive_weight": 0})
+    assert (flow["contrastive_positive"], flow["contrastive_weight"]) == ("text", 0.5)
+    assert default == text and default != off
+
+    bare = write_embeddings(tmp_path / "bare", samples=24, shard_size=8, captions=0)
+    with caplog.at_level(logging.INFO, logger="blip"):
+        default, flow = losses("bare-default", bare)
+    off, _ = losses("bare-off", bare, **{"flow.contrastive_weight": 0})
+    assert flow["contrastive_weight"] == 0 and default == off
+    assert "holds no captions: no contrastive term" in caplog.text
