@@ -353,7 +353,7 @@ class CaptionIndex:
         if shards.num_captions == 0:
             raise InputError(
                 f"{shards.root}: the embeddings hold no captions; flow.contrastive_positive = 'text' needs them",
-                hint="extract with captions (a manifest with a text column), or use contrastive_positive = 'image'",
+                hint="extract with captions (a manifest with a text column), or set contrastive_positive = 'auto' (no contrastive term without captions) or 'image'",
             )
 
     def draw(self, indices: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
