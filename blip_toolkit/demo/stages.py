@@ -321,6 +321,7 @@ def stage_dit(state: dict) -> dict:
     base, generated = recall["baseline"]["i2t"]["R@1"], recall["generated"]["i2t"]["R@1"]
     recall["generated_over_baseline_r1"] = generated / base if base else 0.0
     state["recall"] = recall
+    images = report["num_images"]
     return {
         "train_steps": trained.steps,
         "parameters": trained.num_parameters,
@@ -333,8 +334,10 @@ def stage_dit(state: dict) -> dict:
         "sweep_images": tuning["num_images"],
         "recall": recall,
         "texts": report["num_texts"],
+        # the ratio to three places and the counts: the margin can be a couple of test pairs
         "summary": f"generated R@1 {generated:.1%} vs the target encoder's own {base:.1%} "
-        f"({recall['generated_over_baseline_r1']:.0%} of it) among {report['num_texts']} captions; "
+        f"({recall['generated_over_baseline_r1']:.3f}x: {round(generated * images)} vs {round(base * images)} of "
+        f"{images} test pairs) among {report['num_texts']} captions; "
         f"guidance {sampled.cfg_scale:g} chosen on {tuning['num_images']} validation pairs",
     }
 
