@@ -170,6 +170,7 @@ def speed(data: Path, tmp: Path, steps: int, window: int) -> dict:
         "train.log_every": window,
         "train.warmup_steps": 10,
         "flow.target_norm": "none",  # the bare step's batches are not normalised (standardize is the default)
+        "flow.contrastive_weight": 0.0,  # the bare step is the flow-matching MSE alone
     }
     config = load_train_config(None, values)
     if config.flow.target_norm != "none":
