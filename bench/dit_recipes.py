@@ -53,6 +53,7 @@ VARIANTS: dict[str, list[str]] = {
     "text positive, weight 1.0": ["--set", "flow.contrastive_weight=1.0"],
     "text positive, temperature 0.2": ["--set", "flow.contrastive_temperature=0.2"],
     "text positive, 800 steps": ["--steps", "800", "--eval-every", "400"],
+    "text positive, learned head": ["--set", "flow.contrastive_head=learned"],
 }  # fmt: skip
 
 

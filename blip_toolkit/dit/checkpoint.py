@@ -8,7 +8,10 @@ A DiT directory (the top level of a `train-dit` run, or one of its `checkpoints/
     model.safetensors            the DiT's weights (state_dict names of `DiT`)
     ema.safetensors              the EMA of the weights (float32), when the run kept one
     normalizer.safetensors       mean / std of `standardize` (no tensors for none / l2)
-    target_head.safetensors      the target head's weights (its config is in config.json)
+    target_head.safetensors      the head that pools and projects generated tokens (its config is in
+                                 config.json): the target's own, or with flow.contrastive_head =
+                                 "learned" the trained head (EMA weights; also inside model.safetensors
+                                 as text_head.*, which is what load_dit uses)
 
 Only safetensors and JSON: nothing is unpickled. In a step checkpoint the same record is also kept in
 `trainer_state.json` (written inside the atomic checkpoint), so a checkpoint whose `config.json` was
@@ -31,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
-from blip_toolkit.dit.config import DiTConfig
+from blip_toolkit.dit.config import DiTConfig, FlowConfig
 from blip_toolkit.dit.model import DiT
 from blip_toolkit.dit.normalize import TENSOR_PREFIX, TokenNormalizer
 from blip_toolkit.embeddings.head import TargetHead
@@ -172,6 +175,11 @@ def load_dit(path: str | Path, ema: bool = True, *, device: str | torch.device =
     except KeyError as exc:
         raise InputError(f"{directory}: the DiT config lacks {exc.args[0]!r}") from exc
     model = DiT(config)
+    learned_head = FlowConfig.from_dict(
+        record.get("flow", {}), source=f"{directory / CONFIG_FILE}: flow"
+    ).learned_head
+    if learned_head:
+        model.attach_text_head(TargetHead(**head_config))
     use_ema = ema
     if ema and not (directory / EMA_FILE).is_file():
         logger.warning(
@@ -184,10 +192,13 @@ def load_dit(path: str | Path, ema: bool = True, *, device: str | torch.device =
     if bundle_file.is_file():
         tensors = {TENSOR_PREFIX + k: v for k, v in load_file(str(bundle_file)).items()}
     normalizer = TokenNormalizer.from_export(tensors, normalizer_meta)
-    head = TargetHead(**head_config)
-    _load_weights(head, directory / HEAD_FILE)
-    head = head.float().eval().requires_grad_(False).to(device)
     model = model.to(device).eval().requires_grad_(False)
+    if learned_head:  # the head trained with these weights (EMA or not), not the target's
+        head = model.text_head.float()
+    else:
+        head = TargetHead(**head_config)
+        _load_weights(head, directory / HEAD_FILE)
+        head = head.float().eval().requires_grad_(False).to(device)
     info = {
         "path": str(directory),
         "record": record,

@@ -34,6 +34,8 @@ T_SAMPLINGS = ("uniform", "logit-normal")
 CONTRASTIVE_POSITIVES = ("auto", "image", "text")
 # Where the contrastive term compares prediction and positive (FlowConfig.contrastive_space).
 CONTRASTIVE_SPACES = ("head", "tokens")
+# Which head projects the predicted tokens in the contrastive term (FlowConfig.contrastive_head).
+CONTRASTIVE_HEADS = ("target", "learned")
 TARGET_NORMS = ("none", "l2", "standardize")
 SolverName = Literal["euler", "heun"]
 # The images `blip sample` generates for: all, or the run's own train / held-out split.
@@ -211,6 +213,10 @@ class FlowConfig:
     contrastive_space: head (the pooled, projected embedding above) or tokens (every normalised
         token of the prediction against the ground truth's, flattened into one vector per image;
         image positives only, so auto means image there).
+    contrastive_head: target (the target encoder's own head, frozen: the generated features are
+        scored exactly as the target's own) or learned (a copy of it trained with the DiT, saved in
+        the run; `blip sample` then pools and projects with the learned head, so eval-recall's
+        generated feature is the learned head's). docs/dit-recipes.md measured both.
     target_norm: none | l2 | standardize, the token normalisation applied to the targets before
         training (see dit/normalize.py); recorded here so sampling decodes the same way. Default
         standardize: CLIP ViT-L's pre-layernorm tokens have a few dimensions of huge magnitude, which
@@ -225,6 +231,7 @@ class FlowConfig:
     contrastive_temperature: float = 0.07
     contrastive_positive: str = "auto"
     contrastive_space: str = "head"
+    contrastive_head: str = "target"
     target_norm: str = "standardize"
 
     def __post_init__(self) -> None:
@@ -255,10 +262,24 @@ class FlowConfig:
             raise ConfigError(
                 "flow.contrastive_space = 'tokens' compares tokens with tokens: it needs contrastive_positive = 'image'"
             )
+        if self.contrastive_head not in CONTRASTIVE_HEADS:
+            raise ConfigError(
+                f"flow.contrastive_head {self.contrastive_head!r} is unknown (use {' or '.join(CONTRASTIVE_HEADS)})"
+            )
+        if self.contrastive_head == "learned" and self.contrastive_space == "tokens":
+            raise ConfigError(
+                "flow.contrastive_head = 'learned' trains the head of the pooled space; "
+                "contrastive_space = 'tokens' uses no head"
+            )
         if self.target_norm not in TARGET_NORMS:
             raise ConfigError(
                 f"flow.target_norm {self.target_norm!r} is unknown (use one of {', '.join(TARGET_NORMS)})"
             )
+
+    @property
+    def learned_head(self) -> bool:
+        """Whether the run trains a head of its own (one with a contrastive term needs it)."""
+        return self.contrastive_head == "learned" and self.contrastive_weight > 0
 
     def for_data(self, has_captions: bool) -> FlowConfig:
         """This objective with contrastive_positive = "auto" resolved for embeddings that do or do

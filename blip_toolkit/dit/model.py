@@ -321,6 +321,14 @@ class DiT(nn.Module):
         self._rope_pairs = rope_axis_pairs(config.head_dim, config.has_cls or config.cond_has_cls)
         self._rope_cache: dict[tuple, tuple[torch.Tensor | None, ...]] = {}
         self.initialize_weights()
+        # flow.contrastive_head = "learned": the head trained with the DiT (attach_text_head).
+        self.text_head: nn.Module | None = None
+
+    def attach_text_head(self, head: nn.Module) -> None:
+        """Make `head` (tokens [B, N, Dt] -> [B, E]) part of the model, so the optimizer, the EMA,
+        the processes' gradient sync and the checkpoints carry it as they carry the DiT's weights
+        (saved as `text_head.*`). `forward` does not use it."""
+        self.text_head = head
 
     @classmethod
     def from_config(cls, config: DiTConfig) -> DiT:
@@ -400,7 +408,14 @@ class DiT(nn.Module):
             x = checkpoint(block, *args, use_reentrant=False) if use_checkpoint else block(*args)  # [B, N, D]
         shift, scale = self.final_modulation(time_features).unsqueeze(1).chunk(2, dim=-1)  # 2 x [B, 1, D]
         x = modulate(self.final_norm(x), shift, scale)  # [B, N, D]
-        return self.output_proj(x)  # [B, N, Dt]
+        velocity = self.output_proj(x)  # [B, N, Dt]
+        if self.text_head is not None and torch.is_grad_enabled():
+            # The learned head runs outside forward (flow_loss projects the predicted clean tokens).
+            # A zero-valued dependency on its weights shows DDP (which searches for unused
+            # parameters, condition dropout makes some) that forward uses them, so their gradient is
+            # reduced once, in backward, instead of them being marked unused here and again there.
+            velocity = velocity + 0.0 * sum(p.flatten()[0] for p in self.text_head.parameters())
+        return velocity
 
     def prepare_conditioning(
         self,

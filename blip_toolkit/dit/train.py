@@ -20,6 +20,7 @@ ends with the weights of an uninterrupted one, and 2 processes give the losses o
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -169,6 +170,9 @@ class DiTTrainer(Trainer):
         model.train()
         self.num_parameters = model.num_parameters
         self.head = self.shards.head(device=self.accelerator.device)
+        if self.config.flow.learned_head:
+            # Starts as the target's own head, then trains with the DiT (flow.contrastive_head).
+            model.attach_text_head(copy.deepcopy(self.head).float().train().requires_grad_(True))
         self.norm_bundle = normalizer_bundle(self.normalizer)
         if self.main and self.eval_enabled():
             # Its own reader: reading the eval set must not evict the training stream's maps.
@@ -254,13 +258,18 @@ class DiTTrainer(Trainer):
             x_0=batch["x_0"].to(device, non_blocking=True),
             t=batch["t"].to(device, non_blocking=True),
             drop=drop,
-            project=self.head,
+            project=self.projecting_head(self.model),
             target_tokens=target,
             normalizer=self.normalizer,
             text=text,
             has_text=has_text,
         )
         return loss
+
+    def projecting_head(self, model: nn.Module) -> nn.Module:
+        """The head that pools and projects `model`'s tokens: its learned one, else the target's."""
+        learned = self.accelerator.unwrap_model(model).text_head
+        return learned if learned is not None else self.head
 
     def batch_samples(self, batch: dict[str, Any]) -> int:
         return int(batch["index"].shape[0])
@@ -282,7 +291,7 @@ class DiTTrainer(Trainer):
             model,
             self.eval_set,
             normalizer=self.normalizer,
-            head=self.head,
+            head=self.projecting_head(model),
             steps=config.eval.steps,
             cfg_scale=cfg,
             solver=config.eval.solver,
@@ -348,7 +357,7 @@ class DiTTrainer(Trainer):
             model=unwrapped,
             ema=ema,
             normalizer=self.normalizer,
-            head=self.head,
+            head=self.projecting_head(ema if ema is not None else unwrapped),
         )
 
     # -- reporting

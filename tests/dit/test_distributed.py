@@ -120,3 +120,21 @@ def test_two_processes_without_condition_dropout(emb, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["steps"] == 3
     assert "find_unused_parameters" not in done.stderr
+
+
+def test_two_processes_train_a_learned_head_as_one_does(emb, tmp_path):
+    """flow.contrastive_head = learned: the head is used outside the DiT's forward, yet its gradients
+    are averaged over the processes like every other weight's; two processes end where one does."""
+    learned = ("--set", "flow.contrastive_head=learned")
+    single = run_blip("train-dit", *_args(emb, tmp_path / "one"), *learned)
+    assert single.returncode == 0, single.stderr
+    double = run_blip("train-dit", *_args(emb, tmp_path / "two"), *learned, processes=2)
+    assert double.returncode == 0, double.stderr
+    loss_one = [r["loss"] for r in _history(tmp_path / "one") if r["type"] == "train"]
+    loss_two = [r["loss"] for r in _history(tmp_path / "two") if r["type"] == "train"]
+    assert loss_two == pytest.approx(loss_one, rel=1e-4, abs=1e-5)
+    w1, w2 = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "two"))
+    heads = [key for key in w1 if key.startswith("text_head.")]
+    assert heads
+    for key in heads:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-3, atol=1e-4, msg=key)

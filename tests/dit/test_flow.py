@@ -377,6 +377,12 @@ def test_token_space_contrastive_compares_flattened_normalised_tokens():
     assert abs(float(parts["contrastive"]) - brute_force_info_nce(flat, flat, 0.5)) < 1e-6
     with pytest.raises(ConfigError, match="tokens"):
         FlowConfig(contrastive_space="tokens", contrastive_positive="text")
+    with pytest.raises(ConfigError, match="uses no head"):
+        FlowConfig(contrastive_space="tokens", contrastive_head="learned")
+    with pytest.raises(ConfigError, match="contrastive_head 'own' is unknown"):
+        FlowConfig(contrastive_head="own")
+    assert FlowConfig(contrastive_head="learned").learned_head
+    assert not FlowConfig(contrastive_head="learned", contrastive_weight=0).learned_head
 
 
 def test_auto_positive_resolves_from_the_data():

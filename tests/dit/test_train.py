@@ -548,3 +548,65 @@ def test_default_contrastive_term_pulls_towards_the_captions_when_there_are_any(
     off, _ = losses("bare-off", bare, **{"flow.contrastive_weight": 0})
     assert flow["contrastive_weight"] == 0 and default == off
     assert "holds no captions: no contrastive term" in caplog.text
+
+
+def test_learned_head_trains_with_the_dit_and_projects_what_it_samples(emb, tmp_path, cli):
+    """flow.contrastive_head = learned: a copy of the target head trains with the DiT under the
+    contrastive term (the first step's loss is the frozen head's, later ones differ); the run keeps it
+    (EMA included), load_dit gives it as the head, and the global features `blip sample` writes are its
+    projection of the generated tokens, not the target head's."""
+    from blip_toolkit.dit.checkpoint import load_dit
+
+    changes = {"train.steps": 6, "flow.contrastive_positive": "text", "flow.contrastive_weight": 1.0}
+    frozen = run_train_dit(tiny_config(emb, tmp_path / "frozen", **changes))
+    out = tmp_path / "learned"
+    learned = run_train_dit(tiny_config(emb, out, **changes, **{"flow.contrastive_head": "learned"}))
+
+    def losses(result):
+        return [r["loss"] for r in result.history if r["type"] == "train"]
+
+    assert losses(learned)[0] == pytest.approx(losses(frozen)[0], rel=1e-6)
+    assert losses(learned)[1:] != losses(frozen)[1:]
+    assert "text_head.proj.weight" not in weights(tmp_path / "frozen")
+
+    target = EmbeddingShards(emb).head()
+    model, _, info = load_dit(out)
+    head = info["head"]
+    assert head is model.text_head
+    ema, exported = weights(out, "ema.safetensors"), weights(out, "target_head.safetensors")
+    for name, value in head.state_dict().items():
+        assert torch.equal(value, ema[f"text_head.{name}"]) and torch.equal(value, exported[name])
+    assert not torch.equal(head.proj.weight, target.proj.weight)  # it trained
+    raw_model, _, raw = load_dit(out, ema=False)
+    assert torch.equal(raw["head"].proj.weight, weights(out)["text_head.proj.weight"])
+
+    samples = tmp_path / "samples.safetensors"
+    result = cli(
+        "sample", "--checkpoint", out, "--data", emb, "--out", samples, "--steps", "4", "--seed", "0"
+    )
+    assert result.code == 0, result.stderr
+    generated = read_generated(samples)
+    tokens, stored = generated.tokens().float(), generated.global_emb().float()
+    by_learned, by_target = head.embed(tokens), target.embed(tokens)
+    # the file's tokens are float16; its globals were projected from the float32 tokens
+    torch.testing.assert_close(stored, by_learned, rtol=0, atol=5e-3)
+    assert (stored - by_target).abs().max() > 10 * (stored - by_learned).abs().max()
+
+
+def test_learned_head_resumes_exactly(emb, tmp_path):
+    """A learned head is part of the model: a killed run resumed from its checkpoint ends with the
+    same DiT, head and EMA as one run straight through."""
+    settings = {**RESUME, "flow.contrastive_positive": "text", "flow.contrastive_head": "learned"}
+    straight_out, out = tmp_path / "straight", tmp_path / "run"
+    run_train_dit(tiny_config(emb, straight_out, **settings))
+
+    def kill_after_step_3_checkpoint(record):
+        if record["type"] == "checkpoint" and record["step"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_train_dit(tiny_config(emb, out, **settings), callback=kill_after_step_3_checkpoint)
+    run_train_dit(tiny_config(emb, out, resume=True, **settings))
+    for name in ("model.safetensors", "ema.safetensors", "target_head.safetensors"):
+        assert_same(weights(out, name), weights(straight_out, name))
+    assert "text_head.proj.weight" in weights(out)
