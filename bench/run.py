@@ -76,6 +76,8 @@ def load_results(quick: bool) -> list[dict]:
         if path.name.endswith(".quick.json") != quick:
             continue
         result = json.loads(path.read_text())
+        if "targets" not in result:  # not a benchmark's result (bench/dit_recipes.py's table)
+            continue
         result["mtime"] = path.stat().st_mtime
         results.append(result)
     return results
