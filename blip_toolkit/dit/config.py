@@ -235,10 +235,18 @@ class FlowConfig:
     target_norm: str = "standardize"
 
     def __post_init__(self) -> None:
-        if self.t_sampling not in T_SAMPLINGS:
-            raise ConfigError(
-                f"flow.t_sampling {self.t_sampling!r} is unknown (use {' or '.join(T_SAMPLINGS)})"
-            )
+        choices = {
+            "t_sampling": T_SAMPLINGS,
+            "contrastive_positive": CONTRASTIVE_POSITIVES,
+            "contrastive_space": CONTRASTIVE_SPACES,
+            "contrastive_head": CONTRASTIVE_HEADS,
+            "target_norm": TARGET_NORMS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"flow.{name} {getattr(self, name)!r} is unknown (use {' or '.join(allowed)})"
+                )
         if self.logit_normal_std <= 0:
             raise ConfigError(f"flow.logit_normal_std must be positive, got {self.logit_normal_std}")
         if not 0.0 <= self.cond_dropout < 1.0:
@@ -249,31 +257,14 @@ class FlowConfig:
             raise ConfigError(
                 f"flow.contrastive_temperature must be positive, got {self.contrastive_temperature}"
             )
-        if self.contrastive_positive not in CONTRASTIVE_POSITIVES:
-            raise ConfigError(
-                f"flow.contrastive_positive {self.contrastive_positive!r} is unknown "
-                f"(use {' or '.join(CONTRASTIVE_POSITIVES)})"
-            )
-        if self.contrastive_space not in CONTRASTIVE_SPACES:
-            raise ConfigError(
-                f"flow.contrastive_space {self.contrastive_space!r} is unknown (use {' or '.join(CONTRASTIVE_SPACES)})"
-            )
         if self.contrastive_space == "tokens" and self.contrastive_positive == "text":
             raise ConfigError(
                 "flow.contrastive_space = 'tokens' compares tokens with tokens: it needs contrastive_positive = 'image'"
-            )
-        if self.contrastive_head not in CONTRASTIVE_HEADS:
-            raise ConfigError(
-                f"flow.contrastive_head {self.contrastive_head!r} is unknown (use {' or '.join(CONTRASTIVE_HEADS)})"
             )
         if self.contrastive_head == "learned" and self.contrastive_space == "tokens":
             raise ConfigError(
                 "flow.contrastive_head = 'learned' trains the head of the pooled space; "
                 "contrastive_space = 'tokens' uses no head"
-            )
-        if self.target_norm not in TARGET_NORMS:
-            raise ConfigError(
-                f"flow.target_norm {self.target_norm!r} is unknown (use one of {', '.join(TARGET_NORMS)})"
             )
 
     @property
